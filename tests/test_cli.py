@@ -1,0 +1,100 @@
+"""CLI contract: --json schema, exit 2 with one line on bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def treeopt(*args, timeout=600):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, os.path.join(REPO, "cli.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def assert_bad(proc, needle):
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "--max-new-tokens", "0"], "--max-new-tokens must be ≥ 1"),
+    (["run", "--max-new-tokens", "-3"], "--max-new-tokens must be ≥ 1"),
+    (["run", "--temperature", "-1"], "--temperature must be ≥ 0"),
+    (["run", "--prompt", "   "], "empty prompt"),
+    (["run", "--model", "/nonexistent/model"], "no such folder"),
+    (["run", "--prompt-file", "/nonexistent.txt"], "--prompt-file"),
+    (["bench", "--prompts", "/nonexistent.jsonl"], "no such file"),
+    (["bench", "--limit", "0"], "must be ≥ 1"),
+    (["run", "--dtype", "int8"], "invalid choice"),
+])
+def test_bad_input_fast(args, needle):
+    assert_bad(treeopt(*args), needle)
+
+
+def test_bad_tree_files(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert_bad(treeopt("run", "--tree", str(bad)), "malformed JSON")
+    bad.write_text(json.dumps({"schema": "treeopt.tree/1", "num_prompt_tokens": 3,
+                               "states": {"3": [{"path": [0, 1], "prompt_tokens": 3}]}}))
+    assert_bad(treeopt("run", "--tree", str(bad)), "parent [0] missing")
+
+
+def test_not_a_causal_lm(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "bert", "architectures": ["BertModel"], "hidden_size": 8,
+         "num_hidden_layers": 1, "num_attention_heads": 1, "intermediate_size": 8}))
+    assert_bad(treeopt("run", "--model", str(tmp_path)), "not a causal LM")
+    (tmp_path / "config.json").unlink()
+    assert_bad(treeopt("run", "--model", str(tmp_path)), "no config.json")
+
+
+def test_bad_prompt_file(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"text": "no known field"}\n')
+    assert_bad(treeopt("bench", "--prompts", str(p)), "no prompt field")
+
+
+@pytest.mark.slow
+def test_prompt_longer_than_context():
+    assert_bad(treeopt("run", "--raw", "--prompt", "word " * 9000), "the model's context is")
+
+
+@pytest.mark.slow
+def test_run_json_schema():
+    p = treeopt("run", "--json", "--baseline", "--max-new-tokens", "16", "--dtype", "float32")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["schema"] == "treeopt.run/1"
+    for key in ["model", "device", "dtype", "tree", "new_tokens", "steps", "tokens_per_step",
+                "seconds", "tokens_per_second", "output_ids", "text", "baseline", "hf_generate",
+                "speedup_vs_hf", "identical"]:
+        assert key in out, key
+    for key in ["new_tokens", "tokens_per_second", "output_ids"]:
+        assert key in out["baseline"] and key in out["hf_generate"]
+    assert out["dtype"] == "float32" and out["identical"] is True
+    assert out["new_tokens"] == len(out["output_ids"]) <= 16
+    assert out["tokens_per_step"] >= 1.0
+
+
+@pytest.mark.slow
+def test_bench_json(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"turns": ["Name two colours."]}\n{"instruction": "Say hi."}\n')
+    p = treeopt("bench", "--json", "--prompts", str(prompts), "--max-new-tokens", "12",
+                "--out", str(tmp_path / "run.json"))
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    for key in ["prompts", "new_tokens", "tokens_per_step", "tokens_per_second",
+                "hf_tokens_per_second", "speedup_vs_hf", "identical_fraction",
+                "unexplained_divergences", "step_overhead_fraction", "per_prompt"]:
+        assert key in out, key
+    assert out["prompts"] == 2 and out["unexplained_divergences"] == 0
+    assert json.loads((tmp_path / "run.json").read_text()) == out

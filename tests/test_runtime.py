@@ -1,0 +1,135 @@
+"""The central property: PPD greedy output == plain greedy output, token for token."""
+import random
+
+import pytest
+import torch
+
+from treeopt.runtime import Decoder
+from treeopt.tree import Node, Tree
+
+from conftest import random_prompt_tokens, random_tree, tiny_loaded
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_loaded(vocab=8)
+
+
+def test_random_trees_lossless_tiny(tiny):
+    """Property test: random valid trees and prompts, small vocab (lots of acceptance)."""
+    rng = random.Random(1)
+    pt = random_prompt_tokens(tiny, 4)
+    deep = 0
+    for trial in range(40):
+        tree = random_tree(rng, rng.randint(1, 4), rng.randint(1, 8), max_nodes=20)
+        dec = Decoder(tiny, pt, tree)
+        ids = [rng.randrange(8) for _ in range(rng.randint(1, 12))]
+        n = rng.randint(1, 40)
+        ref = dec.baseline(ids, n).output_ids
+        res = dec.ppd(ids, n)
+        assert res.output_ids == ref, (trial, tree.to_json())
+        assert len(res.output_ids) == n  # never overshoots
+        assert sum(res.accepted) + 1 >= n
+        deep = max(deep, max(res.accepted, default=0))
+    assert deep >= 3  # the trials did exercise multi-token acceptance
+
+
+def test_kv_cache_equals_fresh_forward(tiny):
+    """After each step the cache holds exactly the accepted sequence's KV."""
+    rng = random.Random(5)
+    pt = random_prompt_tokens(tiny, 3)
+    for _ in range(5):
+        tree = random_tree(rng, 3, 8)
+        dec = Decoder(tiny, pt, tree)
+        ids = [rng.randrange(8) for _ in range(6)]
+        emitted = []
+        checked = []
+
+        def check(new):
+            emitted.extend(new)
+            if len(emitted) >= 30:
+                return  # the last step may be cut by max_new_tokens
+            seq = ids + emitted[:-1]  # the last emitted token is the next root, not cached
+            fresh = dec.new_cache()
+            with torch.inference_mode():
+                dec.forward(dec.embed(torch.tensor(seq)), fresh, torch.arange(len(seq)))
+            for a, b in zip(dec.cache.layers, fresh.layers):
+                assert a.keys.shape == b.keys.shape
+                torch.testing.assert_close(a.keys, b.keys, rtol=1e-9, atol=1e-9)
+                torch.testing.assert_close(a.values, b.values, rtol=1e-9, atol=1e-9)
+            checked.append(len(seq))
+
+        dec.ppd(ids, 30, on_tokens=check)
+        assert len(checked) >= 2
+
+
+def test_tree_forward_matches_branch_recompute(tiny):
+    """Every node's and every prompt slot's logits equal a plain causal forward over its
+    own branch (context, root, ancestors, the node, its earlier prompt tokens)."""
+    rng = random.Random(7)
+    pt = random_prompt_tokens(tiny, 3)
+    tree = random_tree(rng, 3, 6, max_nodes=10)
+    dec = Decoder(tiny, pt, tree)
+    table = pt.embeddings.double()
+    ctx_ids = torch.tensor([3, 1, 4, 1, 5])
+    for m, buf in dec.buffers.items():
+        guesses = torch.randint(0, 8, (m, tree.rank_width))
+        x0 = torch.tensor([6])
+        tok = torch.cat([x0, guesses.flatten()[buf.node_src]])
+        with torch.inference_mode():
+            cache = dec.new_cache()
+            dec.forward(dec.embed(ctx_ids), cache, torch.arange(5))
+            emb = torch.cat([dec.embed(tok), table[buf.slot_token]])
+            out = dec.logits(dec.forward(emb, cache, 5 + buf.positions, dec.tree_mask(5, buf)))
+            for w, path in enumerate(buf.path_pos):
+                branch = torch.cat([dec.embed(torch.cat([ctx_ids, tok[path]])),
+                                    table[: len(buf.slots_of[w])]])
+                ref = dec.logits(dec.forward(branch, dec.new_cache(),
+                                             torch.arange(len(branch))))
+                rows = [5 + len(path) - 1] + [5 + len(path) + j
+                                              for j in range(len(buf.slots_of[w]))]
+                got = out[[path[-1]] + buf.slots_of[w]]
+                torch.testing.assert_close(got, ref[rows], rtol=1e-9, atol=1e-9)
+
+
+def test_eos_stops_and_is_kept(tiny):
+    pt = random_prompt_tokens(tiny, 2)
+    dec = Decoder(tiny, pt, Tree.chain(2, 2))
+    ids = [1, 2, 3]
+    ref = dec.baseline(ids, 20).output_ids
+    dec.eos = {ref[5]}
+    out = dec.ppd(ids, 20).output_ids
+    assert out == ref[: ref.index(ref[5]) + 1]
+    assert dec.baseline(ids, 20).output_ids == out
+
+
+def test_typical_sampling_runs(tiny):
+    pt = random_prompt_tokens(tiny, 3)
+    dec = Decoder(tiny, pt, random_tree(random.Random(2), 3, 8))
+    a = dec.ppd([1, 2, 3], 25, temperature=0.8, seed=11)
+    b = dec.ppd([1, 2, 3], 25, temperature=0.8, seed=11)
+    assert a.output_ids == b.output_ids and len(a.output_ids) == 25
+    assert all(0 <= t < 8 for t in a.output_ids)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["chain", "wide", "dynamic"])
+def test_lossless_smollm_fp32(smollm, kind):
+    """PPD greedy == HF generate(do_sample=False) on the real model, float32, 64 tokens."""
+    from treeopt import prompts
+    from treeopt.prompt_tokens import PromptTokens
+    from treeopt.shipped import prompt_tokens_dir, tree_path
+
+    trees = {
+        "chain": Tree.chain(3, 3),
+        "wide": Tree.static([[r] for r in range(8)] + [[0, r] for r in range(4)] + [[0, 0, 0]], 3),
+        "dynamic": Tree.load(tree_path(smollm.model_id)),
+    }
+    shipped = prompt_tokens_dir(smollm.model_id)
+    pt = (PromptTokens.load(shipped) if shipped.is_dir()
+          else PromptTokens.init_from_text(smollm.model, smollm.tokenizer, 3))
+    dec = Decoder(smollm, pt, trees[kind])
+    for text in prompts.BUILTIN[:5]:
+        ids = prompts.encode(smollm.tokenizer, text)
+        ref = dec.hf_generate(ids, 64).output_ids
+        assert dec.ppd(ids, 64).output_ids == ref, text

