@@ -13,6 +13,7 @@ import sys
 VERBS = {
     "run": "treeopt.run",
     "bench": "treeopt.bench",
+    "train": "treeopt.train",
 }
 
 

@@ -119,11 +119,18 @@ def embedded_model_dir() -> pathlib.Path:
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     gguf = _gguf_path()
+    import contextlib
+    import io
+    import sys
+
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                               dtype=torch.float32)
+    if sys.stderr.isatty():
+        print(f"converting the embedded model once into {target} (~20 s)", file=sys.stderr)
+    with contextlib.redirect_stderr(io.StringIO()):  # the GGUF reader's progress bars
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                   dtype=torch.float32)
     # A GGUF-loaded model keeps a quantization config and refuses save_pretrained:
     # build a plain model from the config and move the weights over.
     config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -179,6 +186,11 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in _DTYPES:
         raise BadInput(f"unknown --dtype {dtype!r} (auto, float32, bfloat16, float16)")
     return _DTYPES[dtype]
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Logits in at least float32 (float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def dtype_name(dtype: torch.dtype) -> str:

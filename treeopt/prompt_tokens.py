@@ -3,6 +3,12 @@
 Our format: a folder with ``prompt_tokens.safetensors`` (tensor ``prompt_embeddings``
 [K, hidden], float32) and ``prompt_tokens.json`` (model id, K, hidden size, how it was
 made, measured accuracies).
+
+The PPD authors' layout (a PEFT prompt-tuning folder) is read and written too:
+``adapter_config.json`` (``num_virtual_tokens``, ``num_special_tokens``,
+``virtual_tokens_per_special_token``, ``token_dim``, ``base_model_name_or_path``) and
+``adapter_model.safetensors`` or ``adapter_model.bin`` holding ``prompt_embeddings``
+[num_virtual_tokens, hidden]. Only one virtual token per special token is supported.
 """
 from __future__ import annotations
 
@@ -18,6 +24,9 @@ from .errors import BadInput
 WEIGHTS = "prompt_tokens.safetensors"
 CONFIG = "prompt_tokens.json"
 TENSOR = "prompt_embeddings"
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_BIN = "adapter_model.bin"
 DEFAULT_INIT_TEXT = "the next word then the word after that"
 
 
@@ -66,13 +75,70 @@ class PromptTokens:
         write_atomic(folder / CONFIG, json.dumps(meta, indent=1) + "\n")
         return folder
 
+    def save_peft(self, folder, base_model: str = "") -> pathlib.Path:
+        """Write the PPD authors' PEFT prompt-tuning layout."""
+        from safetensors.torch import save
+
+        folder = pathlib.Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(folder / PEFT_WEIGHTS,
+                     save({TENSOR: self.embeddings.float().contiguous()}))
+        config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM",
+                  "num_virtual_tokens": self.num, "num_special_tokens": self.num,
+                  "virtual_tokens_per_special_token": 1, "token_dim": self.hidden,
+                  "base_model_name_or_path": base_model or self.meta.get("model", ""),
+                  "prompt_tuning_init": "TEXT", "vt_attention_type": "ensemble",
+                  "aggregation_type": "mean"}
+        write_atomic(folder / PEFT_CONFIG, json.dumps(config, indent=1) + "\n")
+        return folder
+
+    @classmethod
+    def _load_peft(cls, folder: pathlib.Path) -> "PromptTokens":
+        where = f"prompt tokens {folder}"
+        try:
+            config = json.loads((folder / PEFT_CONFIG).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise BadInput(f"{where}: unreadable {PEFT_CONFIG} ({e})") from e
+        v = config.get("virtual_tokens_per_special_token", 1)
+        if v != 1:
+            raise BadInput(f"{where}: virtual_tokens_per_special_token={v}; only 1 is supported")
+        n = config.get("num_virtual_tokens")
+        if (folder / PEFT_WEIGHTS).is_file():
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(folder / PEFT_WEIGHTS))
+        elif (folder / PEFT_BIN).is_file():
+            import torch as _t
+
+            tensors = _t.load(folder / PEFT_BIN, map_location="cpu", weights_only=True)
+        else:
+            raise BadInput(f"{where}: no {PEFT_WEIGHTS} or {PEFT_BIN}")
+        emb = tensors.get(TENSOR)
+        if emb is None:
+            keys = [k for k in tensors if k.endswith(TENSOR) or k.endswith("embedding.weight")]
+            emb = tensors[keys[0]] if keys else None
+        if emb is None or emb.dim() != 2:
+            raise BadInput(f"{where}: no 2-D {TENSOR!r} tensor")
+        if n is not None and emb.shape[0] != n:
+            raise BadInput(f"{where}: num_virtual_tokens={n} but {TENSOR} has {emb.shape[0]} rows")
+        dim = config.get("token_dim")
+        if dim is not None and emb.shape[1] != dim:
+            raise BadInput(f"{where}: token_dim={dim} but {TENSOR} is {emb.shape[1]} wide")
+        return cls(emb.float(), {"format": "peft", "model": config.get("base_model_name_or_path"),
+                                 "num_special_tokens": config.get("num_special_tokens")})
+
     @classmethod
     def load(cls, folder) -> "PromptTokens":
+        """Load our format or the PEFT layout, whichever the folder holds."""
         from safetensors.torch import load_file
 
         folder = pathlib.Path(folder)
+        if not folder.is_dir():
+            raise BadInput(f"prompt tokens {folder}: no such folder")
+        if not (folder / WEIGHTS).is_file() and (folder / PEFT_CONFIG).is_file():
+            return cls._load_peft(folder)
         if not (folder / WEIGHTS).is_file():
-            raise BadInput(f"prompt tokens {folder}: no {WEIGHTS}")
+            raise BadInput(f"prompt tokens {folder}: neither {WEIGHTS} nor {PEFT_CONFIG}")
         try:
             tensors = load_file(str(folder / WEIGHTS))
             meta = json.loads((folder / CONFIG).read_text()) if (folder / CONFIG).is_file() else {}

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from .errors import BadInput
-from .models import Loaded
+from .models import Loaded, upcast
 from .prompt_tokens import PromptTokens
 from .tree import Tree
 
@@ -115,7 +115,7 @@ class Decoder:
         return out.last_hidden_state[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = self.head(hidden).float()
+        x = upcast(self.head(hidden))
         if self.softcap:
             x = torch.tanh(x / self.softcap) * self.softcap
         return x

@@ -1,0 +1,202 @@
+"""Self-distillation data and the multi-insertion forward (shared by train and accept).
+
+Data: the base model's own greedy responses to a prompt set, plus the teacher's top-k
+log-probs at every position, cached on disk keyed by model, prompt-file hash and settings.
+
+Multi-insertion forward: G groups of the K prompt tokens are run in one forward on top of
+a sequence's cached KV. Group g is inserted after sequence position t_g: its tokens see
+positions 0..t_g and the group's own earlier prompt tokens, at positions t_g+1..t_g+K —
+exactly what the runtime's prompt tokens see when t_g is the last accepted position.
+Prompt token i (1-based) of group g predicts sequence token t_g + 1 + i.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+
+import torch
+
+from .artefact import write_atomic
+from .cliutil import progress
+from .models import Loaded, cache_dir, dtype_name, upcast
+from .prompts import encode
+
+
+@dataclasses.dataclass
+class Sample:
+    ids: list[int]  # prompt + greedy response
+    prompt_len: int
+    top_idx: torch.Tensor  # [S, k] int32: teacher's top-k tokens at each position
+    top_lp: torch.Tensor  # [S, k] float16: their log-probs (position p predicts p+1)
+
+    @property
+    def response_len(self) -> int:
+        return len(self.ids) - self.prompt_len
+
+
+def _key(lm: Loaded, texts: list[str], settings: dict) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"model": lm.model_id, "path": lm.path, **settings},
+                        sort_keys=True).encode())
+    for t in texts:
+        h.update(t.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+@torch.inference_mode()
+def greedy_batch(lm: Loaded, batch: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy responses for a batch of prompts (left-padded HF generate)."""
+    pad = lm.eos_ids[0] if lm.eos_ids else 0
+    width = max(len(x) for x in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    for i, x in enumerate(batch):
+        ids[i, width - len(x):] = torch.tensor(x)
+        att[i, width - len(x):] = 1
+    out = lm.model.generate(input_ids=ids.to(lm.device), attention_mask=att.to(lm.device),
+                            max_new_tokens=max_new_tokens, do_sample=False,
+                            eos_token_id=lm.eos_ids or None, pad_token_id=pad,
+                            temperature=None, top_p=None, top_k=None)
+    res = []
+    eos = set(lm.eos_ids)
+    for row in out[:, width:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        res.append(row[:cut])
+    return res
+
+
+@torch.inference_mode()
+def prefix_pass(lm: Loaded, ids: list[int]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
+                                                     torch.Tensor]:
+    """One no-grad forward over a sequence: its per-layer KV and its logits [S, V]."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=lm.model.config)
+    x = torch.tensor([ids], device=lm.device)
+    h = lm.model.get_decoder()(input_ids=x, past_key_values=cache,
+                               use_cache=True).last_hidden_state[0]
+    logits = upcast(lm.model.get_output_embeddings()(h))
+    return [(layer.keys, layer.values) for layer in cache.layers], logits
+
+
+def load_samples(lm: Loaded, texts: list[str], max_new_tokens: int = 160, topk: int = 16,
+                 batch_size: int = 8, raw: bool = False, quiet: bool = False,
+                 tag: str = "data") -> list[Sample]:
+    """Generate (or load from the cache) greedy responses and teacher top-k log-probs."""
+    settings = {"max_new_tokens": max_new_tokens, "topk": topk, "raw": raw,
+                "dtype": dtype_name(lm.dtype), "format": 1}
+    path = cache_dir() / "distill" / f"{lm.model_id}-{_key(lm, texts, settings)}.pt"
+    if path.is_file():
+        blob = torch.load(path, weights_only=True)
+        return [Sample(**s) for s in blob["samples"]]
+    prompts = [encode(lm.tokenizer, t, raw=raw) for t in texts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
+    responses: dict[int, list[int]] = {}
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for b in progress(batches, f"{tag}: greedy responses", quiet=quiet):
+        for i, r in zip(b, greedy_batch(lm, [prompts[i] for i in b], max_new_tokens)):
+            responses[i] = r
+    samples = []
+    for i in progress(range(len(prompts)), f"{tag}: teacher log-probs", quiet=quiet):
+        ids = prompts[i] + responses[i]
+        _, logits = prefix_pass(lm, ids)
+        lp, idx = torch.topk(torch.log_softmax(logits, -1), topk, dim=-1)
+        samples.append(Sample(ids, len(prompts[i]), idx.int().cpu(), lp.half().cpu()))
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"settings": settings, "samples": [dataclasses.asdict(s) for s in samples]}, buf)
+    write_atomic(path, buf.getvalue())
+    return samples
+
+
+def group_layout(seq_len: int, insert_at: torch.Tensor, k: int, dtype: torch.dtype):
+    """Mask [1, 1, G·K, S + G·K] and positions [G·K] for G groups of K prompt tokens."""
+    g = insert_at.numel()
+    dev = insert_at.device
+    rows_t = insert_at.repeat_interleave(k)  # insertion point of each row
+    j = torch.arange(k, device=dev).repeat(g)  # 0-based index inside its group
+    grp = torch.arange(g, device=dev).repeat_interleave(k)
+    prefix_ok = torch.arange(seq_len, device=dev)[None, :] <= rows_t[:, None]
+    group_ok = (grp[:, None] == grp[None, :]) & (j[None, :] <= j[:, None])
+    allowed = torch.cat([prefix_ok, group_ok], dim=1)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=dev)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None], rows_t + 1 + j
+
+
+def group_logits(lm: Loaded, kv: list[tuple[torch.Tensor, torch.Tensor]], seq_len: int,
+                 insert_at: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Logits [G, K, V] of K prompt tokens inserted after each position in `insert_at`.
+
+    `kv` is the sequence's cached KV (no grad); `table` [K, hidden] may require grad, in
+    which case only the prompt-token computations carry a graph.
+    """
+    from transformers import DynamicCache
+
+    k = table.shape[0]
+    cache = DynamicCache(config=lm.model.config)
+    for i, (key, val) in enumerate(kv):
+        cache.update(key, val, i)
+    mask, pos = group_layout(seq_len, insert_at, k, lm.dtype)
+    embeds = table.to(lm.dtype).repeat(insert_at.numel(), 1)
+    h = lm.model.get_decoder()(inputs_embeds=embeds[None], attention_mask=mask,
+                               position_ids=pos[None], past_key_values=cache,
+                               use_cache=True).last_hidden_state[0]
+    logits = upcast(lm.model.get_output_embeddings()(h))
+    return logits.view(insert_at.numel(), k, -1)
+
+
+def true_ranks(logits: torch.Tensor, ids: torch.Tensor, insert_at: torch.Tensor,
+               topk: int) -> torch.Tensor:
+    """Rank of the true token x_{t+1+i} among prompt token i's top-k (topk = miss; -1 =
+    beyond the sequence). logits [G, K, V] → ranks [G, K]."""
+    g, k, _ = logits.shape
+    target_pos = insert_at[:, None] + 1 + torch.arange(1, k + 1, device=logits.device)[None]
+    valid = target_pos < ids.numel()
+    target = ids[target_pos.clamp(max=ids.numel() - 1)]
+    top = torch.topk(logits, topk, dim=-1).indices  # [G, K, topk]
+    hit = top == target[..., None]
+    rank = torch.where(hit.any(-1), hit.float().argmax(-1), torch.full_like(target, topk))
+    return torch.where(valid, rank, torch.full_like(rank, -1))
+
+
+@torch.no_grad()
+def measure_ranks(lm: Loaded, samples: list[Sample], table: torch.Tensor, topk: int = 10,
+                  chunk: int = 64, quiet: bool = False, tag: str = "eval") -> torch.Tensor:
+    """Ranks [N, K] over every response position of every sample (teacher-forced)."""
+    out = []
+    for s in progress(samples, f"{tag}: ranks", quiet=quiet):
+        kv, _ = prefix_pass(lm, s.ids)
+        ids = torch.tensor(s.ids, device=lm.device)
+        points = torch.arange(s.prompt_len - 1, len(s.ids) - 2, device=lm.device)
+        for c in range(0, points.numel(), chunk):
+            at = points[c:c + chunk]
+            r = true_ranks(group_logits(lm, kv, len(s.ids), at, table), ids, at, topk)
+            out.append(r.cpu())
+    return torch.cat(out) if out else torch.zeros(0, table.shape[0], dtype=torch.long)
+
+
+def accuracy_table(ranks: torch.Tensor, topk: int) -> list[list[float]]:
+    """acc[d][r] = fraction of valid positions whose true token is exactly rank r."""
+    acc = []
+    for d in range(ranks.shape[1]):
+        col = ranks[:, d]
+        col = col[col >= 0]
+        n = max(col.numel(), 1)
+        acc.append([float((col == r).sum()) / n for r in range(topk)])
+    return acc
+
+
+def topn(acc_row: list[float], n: int) -> float:
+    return float(sum(acc_row[:n]))
+
+
+def source_hash(paths: list[str]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(pathlib.Path(p).read_bytes())
+    return h.hexdigest()[:16]
