@@ -14,6 +14,8 @@ VERBS = {
     "run": "treeopt.run",
     "bench": "treeopt.bench",
     "train": "treeopt.train",
+    "profile": "treeopt.profile",
+    "search": "treeopt.search",
 }
 
 

@@ -83,7 +83,7 @@ def prefix_pass(lm: Loaded, ids: list[int]) -> tuple[list[tuple[torch.Tensor, to
 
 
 def load_samples(lm: Loaded, texts: list[str], max_new_tokens: int = 160, topk: int = 16,
-                 batch_size: int = 8, raw: bool = False, quiet: bool = False,
+                 batch_size: int = 16, raw: bool = False, quiet: bool = False,
                  tag: str = "data") -> list[Sample]:
     """Generate (or load from the cache) greedy responses and teacher top-k log-probs."""
     settings = {"max_new_tokens": max_new_tokens, "topk": topk, "raw": raw,

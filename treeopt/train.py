@@ -97,10 +97,11 @@ def main(args) -> dict:
     for f in args.prompts:
         texts += prompts.load(f, args.limit_per_file)
     if args.eval_prompts:
-        eval_texts = prompts.load(args.eval_prompts, args.eval_limit)
-        overlap = set(eval_texts) & set(texts)
-        if overlap:
-            raise BadInput(f"--eval-prompts shares {len(overlap)} prompts with the training set")
+        seen = set(texts)  # never evaluate on a training prompt
+        eval_texts = [t for t in prompts.load(args.eval_prompts) if t not in seen]
+        eval_texts = eval_texts[: args.eval_limit]
+        if not eval_texts:
+            raise BadInput("--eval-prompts: every prompt is also a training prompt")
         train_texts = texts
     else:
         train_texts, eval_texts = split_heldout(texts)

@@ -1,0 +1,134 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from treeopt import profile
+from treeopt.errors import BadInput
+from treeopt.runtime import Decoder
+from treeopt.tree import Tree
+
+from conftest import random_prompt_tokens, tiny_loaded
+from test_cli import assert_bad, treeopt
+
+
+def synthetic(noise=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    pts = []
+    for c in (128, 512):
+        for s in profile.CPU_SIZES:
+            t = 0.02 + 0.00001 * c + (0.0 if s <= 8 else 0.0004 * (s - 8))
+            pts.append({"context": c, "size": s, "median_s": t * (1 + noise * rng.normal()),
+                        "p10_s": t, "p90_s": t, "n": 5})
+    return {"schema": profile.SCHEMA, "model": "m", "dtype": "float32", "simulated": False,
+            "device": {"kind": "cpu", "name": "x"}, "points": pts,
+            "overhead": {"per_step_s": 0.001, "fraction": 0.05}}
+
+
+def test_fit_is_monotone_and_extrapolates():
+    lat = profile.Latency(synthetic(noise=0.05))
+    sizes = np.arange(1, 600)
+    for c in (64, 128, 300, 512, 2048):
+        t = lat(sizes, c)
+        assert np.all(np.diff(t) >= -1e-12), c
+    # overhead is added; without it the measured median comes back at measured points
+    exact = profile.Latency(synthetic(), with_overhead=False)
+    assert exact([16], 128)[0] == pytest.approx(0.02 + 0.00128 + 0.0032)
+    assert lat([16], 128)[0] == pytest.approx(exact([16], 128)[0] * 1 + 0.001, rel=0.2)
+    # beyond the largest size: the last segment's slope
+    assert exact([256], 128)[0] == pytest.approx(0.02 + 0.00128 + 0.0004 * 248)
+    # between contexts: linear in C; beyond: extrapolated, never decreasing
+    mid = exact([1], 320)[0]
+    assert exact([1], 128)[0] < mid < exact([1], 512)[0]
+    assert exact([1], 4096)[0] >= exact([1], 512)[0]
+
+
+def test_knee():
+    lat = profile.Latency(synthetic(), with_overhead=False)
+    # t(1) = 0.02128 at C=128; 1.1·t(1) allows 0.002128 more = 5 sizes past 8 at 0.0004
+    assert lat.knee(128) == 8 + 5
+
+
+def test_stable_samples_stops_early():
+    calls = []
+    timer = profile.Timer(torch.device("cpu"))
+    s = profile.stable_samples(timer, lambda: calls.append(1), repeats=100, budget=10)
+    assert 5 <= len(s) < 100 and len(calls) == len(s) + 2  # burn-in of two
+    st = profile.summarize([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert st["median_s"] == 3.0 and st["n"] == 5 and st["p10_s"] < st["p90_s"]
+
+
+def test_validate_and_roundtrip(tmp_path):
+    from treeopt.artefact import write_json
+
+    prof = synthetic()
+    write_json(tmp_path / "p.json", prof)
+    assert profile.load(tmp_path / "p.json") == prof
+    bad = dict(prof, points=[{"context": 1, "size": 0, "median_s": 1}])
+    write_json(tmp_path / "b.json", bad)
+    with pytest.raises(BadInput, match=r"points\[0\]"):
+        profile.load(tmp_path / "b.json")
+    with pytest.raises(BadInput, match="schema"):
+        profile.validate({"schema": "treeopt.tree/1"})
+
+
+def test_oom_records_largest_size_that_fit():
+    lm = tiny_loaded(vocab=16, dtype=torch.float32)
+    dec = Decoder(lm, random_prompt_tokens(lm, 2), Tree.chain(2, 2))
+    real = dec.forward
+
+    def forward(embeds, cache, positions, mask=None):
+        if embeds.shape[0] >= 6:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return real(embeds, cache, positions, mask)
+
+    dec.forward = forward
+    points, max_fit = profile.measure_points(dec, [1, 2, 4, 6, 8], [16, 32], 3, 1.0,
+                                             quiet=True)
+    assert max_fit == {16: 4, 32: 4}
+    assert sorted((p["context"], p["size"]) for p in points) == [
+        (16, 1), (16, 2), (16, 4), (32, 1), (32, 2), (32, 4)]
+
+
+def test_gpu_flag_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert_bad(treeopt("profile", "--gpu"), "--gpu:")
+
+
+def test_roofline_7b_a100_is_bandwidth_bound():
+    """Batch-1 decoding of a 7B model on an A100 is memory-bound: t(1) ≈ weight bytes /
+    bandwidth, within the memory-efficiency factor plus launch overhead (< 1.6×)."""
+    prof = profile.simulate("a100-80gb", "vicuna-7b-v1.3", "float16", [1, 16, 256], [128])
+    t1 = prof["points"][0]["median_s"]
+    assert prof["points"][0]["bound"] == "memory"
+    weights = 6.74e9 * 2  # bytes of vicuna-7b in fp16
+    ideal = weights / 2039e9
+    assert 1.0 < t1 / ideal < 1.6
+    # batch 16 costs almost the same; 256 tokens become compute-bound
+    assert prof["points"][1]["median_s"] < 1.1 * t1
+    assert prof["points"][2]["bound"] == "compute"
+
+
+def test_simulate_cli(tmp_path):
+    out = tmp_path / "sim.json"
+    p = treeopt("profile", "--simulate", "a100-80gb", "--model", "vicuna-7b-v1.3", "--json",
+                "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    summary = json.loads(p.stdout)
+    assert summary["simulated"] is True and summary["model"] == "vicuna-7b-v1.3"
+    assert profile.load(out)["simulated"] is True
+    assert_bad(treeopt("profile", "--simulate", "b200"), "unknown GPU")
+
+
+@pytest.mark.slow
+def test_real_cpu_profile_two_sizes(tmp_path):
+    out = tmp_path / "cpu.json"
+    p = treeopt("profile", "--cpu", "--sizes", "1,64", "--contexts", "64", "--repeats", "5",
+                "--no-overhead", "--json", "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    prof = profile.load(out)
+    t = {pt["size"]: pt["median_s"] for pt in prof["points"]}
+    assert t[64] > t[1] > 0
+    assert prof["device"]["kind"] == "cpu" and prof["device"]["threads"] >= 1

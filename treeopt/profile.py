@@ -1,0 +1,554 @@
+"""Forward latency vs tree size (and context length) on the local device → profile.json.
+
+Shape of the measurement (nanoGPT bench.py style): for each context length C a KV cache
+holding C tokens is built once; for each input length L one forward of L tokens with a
+tree-shaped 4-D mask and depth positions runs exactly as the runtime calls the model
+(decoder + LM head on all L rows), the cache is cropped back to C, and so on: burn-in
+first, then timed repeats until the median is stable (or the point's budget is spent).
+CUDA timings use CUDA events and synchronize; CPU timings use perf_counter.
+
+The fit (:class:`Latency`) is a monotone model t(L, C): isotonic regression over L per
+context, linear interpolation between measured points (in L and in C), linear
+extrapolation beyond them with the last segment's slope (never decreasing). `knee` is the
+largest L with t(L) ≤ 1.1·t(1). `--simulate GPU` predicts a profile from the model's
+shape with a roofline (see :func:`roofline`).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from .artefact import check_schema, read_json, write_json
+from .cliutil import add_model_args, progress, say
+from .errors import BadInput
+
+HELP = "measure forward latency vs tree size on this GPU or CPU (or simulate a GPU)"
+SCHEMA = "treeopt.profile/1"
+CPU_SIZES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
+GPU_SIZES = CPU_SIZES + [192, 256]
+CONTEXTS = [128, 512, 2048]
+
+# GPU table for the roofline: dense bf16/fp16 peak TFLOP/s (no sparsity) and HBM/GDDR
+# bandwidth in GB/s, from the vendors' data sheets.
+GPUS = {
+    "a100-40gb": {"name": "NVIDIA A100 40GB", "tflops": 312, "bandwidth_gbs": 1555},
+    "a100-80gb": {"name": "NVIDIA A100 80GB SXM", "tflops": 312, "bandwidth_gbs": 2039},
+    "h100-sxm": {"name": "NVIDIA H100 SXM", "tflops": 989, "bandwidth_gbs": 3350},
+    "h100-pcie": {"name": "NVIDIA H100 PCIe", "tflops": 756, "bandwidth_gbs": 2000},
+    "h200": {"name": "NVIDIA H200", "tflops": 989, "bandwidth_gbs": 4800},
+    "l40s": {"name": "NVIDIA L40S", "tflops": 362, "bandwidth_gbs": 864},
+    "a10g": {"name": "NVIDIA A10G", "tflops": 70, "bandwidth_gbs": 600},
+    "rtx-4090": {"name": "NVIDIA GeForce RTX 4090", "tflops": 165, "bandwidth_gbs": 1008},
+    "rtx-3090": {"name": "NVIDIA GeForce RTX 3090", "tflops": 71, "bandwidth_gbs": 936},
+    "v100": {"name": "NVIDIA V100 SXM2", "tflops": 125, "bandwidth_gbs": 900},
+    "t4": {"name": "NVIDIA T4", "tflops": 65, "bandwidth_gbs": 320},
+}
+# Roofline factors (fraction of peak reached; fixed cost per step). Defaults for GPUs
+# from published batch-1 decoding measurements (HF/vLLM reach ~70-85 % of HBM bandwidth
+# on 7B decoding and ~50-70 % of tensor-core peak on medium GEMMs); `kernel_overhead_s`
+# is the per-layer launch cost of an eager PyTorch forward (~10 kernels × ~4 µs).
+ROOFLINE_DEFAULTS = {"memory_efficiency": 0.75, "compute_efficiency": 0.55,
+                     "kernel_overhead_s_per_layer": 4.0e-5}
+
+
+def add_arguments(p) -> None:
+    add_model_args(p, tree=False)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--gpu", action="store_true", help="profile the local NVIDIA GPU")
+    g.add_argument("--cpu", action="store_true", help="profile the CPU (default without GPU)")
+    g.add_argument("--simulate", metavar="GPU",
+                   help=f"predict a profile by roofline: {', '.join(GPUS)}")
+    p.add_argument("--peak-tflops", type=float, help="with --simulate: override peak TFLOP/s")
+    p.add_argument("--bandwidth-gbs", type=float, help="with --simulate: override GB/s")
+    p.add_argument("--sizes", help="comma list of input lengths (default: dense small sizes)")
+    p.add_argument("--contexts", help="comma list of context lengths (default 128,512,2048)")
+    p.add_argument("--repeats", type=int, default=30, help="max timed runs per point")
+    p.add_argument("--budget-seconds", type=float, default=6.0,
+                   help="time budget per point (after burn-in)")
+    p.add_argument("--resume", action="store_true", help="reuse points already in --out")
+    p.add_argument("--no-overhead", action="store_true",
+                   help="skip measuring the runtime's per-step overhead")
+    p.add_argument("--out", help="profile path (default profiles/<device>__<model>__<dtype>.json)")
+
+
+def parse_list(text: str | None, default: list[int], what: str) -> list[int]:
+    if text is None:
+        return list(default)
+    try:
+        vals = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise BadInput(f"{what}: {text!r} is not a comma list of integers") from None
+    if not vals or vals[0] < 1:
+        raise BadInput(f"{what}: values must be integers ≥ 1")
+    return vals
+
+
+# ---- device facts -------------------------------------------------------------------
+def cpu_facts(threads: int) -> dict:
+    from .models import cpu_has_bf16
+    from .shipped import cpu_name
+
+    try:
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        flags = set()
+    return {"kind": "cpu", "name": cpu_name(), "cores": os.cpu_count(), "threads": threads,
+            "bf16": cpu_has_bf16(), "avx512": "avx512f" in flags,
+            "amx": bool({"amx_bf16", "amx_tile"} & flags), "machine": platform.machine()}
+
+
+def gpu_check() -> None:
+    """Exit-2 reasons when --gpu cannot work here: pynvml or CUDA unavailable."""
+    try:
+        import pynvml
+    except ImportError as e:
+        raise BadInput("--gpu: pynvml unavailable (install nvidia-ml-py)") from e
+    try:
+        pynvml.nvmlInit()
+    except Exception as e:  # noqa: BLE001 - NVMLError_LibraryNotFound, DriverNotLoaded, ...
+        raise BadInput(f"--gpu: pynvml cannot reach an NVIDIA driver ({e})") from e
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BadInput(f"--gpu: CUDA unavailable in torch {torch.__version__} "
+                       f"(CUDA build: {torch.version.cuda or 'none'})")
+
+
+def gpu_facts() -> dict:
+    import pynvml
+    import torch
+
+    pynvml.nvmlInit()
+    idx = torch.cuda.current_device()
+    h = pynvml.nvmlDeviceGetHandleByIndex(idx)
+
+    def safe(f, *a):
+        try:
+            v = f(*a)
+            return v.decode() if isinstance(v, bytes) else v
+        except Exception:  # noqa: BLE001 - not every field exists on every GPU
+            return None
+
+    mem = safe(pynvml.nvmlDeviceGetMemoryInfo, h)
+    return {"kind": "cuda", "name": safe(pynvml.nvmlDeviceGetName, h),
+            "memory_bytes": mem.total if mem else None,
+            "driver": safe(pynvml.nvmlSystemGetDriverVersion),
+            "cuda": torch.version.cuda, "torch": torch.__version__,
+            "power_limit_w": (safe(pynvml.nvmlDeviceGetPowerManagementLimit, h) or 0) / 1000,
+            **gpu_clocks(h)}
+
+
+def gpu_clocks(handle=None) -> dict:
+    import pynvml
+
+    if handle is None:
+        import torch
+
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+    out = {}
+    for key, fn in [("sm_clock_mhz", lambda: pynvml.nvmlDeviceGetClockInfo(
+                        handle, pynvml.NVML_CLOCK_SM)),
+                    ("mem_clock_mhz", lambda: pynvml.nvmlDeviceGetClockInfo(
+                        handle, pynvml.NVML_CLOCK_MEM)),
+                    ("temperature_c", lambda: pynvml.nvmlDeviceGetTemperature(
+                        handle, pynvml.NVML_TEMPERATURE_GPU))]:
+        try:
+            out[key] = fn()
+        except Exception:  # noqa: BLE001
+            out[key] = None
+    return out
+
+
+# ---- measurement ----------------------------------------------------------------------
+class Timer:
+    """perf_counter on CPU; CUDA events + synchronize on GPU."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def time(self, fn) -> float:
+        if self.cuda:
+            import torch
+
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1000.0
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+
+def stable_samples(timer: Timer, fn, repeats: int, budget: float, burn_in: int = 2,
+                   min_runs: int = 5, rel_tol: float = 0.02) -> list[float]:
+    """Burn in, then time until the median's standard error is below rel_tol (bootstrap-
+    free estimate 1.25·IQR/(1.35·√n)), `repeats` runs, or the time budget."""
+    for _ in range(burn_in):
+        timer.time(fn)
+    samples: list[float] = []
+    t0 = time.perf_counter()
+    while len(samples) < repeats:
+        samples.append(timer.time(fn))
+        if len(samples) >= min_runs:
+            q = np.percentile(samples, [25, 50, 75])
+            se = 1.25 * (q[2] - q[0]) / 1.35 / np.sqrt(len(samples))
+            if se <= rel_tol * q[1] or time.perf_counter() - t0 > budget:
+                break
+    return samples
+
+
+def summarize(samples: list[float]) -> dict:
+    a = np.asarray(samples)
+    return {"median_s": float(np.median(a)), "p10_s": float(np.percentile(a, 10)),
+            "p90_s": float(np.percentile(a, 90)), "n": int(a.size)}
+
+
+def is_oom(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def measure_points(dec, sizes: list[int], contexts: list[int], repeats: int, budget: float,
+                   done: dict | None = None, quiet: bool = False) -> tuple[list[dict], dict]:
+    """Time one tree forward per (context, size). Returns points and {context: largest
+    size that fit} for contexts where a size ran out of memory."""
+    import torch
+
+    from .tree import Node, build_buffers
+
+    done = done or {}
+    timer = Timer(dec.device)
+    points, max_fit = [], {}
+    todo = [(c, s) for c in contexts for s in sizes]
+    bar = progress(todo, "profile", quiet=quiet)
+    cache, cache_ctx = None, None
+    gen = torch.Generator().manual_seed(0)
+    vocab = dec.embed.weight.shape[0]
+    for c, s in bar:
+        if (c, s) in done:
+            points.append(done[(c, s)])
+            continue
+        if c in max_fit:
+            continue
+        try:
+            if cache_ctx != c:
+                cache = None
+                ids = torch.randint(0, vocab, (c,), generator=gen).to(dec.device)
+                cache = dec.new_cache()
+                with torch.inference_mode():
+                    dec.forward(dec.embed(ids), cache, torch.arange(c, device=dec.device))
+                cache_ctx = c
+            # a chain-shaped tree of s tokens: the dense masked forward costs the same for
+            # any tree of that size
+            buf = build_buffers(tuple(Node((0,) * d, 1) for d in range(1, s)), 1, s, 1,
+                                dec.device) if s > 1 else None
+            tok = torch.randint(0, vocab, (s,), generator=gen).to(dec.device)
+            pos = c + torch.arange(s, device=dec.device)
+            mask = dec.tree_mask(c, buf) if buf is not None else None
+
+            def step():
+                with torch.inference_mode():
+                    dec.logits(dec.forward(dec.embed(tok), cache, pos, mask))
+                dec.keep_kv(cache, c, None, c)
+
+            samples = stable_samples(timer, step, repeats, budget)
+        except Exception as e:  # noqa: BLE001 - OOM → record and stop this context
+            if not is_oom(e):
+                raise
+            torch.cuda.empty_cache()
+            max_fit[c] = max((p["size"] for p in points if p["context"] == c), default=0)
+            cache, cache_ctx = None, None
+            continue
+        points.append({"context": c, "size": s, **summarize(samples)})
+        bar.set_postfix(C=c, L=s, ms=f"{1000 * points[-1]['median_s']:.1f}")
+    return points, max_fit
+
+
+def measure_overhead(dec, sizes=(4, 16, 32), new_tokens: int = 48, quiet: bool = False) -> dict:
+    """Runtime per-step overhead: full PPD step time minus its forward time (trees of a few
+    sizes, one real prompt)."""
+    from . import prompts
+    from .tree import Tree
+
+    ids = prompts.encode(dec.lm.tokenizer, prompts.BUILTIN[0]) if dec.lm.tokenizer else [1] * 16
+    saved = (dec.tree, dec.prompt_tokens)
+    rows = []
+    k = dec.prompt_tokens.num
+    for s in progress(sizes, "overhead", quiet=quiet):
+        width = max(1, (s - 1 - k) // (1 + k))  # a static star of depth-1 nodes
+        tree = Tree.static([[r] for r in range(width)], k, topk=max(10, width))
+        dec.set_tree(tree, dec.prompt_tokens)
+        dec.ppd(ids, 8)
+        res = dec.ppd(ids, new_tokens)
+        over = [a - b for a, b in zip(res.step_seconds, res.forward_seconds)]
+        rows.append({"input_length": tree.input_length(k),
+                     "overhead_s": float(statistics.median(over)),
+                     "forward_s": float(statistics.median(res.forward_seconds))})
+    dec.set_tree(*saved)
+    return {"per_step_s": float(statistics.median(r["overhead_s"] for r in rows)),
+            "fraction": float(statistics.median(r["overhead_s"] / r["forward_s"] for r in rows)),
+            "by_size": rows}
+
+
+# ---- fit ------------------------------------------------------------------------------
+class Latency:
+    """Monotone t(L, C) from a profile's points (+ the per-step overhead if asked)."""
+
+    def __init__(self, profile: dict, with_overhead: bool = True):
+        from scipy.optimize import isotonic_regression
+
+        by_ctx: dict[int, list[tuple[int, float]]] = {}
+        for p in profile["points"]:
+            by_ctx.setdefault(int(p["context"]), []).append((int(p["size"]), p["median_s"]))
+        if not by_ctx:
+            raise BadInput("profile has no points")
+        self.contexts = sorted(by_ctx)
+        self.curves = {}
+        for c in self.contexts:
+            pts = sorted(by_ctx[c])
+            xs = np.array([x for x, _ in pts], dtype=float)
+            ys = isotonic_regression(np.array([y for _, y in pts])).x
+            self.curves[c] = (xs, ys)
+        self.overhead = float((profile.get("overhead") or {}).get("per_step_s", 0.0)) \
+            if with_overhead else 0.0
+
+    def _curve(self, c: int, sizes: np.ndarray) -> np.ndarray:
+        xs, ys = self.curves[c]
+        out = np.interp(sizes, xs, ys)
+        if xs.size >= 2:
+            slope = max((ys[-1] - ys[-2]) / (xs[-1] - xs[-2]), 0.0)
+            hi = sizes > xs[-1]
+            out[hi] = ys[-1] + slope * (sizes[hi] - xs[-1])
+        return out
+
+    def __call__(self, sizes, context: int | None = None) -> np.ndarray:
+        """Seconds per step for input length(s) L at context C (default: the smallest
+        measured context), overhead included."""
+        sizes = np.atleast_1d(np.asarray(sizes, dtype=float))
+        cs = self.contexts
+        c = cs[0] if context is None else context
+        if c <= cs[0] or len(cs) == 1:
+            t = self._curve(cs[0] if c <= cs[0] else cs[-1], sizes)
+        elif c >= cs[-1]:  # linear in C beyond the last context, never decreasing
+            a, b = self._curve(cs[-2], sizes), self._curve(cs[-1], sizes)
+            t = b + np.maximum(b - a, 0) * (c - cs[-1]) / (cs[-1] - cs[-2])
+        else:
+            i = int(np.searchsorted(cs, c))
+            a, b = self._curve(cs[i - 1], sizes), self._curve(cs[i], sizes)
+            w = (c - cs[i - 1]) / (cs[i] - cs[i - 1])
+            t = a + w * (b - a)
+        return t + self.overhead
+
+    def knee(self, context: int | None = None, factor: float = 1.1, max_size: int = 4096) -> int:
+        """Largest L with t(L) ≤ factor·t(1)."""
+        sizes = np.arange(1, max_size + 1)
+        t = self(sizes, context) - self.overhead
+        ok = np.nonzero(t <= factor * t[0])[0]
+        return int(sizes[ok[-1]]) if ok.size else 1
+
+
+def load(path) -> dict:
+    obj = read_json(path, "profile")
+    validate(obj, f"profile {path}")
+    return obj
+
+
+def validate(obj: dict, where: str = "profile") -> None:
+    check_schema(obj, SCHEMA, where)
+    for field in ("model", "dtype", "device", "points"):
+        if field not in obj:
+            raise BadInput(f"{where}: missing field {field!r}")
+    if not isinstance(obj["points"], list) or not obj["points"]:
+        raise BadInput(f"{where}: field 'points' must be a non-empty list")
+    for i, p in enumerate(obj["points"]):
+        for f in ("context", "size", "median_s"):
+            if not isinstance(p, dict) or not isinstance(p.get(f), (int, float)):
+                raise BadInput(f"{where}: points[{i}].{f} missing or not a number")
+        if p["median_s"] <= 0 or p["size"] < 1:
+            raise BadInput(f"{where}: points[{i}] has a non-positive size or time")
+
+
+# ---- roofline -------------------------------------------------------------------------
+def model_shape(model: str | None) -> tuple[str, dict]:
+    """(name, shape) from a config.json folder or the known-model table."""
+    import json
+    import pathlib
+
+    from .models import KNOWN_MODELS, known_model
+
+    if model and pathlib.Path(model).is_dir():
+        cfg_path = pathlib.Path(model) / "config.json"
+        if not cfg_path.is_file():
+            raise BadInput(f"--model {model}: no config.json")
+        cfg = json.loads(cfg_path.read_text())
+        return pathlib.Path(model).resolve().name, cfg
+    canon = known_model(model or "default")
+    if canon is None:
+        raise BadInput(f"--model {model}: unknown model (known: {', '.join(KNOWN_MODELS)}) "
+                       "and not a folder with config.json")
+    return canon, KNOWN_MODELS[canon]["config"]
+
+
+def roofline(shape: dict, size: int, context: int, bytes_per_param: float, tflops: float,
+             bandwidth_gbs: float, memory_efficiency: float, compute_efficiency: float,
+             kernel_overhead_s_per_layer: float) -> dict:
+    """Predicted seconds for one forward of `size` tokens on a `context`-token KV cache.
+
+    t = layers·launch + max(FLOPs / (peak·eff_c), bytes / (bandwidth·eff_m)) where FLOPs =
+    2·(non-embedding params + LM head)·L + 4·layers·hidden·L·(C + L) (attention scores and
+    values) and bytes = weights + KV cache read (+ written) once per forward.
+    """
+    h, n_l = shape["hidden_size"], shape["num_hidden_layers"]
+    heads = shape["num_attention_heads"]
+    kv = shape.get("num_key_value_heads", heads)
+    hd = shape.get("head_dim") or h // heads
+    inter, vocab = shape["intermediate_size"], shape["vocab_size"]
+    per_layer = h * heads * hd * 2 + h * kv * hd * 2 + 3 * h * inter
+    params = n_l * per_layer + vocab * h  # + LM head (read even when tied)
+    flops = 2 * params * size + 4 * n_l * heads * hd * size * (context + size)
+    kv_bytes = 2 * n_l * kv * hd * (context + size) * bytes_per_param
+    weight_bytes = params * bytes_per_param
+    t_c = flops / (tflops * 1e12 * compute_efficiency)
+    t_m = (weight_bytes + kv_bytes) / (bandwidth_gbs * 1e9 * memory_efficiency)
+    return {"seconds": n_l * kernel_overhead_s_per_layer + max(t_c, t_m),
+            "bound": "compute" if t_c > t_m else "memory", "flops": flops,
+            "bytes": weight_bytes + kv_bytes, "weight_bytes": weight_bytes}
+
+
+def simulate(gpu: str, model: str | None, dtype: str, sizes: list[int], contexts: list[int],
+             tflops: float | None = None, bandwidth: float | None = None,
+             factors: dict | None = None) -> dict:
+    key = gpu.lower()
+    if key not in GPUS and (tflops is None or bandwidth is None):
+        raise BadInput(f"--simulate {gpu}: unknown GPU (known: {', '.join(GPUS)}); or give "
+                       "--peak-tflops and --bandwidth-gbs")
+    spec = dict(GPUS.get(key, {"name": gpu}))
+    if tflops:
+        spec["tflops"] = tflops
+    if bandwidth:
+        spec["bandwidth_gbs"] = bandwidth
+    name, shape = model_shape(model)
+    dt = "float16" if dtype == "auto" else dtype
+    bpp = 4.0 if dt == "float32" else 2.0
+    f = {**ROOFLINE_DEFAULTS, **(factors or {})}
+    max_ctx = shape.get("max_position_embeddings", 4096)
+    points = []
+    for c in [c for c in contexts if c < max_ctx] or [min(contexts[0], max_ctx - 1)]:
+        for s in sizes:
+            r = roofline(shape, s, c, bpp, spec["tflops"], spec["bandwidth_gbs"], **f)
+            points.append({"context": c, "size": s, "median_s": r["seconds"],
+                           "p10_s": r["seconds"], "p90_s": r["seconds"], "n": 0,
+                           "bound": r["bound"]})
+    return {
+        "schema": SCHEMA, "model": name, "dtype": dt, "simulated": True,
+        "device": {"kind": "simulated-gpu", "name": spec["name"], "id": key,
+                   "peak_tflops": spec["tflops"], "bandwidth_gbs": spec["bandwidth_gbs"]},
+        "device_id": f"sim-{key}",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "points": points, "overhead": {"per_step_s": 0.0, "fraction": 0.0},
+        "assumptions": {
+            "model": "t = layers·launch + max(FLOPs/(peak·eff_c), bytes/(bandwidth·eff_m))",
+            "flops": "2·params·L + 4·layers·heads·head_dim·L·(C+L)",
+            "bytes": "all weights (incl. LM head) + KV cache of C+L tokens, once per forward",
+            "bytes_per_param": bpp, "shape": shape, **f,
+            "not_modelled": "kernel fusion, tensor-parallelism, quantization, the runtime's "
+                            "per-step overhead (set to 0)"},
+    }
+
+
+def default_out(device_id: str, model: str, dtype: str):
+    from .shipped import PROFILES
+
+    return PROFILES / f"{device_id}__{model}__{dtype}.json"
+
+
+def main(args) -> dict:
+    import torch
+
+    from . import models, shipped
+
+    sizes_default = GPU_SIZES if args.gpu or args.simulate else CPU_SIZES
+    sizes = parse_list(args.sizes, sizes_default, "--sizes")
+    contexts = parse_list(args.contexts, CONTEXTS, "--contexts")
+    if args.repeats < 1:
+        raise BadInput(f"--repeats must be ≥ 1, got {args.repeats}")
+    human = not args.json
+    if args.simulate:
+        prof = simulate(args.simulate, args.model, args.dtype, sizes, contexts,
+                        args.peak_tflops, args.bandwidth_gbs)
+        prof["command"] = "treeopt " + " ".join(sys.argv[1:])
+        out = args.out or default_out(prof["device_id"], prof["model"], prof["dtype"])
+        write_json(out, prof)
+        return _report(prof, out, human)
+    if args.gpu:
+        gpu_check()
+        device = "cuda"
+    elif args.cpu:
+        device = "cpu"
+    else:
+        device = args.device
+    from .runtime import open_decoder
+
+    dec, info = open_decoder(args.model, args.dtype, device, None, None, args.threads)
+    dev_id = shipped.device_slug(dec.device.type)
+    out = args.out or default_out(dev_id, info["model"], info["dtype"])
+    max_ctx = dec.lm.max_context
+    capped = [c for c in contexts if c + max(sizes) <= max_ctx]
+    if not capped:
+        raise BadInput(f"--contexts: every context + the largest size exceeds the model's "
+                       f"context ({max_ctx})")
+    done = {}
+    if args.resume and os.path.isfile(out):
+        old = load(out)
+        if old["model"] != info["model"] or old["dtype"] != info["dtype"]:
+            raise BadInput(f"--resume: {out} is for {old['model']}/{old['dtype']}")
+        done = {(p["context"], p["size"]): p for p in old["points"]}
+    facts = gpu_facts() if dec.device.type == "cuda" else cpu_facts(torch.get_num_threads())
+    clocks_before = gpu_clocks() if dec.device.type == "cuda" else None
+    if human:
+        say(f"profiling {info['model']} ({info['dtype']}) on {facts['name']}: "
+            f"{len(sizes)} sizes × {len(capped)} contexts")
+    t0 = time.perf_counter()
+    points, max_fit = measure_points(dec, sizes, capped, args.repeats, args.budget_seconds,
+                                     done, quiet=not human)
+    overhead = None if args.no_overhead else measure_overhead(dec, quiet=not human)
+    if clocks_before is not None:
+        facts["clocks_before"], facts["clocks_after"] = clocks_before, gpu_clocks()
+    prof = {"schema": SCHEMA, "model": info["model"], "dtype": info["dtype"],
+            "simulated": False, "device": facts, "device_id": dev_id,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": "treeopt " + " ".join(sys.argv[1:]),
+            "torch": torch.__version__, "seconds": round(time.perf_counter() - t0, 1),
+            "points": points, "overhead": overhead or {"per_step_s": 0.0, "fraction": 0.0}}
+    if max_fit:
+        prof["max_size_fit"] = {str(c): s for c, s in max_fit.items()}
+    write_json(out, prof)
+    return _report(prof, out, human)
+
+
+def _report(prof: dict, out, human: bool) -> dict:
+    lat = Latency(prof, with_overhead=False)
+    summary = {"out": str(out), "model": prof["model"], "dtype": prof["dtype"],
+               "device": prof["device"]["name"], "simulated": prof["simulated"],
+               "points": len(prof["points"]),
+               "knee": {str(c): lat.knee(c) for c in lat.contexts},
+               "t1_ms": {str(c): round(1000 * float(lat([1], c)[0]), 3) for c in lat.contexts},
+               "overhead_s": prof["overhead"]["per_step_s"]}
+    if human:
+        c0 = lat.contexts[0]
+        say(f"wrote {out}")
+        say(f"context {c0}: " + ", ".join(f"L={s}: {1000 * float(lat([s], c0)[0]):.1f} ms"
+                                          for s in (1, 8, 16, 32, 64, 128)))
+        say("knee (largest L with t(L) ≤ 1.1·t(1)): " +
+            ", ".join(f"C={c}: {k}" for c, k in summary["knee"].items()))
+    return summary

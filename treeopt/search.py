@@ -1,0 +1,657 @@
+"""The hardware-aware tree optimizer: the dynamic tree with the most tokens per second.
+
+Model (DESIGN.md). State m = number of guess rows available (1..K). The policy picks, per
+state, a prefix-closed node set T_m (depth ≤ m) and a prompt-token count n(v) ∈ 1..K for
+every node; the root carries r prompt tokens in every state. With P(v) the probability
+that node v is accepted and s(v) = P(v) − Σ_children P(c) its stop probability:
+
+    E_m     = 1 + Σ_{v∈T_m} P(v)                        expected new tokens of one step
+    p_m(j)  = Σ_{w: n(w)=j} s(w)   (root: s = 1 − Σ_{depth 1} P, n = r)
+    L_m     = 1 + |T_m| + r + Σ n(v),   τ_m = t(L_m)    step time from the profile
+    tokens/s = Σ π_m E_m / Σ π_m τ_m                   (π stationary for p)
+
+This is an average-reward semi-Markov decision process; :func:`optimise` solves it by
+policy iteration. Evaluation: solve h_m = E_m − ρ τ_m + Σ_j p_m(j) h_j with h_K = 0 for the
+gain ρ (tokens/s) and relative values h. Improvement: per state maximise
+
+    Q_m(T, n) = 1 + h(r) + Σ_{v∈T} P(v)·(1 + h(n(v)) − h(n(parent(v)))) − ρ·t(L)
+
+(the telescoped form of E + Σ_j p(j) h_j, with n(parent) = r at depth 1). For a fixed
+budget b = Σ_v (1 + n(v)) the sum is maximised *exactly* by a tree-knapsack dynamic
+programme (:func:`budget_dp`): for node v, H_v[b] = max_n P(v)(1+h(n)) + A_{v,n}[b−1−n],
+where A_{v,n} is the max-plus convolution over v's children c of max(exclude, H_c −
+P(c)·h(n)). One DP gives the best tree for every budget, so the improvement step is
+exact over all prefix-closed trees within the candidate universe (the top paths by P,
+best-first, at least twice as many as any admissible tree can hold), and policy
+iteration ends at an optimal policy of that finite SMDP.
+"""
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+import time
+from typing import Callable
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from .errors import BadInput
+from .tree import Node, Tree
+
+NEG = -np.inf
+Latency = Callable[[np.ndarray], np.ndarray]
+
+
+# ---- probabilities -----------------------------------------------------------------
+@dataclasses.dataclass
+class Universe:
+    """Candidate nodes of one depth bound, best-first (parents precede children)."""
+
+    paths: list[tuple[int, ...]]
+    prob: np.ndarray
+    parent: np.ndarray  # index into paths, -1 for depth 1
+    children: list[list[int]]
+
+
+def universe(acc: np.ndarray, depth: int, max_nodes: int,
+             path_prob: dict[tuple[int, ...], float] | None = None,
+             width_cap: int | None = None) -> Universe:
+    """Top `max_nodes` paths by P (product model, or measured conditional path
+    probabilities where given), depth ≤ `depth`, NaN ranks excluded."""
+    acc = np.asarray(acc, dtype=float)
+    ranks = [[r for r in range(acc.shape[1]) if not math.isnan(acc[d, r]) and acc[d, r] > 0
+              and (width_cap is None or r < width_cap)] for d in range(acc.shape[0])]
+
+    def prob(path, parent_p):
+        p = parent_p * acc[len(path) - 1, path[-1]]
+        if path_prob and path in path_prob:
+            p = path_prob[path]
+        return min(p, parent_p)
+
+    heap = [(-prob((r,), 1.0), 1, (r,)) for r in ranks[0]] if depth >= 1 else []
+    heapq.heapify(heap)
+    paths, probs, index = [], [], {}
+    while heap and len(paths) < max_nodes:
+        negp, d, path = heapq.heappop(heap)
+        index[path] = len(paths)
+        paths.append(path)
+        probs.append(-negp)
+        if d < depth:
+            for r in ranks[d]:
+                child = path + (r,)
+                heapq.heappush(heap, (-prob(child, -negp), d + 1, child))
+    parent = np.array([index.get(p[:-1], -1) for p in paths], dtype=int)
+    children: list[list[int]] = [[] for _ in paths]
+    for i, p in enumerate(parent):
+        if p >= 0:
+            children[p].append(i)
+    return Universe(paths, np.array(probs), parent, children)
+
+
+# ---- the exact budgeted DP -----------------------------------------------------------
+def maxplus(a: np.ndarray, b: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """out[k] = max_j a[k−j] + b[j] (k < limit) and the maximising j."""
+    la, lb = len(a), len(b)
+    pad = np.full(lb - 1, NEG)
+    win = sliding_window_view(np.concatenate([pad, a, pad]), lb)[: min(la + lb - 1, limit)]
+    s = win + b[::-1]
+    i = s.argmax(1)
+    return s[np.arange(len(s)), i], lb - 1 - i
+
+
+def _trim(x: np.ndarray) -> np.ndarray:
+    fin = np.nonzero(np.isfinite(x))[0]
+    return x[: fin[-1] + 1] if fin.size else x[:1]
+
+
+@dataclasses.dataclass
+class DPResult:
+    """Best value G_r[b] for every root count r and budget b, with the means to rebuild
+    the tree that attains it."""
+
+    uni: Universe
+    G: dict[int, np.ndarray]
+    _root: dict
+    _node: list
+    _hn: list
+
+    def tree(self, r: int, b: int) -> list[Node]:
+        out: list[Node] = []
+        self._unfold(self._root[r], b, out)
+        return out
+
+    def _unfold(self, merges, budget, out):
+        for child, arg in reversed(merges):
+            j = int(arg[budget]) if budget < len(arg) else 0
+            if j > 0:
+                n = int(self._hn[child][j])
+                out.append(Node(self.uni.paths[child], n))
+                self._unfold(self._node[child][n], j - 1 - n, out)
+            budget -= j
+
+
+def budget_dp(uni: Universe, h: np.ndarray, k: int, budget: int,
+              roots: list[int]) -> DPResult:
+    """Exact best Σ P(v)(1 + h(n_v) − h(n_parent)) for every budget ≤ `budget`.
+
+    `h` is indexed 1..k (h[0] unused)."""
+    n_nodes = len(uni.paths)
+    H: list[np.ndarray] = [None] * n_nodes  # type: ignore[list-item]
+    hn: list[np.ndarray] = [None] * n_nodes  # type: ignore[list-item]
+    merges_of: list[dict] = [None] * n_nodes  # type: ignore[list-item]
+    limit = budget + 1
+    for v in range(n_nodes - 1, -1, -1):
+        pv = uni.prob[v]
+        best = np.full(min(limit, 2), NEG)
+        best_n = np.zeros(len(best), dtype=int)
+        merges = {}
+        for n in range(1, k + 1):
+            acc = np.zeros(1)
+            ms = []
+            for c in uni.children[v]:
+                opt = np.concatenate([[0.0], H[c][1:] - uni.prob[c] * h[n]])
+                acc, arg = maxplus(acc, opt, limit)
+                ms.append((c, arg))
+            merges[n] = ms
+            cand = np.full(min(limit, len(acc) + 1 + n), NEG)
+            if len(cand) > 1 + n:
+                cand[1 + n:] = pv * (1 + h[n]) + acc[: len(cand) - 1 - n]
+            if len(cand) > len(best):
+                best = np.concatenate([best, np.full(len(cand) - len(best), NEG)])
+                best_n = np.concatenate([best_n, np.zeros(len(cand) - len(best_n), dtype=int)])
+            better = cand > best[: len(cand)]
+            best[: len(cand)][better] = cand[better]
+            best_n[: len(cand)][better] = n
+        keep = len(_trim(best))
+        H[v], hn[v], merges_of[v] = best[:keep], best_n[:keep], merges
+    G, root = {}, {}
+    top = [i for i in range(n_nodes) if uni.parent[i] < 0]
+    for r in roots:
+        acc = np.zeros(1)
+        ms = []
+        for c in top:
+            opt = np.concatenate([[0.0], H[c][1:] - uni.prob[c] * h[r]])
+            acc, arg = maxplus(acc, opt, limit)
+            ms.append((c, arg))
+        G[r], root[r] = acc, ms
+    return DPResult(uni, G, root, merges_of, hn)
+
+
+# ---- policy evaluation --------------------------------------------------------------
+@dataclasses.dataclass
+class StateStats:
+    E: float
+    p: np.ndarray  # [k+1], index j = next state
+    L: int
+
+
+def tree_stats(nodes: list[Node], r: int, k: int, prob: dict) -> StateStats:
+    """E, next-state distribution and input length of one state's tree."""
+    p = np.zeros(k + 1)
+    child_mass: dict[tuple, float] = {}
+    for nd in nodes:
+        child_mass[nd.path[:-1]] = child_mass.get(nd.path[:-1], 0.0) + prob[nd.path]
+    p[r] += 1.0 - child_mass.get((), 0.0)
+    for nd in nodes:
+        p[nd.prompt_tokens] += prob[nd.path] - child_mass.get(nd.path, 0.0)
+    E = 1.0 + sum(prob[nd.path] for nd in nodes)
+    L = 1 + len(nodes) + r + sum(nd.prompt_tokens for nd in nodes)
+    return StateStats(E, p, L)
+
+
+def evaluate(stats: dict[int, StateStats], tau: dict[int, float], k: int):
+    """Gain ρ (tokens/s), relative values h (h_k = 0), stationary π, tokens/step, step time."""
+    states = sorted(stats)
+    idx = {m: i for i, m in enumerate(states)}
+    n = len(states)
+    A = np.zeros((n + 1, n + 1))
+    b = np.zeros(n + 1)
+    for m in states:
+        i = idx[m]
+        A[i, i] += 1.0
+        for j in states:
+            A[i, idx[j]] -= stats[m].p[j]
+        A[i, n] = tau[m]
+        b[i] = stats[m].E
+    A[n, idx[max(states)]] = 1.0
+    x = np.linalg.lstsq(A, b, rcond=None)[0]
+    P = np.array([[stats[m].p[j] for j in states] for m in states])
+    w, v = np.linalg.eig(P.T)
+    pi = np.real(v[:, np.argmin(np.abs(w - 1))])
+    pi = np.abs(pi) / np.abs(pi).sum()
+    h = np.zeros(k + 1)
+    for m in states:
+        h[m] = x[idx[m]]
+    E = float(sum(pi[idx[m]] * stats[m].E for m in states))
+    T = float(sum(pi[idx[m]] * tau[m] for m in states))
+    return float(x[n]), h, {m: float(pi[idx[m]]) for m in states}, E, T
+
+
+# ---- the optimiser ------------------------------------------------------------------
+@dataclasses.dataclass
+class Solution:
+    tree: Tree
+    tokens_per_second: float
+    tokens_per_step: float
+    step_seconds: float
+    pi: dict[int, float]
+    input_lengths: dict[int, int]
+    iterations: int
+    h: np.ndarray
+    dp: dict[int, DPResult]
+
+
+def path_probabilities(uni_by_state: dict[int, Universe]) -> dict[tuple, float]:
+    out = {}
+    for u in uni_by_state.values():
+        out.update(zip(u.paths, u.prob.tolist()))
+    return out
+
+
+def optimise(acc: np.ndarray, latency: Latency, k: int | None = None, max_input: int = 512,
+             path_prob: dict | None = None, width_cap: int | None = None,
+             roots: list[int] | None = None, max_iter: int = 50) -> Solution:
+    """Best dynamic tree (every state's L ≤ max_input) by policy iteration."""
+    acc = np.asarray(acc, dtype=float)
+    k = k or acc.shape[0]
+    if not 1 <= k <= acc.shape[0]:
+        raise BadInput(f"k={k} outside 1..{acc.shape[0]} (rows of the acceptance table)")
+    if max_input < 2:
+        raise BadInput(f"--max-input must be ≥ 2 (root + one prompt token), got {max_input}")
+    roots = roots or [r for r in range(1, k + 1) if 1 + r <= max_input]
+    max_nodes = max(1, (max_input - 2) // 2)
+    unis = {m: universe(acc, m, 2 * max_nodes, path_prob, width_cap) for m in range(1, k + 1)}
+    prob = path_probabilities(unis)
+    best: Solution | None = None
+    for r in roots:
+        budget = max_input - 1 - r
+        policy = {m: [] for m in range(1, k + 1)}
+        stats = {m: tree_stats(policy[m], r, k, prob) for m in policy}
+        rho, h, pi, E, T = evaluate(stats, {m: float(latency([stats[m].L])[0]) for m in stats}, k)
+        dps = {}
+        for it in range(1, max_iter + 1):
+            changed = False
+            for m in range(1, k + 1):
+                dp = budget_dp(unis[m], h, k, budget, [r])
+                dps[m] = dp
+                G = dp.G[r]
+                q = G - rho * latency(1 + r + np.arange(len(G)))
+                bstar = int(np.argmax(q))
+                # the current tree's own Q (not the DP's best at its budget)
+                cur = stats[m]
+                cur_q = cur.E - 1 - h[r] + cur.p @ h - rho * float(latency([cur.L])[0])
+                if q[bstar] > cur_q + 1e-9 * max(1.0, abs(q[bstar])):
+                    policy[m] = dp.tree(r, bstar)
+                    stats[m] = tree_stats(policy[m], r, k, prob)
+                    changed = True
+            tau = {m: float(latency([stats[m].L])[0]) for m in stats}
+            rho, h, pi, E, T = evaluate(stats, tau, k)
+            if not changed:
+                break
+        sol = Solution(Tree(k, r, dict(policy), int(acc.shape[1])), rho, E, T, pi,
+                       {m: stats[m].L for m in stats}, it, h, dps)
+        if best is None or sol.tokens_per_second > best.tokens_per_second:
+            best = sol
+    assert best is not None
+    return best
+
+
+def greedy_tree(acc: np.ndarray, input_length: int, k: int | None = None) -> Tree | None:
+    """The greedy static tree: top-N paths by product, every node (and the root) with K
+    prompt tokens, N = (L − 1 − K) // (K + 1). None when L < 1 + K."""
+    acc = np.asarray(acc, dtype=float)
+    k = k or acc.shape[0]
+    n = (input_length - 1 - k) // (k + 1)
+    if n < 0:
+        return None
+    uni = universe(acc, k, n)
+    return Tree.static(uni.paths, k, int(acc.shape[1]))
+
+
+def predict(tree: Tree, acc: np.ndarray, latency: Latency | None = None,
+            path_prob: dict | None = None) -> dict:
+    """Stationary tokens/step (and tokens/s, step time with a latency) of any tree."""
+    acc = np.asarray(acc, dtype=float)
+    k = tree.num_prompt_tokens
+    prob = {}
+    for nodes in tree.states.values():
+        for nd in nodes:
+            p = 1.0
+            for d in range(1, len(nd.path) + 1):
+                sub = nd.path[:d]
+                p = p * acc[d - 1, sub[-1]]
+                if path_prob and sub in path_prob:
+                    p = path_prob[sub]
+            prob[nd.path] = p
+    stats = {m: tree_stats(nodes, tree.root_prompt_tokens, k, prob)
+             for m, nodes in tree.states.items()}
+    tau = {m: float(latency([s.L])[0]) if latency else 1.0 for m, s in stats.items()}
+    # a static or partial tree: states it never reaches are dropped by the chain itself
+    rho, h, pi, E, T = evaluate(stats, tau, k)
+    return {"tokens_per_step": E, "step_seconds": T if latency else None,
+            "tokens_per_second": E / T if latency else None, "pi": pi,
+            "input_lengths": {m: s.L for m, s in stats.items()}}
+
+
+def per_input_length(sol: Solution, acc: np.ndarray, latency: Latency, max_input: int,
+                     path_prob: dict | None = None) -> list[dict]:
+    """Best tokens/s with every state's input length ≤ L, for L = 1..max_input.
+
+    Candidates per state are the DP-optimal trees for every budget (at the optimum's
+    relative values) plus the greedy static trees; each cap is then solved exactly over
+    that finite action set by policy iteration.
+    """
+    k = sol.tree.num_prompt_tokens
+    acc = np.asarray(acc, dtype=float)
+    t1 = float(latency([1])[0])
+    rows = [{"input_length": 1, "tokens_per_step": 1.0, "tokens_per_second": 1.0 / t1}]
+    cands: dict[int, dict[int, list]] = {}  # r -> state -> [(L, E, p)]
+    prob = {}
+    for u in [universe(acc, m, 2 * max(1, (max_input - 2) // 2), path_prob)
+              for m in range(1, k + 1)]:
+        prob.update(zip(u.paths, u.prob.tolist()))
+    for r in range(1, k + 1):
+        if 1 + r > max_input:
+            continue
+        budget = max_input - 1 - r
+        cands[r] = {}
+        for m in range(1, k + 1):
+            dp = budget_dp(sol.dp[m].uni, sol.h, k, budget, [r])
+            G = dp.G[r]
+            lst = []
+            for b in np.nonzero(np.isfinite(G))[0]:
+                s = tree_stats(dp.tree(r, int(b)), r, k, prob)
+                lst.append((s.L, s.E, s.p))
+            cands[r][m] = lst
+    # greedy static trees: top-N by product, all counts K (nested, so one universe)
+    n_max = max(0, (max_input - 1 - k) // (k + 1))
+    top = universe(acc, k, n_max, path_prob)
+    csum = np.concatenate([[0.0], np.cumsum(top.prob)])
+    stay = np.zeros(k + 1)
+    stay[k] = 1.0
+    greedy = [(1 + n + k + k * n, 1.0 + csum[n], stay) for n in range(len(csum))]
+    if k in cands:
+        cands[k][k] = cands[k][k] + greedy
+    arrays = {r: {m: (np.array([c[0] for c in lst]), np.array([c[1] for c in lst]),
+                      np.array([c[2] for c in lst])) for m, lst in sm.items()}
+              for r, sm in cands.items()}
+    for cap in range(2, max_input + 1):
+        best = (1.0 / t1, 1.0)
+        for r, sm in arrays.items():
+            if 1 + r > cap:
+                continue
+            res = _finite_pi(sm, cap, latency, k)
+            if res and res[0] > best[0]:
+                best = res
+        rows.append({"input_length": cap, "tokens_per_step": round(best[1], 6),
+                     "tokens_per_second": round(best[0], 6)})
+    return rows
+
+
+def _finite_pi(sm: dict, cap: int, latency: Latency, k: int, max_iter: int = 30):
+    """Policy iteration over finite candidate actions with L ≤ cap."""
+    choice = {}
+    for m, (L, E, p) in sm.items():
+        ok = np.nonzero(L <= cap)[0]
+        if ok.size == 0:
+            return None
+        choice[m] = int(ok[np.argmin(L[ok])])
+    tcache = {m: latency(sm[m][0]) for m in sm}
+    for _ in range(max_iter):
+        stats = {m: StateStats(float(sm[m][1][i]), sm[m][2][i], int(sm[m][0][i]))
+                 for m, i in choice.items()}
+        rho, h, pi, E, T = evaluate(stats, {m: float(tcache[m][i]) for m, i in choice.items()}, k)
+        changed = False
+        for m, (L, Ev, p) in sm.items():
+            q = Ev + p @ h - rho * tcache[m]
+            q[L > cap] = NEG
+            i = int(np.argmax(q))
+            if q[i] > q[choice[m]] + 1e-12 * max(1.0, abs(q[i])):
+                choice[m] = i
+                changed = True
+        if not changed:
+            break
+    return rho, E
+
+
+# ---- exports ------------------------------------------------------------------------
+def optimise_static(acc: np.ndarray, latency: Latency, k: int | None = None,
+                    max_input: int = 512, path_prob: dict | None = None) -> Solution:
+    """Best one-state tree (every node and the root carry K prompt tokens): for a fixed
+    node count the top-N paths by P maximise E, so scanning N is exact."""
+    acc = np.asarray(acc, dtype=float)
+    k = k or acc.shape[0]
+    n_max = max(0, (max_input - 1 - k) // (k + 1))
+    top = universe(acc, k, n_max, path_prob)
+    n = np.arange(len(top.paths) + 1)
+    E = 1.0 + np.concatenate([[0.0], np.cumsum(top.prob)])
+    L = 1 + n + k + k * n
+    t = latency(L)
+    i = int(np.argmax(E / t))
+    tree = Tree.static(top.paths[:i], k, int(acc.shape[1]))
+    return Solution(tree, float(E[i] / t[i]), float(E[i]), float(t[i]), {k: 1.0},
+                    {k: int(L[i])}, 1, np.zeros(k + 1), {})
+
+
+def export_medusa(tree: Tree) -> list[list[int]]:
+    """`medusa_choices`: the static tree's rank paths (largest state for dynamic trees)."""
+    nodes = tree.states[max(tree.states)]
+    return [list(n.path) for n in nodes]
+
+
+def export_vllm(tree: Tree) -> list[tuple[int, ...]]:
+    """vLLM `speculative_token_tree`: a list of rank tuples, parents before children."""
+    return [tuple(p) for p in export_medusa(tree)]
+
+
+def timed(fn, *a, **kw):
+    t = time.perf_counter()
+    out = fn(*a, **kw)
+    return out, time.perf_counter() - t
+
+
+# ---- the verb -----------------------------------------------------------------------
+HELP = "find the tree with the most expected tokens per second for a model on a device"
+DEFAULT_SIM_GPU = "a100-80gb"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", help="a known name (vicuna-7b, vicuna-13b, mobilellama, "
+                   "vicuna-68m, ...) for the shipped reference data, or a local HF folder; "
+                   "default: the embedded model")
+    p.add_argument("--profile", help="profile.json (default: this device's measured profile; "
+                   f"for reference models a simulated {DEFAULT_SIM_GPU})")
+    p.add_argument("--acceptance", help="acceptance.json (default: the shipped one)")
+    p.add_argument("--max-input", type=int, default=512,
+                   help="no state's forward input may be longer (default 512)")
+    p.add_argument("--context", type=int, default=512,
+                   help="context length at which the profile's t(L) is read")
+    p.add_argument("--static", action="store_true", help="one-state tree (every node K tokens)")
+    p.add_argument("--product", action="store_true",
+                   help="ignore measured conditional path probabilities (product model)")
+    p.add_argument("--export", choices=["medusa", "vllm"],
+                   help="also write the best static tree in that engine's form")
+    p.add_argument("--trials", type=int, default=0,
+                   help="optuna trials over K used, width cap and probability model")
+    p.add_argument("--storage", help="optuna storage URL (default: SQLite in the user cache)")
+    p.add_argument("--out", help="tree path (default profiles/<device>__<model>.tree.json)")
+
+
+def resolve_inputs(model, profile_path, acceptance_path, dtype="auto"):
+    """(model id, profile dict, profile source, acceptance dict, acceptance source)."""
+    from . import accept as acc_mod
+    from . import profile as prof_mod
+    from .models import DEFAULT_MODEL_ID, KNOWN_MODELS, known_model, pick_dtype, dtype_name
+    from .shipped import PROFILES, device_slug
+
+    canon = known_model(model) if model else DEFAULT_MODEL_ID
+    model_id = canon or __import__("pathlib").Path(model).resolve().name
+    if acceptance_path:
+        acc = acc_mod.load(acceptance_path)
+        acc_src = str(acceptance_path)
+    else:
+        ref = KNOWN_MODELS.get(canon or "", {}).get("reference")
+        cands = ([PROFILES / "reference" / f"{ref}.acceptance.json"] if ref else []) + \
+            sorted(PROFILES.glob(f"*__{model_id}.acceptance.json"))
+        found = [c for c in cands if c.is_file()]
+        if not found:
+            raise BadInput(f"no acceptance file for {model_id}: run `treeopt accept` or pass "
+                           "--acceptance")
+        acc, acc_src = acc_mod.load(found[0]), str(found[0])
+    if profile_path:
+        prof, prof_src = prof_mod.load(profile_path), str(profile_path)
+    else:
+        import torch
+
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        dt = dtype_name(pick_dtype(dtype, torch.device(dev)))
+        local = PROFILES / f"{device_slug(dev)}__{model_id}__{dt}.json"
+        if local.is_file():
+            prof, prof_src = prof_mod.load(local), str(local)
+        elif canon and canon != DEFAULT_MODEL_ID:
+            prof = prof_mod.simulate(DEFAULT_SIM_GPU, canon, "float16", prof_mod.GPU_SIZES +
+                                     [384, 512], prof_mod.CONTEXTS)
+            prof_src = f"simulated {DEFAULT_SIM_GPU} (roofline, no weights needed)"
+        else:
+            raise BadInput(f"no profile for {model_id} on this device ({local.name}): run "
+                           "`treeopt profile` or pass --profile")
+    if prof["model"] != acc["model"] and known_model(prof["model"]) != known_model(acc["model"]):
+        raise BadInput(f"profile is for {prof['model']} but the acceptance file is for "
+                       f"{acc['model']}")
+    return model_id, prof, prof_src, acc, acc_src
+
+
+def path_prob_of(acc_obj: dict) -> dict | None:
+    pp = acc_obj.get("path_probs")
+    if not pp:
+        return None
+    return {tuple(int(x) for x in key.split(",")): float(v) for key, v in pp.items()}
+
+
+def main(args) -> dict:
+    import datetime
+    import sys
+
+    from . import profile as prof_mod
+    from .artefact import write_json
+    from .cliutil import say
+    from .shipped import PROFILES
+
+    if args.max_input < 2:
+        raise BadInput(f"--max-input must be ≥ 2, got {args.max_input}")
+    if args.trials < 0:
+        raise BadInput(f"--trials must be ≥ 0, got {args.trials}")
+    model_id, prof, prof_src, acc_obj, acc_src = resolve_inputs(args.model, args.profile,
+                                                                args.acceptance)
+    lat_model = prof_mod.Latency(prof)
+    lat = lambda L: lat_model(L, args.context)  # noqa: E731
+    t1 = float(prof_mod.Latency(prof, with_overhead=False)([1], args.context)[0])
+    acc = accuracy_of(acc_obj)
+    pp = None if args.product else path_prob_of(acc_obj)
+    human = not args.json
+    if human:
+        say(f"model {model_id}; profile: {prof_src}; acceptance: {acc_src}")
+    t0 = time.perf_counter()
+    config = {"k": acc.shape[0], "width_cap": None, "conditional": pp is not None}
+    if args.trials:
+        config = tune(acc, lat, args.max_input, pp, args.trials, args.storage, args.static,
+                      f"{model_id}-{prof.get('device_id', 'dev')}")
+    use_pp = pp if config["conditional"] else None
+    solve = optimise_static if args.static else optimise
+    kw = {} if args.static else {"width_cap": config["width_cap"]}
+    sol = solve(acc, lat, k=config["k"], max_input=args.max_input, path_prob=use_pp, **kw)
+    rows = per_input_length(sol, acc, lat, args.max_input, use_pp) if not args.static else None
+    seconds = time.perf_counter() - t0
+    g_curve = []
+    for L in range(1, args.max_input + 1):
+        g = greedy_tree(acc, L, config["k"])
+        if g is not None:
+            pr = predict(g, acc, lat, use_pp)
+            g_curve.append({"input_length": L, "tokens_per_step": round(pr["tokens_per_step"], 6),
+                            "tokens_per_second": round(pr["tokens_per_second"], 6)})
+    pred = {"tokens_per_step": round(sol.tokens_per_step, 6),
+            "tokens_per_second": round(sol.tokens_per_second, 6),
+            "step_seconds": round(sol.step_seconds, 8),
+            "speedup_vs_t1": round(sol.tokens_per_second * t1, 6),
+            "input_lengths": {str(m): L for m, L in sol.input_lengths.items()},
+            "stationary": {str(m): round(p, 6) for m, p in sol.pi.items()}}
+    tree = sol.tree
+    tree.meta = {"model": model_id, "profile": prof_src, "acceptance": acc_src,
+                 "device": prof["device"].get("name"), "simulated": bool(prof.get("simulated")),
+                 "context": args.context, "max_input": args.max_input, "config": config,
+                 "predicted": pred, "search_seconds": round(seconds, 3),
+                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                     timespec="seconds"),
+                 "command": "treeopt " + " ".join(sys.argv[1:]),
+                 **({"per_input_length": rows} if rows else {}), "greedy_curve": g_curve}
+    dev_id = prof.get("device_id") or "device"
+    out = args.out or PROFILES / f"{dev_id}__{model_id}.tree.json"
+    tree.save(out)
+    result = {"out": str(out), "model": model_id, "profile": prof_src, "acceptance": acc_src,
+              **pred, "search_seconds": round(seconds, 3), "config": config,
+              "tree": tree.to_json()["states"], "root_prompt_tokens": tree.root_prompt_tokens}
+    if rows:
+        result["per_input_length"] = rows
+    if args.export:
+        st = sol if args.static else optimise_static(acc, lat, config["k"], args.max_input, use_pp)
+        exp = export_medusa(st.tree) if args.export == "medusa" else \
+            [list(p) for p in export_vllm(st.tree)]
+        exp_path = str(out).removesuffix(".json") + f".{args.export}.json"
+        write_json(exp_path, {"format": args.export, "choices": exp,
+                              "predicted_tokens_per_step": st.tokens_per_step})
+        result["export"] = {"format": args.export, "path": exp_path, "choices": exp}
+    if human:
+        for m, nodes in sorted(tree.states.items()):
+            shown = ", ".join(f"{list(n.path)}:{n.prompt_tokens}" for n in nodes[:12])
+            say(f"state {m}: {len(nodes)} nodes, input {sol.input_lengths[m]} tokens, "
+                f"π={sol.pi.get(m, 0):.3f}  {shown}{' ...' if len(nodes) > 12 else ''}")
+        say(f"root prompt tokens {tree.root_prompt_tokens}; predicted {sol.tokens_per_step:.3f} "
+            f"tokens/step, {1000 * sol.step_seconds:.2f} ms/step, "
+            f"{sol.tokens_per_second:.1f} tokens/s = {pred['speedup_vs_t1']:.2f}x plain decoding "
+            f"(searched in {seconds:.2f} s)")
+        if rows:
+            say("best by input-length cap: " + ", ".join(
+                f"L≤{r['input_length']}: {r['tokens_per_step']:.2f} tok/step "
+                f"{r['tokens_per_second']:.1f} tok/s" for r in rows
+                if r["input_length"] in (4, 8, 16, 32, 64, 128, 256, 512)))
+        say(f"wrote {out}")
+    return result
+
+
+def accuracy_of(acc_obj: dict) -> np.ndarray:
+    from .accept import accuracy_array
+
+    return accuracy_array(acc_obj)
+
+
+def tune(acc, lat, max_input, pp, trials, storage, static, name) -> dict:
+    """optuna TPE over what the exact optimiser takes as given."""
+    import logging
+
+    import optuna
+
+    from .models import cache_dir
+
+    optuna.logging.set_verbosity(logging.WARNING)
+    if storage is None:
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        storage = f"sqlite:///{cache_dir() / 'search.db'}"
+    study = optuna.create_study(direction="maximize", study_name=f"treeopt-{name}",
+                                storage=storage, load_if_exists=True,
+                                sampler=optuna.samplers.TPESampler(seed=0))
+
+    def objective(trial):
+        k = trial.suggest_int("k", 1, acc.shape[0])
+        cap = trial.suggest_int("width_cap", 1, acc.shape[1])
+        cond = trial.suggest_categorical("conditional", [True, False]) if pp else False
+        use = pp if cond else None
+        if static:
+            return optimise_static(acc, lat, k, max_input, use).tokens_per_second
+        return optimise(acc, lat, k, max_input, use, width_cap=cap).tokens_per_second
+
+    study.optimize(objective, n_trials=trials)
+    bp = study.best_params
+    return {"k": bp["k"], "width_cap": bp["width_cap"],
+            "conditional": bool(bp.get("conditional", False)), "trials": len(study.trials),
+            "storage": storage}
