@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean browser
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,10 +24,16 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/treeopt run --baseline
+	$(BIN)/treeopt demo
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+# headless Chromium for the report's browser test (Debian package; skipped where apt fails)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { (apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 || \
+	  echo "chromium could not be installed: the browser test will be skipped"; }
+
+test: $(STAMP) browser
+	$(BIN)/python -m pytest -q -p no:cacheprovider -rs
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -16,6 +16,9 @@ VERBS = {
     "train": "treeopt.train",
     "profile": "treeopt.profile",
     "search": "treeopt.search",
+    "accept": "treeopt.accept",
+    "report": "treeopt.report",
+    "demo": "treeopt.demo",
 }
 
 

@@ -166,10 +166,12 @@ def true_ranks(logits: torch.Tensor, ids: torch.Tensor, insert_at: torch.Tensor,
 
 @torch.no_grad()
 def measure_ranks(lm: Loaded, samples: list[Sample], table: torch.Tensor, topk: int = 10,
-                  chunk: int = 64, quiet: bool = False, tag: str = "eval") -> torch.Tensor:
-    """Ranks [N, K] over every response position of every sample (teacher-forced)."""
-    out = []
-    for s in progress(samples, f"{tag}: ranks", quiet=quiet):
+                  chunk: int = 64, quiet: bool = False,
+                  tag: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranks [N, K] over every response position of every sample (teacher-forced), and
+    the sample index of each row."""
+    out, owner = [], []
+    for n, s in enumerate(progress(samples, f"{tag}: ranks", quiet=quiet)):
         kv, _ = prefix_pass(lm, s.ids)
         ids = torch.tensor(s.ids, device=lm.device)
         points = torch.arange(s.prompt_len - 1, len(s.ids) - 2, device=lm.device)
@@ -177,7 +179,10 @@ def measure_ranks(lm: Loaded, samples: list[Sample], table: torch.Tensor, topk: 
             at = points[c:c + chunk]
             r = true_ranks(group_logits(lm, kv, len(s.ids), at, table), ids, at, topk)
             out.append(r.cpu())
-    return torch.cat(out) if out else torch.zeros(0, table.shape[0], dtype=torch.long)
+            owner.append(torch.full((r.shape[0],), n))
+    if not out:
+        return torch.zeros(0, table.shape[0], dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    return torch.cat(out), torch.cat(owner)
 
 
 def accuracy_table(ranks: torch.Tensor, topk: int) -> list[list[float]]:

@@ -493,7 +493,7 @@ def resolve_inputs(model, profile_path, acceptance_path, dtype="auto"):
     else:
         ref = KNOWN_MODELS.get(canon or "", {}).get("reference")
         cands = ([PROFILES / "reference" / f"{ref}.acceptance.json"] if ref else []) + \
-            sorted(PROFILES.glob(f"*__{model_id}.acceptance.json"))
+            [PROFILES / f"{model_id}.acceptance.json"]
         found = [c for c in cands if c.is_file()]
         if not found:
             raise BadInput(f"no acceptance file for {model_id}: run `treeopt accept` or pass "
@@ -522,13 +522,6 @@ def resolve_inputs(model, profile_path, acceptance_path, dtype="auto"):
     return model_id, prof, prof_src, acc, acc_src
 
 
-def path_prob_of(acc_obj: dict) -> dict | None:
-    pp = acc_obj.get("path_probs")
-    if not pp:
-        return None
-    return {tuple(int(x) for x in key.split(",")): float(v) for key, v in pp.items()}
-
-
 def main(args) -> dict:
     import datetime
     import sys
@@ -547,17 +540,19 @@ def main(args) -> dict:
     lat_model = prof_mod.Latency(prof)
     lat = lambda L: lat_model(L, args.context)  # noqa: E731
     t1 = float(prof_mod.Latency(prof, with_overhead=False)([1], args.context)[0])
-    acc = accuracy_of(acc_obj)
-    pp = None if args.product else path_prob_of(acc_obj)
+    from .accept import search_inputs
+
+    acc_prod, _ = search_inputs(acc_obj, conditional=False)
+    acc_fit, pp = search_inputs(acc_obj, conditional=not args.product)
     human = not args.json
     if human:
         say(f"model {model_id}; profile: {prof_src}; acceptance: {acc_src}")
     t0 = time.perf_counter()
-    config = {"k": acc.shape[0], "width_cap": None, "conditional": pp is not None}
+    config = {"k": acc_prod.shape[0], "width_cap": None, "conditional": pp is not None}
     if args.trials:
-        config = tune(acc, lat, args.max_input, pp, args.trials, args.storage, args.static,
-                      f"{model_id}-{prof.get('device_id', 'dev')}")
-    use_pp = pp if config["conditional"] else None
+        config = tune(acc_prod, acc_fit, pp, lat, args.max_input, args.trials, args.storage,
+                      args.static, f"{model_id}-{prof.get('device_id', 'dev')}")
+    acc, use_pp = (acc_fit, pp) if config["conditional"] else (acc_prod, None)
     solve = optimise_static if args.static else optimise
     kw = {} if args.static else {"width_cap": config["width_cap"]}
     sol = solve(acc, lat, k=config["k"], max_input=args.max_input, path_prob=use_pp, **kw)
@@ -619,13 +614,7 @@ def main(args) -> dict:
     return result
 
 
-def accuracy_of(acc_obj: dict) -> np.ndarray:
-    from .accept import accuracy_array
-
-    return accuracy_array(acc_obj)
-
-
-def tune(acc, lat, max_input, pp, trials, storage, static, name) -> dict:
+def tune(acc_prod, acc_fit, pp, lat, max_input, trials, storage, static, name) -> dict:
     """optuna TPE over what the exact optimiser takes as given."""
     import logging
 
@@ -642,14 +631,17 @@ def tune(acc, lat, max_input, pp, trials, storage, static, name) -> dict:
                                 sampler=optuna.samplers.TPESampler(seed=0))
 
     def objective(trial):
-        k = trial.suggest_int("k", 1, acc.shape[0])
-        cap = trial.suggest_int("width_cap", 1, acc.shape[1])
+        k = trial.suggest_int("k", 1, acc_prod.shape[0])
+        cap = trial.suggest_int("width_cap", 1, acc_prod.shape[1])
         cond = trial.suggest_categorical("conditional", [True, False]) if pp else False
-        use = pp if cond else None
+        acc, use = (acc_fit, pp) if cond else (acc_prod, None)
         if static:
             return optimise_static(acc, lat, k, max_input, use).tokens_per_second
         return optimise(acc, lat, k, max_input, use, width_cap=cap).tokens_per_second
 
+    # the exact optimiser's own setting first: tuning can then only match or improve it
+    study.enqueue_trial({"k": acc_prod.shape[0], "width_cap": acc_prod.shape[1],
+                         **({"conditional": True} if pp else {})}, skip_if_exists=True)
     study.optimize(objective, n_trials=trials)
     bp = study.best_params
     return {"k": bp["k"], "width_cap": bp["width_cap"],

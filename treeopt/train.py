@@ -187,7 +187,7 @@ def main(args) -> dict:
     _checkpoint(ckpt, table, opt, sched, step, seconds, rng)
 
     topk = 10
-    ranks = distill.measure_ranks(lm, eval_samples, table.detach(), topk, quiet=quiet)
+    ranks, _ = distill.measure_ranks(lm, eval_samples, table.detach(), topk, quiet=quiet)
     acc = distill.accuracy_table(ranks, topk)
     table_rows = [{"depth": d + 1, "top1": round(distill.topn(acc[d], 1), 4),
                    "top5": round(distill.topn(acc[d], 5), 4),

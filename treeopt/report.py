@@ -1,0 +1,359 @@
+"""One self-contained HTML report (inline SVG plots, no scripts, no network) from any subset
+of profiles, an acceptance file, a tree and a run/bench result."""
+from __future__ import annotations
+
+import datetime
+import html
+import io
+import pathlib
+import re
+
+import numpy as np
+
+from .artefact import read_json, write_atomic
+from .errors import BadInput
+
+HELP = "write an HTML report from profiles, acceptance, tree and run artefacts"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--profile", action="append", default=[], help="profile.json (repeatable)")
+    p.add_argument("--acceptance", help="acceptance.json")
+    p.add_argument("--tree", help="tree.json (from search)")
+    p.add_argument("--run", help="run.json (from run or bench)")
+    p.add_argument("--out", help="report path (default reports/<name>.html)")
+    p.add_argument("--title", default="treeopt report")
+    p.add_argument("--allow-mixed", action="store_true",
+                   help="allow artefacts of different models in one report")
+    p.add_argument("--open", action="store_true", help="open the report in the browser")
+
+
+def _svg(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    plt.close(fig)
+    text = buf.getvalue()
+    text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.S)
+    return text[text.index("<svg"):]
+
+
+def _esc(x) -> str:
+    return html.escape(str(x))
+
+
+def _kv(rows: dict) -> str:
+    return "<table class='kv'>" + "".join(
+        f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in rows.items()
+        if v is not None) + "</table>"
+
+
+def _figure(svg: str, caption: str, fid: str) -> str:
+    return (f"<figure id='{fid}' class='plot'>{svg}<figcaption>{_esc(caption)}</figcaption>"
+            "</figure>")
+
+
+# ---- sections -----------------------------------------------------------------------
+def latency_section(profiles: list[tuple[str, dict]]) -> str:
+    import matplotlib.pyplot as plt
+
+    from .profile import Latency
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    facts = []
+    for path, prof in profiles:
+        lat = Latency(prof, with_overhead=False)
+        label = prof["device"].get("name", "?") + (" (simulated)" if prof.get("simulated") else "")
+        for c in lat.contexts:
+            pts = sorted((p for p in prof["points"] if p["context"] == c), key=lambda p: p["size"])
+            x = np.array([p["size"] for p in pts])
+            y = np.array([p["median_s"] for p in pts]) * 1000
+            lo = np.array([p.get("p10_s", p["median_s"]) for p in pts]) * 1000
+            hi = np.array([p.get("p90_s", p["median_s"]) for p in pts]) * 1000
+            style = "--" if prof.get("simulated") else "-"
+            line, = ax.plot(x, y, "o", ms=3, label=f"{label}, C={c}")
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
+            xs = np.arange(1, int(x.max()) + 1)
+            ax.plot(xs, lat(xs, c) * 1000, style, color=line.get_color(), lw=1)
+            knee = lat.knee(c)
+            ax.axvline(knee, color=line.get_color(), lw=0.6, ls=":")
+        facts.append(f"<li>{_esc(label)} — knee (t ≤ 1.1·t(1)) at "
+                     + ", ".join(f"C={c}: L={lat.knee(c)}" for c in lat.contexts)
+                     + f"; per-step overhead {1000 * prof['overhead']['per_step_s']:.2f} ms"
+                     + (" — <b>simulated by roofline</b>" if prof.get("simulated") else "")
+                     + f" <span class='src'>({_esc(path)})</span></li>")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("input length L (tokens in one forward)")
+    ax.set_ylabel("ms per forward")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return ("<section id='latency'><h2>Latency</h2>"
+            + _figure(_svg(fig), "t(L) per context: measured medians (dots), p10–p90 band, "
+                      "monotone fit (line), knee (dotted)", "fig-latency")
+            + f"<ul>{''.join(facts)}</ul></section>")
+
+
+def acceptance_section(obj: dict) -> str:
+    import matplotlib.pyplot as plt
+
+    from .accept import accuracy_array, search_inputs
+    from .search import universe
+
+    acc = accuracy_array(obj)
+    fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.55 * acc.shape[0]))
+    im = ax.imshow(np.nan_to_num(acc, nan=-0.01), cmap="viridis", aspect="auto", vmin=0)
+    ci = obj.get("ci95")
+    for d in range(acc.shape[0]):
+        for r in range(acc.shape[1]):
+            v = acc[d, r]
+            txt = "—" if np.isnan(v) else f"{v:.2f}"
+            if ci and not np.isnan(v):
+                txt += f"\n±{(ci['high'][d][r] - ci['low'][d][r]) / 2:.2f}"
+            ax.text(r, d, txt, ha="center", va="center", fontsize=6,
+                    color="white" if (np.isnan(v) or v < acc[~np.isnan(acc)].max() / 2) else "k")
+    ax.set_yticks(range(acc.shape[0]), [f"token {d + 1}" for d in range(acc.shape[0])])
+    ax.set_xticks(range(acc.shape[1]))
+    ax.set_xlabel("rank")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    parts = [_figure(_svg(fig), "accuracy[depth][rank] (± half the 95% Wilson interval; "
+                     "— = not covered)", "fig-accept")]
+    if obj.get("path_probs"):
+        acc_p, _ = search_inputs(obj, conditional=False)
+        acc_f, pp = search_inputs(obj, conditional=True)
+        u = universe(acc_f, acc.shape[0], 20, pp)
+        prod = universe(acc_p, acc.shape[0], 2000)
+        pmap = dict(zip(prod.paths, prod.prob))
+        fig, ax = plt.subplots(figsize=(7.5, 3.2))
+        x = np.arange(len(u.paths))
+        ax.bar(x - 0.2, u.prob, 0.4, label="conditional (measured/fitted)")
+        ax.bar(x + 0.2, [pmap.get(p, 0) for p in u.paths], 0.4, label="product model")
+        ax.set_xticks(x, [",".join(map(str, p)) for p in u.paths], rotation=60, fontsize=7)
+        ax.set_ylabel("P(path accepted)")
+        ax.legend(fontsize=8)
+        parts.append(_figure(_svg(fig), "the 20 most likely paths: conditional vs product",
+                             "fig-paths"))
+    info = {"model": obj["model"], "source": obj.get("source"),
+            "positions": obj.get("positions"), "prompts": obj.get("prompts"),
+            "correlation factors": (obj.get("fit") or {}).get("correlation"),
+            "created": obj.get("created"), "command": obj.get("command")}
+    check = obj.get("check", {}).get("trees")
+    table = ""
+    if check:
+        table = "<table><tr><th>tree</th><th>measured tok/step</th><th>product</th>" \
+                "<th>fitted</th></tr>" + "".join(
+                    f"<tr><td>{_esc(c['tree'])}</td><td>{c['measured_tokens_per_step']:.3f}</td>"
+                    f"<td>{c['predicted_product']:.3f} ({100 * c['error_product']:+.1f}%)</td>"
+                    f"<td>{c['predicted_fitted']:.3f} ({100 * c['error_fitted']:+.1f}%)</td></tr>"
+                    for c in check) + "</table>"
+    return ("<section id='acceptance'><h2>Acceptance</h2>" + _kv(info) + "".join(parts)
+            + table + "</section>")
+
+
+def search_section(tree_obj: dict) -> str:
+    import matplotlib.pyplot as plt
+
+    meta = tree_obj.get("meta", {})
+    rows = meta.get("per_input_length")
+    pred = meta.get("predicted", {})
+    if not rows:
+        return ("<section id='search'><h2>Search</h2><p>The tree file carries no search "
+                "table (hand-made or static).</p>" + _kv(pred) + "</section>")
+    g = meta.get("greedy_curve", [])
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    x = [r["input_length"] for r in rows]
+    a1.plot(x, [r["tokens_per_step"] for r in rows], label="search (best per cap)")
+    a2.plot(x, [r["tokens_per_second"] for r in rows], label="search (best per cap)")
+    if g:
+        a1.plot([r["input_length"] for r in g], [r["tokens_per_step"] for r in g], "--",
+                label="greedy static top-N")
+        a2.plot([r["input_length"] for r in g], [r["tokens_per_second"] for r in g], "--",
+                label="greedy static top-N")
+    L = max(int(v) for v in pred.get("input_lengths", {"0": 0}).values())
+    a1.plot([L], [pred.get("tokens_per_step", np.nan)], "r*", ms=10, label="chosen")
+    a2.plot([L], [pred.get("tokens_per_second", np.nan)], "r*", ms=10, label="chosen")
+    for a, lab in ((a1, "tokens per step"), (a2, "tokens per second")):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("input-length cap L")
+        a.set_ylabel(lab)
+        a.grid(alpha=0.3)
+    a1.legend(fontsize=7)
+    info = {"model": meta.get("model"), "device": meta.get("device"),
+            "profile": meta.get("profile"), "acceptance": meta.get("acceptance"),
+            "predicted tokens/step": pred.get("tokens_per_step"),
+            "predicted tokens/s": pred.get("tokens_per_second"),
+            "speedup vs t(1)": pred.get("speedup_vs_t1"),
+            "input lengths": pred.get("input_lengths"), "searched in (s)":
+                meta.get("search_seconds"), "created": meta.get("created")}
+    return ("<section id='search'><h2>Search</h2>" + _kv(info)
+            + _figure(_svg(fig), "predicted tokens/step and tokens/s vs the input-length cap; "
+                      "the chosen tree (star) and the greedy static tree", "fig-search")
+            + "</section>")
+
+
+def tree_section(tree_obj: dict) -> str:
+    import matplotlib.pyplot as plt
+
+    states = tree_obj["states"]
+    n = len(states)
+    fig, axes = plt.subplots(1, n, figsize=(3.3 * n, 3.6), squeeze=False)
+    for ax, (m, nodes) in zip(axes[0], sorted(states.items(), key=lambda kv: int(kv[0]))):
+        paths = [tuple(nd["path"]) for nd in nodes]
+        count = {tuple(nd["path"]): nd["prompt_tokens"] for nd in nodes}
+        by_depth: dict[int, list] = {}
+        for p in paths:
+            by_depth.setdefault(len(p), []).append(p)
+        pos = {(): (0.5, 0)}
+        for d in sorted(by_depth):
+            row = sorted(by_depth[d])
+            for i, p in enumerate(row):
+                pos[p] = ((i + 1) / (len(row) + 1), -d)
+        for p in paths:
+            (x0, y0), (x1, y1) = pos[p[:-1]], pos[p]
+            ax.plot([x0, x1], [y0, y1], color="#999", lw=0.6, zorder=1)
+        ax.scatter([0.5], [0], s=60, c="k", zorder=2)
+        if paths:
+            cs = [count[p] for p in paths]
+            ax.scatter([pos[p][0] for p in paths], [pos[p][1] for p in paths], s=40, c=cs,
+                       cmap="plasma", vmin=1, vmax=tree_obj["num_prompt_tokens"], zorder=2)
+            if len(paths) <= 40:
+                for p in paths:
+                    ax.annotate(f"{p[-1]}·{count[p]}", pos[p], fontsize=6,
+                                textcoords="offset points", xytext=(0, 5), ha="center")
+        ax.set_title(f"state {m}: {len(paths)} nodes, L={tree_obj.get('input_lengths', {}).get(m, '?')}",
+                     fontsize=8)
+        ax.axis("off")
+    return ("<section id='tree'><h2>Tree</h2>"
+            + _figure(_svg(fig), "each state's tree by depth; labels rank·prompt tokens, colour "
+                      f"= prompt tokens; the root carries {tree_obj['root_prompt_tokens']}",
+                      "fig-tree") + "</section>")
+
+
+def run_section(run: dict, tree_obj: dict | None) -> str:
+    import matplotlib.pyplot as plt
+
+    pred = (tree_obj or {}).get("meta", {}).get("predicted", {})
+    info = {"kind": run.get("kind"), "model": run.get("model"), "dtype": run.get("dtype"),
+            "tree": run.get("tree"), "prompt tokens": run.get("prompt_tokens"),
+            "prompts": run.get("prompts"), "tokens/step (measured)": run.get("tokens_per_step"),
+            "tokens/step (predicted)": pred.get("tokens_per_step"),
+            "tokens/s PPD": run.get("tokens_per_second"),
+            "tokens/s (predicted)": pred.get("tokens_per_second"),
+            "tokens/s HF generate": run.get("hf_tokens_per_second") or
+            (run.get("hf_generate") or {}).get("tokens_per_second"),
+            "speedup vs HF generate": run.get("speedup_vs_hf"),
+            "per-step overhead": run.get("step_overhead_fraction"),
+            "identical outputs": run.get("identical_fraction", run.get("identical")),
+            "unexplained divergences": run.get("unexplained_divergences")}
+    parts = [_kv(info)]
+    per = run.get("per_prompt")
+    if per:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.2))
+        a1.hist([p["speedup_vs_hf"] for p in per], bins=min(20, len(per)), color="#4a7")
+        a1.axvline(1.0, color="k", lw=0.8)
+        a1.set_xlabel("speedup vs HF generate (per prompt)")
+        a2.hist([p["tokens_per_step"] for p in per], bins=min(20, len(per)), color="#47a")
+        if pred.get("tokens_per_step"):
+            a2.axvline(pred["tokens_per_step"], color="r", lw=1, label="predicted")
+            a2.legend(fontsize=7)
+        a2.set_xlabel("tokens per step (per prompt)")
+        parts.append(_figure(_svg(fig), "per-prompt distributions", "fig-run"))
+        ok = sum(p["identical"] for p in per)
+        parts.append(f"<p class='lossless'>Lossless check: {ok}/{len(per)} prompts "
+                     "token-identical to HF greedy; every other divergence has HF logit "
+                     f"margin ≤ {run.get('margin_tolerance')} (explained by floating point)</p>")
+    return "<section id='run'><h2>Run / bench</h2>" + "".join(parts) + "</section>"
+
+
+CSS = """body{font:14px/1.45 system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;margin-top:2em}table{border-collapse:
+collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;
+font-size:13px}table.kv th{background:#f5f5f5}figure{margin:1em 0}svg{max-width:100%;
+height:auto}figcaption{font-size:12px;color:#555}.src{color:#888;font-size:12px}"""
+
+
+def model_of(name: str, obj: dict) -> str | None:
+    if name == "tree":
+        return obj.get("meta", {}).get("model")
+    return obj.get("model")
+
+
+def build(profiles=(), acceptance=None, tree=None, run=None, title="treeopt report",
+          allow_mixed=False) -> str:
+    """The report's HTML from already-loaded artefacts."""
+    from . import __version__
+    from .models import known_model
+
+    if not (profiles or acceptance or tree or run):
+        raise BadInput("report needs at least one of --profile, --acceptance, --tree, --run")
+    models = {}
+    for name, obj in [("profile", p) for _, p in profiles] + [("acceptance", acceptance),
+                                                               ("tree", tree), ("run", run)]:
+        if obj is not None and model_of(name, obj):
+            m = model_of(name, obj)
+            models.setdefault(known_model(m) or m, name)
+    if len(models) > 1 and not allow_mixed:
+        raise BadInput("artefacts of different models (" + ", ".join(models) +
+                       "): pass --allow-mixed to report them together")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    head = {"models": ", ".join(models), "generated": now, "treeopt": __version__}
+    for path, prof in profiles:
+        d = prof["device"]
+        head[f"device ({pathlib.Path(path).name})"] = ", ".join(
+            f"{k}={v}" for k, v in d.items() if not isinstance(v, dict))
+        head[f"dtype / made ({pathlib.Path(path).name})"] = \
+            f"{prof.get('dtype')} / {prof.get('created', '?')}: {prof.get('command', '?')}"
+    if run:
+        head["run made"] = f"{run.get('kind')} on {run.get('device')} ({run.get('dtype')})"
+    body = [f"<h1>{_esc(title)}</h1><section id='header'><h2>Artefacts</h2>{_kv(head)}</section>"]
+    if profiles:
+        body.append(latency_section(list(profiles)))
+    if acceptance:
+        body.append(acceptance_section(acceptance))
+    if tree:
+        body.append(search_section(tree))
+        body.append(tree_section(tree))
+    if run:
+        body.append(run_section(run, tree))
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>"
+            f"{_esc(title)}</title><style>{CSS}</style></head><body>{''.join(body)}"
+            "</body></html>\n")
+
+
+def main(args) -> dict:
+    from . import accept, profile
+    from .artefact import check_schema
+    from .shipped import REPORTS
+    from .tree import SCHEMA as TREE_SCHEMA
+    from .tree import Tree
+
+    profiles = [(p, profile.load(p)) for p in args.profile]
+    acceptance = accept.load(args.acceptance) if args.acceptance else None
+    tree = None
+    if args.tree:
+        tree = read_json(args.tree, "tree file")
+        check_schema(tree, TREE_SCHEMA, f"tree file {args.tree}")
+        Tree.from_json(tree, f"tree file {args.tree}")
+    run = None
+    if args.run:
+        run = read_json(args.run, "run file")
+        check_schema(run, "treeopt.run/1", f"run file {args.run}")
+    text = build(profiles, acceptance, tree, run, args.title, args.allow_mixed)
+    name = pathlib.Path(args.run or args.tree or args.acceptance or args.profile[0]).name
+    out = pathlib.Path(args.out or REPORTS / (name.split(".")[0] + ".html"))
+    write_atomic(out, text)
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(out.resolve().as_uri())
+    sections = [s for s in ("latency", "acceptance", "search", "tree", "run")
+                if f"<section id='{s}'>" in text]
+    if not args.json:
+        from .cliutil import say
+
+        say(f"wrote {out} ({len(text) // 1024} KB; sections: {', '.join(sections)})")
+    return {"out": str(out), "sections": sections, "figures": text.count("<figure")}
+
