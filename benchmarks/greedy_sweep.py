@@ -12,7 +12,6 @@ import json
 import statistics
 
 from treeopt import accept, prompts, search, shipped
-from treeopt import profile as prof_mod
 from treeopt.runtime import open_decoder
 from treeopt.tree import Tree
 
@@ -59,7 +58,6 @@ def main():
     print(json.dumps({"rows": rows, "searched_over_best_greedy": round(frac, 4),
                       "predicted": pred, "median_prompt_tokens":
                           statistics.median(len(e) for e in enc)}))
-    del prof_mod
 
 
 if __name__ == "__main__":

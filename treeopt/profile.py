@@ -188,8 +188,8 @@ class Timer:
         return time.perf_counter() - t
 
 
-def stable_samples(timer: Timer, fn, repeats: int, budget: float, burn_in: int = 2,
-                   min_runs: int = 5, rel_tol: float = 0.02) -> list[float]:
+def stable_samples(timer: Timer, fn, repeats: int, budget: float, burn_in: int = 5,
+                   min_runs: int = 10, rel_tol: float = 0.02) -> list[float]:
     """Burn in, then time until the median's standard error is below rel_tol (bootstrap-
     free estimate 1.25·IQR/(1.35·√n)), `repeats` runs, or the time budget."""
     for _ in range(burn_in):
@@ -224,8 +224,6 @@ def measure_points(dec, sizes: list[int], contexts: list[int], repeats: int, bud
     size that fit} for contexts where a size ran out of memory."""
     import torch
 
-    from .tree import Node, build_buffers
-
     done = done or {}
     timer = Timer(dec.device)
     points, max_fit = [], {}
@@ -248,13 +246,17 @@ def measure_points(dec, sizes: list[int], contexts: list[int], repeats: int, bud
                 with torch.inference_mode():
                     dec.forward(dec.embed(ids), cache, torch.arange(c, device=dec.device))
                 cache_ctx = c
-            # a chain-shaped tree of s tokens: the dense masked forward costs the same for
-            # any tree of that size
-            buf = build_buffers(tuple(Node((0,) * d, 1) for d in range(1, s)), 1, s, 1,
-                                dec.device) if s > 1 else None
+            # a chain-shaped tree of s tokens (causal block): the dense masked forward costs
+            # the same for any tree of that size
             tok = torch.randint(0, vocab, (s,), generator=gen).to(dec.device)
             pos = c + torch.arange(s, device=dec.device)
-            mask = dec.tree_mask(c, buf) if buf is not None else None
+            mask = None
+            if s > 1:
+                mask = torch.zeros(s, c + s, dtype=dec.dtype, device=dec.device)
+                mask[:, c:].masked_fill_(~torch.ones(s, s, dtype=torch.bool,
+                                                     device=dec.device).tril(),
+                                         torch.finfo(dec.dtype).min)
+                mask = mask[None, None]
 
             def step():
                 with torch.inference_mode():

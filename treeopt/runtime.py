@@ -59,6 +59,20 @@ class Result:
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
+    def add_step(self, seconds: float, accepted: int, forward: float | None = None,
+                 state: int | None = None, length: int | None = None) -> None:
+        self.steps += 1
+        self.step_seconds.append(seconds)
+        self.accepted.append(accepted)
+        if forward is not None:
+            self.forward_seconds.append(forward)
+            self.states.append(state)
+            self.input_lengths.append(length)
+
+    def finish(self, eos: set[int], why: str | None = None) -> None:
+        self.finish_reason = why or ("eos" if self.output_ids and self.output_ids[-1] in eos
+                                     else "length")
+
     def summary(self) -> dict:
         return {"new_tokens": self.new_tokens, "steps": self.steps,
                 "tokens_per_step": round(self.tokens_per_step, 4),
@@ -207,12 +221,12 @@ class Decoder:
         t_prev = time.perf_counter()
         res = Result(out, 1, 0.0, t_prev - t_start)
         if done:
-            res.finish_reason = "eos" if added and added[-1] in self.eos else "length"
+            res.finish(self.eos)
 
         while not done:
             buf = bufs[state]
             if ctx + buf.length > limit:
-                res.finish_reason = "context"
+                res.finish(self.eos, "context")
                 break
             n = buf.n_nodes
             tok = torch.cat([x0.view(1), guesses.flatten()[buf.node_src]])
@@ -260,15 +274,10 @@ class Decoder:
             if on_tokens:
                 on_tokens(added)
             now = time.perf_counter()
-            res.steps += 1
-            res.step_seconds.append(now - t_prev)
-            res.forward_seconds.append(fwd)
-            res.accepted.append(len(new))
-            res.states.append(buf.state)
-            res.input_lengths.append(buf.length)
+            res.add_step(now - t_prev, len(new), fwd, buf.state, buf.length)
             t_prev = now
             if done:
-                res.finish_reason = "eos" if added and added[-1] in self.eos else "length"
+                res.finish(self.eos)
         self._sync()
         res.seconds = time.perf_counter() - t_start
         return res
@@ -299,7 +308,7 @@ class Decoder:
         limit = self.lm.max_context
         while not done:
             if ctx + 1 > limit:
-                res.finish_reason = "context"
+                res.finish(self.eos, "context")
                 break
             h = self.forward(self.embed(x.view(1)), cache, torch.tensor([ctx], device=dev))
             ctx += 1
@@ -308,12 +317,10 @@ class Decoder:
             if on_tokens:
                 on_tokens(added)
             now = time.perf_counter()
-            res.steps += 1
-            res.step_seconds.append(now - t_prev)
-            res.accepted.append(1)
+            res.add_step(now - t_prev, 1)
             t_prev = now
         if done:
-            res.finish_reason = "eos" if out and out[-1] in self.eos else "length"
+            res.finish(self.eos)
         self._sync()
         res.seconds = time.perf_counter() - t_start
         return res
@@ -337,7 +344,7 @@ class Decoder:
         dt = time.perf_counter() - t0
         new = seq[0, len(input_ids):].tolist()
         res = Result(new, len(new), dt, 0.0, accepted=[1] * len(new))
-        res.finish_reason = "eos" if new and new[-1] in self.eos else "length"
+        res.finish(self.eos)
         return res
 
 

@@ -195,7 +195,7 @@ def main(args) -> dict:
     pt = PromptTokens(table.detach().float().cpu(), {
         "model": lm.model_id, "hidden_size": int(table.shape[1]),
         "trained_dtype": models.dtype_name(lm.dtype),
-        "training": {"command": "treeopt " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
+        "training": {"command": "treeopt " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
                      "prompt_files": args.prompts, "train_sequences": len(samples),
                      "steps": step, "lr": args.lr, "batch": args.batch,
                      "groups": args.groups, "ce_weight": args.ce_weight, "seed": args.seed,

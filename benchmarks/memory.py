@@ -1,0 +1,48 @@
+"""Peak memory of PPD decoding vs the plain greedy loop, each in a fresh process.
+
+On CPU the figure is the process's peak resident set (ru_maxrss: weights, runtime, cache,
+activations); on CUDA it is torch.cuda.max_memory_allocated. Prints both and the ratio.
+
+    python benchmarks/memory.py [--max-new-tokens 128] [--dtype auto]
+"""
+import argparse
+import json
+import subprocess
+import sys
+
+CHILD = r"""
+import json, resource, sys, torch
+from treeopt import prompts
+from treeopt.runtime import open_decoder
+mode, n, dtype = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+dec, info = open_decoder(dtype=dtype)
+ids = prompts.encode(dec.lm.tokenizer, prompts.BUILTIN[1])
+if dec.device.type == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+res = (dec.ppd if mode == "ppd" else dec.baseline)(ids, n)
+peak = (torch.cuda.max_memory_allocated() if dec.device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(json.dumps({"mode": mode, "peak_bytes": peak, "new_tokens": res.new_tokens,
+                  "device": info["device"], "tree": info["tree"]}))
+"""
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--dtype", default="auto")
+    args = ap.parse_args()
+    out = {}
+    for mode in ("baseline", "ppd"):
+        p = subprocess.run([sys.executable, "-c", CHILD, mode, str(args.max_new_tokens),
+                            args.dtype], capture_output=True, text=True, check=True)
+        out[mode] = json.loads(p.stdout.strip().splitlines()[-1])
+    ratio = out["ppd"]["peak_bytes"] / out["baseline"]["peak_bytes"]
+    print(f"peak memory: baseline {out['baseline']['peak_bytes'] / 2**20:.1f} MiB, "
+          f"PPD {out['ppd']['peak_bytes'] / 2**20:.1f} MiB, ratio {ratio:.4f} "
+          f"({out['ppd']['device']})")
+    print(json.dumps({**out, "ratio": round(ratio, 5)}))
+
+
+if __name__ == "__main__":
+    main()
