@@ -93,6 +93,22 @@ def universe(acc: np.ndarray, depth: int, max_nodes: int,
 def maxplus(a: np.ndarray, b: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
     """out[k] = max_j a[k−j] + b[j] (k < limit) and the maximising j."""
     la, lb = len(a), len(b)
+    if lb <= 24:  # short b (most subtrees): a few shifted maxima beat the 2-D window
+        n = min(la + lb - 1, limit)
+        out = np.full(n, NEG)
+        arg = np.zeros(n, dtype=int)
+        for j in range(lb):
+            m = min(la, n - j)
+            if m <= 0:
+                break
+            if b[j] == NEG:
+                continue
+            cand = a[:m] + b[j]
+            seg = out[j:j + m]
+            better = cand > seg
+            seg[better] = cand[better]
+            arg[j:j + m][better] = j
+        return out, arg
     pad = np.full(lb - 1, NEG)
     win = sliding_window_view(np.concatenate([pad, a, pad]), lb)[: min(la + lb - 1, limit)]
     s = win + b[::-1]
@@ -338,9 +354,12 @@ def per_input_length(sol: Solution, acc: np.ndarray, latency: Latency, max_input
                      path_prob: dict | None = None) -> list[dict]:
     """Best tokens/s with every state's input length ≤ L, for L = 1..max_input.
 
-    Candidates per state are the DP-optimal trees for every budget (at the optimum's
-    relative values) plus the greedy static trees; each cap is then solved exactly over
-    that finite action set by policy iteration.
+    From the optimum's own input length on, the unconstrained optimum is the answer. Below
+    it, each cap is solved by policy iteration over a finite set of candidate trees: the
+    DP-optimal trees for every budget at the optimum's relative values h, the greedy static
+    trees, and, at anchor caps ×1.12 apart, two rounds of "solve over the candidates, then
+    add the DP-optimal trees for the resulting h" (policy-iteration improvement steps, so
+    the anchors' values approach their exact optimum).
     """
     k = sol.tree.num_prompt_tokens
     acc = np.asarray(acc, dtype=float)
@@ -351,41 +370,61 @@ def per_input_length(sol: Solution, acc: np.ndarray, latency: Latency, max_input
     for u in [universe(acc, m, 2 * max(1, (max_input - 2) // 2), path_prob)
               for m in range(1, k + 1)]:
         prob.update(zip(u.paths, u.prob.tolist()))
-    for r in range(1, k + 1):
-        if 1 + r > max_input:
-            continue
-        budget = max_input - 1 - r
-        cands[r] = {}
+    top_l = min(max(sol.input_lengths.values()), max_input)
+
+    def add(h, cap):
+        roots = [r for r in range(1, k + 1) if 1 + r <= cap]
+        if not roots:
+            return
         for m in range(1, k + 1):
-            dp = budget_dp(sol.dp[m].uni, sol.h, k, budget, [r])
-            G = dp.G[r]
-            lst = []
-            for b in np.nonzero(np.isfinite(G))[0]:
-                s = tree_stats(dp.tree(r, int(b)), r, k, prob)
-                lst.append((s.L, s.E, s.p))
-            cands[r][m] = lst
+            dp = budget_dp(sol.dp[m].uni, h, k, cap - 2, roots)
+            for r in roots:
+                G = dp.G[r][: cap - r]
+                lst = cands.setdefault(r, {}).setdefault(m, [])
+                for b in np.nonzero(np.isfinite(G))[0]:
+                    st = tree_stats(dp.tree(r, int(b)), r, k, prob)
+                    lst.append((st.L, st.E, st.p))
+
+    def arrays():
+        return {r: {m: (np.array([c[0] for c in lst]), np.array([c[1] for c in lst]),
+                        np.array([c[2] for c in lst])) for m, lst in sm.items()}
+                for r, sm in cands.items() if len(sm) == k}
+
+    def solve(arr, cap):
+        best = (1.0 / t1, 1.0, None)
+        for r, sm in arr.items():
+            if 1 + r <= cap:
+                res = _finite_pi(sm, cap, latency, k)
+                if res and res[0] > best[0]:
+                    best = res
+        return best
+
+    add(sol.h, top_l)
     # greedy static trees: top-N by product, all counts K (nested, so one universe)
-    n_max = max(0, (max_input - 1 - k) // (k + 1))
+    n_max = max(0, (top_l - 1 - k) // (k + 1))
     top = universe(acc, k, n_max, path_prob)
     csum = np.concatenate([[0.0], np.cumsum(top.prob)])
     stay = np.zeros(k + 1)
     stay[k] = 1.0
-    greedy = [(1 + n + k + k * n, 1.0 + csum[n], stay) for n in range(len(csum))]
-    if k in cands:
-        cands[k][k] = cands[k][k] + greedy
-    arrays = {r: {m: (np.array([c[0] for c in lst]), np.array([c[1] for c in lst]),
-                      np.array([c[2] for c in lst])) for m, lst in sm.items()}
-              for r, sm in cands.items()}
+    cands.setdefault(k, {}).setdefault(k, []).extend(
+        (1 + n + k + k * n, 1.0 + csum[n], stay) for n in range(len(csum)))
+    a = 4.0
+    while a < top_l:
+        cap = int(round(a))
+        for _ in range(2):
+            h = solve(arrays(), cap)[2]
+            if h is not None:
+                add(h, cap)
+        a *= 1.12
+    arr = arrays()
     for cap in range(2, max_input + 1):
-        best = (1.0 / t1, 1.0)
-        for r, sm in arrays.items():
-            if 1 + r > cap:
-                continue
-            res = _finite_pi(sm, cap, latency, k)
-            if res and res[0] > best[0]:
-                best = res
-        rows.append({"input_length": cap, "tokens_per_step": round(best[1], 6),
-                     "tokens_per_second": round(best[0], 6)})
+        if cap >= top_l:
+            rows.append({"input_length": cap, "tokens_per_step": round(sol.tokens_per_step, 6),
+                         "tokens_per_second": round(sol.tokens_per_second, 6)})
+            continue
+        rho, E, _ = solve(arr, cap)
+        rows.append({"input_length": cap, "tokens_per_step": round(E, 6),
+                     "tokens_per_second": round(rho, 6)})
     return rows
 
 
@@ -412,7 +451,7 @@ def _finite_pi(sm: dict, cap: int, latency: Latency, k: int, max_iter: int = 30)
                 changed = True
         if not changed:
             break
-    return rho, E
+    return rho, E, h
 
 
 # ---- exports ------------------------------------------------------------------------
