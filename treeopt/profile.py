@@ -349,6 +349,8 @@ class Latency:
             a, b = self._curve(cs[i - 1], sizes), self._curve(cs[i], sizes)
             w = (c - cs[i - 1]) / (cs[i] - cs[i - 1])
             t = a + w * (b - a)
+        order = np.argsort(sizes, kind="stable")  # never decreasing in L
+        t[order] = np.maximum.accumulate(t[order])
         return t + self.overhead
 
     def knee(self, context: int | None = None, factor: float = 1.1, max_size: int = 4096) -> int:

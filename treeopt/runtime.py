@@ -251,9 +251,9 @@ class Decoder:
                 p_tok = probs[buf.parent, tok[1:]]
                 ok = p_tok > thr[buf.parent]
                 acc = ((~ok).float() @ buf.anc) == 0 if n else ok
-                cum = torch.log(p_tok + 1e-20) @ buf.anc if n else p_tok
+                cum = torch.log(p_tok + 1e-20) @ buf.anc.to(p_tok.dtype) if n else p_tok
                 score = torch.cat([torch.zeros(1, device=dev),
-                                   acc.float() * (buf.depth + 0.5 * torch.exp(cum))])
+                                   acc.float() * (buf.depth + 0.5 * torch.exp(cum)).float()])
                 pred = torch.zeros(n + 1, dtype=torch.long, device=dev)
             packed = torch.cat([score.argmax().view(1), tok, pred]).tolist()  # one sync
             w = packed[0]
