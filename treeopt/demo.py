@@ -68,7 +68,7 @@ def main(args) -> dict:
     if human:
         say(f"2/5 acceptance: {heads['acceptance']}")
     r = _verb(search, model=None, profile=str(prof_path), acceptance=str(acc_path),
-              max_input=64, context=512, static=False, product=False, export=None, trials=0,
+              max_input=512, context=160, static=False, product=False, export=None, trials=0,
               storage=None, out=str(tree_path))
     heads["search"] = (f"{r['tokens_per_step']:.2f} tokens/step, {r['tokens_per_second']:.1f} "
                        f"tokens/s predicted ({r['speedup_vs_t1']:.2f}x plain), input lengths "
