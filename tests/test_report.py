@@ -4,7 +4,6 @@ import shutil
 import subprocess
 import tempfile
 
-import numpy as np
 import pytest
 
 from treeopt import report

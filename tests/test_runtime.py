@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from treeopt.runtime import Decoder
-from treeopt.tree import Node, Tree
+from treeopt.tree import Tree
 
 from conftest import random_prompt_tokens, random_tree, tiny_loaded
 

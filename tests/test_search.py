@@ -128,15 +128,12 @@ def test_one_state_case_is_greedy_top_n():
         g = search.greedy_tree(acc, L)
         n = len(g.states[3])
         assert n == (L - 4) // 4
-        probs = sorted((float(np.prod([acc[i, r] for i, r in enumerate(p)])), p)
-                       for p in itertools.product(range(10), repeat=3))
         # greedy's nodes are the n most probable paths of depth ≤ 3
         allp = sorted((float(np.prod([acc[i, r] for i, r in enumerate(p)])))
                       for d in (1, 2, 3) for p in itertools.product(range(10), repeat=d))[::-1]
         got = sorted((float(np.prod([acc[i, r] for i, r in enumerate(nd.path)]))
                       for nd in g.states[3]), reverse=True)
         assert got == pytest.approx(allp[:n])
-        del probs
 
 
 def test_never_worse_than_greedy_per_length():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from treeopt.errors import BadInput
-from treeopt.tree import Node, Tree, build_buffers
+from treeopt.tree import Node, Tree
 
 from conftest import random_tree
 

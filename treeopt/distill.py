@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import pathlib
 
 import torch
 
@@ -199,9 +198,3 @@ def accuracy_table(ranks: torch.Tensor, topk: int) -> list[list[float]]:
 def topn(acc_row: list[float], n: int) -> float:
     return float(sum(acc_row[:n]))
 
-
-def source_hash(paths: list[str]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(pathlib.Path(p).read_bytes())
-    return h.hexdigest()[:16]

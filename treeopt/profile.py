@@ -479,7 +479,7 @@ def default_out(device_id: str, model: str, dtype: str):
 def main(args) -> dict:
     import torch
 
-    from . import models, shipped
+    from . import shipped
 
     sizes_default = GPU_SIZES if args.gpu or args.simulate else CPU_SIZES
     sizes = parse_list(args.sizes, sizes_default, "--sizes")

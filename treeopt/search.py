@@ -54,6 +54,16 @@ class Universe:
     children: list[list[int]]
 
 
+def path_probability(acc: np.ndarray, path: tuple[int, ...], parent_p: float,
+                     path_prob: dict | None = None) -> float:
+    """P(path) from its parent's: the product model, or a measured probability where
+    given, never above the parent's."""
+    p = parent_p * acc[len(path) - 1, path[-1]]
+    if path_prob and path in path_prob:
+        p = path_prob[path]
+    return min(p, parent_p)
+
+
 def universe(acc: np.ndarray, depth: int, max_nodes: int,
              path_prob: dict[tuple[int, ...], float] | None = None,
              width_cap: int | None = None) -> Universe:
@@ -64,10 +74,7 @@ def universe(acc: np.ndarray, depth: int, max_nodes: int,
               and (width_cap is None or r < width_cap)] for d in range(acc.shape[0])]
 
     def prob(path, parent_p):
-        p = parent_p * acc[len(path) - 1, path[-1]]
-        if path_prob and path in path_prob:
-            p = path_prob[path]
-        return min(p, parent_p)
+        return path_probability(acc, path, parent_p, path_prob)
 
     heap = [(-prob((r,), 1.0), 1, (r,)) for r in ranks[0]] if depth >= 1 else []
     heapq.heapify(heap)
@@ -335,10 +342,7 @@ def predict(tree: Tree, acc: np.ndarray, latency: Latency | None = None,
         for nd in nodes:
             p = 1.0
             for d in range(1, len(nd.path) + 1):
-                sub = nd.path[:d]
-                p = p * acc[d - 1, sub[-1]]
-                if path_prob and sub in path_prob:
-                    p = path_prob[sub]
+                p = path_probability(acc, nd.path[:d], p, path_prob)
             prob[nd.path] = p
     stats = {m: tree_stats(nodes, tree.root_prompt_tokens, k, prob)
              for m, nodes in tree.states.items()}
@@ -483,11 +487,6 @@ def export_vllm(tree: Tree) -> list[tuple[int, ...]]:
     """vLLM `speculative_token_tree`: a list of rank tuples, parents before children."""
     return [tuple(p) for p in export_medusa(tree)]
 
-
-def timed(fn, *a, **kw):
-    t = time.perf_counter()
-    out = fn(*a, **kw)
-    return out, time.perf_counter() - t
 
 
 # ---- the verb -----------------------------------------------------------------------

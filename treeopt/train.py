@@ -81,9 +81,10 @@ def split_heldout(texts: list[str], fraction: float = 0.1) -> tuple[list[str], l
     """Deterministic hold-out: every ~1/fraction-th prompt by content hash."""
     import hashlib
 
-    held = [t for t in texts if int(hashlib.md5(t.encode()).hexdigest(), 16) % 10 == 0]
-    train = [t for t in texts if int(hashlib.md5(t.encode()).hexdigest(), 16) % 10 != 0]
-    return train, held
+    every = max(1, round(1 / fraction))
+    held_out = [int(hashlib.md5(t.encode()).hexdigest(), 16) % every == 0 for t in texts]
+    return ([t for t, h in zip(texts, held_out) if not h],
+            [t for t, h in zip(texts, held_out) if h])
 
 
 def main(args) -> dict:
