@@ -52,9 +52,12 @@ GPUS = {
 # Roofline factors (fraction of peak reached; fixed cost per step). Defaults for GPUs
 # from published batch-1 decoding measurements (HF/vLLM reach ~70-85 % of HBM bandwidth
 # on 7B decoding and ~50-70 % of tensor-core peak on medium GEMMs); `kernel_overhead_s`
-# is the per-layer launch cost of an eager PyTorch forward (~10 kernels × ~4 µs).
+# is the per-layer launch cost of an eager PyTorch forward (~10 kernels × ~4 µs); GPUs
+# overlap compute with memory traffic (overlap 1 = the classic max()). A measured profile
+# fits its own factors (`calibrate`); `--simulate --calibration PROFILE` uses them.
 ROOFLINE_DEFAULTS = {"memory_efficiency": 0.75, "compute_efficiency": 0.55,
-                     "kernel_overhead_s_per_layer": 4.0e-5}
+                     "attention_efficiency": 0.55, "kernel_overhead_s_per_layer": 4.0e-5,
+                     "overlap": 1.0}
 
 
 def add_arguments(p) -> None:
@@ -408,12 +411,16 @@ def model_shape(model: str | None) -> tuple[str, dict]:
 
 def roofline(shape: dict, size: int, context: int, bytes_per_param: float, tflops: float,
              bandwidth_gbs: float, memory_efficiency: float, compute_efficiency: float,
-             kernel_overhead_s_per_layer: float) -> dict:
+             kernel_overhead_s_per_layer: float, attention_efficiency: float | None = None,
+             overlap: float = 1.0) -> dict:
     """Predicted seconds for one forward of `size` tokens on a `context`-token KV cache.
 
-    t = layers·launch + max(FLOPs / (peak·eff_c), bytes / (bandwidth·eff_m)) where FLOPs =
-    2·(non-embedding params + LM head)·L + 4·layers·hidden·L·(C + L) (attention scores and
-    values) and bytes = weights + KV cache read (+ written) once per forward.
+    t = layers·launch + max(t_c, t_m) + (1 − overlap)·min(t_c, t_m), with
+    t_c = 2·(non-embedding params + LM head)·L / (peak·eff_c)
+        + 4·layers·heads·head_dim·L·(C + L) / (peak·eff_attn)   (attention scores, values)
+    t_m = (weights + KV cache of C + L tokens) bytes / (bandwidth·eff_m), read once.
+    overlap = 1 is the classic roofline (compute hides memory traffic, as on GPUs); a CPU
+    fits lower. eff_attn defaults to eff_c.
     """
     h, n_l = shape["hidden_size"], shape["num_hidden_layers"]
     heads = shape["num_attention_heads"]
@@ -422,14 +429,17 @@ def roofline(shape: dict, size: int, context: int, bytes_per_param: float, tflop
     inter, vocab = shape["intermediate_size"], shape["vocab_size"]
     per_layer = h * heads * hd * 2 + h * kv * hd * 2 + 3 * h * inter
     params = n_l * per_layer + vocab * h  # + LM head (read even when tied)
-    flops = 2 * params * size + 4 * n_l * heads * hd * size * (context + size)
+    dense = 2 * params * size
+    attn = 4 * n_l * heads * hd * size * (context + size)
     kv_bytes = 2 * n_l * kv * hd * (context + size) * bytes_per_param
     weight_bytes = params * bytes_per_param
-    t_c = flops / (tflops * 1e12 * compute_efficiency)
+    t_c = dense / (tflops * 1e12 * compute_efficiency) + \
+        attn / (tflops * 1e12 * (attention_efficiency or compute_efficiency))
     t_m = (weight_bytes + kv_bytes) / (bandwidth_gbs * 1e9 * memory_efficiency)
-    return {"seconds": n_l * kernel_overhead_s_per_layer + max(t_c, t_m),
-            "bound": "compute" if t_c > t_m else "memory", "flops": flops,
-            "bytes": weight_bytes + kv_bytes, "weight_bytes": weight_bytes}
+    t = n_l * kernel_overhead_s_per_layer + max(t_c, t_m) + (1 - overlap) * min(t_c, t_m)
+    return {"seconds": t, "bound": "compute" if t_c > t_m else "memory",
+            "flops": dense + attn, "bytes": weight_bytes + kv_bytes,
+            "weight_bytes": weight_bytes}
 
 
 def simulate(gpu: str, model: str | None, dtype: str, sizes: list[int], contexts: list[int],
@@ -507,31 +517,35 @@ def measure_ceilings(device, dtype, seconds: float = 1.0) -> dict:
                    "256 MiB copies"}
 
 
+FITTED = ("memory_efficiency", "compute_efficiency", "attention_efficiency",
+          "kernel_overhead_s_per_layer", "overlap")
+
+
 def calibrate(points: list[dict], shape: dict, bytes_per_param: float, tflops: float,
               bandwidth_gbs: float) -> dict:
-    """Fit the roofline's memory/compute efficiency and per-layer launch cost to measured
-    points by least squares on log time (scipy); returns the factors and the fit error."""
+    """Fit the roofline's factors (memory, compute and attention efficiency, launch cost
+    per layer, compute/memory overlap) to measured points by least squares on log time
+    (scipy); returns the factors and the fit's relative error."""
     from scipy.optimize import least_squares
 
     pts = [(int(p["size"]), int(p["context"]), float(p["median_s"])) for p in points]
-    if len(pts) < 3:
-        raise BadInput("calibration needs at least 3 measured points")
+    if len(pts) < len(FITTED):
+        raise BadInput(f"calibration needs at least {len(FITTED)} measured points")
     meas = np.array([t for _, _, t in pts])
 
     def predict(x):
-        f = {"memory_efficiency": x[0], "compute_efficiency": x[1],
-             "kernel_overhead_s_per_layer": x[2]}
+        f = dict(zip(FITTED, (float(v) for v in x)))
         return np.array([roofline(shape, s, c, bytes_per_param, tflops, bandwidth_gbs,
                                   **f)["seconds"] for s, c, _ in pts]), f
 
     x0 = [ROOFLINE_DEFAULTS["memory_efficiency"], ROOFLINE_DEFAULTS["compute_efficiency"],
-          1e-5]
+          ROOFLINE_DEFAULTS["compute_efficiency"], 1e-5, 0.5]
     fit = least_squares(lambda x: np.log(predict(x)[0] / meas), x0,
-                        bounds=([1e-3, 1e-3, 0.0], [4.0, 4.0, 1e-2]), x_scale=[0.1, 0.1, 1e-5])
+                        bounds=([1e-3, 1e-3, 1e-4, 0.0, 0.0], [4.0, 4.0, 4.0, 1e-2, 1.0]),
+                        x_scale=[0.1, 0.1, 0.1, 1e-5, 0.1], loss="soft_l1", f_scale=0.1)
     pred, factors = predict(fit.x)
     rel = np.abs(pred / meas - 1)
-    return {"factors": {k: float(v) for k, v in factors.items()},
-            "peak_tflops": tflops, "bandwidth_gbs": bandwidth_gbs,
+    return {"factors": factors, "peak_tflops": tflops, "bandwidth_gbs": bandwidth_gbs,
             "bytes_per_param": bytes_per_param, "points": len(pts),
             "median_rel_error": float(np.median(rel)), "max_rel_error": float(rel.max())}
 
@@ -592,7 +606,8 @@ def main(args) -> dict:
         if old["model"] != info["model"] or old["dtype"] != info["dtype"]:
             raise BadInput(f"--resume: {out} is for {old['model']}/{old['dtype']}")
         done = {(p["context"], p["size"]): p for p in old["points"]}
-        reuse = {k: old[k] for k in ("overhead", "ceilings") if k in old}
+        reuse = {k: old[k] for k in ("overhead", "ceilings", "command", "created", "seconds")
+                 if k in old}
     facts = gpu_facts() if dec.device.type == "cuda" else cpu_facts(torch.get_num_threads())
     clocks_before = gpu_clocks() if dec.device.type == "cuda" else None
     if human:
@@ -618,9 +633,13 @@ def main(args) -> dict:
                                           "num_attention_heads", "num_key_value_heads",
                                           "head_dim", "intermediate_size", "vocab_size")
              if getattr(cfg, k, None)}
-    if len(points) >= 3:  # three factors to fit
+    if len(points) >= len(FITTED):
         prof["roofline"] = calibrate(points, shape, dec.dtype.itemsize,
                                      ceilings["peak_tflops"], ceilings["bandwidth_gbs"])
+    if "command" in reuse:  # keep who measured the reused points; say who updated them
+        prof["updated_by"], prof["updated"] = prof["command"], prof["created"]
+        prof["command"], prof["created"] = reuse["command"], reuse["created"]
+        prof["seconds"] = round(prof["seconds"] + reuse.get("seconds", 0.0), 1)
     if max_fit:
         prof["max_size_fit"] = {str(c): s for c, s in max_fit.items()}
     write_json(out, prof)
@@ -647,8 +666,9 @@ def _report(prof: dict, out, human: bool) -> dict:
             f = rf["factors"]
             say(f"roofline fit ({rf['peak_tflops']:.2f} TFLOP/s, {rf['bandwidth_gbs']:.1f} GB/s "
                 f"measured): memory efficiency {f['memory_efficiency']:.2f}, compute "
-                f"{f['compute_efficiency']:.2f}, launch {1e6 * f['kernel_overhead_s_per_layer']:.1f}"
-                f" µs/layer; error median {100 * rf['median_rel_error']:.1f} %, max "
+                f"{f['compute_efficiency']:.2f}, attention {f['attention_efficiency']:.2f}, "
+                f"overlap {f['overlap']:.2f}, launch "
+                f"{1e6 * f['kernel_overhead_s_per_layer']:.1f} µs/layer; error median {100 * rf['median_rel_error']:.1f} %, max "
                 f"{100 * rf['max_rel_error']:.1f} %")
         say("knee (largest L with t(L) ≤ 1.1·t(1)): " +
             ", ".join(f"C={c}: {k}" for c, k in summary["knee"].items()))
