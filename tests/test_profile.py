@@ -135,6 +135,16 @@ def test_real_cpu_profile_two_sizes(tmp_path):
     assert t[64] > t[1] > 0
     assert prof["device"]["kind"] == "cpu" and prof["device"]["threads"] >= 1
     assert prof["ceilings"]["peak_tflops"] > 0 and prof["ceilings"]["bandwidth_gbs"] > 0
+    # --resume measures only the new size and keeps who measured the others
+    p = treeopt("profile", "--cpu", "--sizes", "1,2,64", "--contexts", "64", "--repeats", "5",
+                "--no-overhead", "--resume", "--json", "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    again = profile.load(out)
+    old = {pt["size"]: pt for pt in prof["points"]}
+    assert [pt for pt in again["points"] if pt["size"] in old] == list(old.values())
+    assert {pt["size"] for pt in again["points"]} == {1, 2, 64}
+    assert again["command"] == prof["command"] and "--resume" in again["updated_by"]
+    assert again["ceilings"] == prof["ceilings"]
 
 
 SMOL_SHAPE = {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
