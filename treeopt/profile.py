@@ -230,6 +230,8 @@ def measure_points(dec, sizes: list[int], contexts: list[int], repeats: int, bud
     size that fit} for contexts where a size ran out of memory."""
     import torch
 
+    from .tree import build_buffers
+
     done = done or {}
     timer = Timer(dec.device)
     points, max_fit = [], {}
@@ -252,17 +254,13 @@ def measure_points(dec, sizes: list[int], contexts: list[int], repeats: int, bud
                 with torch.inference_mode():
                     dec.forward(dec.embed(ids), cache, torch.arange(c, device=dec.device))
                 cache_ctx = c
-            # a chain-shaped tree of s tokens (causal block): the dense masked forward costs
-            # the same for any tree of that size
+            # a tree of exactly s inputs (the root and s − 1 prompt tokens: a causal block),
+            # masked by the runtime's own builder; the dense masked forward costs the same
+            # for any tree of that size
             tok = torch.randint(0, vocab, (s,), generator=gen).to(dec.device)
             pos = c + torch.arange(s, device=dec.device)
-            mask = None
-            if s > 1:
-                mask = torch.zeros(s, c + s, dtype=dec.dtype, device=dec.device)
-                mask[:, c:].masked_fill_(~torch.ones(s, s, dtype=torch.bool,
-                                                     device=dec.device).tril(),
-                                         torch.finfo(dec.dtype).min)
-                mask = mask[None, None]
+            mask = dec.tree_mask(c, build_buffers((), s - 1, 1, 1, dec.device)) \
+                if s > 1 else None
 
             def step():
                 with torch.inference_mode():
@@ -477,8 +475,10 @@ def simulate(gpu: str, model: str | None, dtype: str, sizes: list[int], contexts
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "points": points, "overhead": {"per_step_s": 0.0, "fraction": 0.0},
         "assumptions": {
-            "model": "t = layers·launch + max(FLOPs/(peak·eff_c), bytes/(bandwidth·eff_m))",
-            "flops": "2·params·L + 4·layers·heads·head_dim·L·(C+L)",
+            "model": "t = layers·launch + max(t_c, t_m) + (1 − overlap)·min(t_c, t_m); "
+                     "t_c = dense FLOPs/(peak·eff_c) + attention FLOPs/(peak·eff_attn), "
+                     "t_m = bytes/(bandwidth·eff_m)",
+            "flops": "dense 2·params·L, attention 4·layers·heads·head_dim·L·(C+L)",
             "bytes": "all weights (incl. LM head) + KV cache of C+L tokens, once per forward",
             "bytes_per_param": bpp, "shape": shape, **f, "factors_source": source,
             "not_modelled": "kernel fusion, tensor-parallelism, quantization, the runtime's "
@@ -538,8 +538,7 @@ def calibrate(points: list[dict], shape: dict, bytes_per_param: float, tflops: f
         return np.array([roofline(shape, s, c, bytes_per_param, tflops, bandwidth_gbs,
                                   **f)["seconds"] for s, c, _ in pts]), f
 
-    x0 = [ROOFLINE_DEFAULTS["memory_efficiency"], ROOFLINE_DEFAULTS["compute_efficiency"],
-          ROOFLINE_DEFAULTS["compute_efficiency"], 1e-5, 0.5]
+    x0 = [ROOFLINE_DEFAULTS[f] for f in FITTED[:3]] + [1e-5, 0.5]  # launch, overlap: mid-range
     fit = least_squares(lambda x: np.log(predict(x)[0] / meas), x0,
                         bounds=([1e-3, 1e-3, 1e-4, 0.0, 0.0], [4.0, 4.0, 4.0, 1e-2, 1.0]),
                         x_scale=[0.1, 0.1, 0.1, 1e-5, 0.1], loss="soft_l1", f_scale=0.1)
@@ -628,13 +627,8 @@ def main(args) -> dict:
             "torch": torch.__version__, "seconds": round(time.perf_counter() - t0, 1),
             "points": points, "overhead": overhead or {"per_step_s": 0.0, "fraction": 0.0}}
     prof["ceilings"] = ceilings
-    cfg = dec.lm.model.config
-    shape = {k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers",
-                                          "num_attention_heads", "num_key_value_heads",
-                                          "head_dim", "intermediate_size", "vocab_size")
-             if getattr(cfg, k, None)}
     if len(points) >= len(FITTED):
-        prof["roofline"] = calibrate(points, shape, dec.dtype.itemsize,
+        prof["roofline"] = calibrate(points, dec.lm.model.config.to_dict(), dec.dtype.itemsize,
                                      ceilings["peak_tflops"], ceilings["bandwidth_gbs"])
     if "command" in reuse:  # keep who measured the reused points; say who updated them
         prof["updated_by"], prof["updated"] = prof["command"], prof["created"]
@@ -668,8 +662,8 @@ def _report(prof: dict, out, human: bool) -> dict:
                 f"measured): memory efficiency {f['memory_efficiency']:.2f}, compute "
                 f"{f['compute_efficiency']:.2f}, attention {f['attention_efficiency']:.2f}, "
                 f"overlap {f['overlap']:.2f}, launch "
-                f"{1e6 * f['kernel_overhead_s_per_layer']:.1f} µs/layer; error median {100 * rf['median_rel_error']:.1f} %, max "
-                f"{100 * rf['max_rel_error']:.1f} %")
+                f"{1e6 * f['kernel_overhead_s_per_layer']:.1f} µs/layer; error median "
+                f"{100 * rf['median_rel_error']:.1f} %, max {100 * rf['max_rel_error']:.1f} %")
         say("knee (largest L with t(L) ≤ 1.1·t(1)): " +
             ", ".join(f"C={c}: {k}" for c, k in summary["knee"].items()))
     return summary

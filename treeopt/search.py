@@ -376,10 +376,7 @@ def per_input_length(sol: Solution, acc: np.ndarray, latency: Latency, max_input
     t1 = float(latency([1])[0])
     rows = [{"input_length": 1, "tokens_per_step": 1.0, "tokens_per_second": 1.0 / t1}]
     cands: dict[int, dict[int, list]] = {}  # r -> state -> [(L, E, p)]
-    prob = {}
-    for u in [universe(acc, m, 2 * max(1, (max_input - 2) // 2), path_prob)
-              for m in range(1, k + 1)]:
-        prob.update(zip(u.paths, u.prob.tolist()))
+    prob = path_probabilities({m: dp.uni for m, dp in sol.dp.items()})
     top_l = min(max(sol.input_lengths.values()), max_input)
 
     def add(h, cap):
