@@ -1,17 +1,20 @@
 """Measured tokens/s of the searched tree vs a sweep of greedy static trees (top-N by
-product, all counts K) on the embedded model, one process, interleaved per prompt.
+product, all counts K) on the embedded model, one process, interleaved per prompt, with
+the plain greedy loop alongside (it measures how fast the machine runs against the
+profile).
 
-    python benchmarks/greedy_sweep.py [--sizes 4,8,12,16,24,32,48,64] [--limit 10]
-        [--prompts ../shared/data/mt_bench_questions.jsonl] [--max-new-tokens 96]
+    python benchmarks/greedy_sweep.py [--sizes 4,8,12,16,24,32,48,64] [--limit 20]
+        [--prompts ../shared/data/mt_bench_questions.jsonl] [--stride 4] [--offset 0]
+        [--max-new-tokens 128]
 
-Prints each tree's tokens/s and tokens/step, the searched tree's fraction of the best
-greedy tree, and the searched tree's predicted vs measured tokens/s.
+Prints each tree's decode-phase tokens/s and tokens/step (prefill and a last step cut by
+--max-new-tokens left out, as in `treeopt bench`), the searched tree's fraction of the
+best greedy tree, and its predicted vs measured tokens/s.
 """
 import argparse
 import json
-import statistics
 
-from treeopt import accept, prompts, search, shipped
+from treeopt import accept, bench, prompts, search, shipped
 from treeopt.runtime import open_decoder
 from treeopt.tree import Tree
 
@@ -19,9 +22,11 @@ from treeopt.tree import Tree
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="4,8,12,16,24,32,48,64")
-    ap.add_argument("--limit", type=int, default=10)
+    ap.add_argument("--limit", type=int, default=20)
     ap.add_argument("--prompts", default="../shared/data/mt_bench_questions.jsonl")
-    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--offset", type=int, default=0)
+    ap.add_argument("--stride", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
     args = ap.parse_args()
     dec, info = open_decoder()
     model = info["model"]
@@ -32,32 +37,35 @@ def main():
         g = search.greedy_tree(acc, L)
         if g is not None:
             trees[f"greedy L={g.input_length(g.num_prompt_tokens)}"] = g
-    texts = prompts.load(args.prompts, args.limit)
+    texts = prompts.load(args.prompts, args.limit, args.offset, args.stride)
     enc = [prompts.encode(dec.lm.tokenizer, t) for t in texts]
-    tok = {name: 0 for name in trees}
-    sec = {name: 0.0 for name in trees}
-    steps = {name: 0 for name in trees}
+    runs = {name: [] for name in trees}
+    plain = []
     dec.set_tree(trees["searched"], dec.prompt_tokens)
     dec.ppd(enc[0], 8)  # burn-in
     for ids in enc:
+        plain.append((len(ids), dec.baseline(ids, args.max_new_tokens)))
         for name, tree in trees.items():
             dec.set_tree(tree, dec.prompt_tokens)
-            r = dec.ppd(ids, args.max_new_tokens)
-            tok[name] += r.new_tokens
-            sec[name] += r.seconds
-            steps[name] += r.steps
-    rows = {n: {"tokens_per_second": round(tok[n] / sec[n], 3),
-                "tokens_per_step": round(tok[n] / steps[n], 4)} for n in trees}
+            runs[name].append((len(ids), dec.ppd(ids, args.max_new_tokens)))
+    rows = {n: bench.decode_phase(r) for n, r in runs.items()}
     best_greedy = max(v["tokens_per_second"] for n, v in rows.items() if n != "searched")
     frac = rows["searched"]["tokens_per_second"] / best_greedy
-    pred = trees["searched"].meta.get("predicted", {})
+    pred = bench.predicted_vs_measured(
+        trees["searched"], model, dec.device.type, info["dtype"],
+        {"decode": rows["searched"], "baseline_decode": bench.decode_phase(plain)})
     for n, v in rows.items():
         print(f"{n:>16}: {v['tokens_per_second']:.2f} tok/s, {v['tokens_per_step']:.3f} tok/step")
-    print(f"searched / best greedy = {frac:.3f}; predicted {pred.get('tokens_per_second')} "
-          f"tok/s vs measured {rows['searched']['tokens_per_second']}")
+    print(f"searched / best greedy = {frac:.3f}")
+    if pred:
+        e = pred["error"]
+        print(f"searched: predicted {pred['tokens_per_second']:.1f} tok/s vs measured "
+              f"{rows['searched']['tokens_per_second']:.1f} ({100 * e['tokens_per_second']:+.1f}%); "
+              f"tokens/step {100 * e['tokens_per_step']:+.1f}%, step time "
+              f"{100 * e['step_seconds']:+.1f}%; plain step {pred['speed_vs_profile']:.3f}x "
+              f"profile t(1), at that speed {100 * e['tokens_per_second_at_run_speed']:+.1f}%")
     print(json.dumps({"rows": rows, "searched_over_best_greedy": round(frac, 4),
-                      "predicted": pred, "median_prompt_tokens":
-                          statistics.median(len(e) for e in enc)}))
+                      "predicted": pred}))
 
 
 if __name__ == "__main__":

@@ -80,3 +80,30 @@ def test_search_rejects_mixed_models(tmp_path):
     assert p.returncode == 0, p.stderr
     assert_bad(treeopt("search", "--model", "vicuna-7b", "--profile", str(tmp_path / "p.json")),
                "profile is for vicuna-13b-v1.3 but the acceptance file is for vicuna-7b-v1.3")
+
+
+def test_mean_context_over_measured_positions():
+    from treeopt.distill import Sample
+
+    # prompt 4 + response 4 (ids 0..7): positions 3..5 measured, contexts 4, 5, 6
+    a = Sample(list(range(8)), 4, None, None)
+    # prompt 10 + response 1: nothing measured
+    b = Sample(list(range(11)), 10, None, None)
+    assert accept.mean_context([a, b]) == 5
+    assert accept.mean_context([b]) == 0
+
+
+def test_search_reads_t_at_the_acceptance_context(tmp_path):
+    """Without --context, search reads t(L) at the acceptance file's mean context."""
+    from treeopt.shipped import PROFILES
+
+    src = json.loads((PROFILES / "reference" / "vicuna-7b-v1.3.acceptance.json").read_text())
+    for ctx in (None, 1500):
+        obj = dict(src, **({"mean_context": ctx} if ctx else {}))
+        path = tmp_path / f"acc{ctx}.json"
+        write_json(path, obj)
+        out = tmp_path / f"tree{ctx}.json"
+        p = treeopt("search", "--model", "vicuna-7b", "--acceptance", str(path), "--json",
+                    "--max-input", "64", "--out", str(out))
+        assert p.returncode == 0, p.stderr
+        assert json.loads(out.read_text())["meta"]["context"] == (ctx or 512)

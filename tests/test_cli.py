@@ -62,6 +62,22 @@ def test_bad_prompt_file(tmp_path):
     assert_bad(treeopt("bench", "--prompts", str(p)), "no prompt field")
 
 
+def test_prompt_offset_and_stride(tmp_path):
+    from treeopt import prompts
+    from treeopt.errors import BadInput
+
+    p = tmp_path / "p.jsonl"
+    p.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(10)))
+    assert prompts.load(str(p), 3, 1, 4) == ["q1", "q5", "q9"]
+    assert prompts.load(str(p), None, 0, 4) == ["q0", "q4", "q8"]
+    assert prompts.load(str(p), 2) == ["q0", "q1"]
+    assert prompts.load(None, 2, 0, 3) == [prompts.BUILTIN[0], prompts.BUILTIN[3]]
+    with pytest.raises(BadInput, match="--stride"):
+        prompts.load(str(p), 2, 0, 0)
+    with pytest.raises(BadInput, match="--offset"):
+        prompts.load(str(p), 2, -1)
+
+
 @pytest.mark.slow
 def test_prompt_longer_than_context():
     assert_bad(treeopt("run", "--raw", "--prompt", "word " * 9000), "the model's context is")

@@ -186,3 +186,28 @@ def test_simulate_with_calibration(tmp_path):
     # a lower fitted memory efficiency → a slower simulated t(1)
     t1 = [p["median_s"] for p in profile.load(out)["points"] if p["size"] == 1][0]
     assert t1 > default["points"][0]["median_s"]
+
+
+def test_rounds_sweep_the_whole_grid_in_turn():
+    """rounds=2: every point is timed in both sweeps (size 1, size 3, size 1, size 3), and
+    its median is over the samples of both."""
+    lm = tiny_loaded(layers=1)
+    dec = Decoder(lm, random_prompt_tokens(lm, 2), Tree.chain(2, 2))
+    real, calls = dec.forward, []
+
+    def forward(embeds, cache, positions, mask=None):
+        if int(positions[0]) > 0:  # not the cache prefill
+            calls.append(embeds.shape[0])
+        return real(embeds, cache, positions, mask)
+
+    dec.forward = forward
+    points, _ = profile.measure_points(dec, [1, 3], [16], 4, 10.0, quiet=True, rounds=2)
+    runs = [s for i, s in enumerate(calls) if i == 0 or calls[i - 1] != s]
+    assert runs == [1, 3, 1, 3]
+    assert [(p["size"], p["n"], p["rounds"], len(p["round_medians_s"])) for p in points] == \
+        [(1, 4, 2, 2), (3, 4, 2, 2)]
+    assert profile.sweep_spread(points) >= 0
+
+
+def test_bad_rounds():
+    assert_bad(treeopt("profile", "--cpu", "--rounds", "0"), "--rounds")

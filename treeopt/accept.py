@@ -198,6 +198,19 @@ def search_inputs(obj: dict, conditional: bool = True) -> tuple[np.ndarray, dict
     return acc, pp
 
 
+def mean_context(samples) -> int:
+    """Mean KV length over the measured positions (position i of a response attends to
+    the prompt and the i tokens before it): the context a search for this workload should
+    read the profile's t(L) at."""
+    total = count = 0
+    for s in samples:
+        n = len(s.ids) - 1 - s.prompt_len  # positions prompt_len-1 .. len(ids)-3
+        if n > 0:
+            total += n * s.prompt_len + n * (n - 1) // 2
+            count += n
+    return round(total / count) if count else 0
+
+
 # ---- the verb -----------------------------------------------------------------------
 HELP = "measure per-depth, per-rank prompt-token accuracies (and check predictions)"
 
@@ -210,6 +223,8 @@ def add_arguments(p) -> None:
     p.add_argument("--prompts", help="JSONL prompts for the estimate (default: built-in set)")
     p.add_argument("--limit", type=positive_int, help="first N prompts (after --offset)")
     p.add_argument("--offset", type=int, default=0, help="skip the first N prompts")
+    p.add_argument("--stride", type=positive_int, default=1,
+                   help="take every N-th prompt (spreads --limit over a file's categories)")
     p.add_argument("--topk", type=positive_int, default=10)
     p.add_argument("--max-new-tokens", type=positive_int, default=160,
                    help="length of the greedy continuations measured")
@@ -221,6 +236,7 @@ def add_arguments(p) -> None:
     p.add_argument("--check-prompts", help="held-out JSONL prompts for --check-tree")
     p.add_argument("--check-limit", type=positive_int, default=20)
     p.add_argument("--check-offset", type=int, default=0)
+    p.add_argument("--check-stride", type=positive_int, default=1)
     p.add_argument("--out", help="acceptance path (default profiles/<model>.acceptance.json)")
 
 
@@ -275,10 +291,11 @@ def main(args) -> dict:
     from .runtime import open_decoder
     from .shipped import PROFILES
 
-    texts = prompts.load(args.prompts, args.limit, args.offset)
+    texts = prompts.load(args.prompts, args.limit, args.offset, args.stride)
     check_texts = []
     if args.check_tree:
-        check_texts = prompts.load(args.check_prompts, args.check_limit, args.check_offset)
+        check_texts = prompts.load(args.check_prompts, args.check_limit, args.check_offset,
+                                   args.check_stride)
         overlap = set(check_texts) & set(texts)
         if overlap:
             raise BadInput(f"--check-prompts share {len(overlap)} prompts with the estimate")
@@ -296,13 +313,14 @@ def main(args) -> dict:
     ranks, owner = distill.measure_ranks(lm, samples, dec.table, args.topk, quiet=not human,
                                          tag="accept")
     est = estimate(ranks.numpy(), args.topk, owner.numpy(), args.min_support)
+    est["mean_context"] = mean_context(samples)
     table = dec.prompt_tokens.embeddings
     obj = {"schema": SCHEMA, "model": info["model"], "source": "measured",
            "prompt_tokens": {"path": info["prompt_tokens"],
                              "sha256": hashlib.sha256(table.numpy().tobytes()).hexdigest()[:16]},
            "num_prompt_tokens": dec.prompt_tokens.num, "topk": args.topk,
            "dtype": info["dtype"], "prompt_file": args.prompts or "built-in",
-           "prompts": len(samples), "offset": args.offset,
+           "prompts": len(samples), "offset": args.offset, "stride": args.stride,
            "max_new_tokens": args.max_new_tokens, **est,
            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "command": "treeopt " + " ".join(sys.argv[1:])}

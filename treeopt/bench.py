@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import statistics
 
+import numpy as np
 import torch
 
 from .artefact import write_json
@@ -31,9 +32,16 @@ def add_arguments(p) -> None:
     add_model_args(p)
     p.add_argument("--prompts", help="JSONL prompt file (default: a small built-in set)")
     p.add_argument("--limit", type=positive_int, help="use only the first N prompts")
+    p.add_argument("--offset", type=int, default=0, help="skip the first N prompts")
+    p.add_argument("--stride", type=positive_int, default=1,
+                   help="take every N-th prompt (spreads --limit over a file's categories)")
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--no-baseline", action="store_true", help="skip the plain greedy loop")
+    p.add_argument("--profile", help="latency profile for the predicted figures (default: the "
+                   "measured profile for this device and dtype)")
+    p.add_argument("--acceptance", help="acceptance file for the predicted figures (default: "
+                   "the one the tree was searched with, else the shipped one)")
     p.add_argument("--out", help="run JSON path (default: reports/<device>__<model>.run.json)")
 
 
@@ -57,12 +65,13 @@ def run_bench(dec, encoded: list[list[int]], max_new_tokens: int, dtype: str,
     # burn-in: first calls pay for allocator warm-up and lazy init
     dec.ppd(encoded[0], 8)
     dec.hf_generate(encoded[0], 8)
-    per_prompt = []
+    per_prompt, ppd_runs, base_runs = [], [], []
     ppd_tok = ppd_sec = hf_tok = hf_sec = base_tok = base_sec = 0.0
     steps = fwd = step = 0.0
     for i, ids in enumerate(progress(encoded, "bench", quiet=quiet)):
         r = dec.ppd(ids, max_new_tokens)  # A
         h = dec.hf_generate(ids, max_new_tokens)  # B
+        ppd_runs.append((len(ids), r))
         row = {"prompt": i, "prompt_tokens": len(ids), "new_tokens": r.new_tokens,
                "steps": r.steps, "tokens_per_step": round(r.tokens_per_step, 4),
                "tokens_per_second": round(r.tokens_per_second, 3),
@@ -72,6 +81,7 @@ def run_bench(dec, encoded: list[list[int]], max_new_tokens: int, dtype: str,
                "identical": r.output_ids == h.output_ids}
         if plain:
             b = dec.baseline(ids, max_new_tokens)  # C
+            base_runs.append((len(ids), b))
             row["baseline_tokens_per_second"] = round(b.tokens_per_second, 3)
             row["baseline_identical"] = b.output_ids == h.output_ids
             base_tok += b.new_tokens
@@ -104,11 +114,82 @@ def run_bench(dec, encoded: list[list[int]], max_new_tokens: int, dtype: str,
         "unexplained_divergences": unexplained,
         "margin_tolerance": tol,
         "step_overhead_fraction": round((step - fwd) / fwd, 4) if fwd else None,
+        "decode": decode_phase(ppd_runs),
         "per_prompt": per_prompt,
     }
     if plain:
         out["baseline_tokens_per_second"] = round(base_tok / base_sec, 3)
         out["baseline_vs_hf"] = round((base_tok / base_sec) / (hf_tok / hf_sec), 4)
+        out["baseline_decode"] = decode_phase(base_runs)
+    return out
+
+
+def decode_phase(runs: list[tuple[int, object]]) -> dict:
+    """Steady-state decoding over (prompt length, Result) pairs: what the search's
+    objective models. Prefill is left out, and so is each decode's last step (cut short by
+    --max-new-tokens or an EOS, it emits fewer tokens than it accepted). `context` is the
+    mean KV length the counted steps attended to."""
+    tokens = steps = 0
+    seconds = ctx_sum = 0.0
+    for prompt_len, r in runs:
+        full = len(r.accepted) - (r.finish_reason != "context")
+        ctx = prompt_len
+        for a, sec in zip(r.accepted[:full], r.step_seconds[:full]):
+            tokens, steps, seconds, ctx_sum = tokens + a, steps + 1, seconds + sec, ctx_sum + ctx
+            ctx += a
+    if not steps:
+        return {"steps": 0}
+    return {"steps": steps, "tokens_per_step": round(tokens / steps, 4),
+            "step_seconds": round(seconds / steps, 6),
+            "tokens_per_second": round(tokens / seconds, 3), "context": round(ctx_sum / steps)}
+
+
+def predicted_vs_measured(tree, model_id: str, device_type: str, dtype: str, res: dict,
+                          profile_path: str | None = None,
+                          acceptance_path: str | None = None) -> dict | None:
+    """The search's prediction for the benched tree at the bench's mean context, beside the
+    measured decode phase. `speed_vs_profile` is this run's plain-loop step time over the
+    profile's measured one-token forward at that context (1.0 = the machine runs as fast
+    as when profiled); the prediction scaled by it separates model error from machine
+    drift. None without the inputs."""
+    from . import accept, search, shipped
+    from . import profile as prof_mod
+
+    meta = tree.meta or {}
+    if profile_path is None:
+        cand = [shipped.PROFILES / f"{shipped.device_slug(device_type)}__{model_id}__{dtype}.json",
+                meta.get("profile")]
+        profile_path = next(filter(None, map(shipped.stored_path, cand)), None)
+    if acceptance_path is None:
+        cand = [meta.get("acceptance"), shipped.PROFILES / f"{model_id}.acceptance.json"]
+        acceptance_path = next(filter(None, map(shipped.stored_path, cand)), None)
+    dec_m = res.get("decode", {})
+    if profile_path is None or acceptance_path is None or not dec_m.get("steps"):
+        return None
+    prof, acc_obj = prof_mod.load(profile_path), accept.load(acceptance_path)
+    conditional = (meta.get("config") or {}).get("conditional", True)
+    acc, pp = accept.search_inputs(acc_obj, conditional=conditional)
+    lat = prof_mod.Latency(prof)
+    ctx = dec_m["context"]
+    pred = search.predict(tree, acc, lambda L: lat(L, ctx), path_prob=pp)
+    out = {"profile": shipped.display_path(profile_path),
+           "acceptance": shipped.display_path(acceptance_path), "context": ctx,
+           "tokens_per_step": round(pred["tokens_per_step"], 4),
+           "step_seconds": round(pred["step_seconds"], 6),
+           "tokens_per_second": round(pred["tokens_per_second"], 3),
+           "error": {k: round(pred[k] / dec_m[k] - 1, 4)
+                     for k in ("tokens_per_step", "step_seconds", "tokens_per_second")}}
+    base = res.get("baseline_decode", {})
+    ones = sorted((p["context"], p["median_s"]) for p in prof["points"] if p["size"] == 1)
+    if base.get("steps") and ones:
+        # the measured one-token forward itself (not the monotone fit, which pools it with
+        # L = 2.. where a one-query attention happens to run slower than two)
+        t1 = float(np.interp(base["context"], *zip(*ones)))
+        speed = base["step_seconds"] / t1
+        out["speed_vs_profile"] = round(speed, 4)
+        out["tokens_per_second_at_run_speed"] = round(pred["tokens_per_second"] / speed, 3)
+        out["error"]["tokens_per_second_at_run_speed"] = round(
+            pred["tokens_per_second"] / speed / dec_m["tokens_per_second"] - 1, 4)
     return out
 
 
@@ -116,7 +197,7 @@ def main(args) -> dict:
     from . import prompts, shipped
     from .runtime import open_decoder
 
-    texts = prompts.load(args.prompts, args.limit)
+    texts = prompts.load(args.prompts, args.limit, args.offset, args.stride)
     dec, info = open_decoder(args.model, args.dtype, args.device, args.tree, args.prompt_tokens,
                              args.threads)
     encoded = [prompts.encode(dec.lm.tokenizer, t, raw=args.raw) for t in texts]
@@ -131,7 +212,12 @@ def main(args) -> dict:
             f"{info['model']} ({info['dtype']}), tree {info['tree']}")
     res = run_bench(dec, encoded, args.max_new_tokens, info["dtype"], not args.no_baseline)
     out = {"schema": "treeopt.run/1", "kind": "bench", **info,
-           "prompt_file": args.prompts or "built-in", **res}
+           "prompt_file": args.prompts or "built-in", "offset": args.offset,
+           "stride": args.stride, **res}
+    pred = predicted_vs_measured(dec.tree, info["model"], dec.device.type, info["dtype"], res,
+                                 args.profile, args.acceptance)
+    if pred:
+        out["predicted"] = pred
     path = args.out or shipped.REPORTS / f"{shipped.device_slug(dec.device.type)}__{info['model']}.run.json"
     write_json(path, out)
     if human:
@@ -145,5 +231,17 @@ def main(args) -> dict:
             f"{100 * out['step_overhead_fraction']:.1f}% of the forward; identical outputs "
             f"{100 * out['identical_fraction']:.0f}%; unexplained divergences "
             f"{out['unexplained_divergences']}")
+        if pred:
+            d, e = out["decode"], pred["error"]
+            say(f"decode phase: predicted {pred['tokens_per_step']:.3f} tok/step, "
+                f"{1000 * pred['step_seconds']:.2f} ms/step, {pred['tokens_per_second']:.1f} "
+                f"tok/s vs measured {d['tokens_per_step']:.3f}, {1000 * d['step_seconds']:.2f} "
+                f"ms, {d['tokens_per_second']:.1f} (error {100 * e['tokens_per_second']:+.1f}%)")
+            if "speed_vs_profile" in pred:
+                say(f"this run's plain step is {pred['speed_vs_profile']:.3f}x the profile's "
+                    f"t(1); at this speed predicted {pred['tokens_per_second_at_run_speed']:.1f} "
+                    f"tok/s (error {100 * e['tokens_per_second_at_run_speed']:+.1f}%)")
+        else:
+            say("no profile or acceptance file for this device: no predicted figures")
         say(f"wrote {path}")
     return out

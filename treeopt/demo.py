@@ -46,7 +46,7 @@ def main(args) -> dict:
         if human:
             say("1/5 profile: measuring (a few minutes)…")
         r = _verb(profile, **common, gpu=False, cpu=dev.type == "cpu", simulate=None,
-                  peak_tflops=None, bandwidth_gbs=None, sizes=None, contexts=None, repeats=30,
+                  peak_tflops=None, bandwidth_gbs=None, sizes=None, contexts=None, repeats=30, rounds=3,
                   budget_seconds=6.0, resume=False, no_overhead=False, out=str(prof_path))
         heads["profile"] = f"measured, knee {r['knee']}"
     else:
@@ -56,9 +56,9 @@ def main(args) -> dict:
     if args.fresh or not acc_path.is_file():
         if human:
             say("2/5 acceptance: measuring on the built-in prompts…")
-        r = _verb(accept, **common, prompt_tokens=None, prompts=None, limit=None, offset=0,
+        r = _verb(accept, **common, prompt_tokens=None, prompts=None, limit=None, offset=0, stride=1,
                   topk=10, max_new_tokens=160, min_support=40, check_tree=None,
-                  check_prompts=None, check_limit=20, check_offset=0, out=str(acc_path))
+                  check_prompts=None, check_limit=20, check_offset=0, check_stride=1, out=str(acc_path))
         heads["acceptance"] = "measured"
     else:
         heads["acceptance"] = f"reused {acc_path.name}"
@@ -68,7 +68,7 @@ def main(args) -> dict:
     if human:
         say(f"2/5 acceptance: {heads['acceptance']}")
     r = _verb(search, model=None, profile=str(prof_path), acceptance=str(acc_path),
-              max_input=512, context=160, static=False, product=False, export=None, trials=0,
+              max_input=512, context=None, static=False, product=False, export=None, trials=0,
               storage=None, out=str(tree_path))
     heads["search"] = (f"{r['tokens_per_step']:.2f} tokens/step, {r['tokens_per_second']:.1f} "
                        f"tokens/s predicted ({r['speedup_vs_t1']:.2f}x plain), input lengths "
@@ -76,7 +76,8 @@ def main(args) -> dict:
     if human:
         say(f"3/5 search: {heads['search']}")
     r = _verb(bench, **common, tree=str(tree_path), prompt_tokens=None, prompts=None,
-              limit=args.limit, max_new_tokens=args.max_new_tokens, raw=False, no_baseline=True,
+              limit=args.limit, offset=0, stride=1, profile=None, acceptance=None,
+              max_new_tokens=args.max_new_tokens, raw=False, no_baseline=True,
               out=str(run_path))
     heads["bench"] = (f"{r['tokens_per_second']:.1f} tokens/s vs HF generate "
                       f"{r['hf_tokens_per_second']:.1f}: {r['speedup_vs_hf']:.2f}x, "

@@ -33,6 +33,7 @@ SCHEMA = "treeopt.profile/1"
 CPU_SIZES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
 GPU_SIZES = CPU_SIZES + [192, 256]
 CONTEXTS = [128, 512, 2048]
+CPU_CONTEXTS = [64, 128, 512, 2048]  # short chats matter on a CPU: t(1) at 64 is ~6 % below 128
 
 # GPU table for the roofline: dense bf16/fp16 peak TFLOP/s (no sparsity) and HBM/GDDR
 # bandwidth in GB/s, from the vendors' data sheets.
@@ -73,8 +74,12 @@ def add_arguments(p) -> None:
     p.add_argument("--peak-tflops", type=float, help="with --simulate: override peak TFLOP/s")
     p.add_argument("--bandwidth-gbs", type=float, help="with --simulate: override GB/s")
     p.add_argument("--sizes", help="comma list of input lengths (default: dense small sizes)")
-    p.add_argument("--contexts", help="comma list of context lengths (default 128,512,2048)")
+    p.add_argument("--contexts", help="comma list of context lengths (default "
+                   "64,128,512,2048 on a CPU, 128,512,2048 on a GPU)")
     p.add_argument("--repeats", type=int, default=30, help="max timed runs per point")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="sweeps over the grid; each point's median spans them all, so a "
+                   "drifting machine shifts every point alike")
     p.add_argument("--budget-seconds", type=float, default=6.0,
                    help="time budget per point (after burn-in)")
     p.add_argument("--resume", action="store_true", help="reuse points already in --out")
@@ -225,26 +230,35 @@ def is_oom(e: BaseException) -> bool:
 
 
 def measure_points(dec, sizes: list[int], contexts: list[int], repeats: int, budget: float,
-                   done: dict | None = None, quiet: bool = False) -> tuple[list[dict], dict]:
+                   done: dict | None = None, quiet: bool = False,
+                   rounds: int = 1) -> tuple[list[dict], dict]:
     """Time one tree forward per (context, size). Returns points and {context: largest
-    size that fit} for contexts where a size ran out of memory."""
+    size that fit} for contexts where a size ran out of memory.
+
+    With rounds > 1 the grid is swept that many times, each point getting its share of
+    `repeats` and `budget` per sweep, and a point's median is over all its sweeps: a
+    machine whose speed drifts while profiling then shifts every point alike instead of
+    bending the curve t(L)."""
+    import math
+
     import torch
 
     from .tree import build_buffers
 
     done = done or {}
     timer = Timer(dec.device)
-    points, max_fit = [], {}
-    todo = [(c, s) for c in contexts for s in sizes]
+    samples: dict[tuple[int, int], list[float]] = {}
+    sweeps: dict[tuple[int, int], list[float]] = {}  # per-sweep medians: the drift seen
+    max_fit: dict[int, int] = {}
+    todo = [(r, c, s) for r in range(rounds) for c in contexts for s in sizes
+            if (c, s) not in done]
+    share, share_budget = max(1, math.ceil(repeats / rounds)), budget / rounds
     bar = progress(todo, "profile", quiet=quiet)
     cache, cache_ctx = None, None
     gen = torch.Generator().manual_seed(0)
     vocab = dec.embed.weight.shape[0]
-    for c, s in bar:
-        if (c, s) in done:
-            points.append(done[(c, s)])
-            continue
-        if c in max_fit:
+    for r, c, s in bar:
+        if c in max_fit and s > max_fit[c]:
             continue
         try:
             if cache_ctx != c:
@@ -267,16 +281,29 @@ def measure_points(dec, sizes: list[int], contexts: list[int], repeats: int, bud
                     dec.logits(dec.forward(dec.embed(tok), cache, pos, mask))
                 dec.keep_kv(cache, c, None, c)
 
-            samples = stable_samples(timer, step, repeats, budget)
+            got = stable_samples(timer, step, share, share_budget, burn_in=5 if r == 0 else 2,
+                                 min_runs=min(10, share))
+            samples.setdefault((c, s), []).extend(got)
+            sweeps.setdefault((c, s), []).append(float(np.median(got)))
         except Exception as e:  # noqa: BLE001 - OOM → record and stop this context
             if not is_oom(e):
                 raise
             torch.cuda.empty_cache()
-            max_fit[c] = max((p["size"] for p in points if p["context"] == c), default=0)
+            max_fit[c] = max((x for (cc, x) in samples if cc == c and x < s), default=0)
             cache, cache_ctx = None, None
             continue
-        points.append({"context": c, "size": s, **summarize(samples)})
-        bar.set_postfix(C=c, L=s, ms=f"{1000 * points[-1]['median_s']:.1f}")
+        ms = 1000 * float(np.median(samples[(c, s)]))
+        bar.set_postfix(round=r + 1, C=c, L=s, ms=f"{ms:.1f}")
+    points = []
+    for c in contexts:
+        for s in sizes:
+            if (c, s) in done:
+                points.append(done[(c, s)])
+            elif (c, s) in samples and not (c in max_fit and s > max_fit[c]):
+                extra = {"rounds": rounds, "round_medians_s": sweeps[(c, s)]} \
+                    if rounds > 1 else {}
+                points.append({"context": c, "size": s, **summarize(samples[(c, s)]),
+                               **extra})
     return points, max_fit
 
 
@@ -565,6 +592,8 @@ def main(args) -> dict:
     contexts = parse_list(args.contexts, CONTEXTS, "--contexts")
     if args.repeats < 1:
         raise BadInput(f"--repeats must be ≥ 1, got {args.repeats}")
+    if args.rounds < 1:
+        raise BadInput(f"--rounds must be ≥ 1, got {args.rounds}")
     human = not args.json
     if args.calibration and not args.simulate:
         raise BadInput("--calibration goes with --simulate")
@@ -594,6 +623,8 @@ def main(args) -> dict:
     dec, info = open_decoder(args.model, args.dtype, device, None, None, args.threads)
     dev_id = shipped.device_slug(dec.device.type)
     out = args.out or default_out(dev_id, info["model"], info["dtype"])
+    if args.contexts is None and dec.device.type == "cpu":
+        contexts = list(CPU_CONTEXTS)
     max_ctx = dec.lm.max_context
     capped = [c for c in contexts if c + max(sizes) <= max_ctx]
     if not capped:
@@ -614,7 +645,7 @@ def main(args) -> dict:
             f"{len(sizes)} sizes × {len(capped)} contexts")
     t0 = time.perf_counter()
     points, max_fit = measure_points(dec, sizes, capped, args.repeats, args.budget_seconds,
-                                     done, quiet=not human)
+                                     done, quiet=not human, rounds=args.rounds)
     overhead = reuse.get("overhead") or (None if args.no_overhead else
                                          measure_overhead(dec, quiet=not human))
     ceilings = reuse.get("ceilings") or measure_ceilings(dec.device, dec.dtype)
@@ -640,6 +671,14 @@ def main(args) -> dict:
     return _report(prof, out, human)
 
 
+def sweep_spread(points: list[dict]) -> float | None:
+    """Median over points of (slowest sweep median / fastest − 1): how much the machine's
+    speed moved while it was profiled. None for single-sweep profiles."""
+    r = [max(p["round_medians_s"]) / min(p["round_medians_s"]) - 1 for p in points
+         if len(p.get("round_medians_s", [])) > 1]
+    return round(float(np.median(r)), 4) if r else None
+
+
 def _report(prof: dict, out, human: bool) -> dict:
     lat = Latency(prof, with_overhead=False)
     summary = {"out": str(out), "model": prof["model"], "dtype": prof["dtype"],
@@ -650,6 +689,9 @@ def _report(prof: dict, out, human: bool) -> dict:
                "overhead_s": prof["overhead"]["per_step_s"]}
     if "roofline" in prof:
         summary["roofline"] = prof["roofline"]
+    spread = sweep_spread(prof["points"])
+    if spread is not None:
+        summary["sweep_spread"] = spread
     if human:
         c0 = lat.contexts[0]
         say(f"wrote {out}")
@@ -664,6 +706,9 @@ def _report(prof: dict, out, human: bool) -> dict:
                 f"overlap {f['overlap']:.2f}, launch "
                 f"{1e6 * f['kernel_overhead_s_per_layer']:.1f} µs/layer; error median "
                 f"{100 * rf['median_rel_error']:.1f} %, max {100 * rf['max_rel_error']:.1f} %")
+        if spread is not None:
+            say(f"drift between sweeps: a point's slowest sweep is {100 * spread:.1f} % above "
+                "its fastest (median over points)")
         say("knee (largest L with t(L) ≤ 1.1·t(1)): " +
             ", ".join(f"C={c}: {k}" for c, k in summary["knee"].items()))
     return summary

@@ -36,12 +36,19 @@ def prompt_text(row: dict, where: str) -> str:
     raise BadInput(f"{where}: no prompt field (one of {', '.join(FIELDS)})")
 
 
-def load(path: str | None, limit: int | None = None, offset: int = 0) -> list[str]:
-    """Prompts from a JSONL file (or the built-in set when path is None)."""
+def load(path: str | None, limit: int | None = None, offset: int = 0,
+         stride: int = 1) -> list[str]:
+    """Prompts from a JSONL file (or the built-in set when path is None): rows offset,
+    offset + stride, offset + 2·stride, ... (at most `limit` of them). A stride spreads a
+    small sample over a file whose rows are grouped by category, as MT-Bench's are."""
     if limit is not None and limit < 1:
         raise BadInput(f"--limit must be ≥ 1, got {limit}")
+    if stride < 1:
+        raise BadInput(f"--stride must be ≥ 1, got {stride}")
+    if offset < 0:
+        raise BadInput(f"--offset must be ≥ 0, got {offset}")
     if path is None:
-        rows = BUILTIN[offset:]
+        rows = BUILTIN[offset::stride]
         return rows[:limit] if limit else rows
     p = pathlib.Path(path)
     if not p.is_file():
@@ -57,7 +64,7 @@ def load(path: str | None, limit: int | None = None, offset: int = 0) -> list[st
         if not isinstance(row, dict):
             raise BadInput(f"prompt file {p} line {i}: expected a JSON object")
         out.append(prompt_text(row, f"prompt file {p} line {i}"))
-    out = out[offset:]
+    out = out[offset::stride]
     if limit:
         out = out[:limit]
     if not out:

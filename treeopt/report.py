@@ -232,13 +232,24 @@ def tree_section(tree_obj: dict) -> str:
 def run_section(run: dict, tree_obj: dict | None) -> str:
     import matplotlib.pyplot as plt
 
-    pred = (tree_obj or {}).get("meta", {}).get("predicted", {})
+    # the bench's own prediction (at its context, against its decode phase) where it has
+    # one, else the search's
+    pred = run.get("predicted") or (tree_obj or {}).get("meta", {}).get("predicted", {})
+    dec = run.get("decode") if run.get("predicted") else None
+    err = pred.get("error", {})
+
+    def vs(key, digits):
+        if not dec or key not in err:
+            return pred.get(key)
+        return f"{pred[key]:.{digits}f} ({100 * err[key]:+.1f}% vs measured {dec[key]:.{digits}f})"
+
     info = {"kind": run.get("kind"), "model": run.get("model"), "dtype": run.get("dtype"),
             "tree": run.get("tree"), "prompt tokens": run.get("prompt_tokens"),
             "prompts": run.get("prompts"), "tokens/step (measured)": run.get("tokens_per_step"),
-            "tokens/step (predicted)": pred.get("tokens_per_step"),
+            "tokens/step (predicted)": vs("tokens_per_step", 3),
             "tokens/s PPD": run.get("tokens_per_second"),
-            "tokens/s (predicted)": pred.get("tokens_per_second"),
+            "tokens/s (predicted)": vs("tokens_per_second", 1),
+            "machine speed vs profile": pred.get("speed_vs_profile"),
             "tokens/s HF generate": run.get("hf_tokens_per_second") or
             (run.get("hf_generate") or {}).get("tokens_per_second"),
             "speedup vs HF generate": run.get("speedup_vs_hf"),

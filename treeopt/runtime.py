@@ -364,7 +364,7 @@ def open_decoder(model: str | None = None, dtype: str = "auto", device: str = "a
         shipped_dir = shipped.prompt_tokens_dir(lm.model_id)
         if (shipped_dir / "prompt_tokens.safetensors").is_file():
             pt_obj = PromptTokens.load(shipped_dir)
-            info["prompt_tokens"] = str(shipped_dir)
+            info["prompt_tokens"] = shipped.display_path(shipped_dir)
         else:
             pt_obj = PromptTokens.init_from_text(lm.model, lm.tokenizer, 3)
             info["prompt_tokens"] = "untrained (initialised from text)"
@@ -372,7 +372,7 @@ def open_decoder(model: str | None = None, dtype: str = "auto", device: str = "a
         path = shipped.tree_path(lm.model_id, lm.device.type)
         if path.is_file():
             tree_obj = Tree.load(path)
-            info["tree"] = str(path)
+            info["tree"] = shipped.display_path(path)
         else:
             tree_obj = Tree.chain(pt_obj.num, pt_obj.num)
             info["tree"] = f"chain of depth {pt_obj.num}"

@@ -517,6 +517,7 @@ def export_vllm(tree: Tree) -> list[tuple[int, ...]]:
 # ---- the verb -----------------------------------------------------------------------
 HELP = "find the tree with the most expected tokens per second for a model on a device"
 DEFAULT_SIM_GPU = "a100-80gb"
+DEFAULT_CONTEXT = 512  # where the acceptance file does not say what context it measured
 
 
 def add_arguments(p) -> None:
@@ -528,8 +529,9 @@ def add_arguments(p) -> None:
     p.add_argument("--acceptance", help="acceptance.json (default: the shipped one)")
     p.add_argument("--max-input", type=int, default=512,
                    help="no state's forward input may be longer (default 512)")
-    p.add_argument("--context", type=int, default=512,
-                   help="context length at which the profile's t(L) is read")
+    p.add_argument("--context", type=int,
+                   help="context length at which the profile's t(L) is read (default: the "
+                   "acceptance measurement's mean context, else 512)")
     p.add_argument("--static", action="store_true", help="one-state tree (every node K tokens)")
     p.add_argument("--product", action="store_true",
                    help="ignore measured conditional path probabilities (product model)")
@@ -546,13 +548,13 @@ def resolve_inputs(model, profile_path, acceptance_path, dtype="auto"):
     from . import accept as acc_mod
     from . import profile as prof_mod
     from .models import DEFAULT_MODEL_ID, KNOWN_MODELS, known_model, pick_dtype, dtype_name
-    from .shipped import PROFILES, device_slug
+    from .shipped import PROFILES, device_slug, display_path
 
     canon = known_model(model) if model else DEFAULT_MODEL_ID
     model_id = canon or __import__("pathlib").Path(model).resolve().name
     if acceptance_path:
         acc = acc_mod.load(acceptance_path)
-        acc_src = str(acceptance_path)
+        acc_src = display_path(acceptance_path)
     else:
         ref = KNOWN_MODELS.get(canon or "", {}).get("reference")
         cands = ([PROFILES / "reference" / f"{ref}.acceptance.json"] if ref else []) + \
@@ -561,9 +563,9 @@ def resolve_inputs(model, profile_path, acceptance_path, dtype="auto"):
         if not found:
             raise BadInput(f"no acceptance file for {model_id}: run `treeopt accept` or pass "
                            "--acceptance")
-        acc, acc_src = acc_mod.load(found[0]), str(found[0])
+        acc, acc_src = acc_mod.load(found[0]), display_path(found[0])
     if profile_path:
-        prof, prof_src = prof_mod.load(profile_path), str(profile_path)
+        prof, prof_src = prof_mod.load(profile_path), display_path(profile_path)
     else:
         local = None
         if any(not p.name.startswith("sim-") for p in PROFILES.glob(f"*__{model_id}__*.json")):
@@ -573,7 +575,7 @@ def resolve_inputs(model, profile_path, acceptance_path, dtype="auto"):
             dt = dtype_name(pick_dtype(dtype, torch.device(dev)))
             local = PROFILES / f"{device_slug(dev)}__{model_id}__{dt}.json"
         if local is not None and local.is_file():
-            prof, prof_src = prof_mod.load(local), str(local)
+            prof, prof_src = prof_mod.load(local), display_path(local)
         elif canon and canon != DEFAULT_MODEL_ID:
             prof = prof_mod.simulate(DEFAULT_SIM_GPU, canon, "float16", prof_mod.GPU_SIZES +
                                      [384, 512], prof_mod.CONTEXTS)
@@ -603,15 +605,20 @@ def main(args) -> dict:
     model_id, prof, prof_src, acc_obj, acc_src = resolve_inputs(args.model, args.profile,
                                                                 args.acceptance)
     lat_model = prof_mod.Latency(prof)
-    lat = lambda L: lat_model(L, args.context)  # noqa: E731
-    t1 = float(prof_mod.Latency(prof, with_overhead=False)([1], args.context)[0])
+    context = args.context if args.context is not None else \
+        int(acc_obj.get("mean_context") or DEFAULT_CONTEXT)
+    if context < 1:
+        raise BadInput(f"--context must be ≥ 1, got {context}")
+    lat = lambda L: lat_model(L, context)  # noqa: E731
+    t1 = float(prof_mod.Latency(prof, with_overhead=False)([1], context)[0])
     from .accept import search_inputs
 
     acc_prod, _ = search_inputs(acc_obj, conditional=False)
     acc_fit, pp = search_inputs(acc_obj, conditional=not args.product)
     human = not args.json
     if human:
-        say(f"model {model_id}; profile: {prof_src}; acceptance: {acc_src}")
+        say(f"model {model_id}; profile: {prof_src}; acceptance: {acc_src}; t(L) read at "
+            f"context {context}")
     t0 = time.perf_counter()
     config = {"k": acc_prod.shape[0], "width_cap": None, "conditional": pp is not None}
     if args.trials:
@@ -633,7 +640,7 @@ def main(args) -> dict:
     tree = sol.tree
     tree.meta = {"model": model_id, "profile": prof_src, "acceptance": acc_src,
                  "device": prof["device"].get("name"), "simulated": bool(prof.get("simulated")),
-                 "context": args.context, "max_input": args.max_input, "config": config,
+                 "context": context, "max_input": args.max_input, "config": config,
                  "predicted": pred, "search_seconds": round(seconds, 3),
                  "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
                      timespec="seconds"),

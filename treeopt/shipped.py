@@ -34,6 +34,27 @@ def device_slug(device: str = "cpu") -> str:
     return f"cpu-{slug(cpu_name())}-{os.cpu_count()}c"
 
 
+def display_path(path) -> str:
+    """A path as stored in artefacts: relative to the repository when inside it (so shipped
+    artefacts stay valid in any clone), else absolute."""
+    p = pathlib.Path(path).resolve()
+    try:
+        return str(p.relative_to(REPO))
+    except ValueError:
+        return str(p)
+
+
+def stored_path(text) -> pathlib.Path | None:
+    """An artefact's stored path back as a file (relative ones are tried against the
+    current directory, then the repository); None when it names no file."""
+    if not text:
+        return None
+    for p in (pathlib.Path(text), REPO / text):
+        if p.is_file():
+            return p
+    return None
+
+
 def prompt_tokens_dir(model_id: str) -> pathlib.Path:
     return PROFILES / f"{model_id}.prompt_tokens"
 

@@ -1,0 +1,78 @@
+"""The bench's decode-phase figures and its predicted-vs-measured block (no model)."""
+import json
+
+import pytest
+
+from treeopt import accept, bench, search, shipped
+from treeopt import profile as prof_mod
+from treeopt.artefact import write_json
+from treeopt.runtime import Result
+from treeopt.tree import Tree
+
+
+def result(accepted, seconds, finish="length", prefill=0.5):
+    r = Result([0] * sum(accepted), 1, 0.0, prefill)
+    for a, s in zip(accepted, seconds):
+        r.add_step(s, a)
+    r.finish_reason = finish
+    return r
+
+
+def test_decode_phase_drops_prefill_and_a_cut_last_step():
+    runs = [(10, result([1, 2, 3, 1], [0.1, 0.1, 0.2, 0.1])),  # last step (cut) dropped
+            (20, result([2, 2, 3], [0.1, 0.1, 0.3], finish="eos")),  # so is an EOS step
+            (30, result([1, 1], [0.1, 0.1], finish="context"))]  # nothing cut here
+    d = bench.decode_phase(runs)
+    assert d["steps"] == 7
+    assert d["tokens_per_step"] == pytest.approx((1 + 2 + 3 + 2 + 2 + 1 + 1) / 7, abs=1e-4)
+    assert d["step_seconds"] == pytest.approx(0.8 / 7, abs=1e-6)
+    assert d["tokens_per_second"] == pytest.approx(12 / 0.8, rel=1e-4)
+    # contexts: 10, 11, 13 (first prompt), 20, 22 (second), 30, 31 (third)
+    assert d["context"] == round((10 + 11 + 13 + 20 + 22 + 30 + 31) / 7)
+    assert bench.decode_phase([(5, result([1], [0.1]))]) == {"steps": 0}
+
+
+def synthetic_profile():
+    pts = [{"context": c, "size": s, "median_s": 0.01 + 0.001 * s + 1e-5 * c,
+            "p10_s": 0.0, "p90_s": 0.0, "n": 3} for c in (64, 128) for s in (1, 4, 8, 16)]
+    return {"schema": prof_mod.SCHEMA, "model": "vicuna-7b-v1.3", "dtype": "float16",
+            "simulated": False, "device": {"kind": "cpu", "name": "x"}, "points": pts,
+            "overhead": {"per_step_s": 0.0005, "fraction": 0.05}}
+
+
+def test_predicted_vs_measured(tmp_path):
+    prof_path, acc_path = tmp_path / "p.json", shipped.PROFILES / "reference" / \
+        "vicuna-7b-v1.3.acceptance.json"
+    write_json(prof_path, synthetic_profile())
+    tree = Tree.static([[0], [1], [0, 0]], 3, 10)
+    acc = accept.search_inputs(accept.load(acc_path), conditional=False)[0]
+    lat = prof_mod.Latency(synthetic_profile())
+    want = search.predict(tree, acc, lambda L: lat(L, 96))
+    # a run that matches the prediction exactly, and a plain loop 10 % slower than t(1)
+    t1 = float(prof_mod.Latency(synthetic_profile(), with_overhead=False)([1], 96)[0])
+    res = {"decode": {"steps": 50, "tokens_per_step": want["tokens_per_step"],
+                      "step_seconds": want["step_seconds"],
+                      "tokens_per_second": want["tokens_per_second"], "context": 96},
+           "baseline_decode": {"steps": 80, "tokens_per_step": 1.0, "step_seconds": 1.1 * t1,
+                               "tokens_per_second": 1 / (1.1 * t1), "context": 96}}
+    tree.meta = {"config": {"conditional": False}}
+    out = bench.predicted_vs_measured(tree, "m", "cpu", "float16", res, str(prof_path),
+                                      str(acc_path))
+    assert out["context"] == 96
+    assert all(abs(e) < 1e-3 for k, e in out["error"].items() if k != "tokens_per_second_at_run_speed")
+    assert out["speed_vs_profile"] == pytest.approx(1.1, rel=1e-3)
+    assert out["error"]["tokens_per_second_at_run_speed"] == pytest.approx(1 / 1.1 - 1, abs=1e-3)
+    assert out["acceptance"] == "profiles/reference/vicuna-7b-v1.3.acceptance.json"
+    # without a profile to read there is nothing to predict
+    tree.meta = {}
+    assert bench.predicted_vs_measured(tree, "no-such-model", "cpu", "float16", res) is None
+
+
+def test_stored_paths_are_repo_relative(tmp_path):
+    p = shipped.PROFILES / "reference" / "vicuna-7b-v1.3.acceptance.json"
+    text = shipped.display_path(p)
+    assert text == "profiles/reference/vicuna-7b-v1.3.acceptance.json"
+    assert shipped.stored_path(text).resolve() == p.resolve()
+    assert shipped.display_path(tmp_path / "x.json") == str((tmp_path / "x.json").resolve())
+    assert shipped.stored_path("profiles/none.json") is None and shipped.stored_path(None) is None
+    json.dumps(text)
