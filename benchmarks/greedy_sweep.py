@@ -60,7 +60,8 @@ def main():
     if pred:
         e = pred["error"]
         print(f"searched: predicted {pred['tokens_per_second']:.1f} tok/s vs measured "
-              f"{rows['searched']['tokens_per_second']:.1f} ({100 * e['tokens_per_second']:+.1f}%); "
+              f"{rows['searched']['tokens_per_second']:.1f} "
+              f"({100 * e['tokens_per_second']:+.1f}%); "
               f"tokens/step {100 * e['tokens_per_step']:+.1f}%, step time "
               f"{100 * e['step_seconds']:+.1f}%; plain step {pred['speed_vs_profile']:.3f}x "
               f"profile t(1), at that speed {100 * e['tokens_per_second_at_run_speed']:+.1f}%")

@@ -59,7 +59,8 @@ def test_predicted_vs_measured(tmp_path):
     out = bench.predicted_vs_measured(tree, "m", "cpu", "float16", res, str(prof_path),
                                       str(acc_path))
     assert out["context"] == 96
-    assert all(abs(e) < 1e-3 for k, e in out["error"].items() if k != "tokens_per_second_at_run_speed")
+    assert all(abs(e) < 1e-3 for k, e in out["error"].items()
+               if k != "tokens_per_second_at_run_speed")
     assert out["speed_vs_profile"] == pytest.approx(1.1, rel=1e-3)
     assert out["error"]["tokens_per_second_at_run_speed"] == pytest.approx(1 / 1.1 - 1, abs=1e-3)
     assert out["acceptance"] == "profiles/reference/vicuna-7b-v1.3.acceptance.json"

@@ -114,3 +114,18 @@ def test_bench_json(tmp_path):
         assert key in out, key
     assert out["prompts"] == 2 and out["unexplained_divergences"] == 0
     assert json.loads((tmp_path / "run.json").read_text()) == out
+
+
+def test_artefacts_are_written_whole_and_readable(tmp_path):
+    import stat
+
+    from treeopt.artefact import write_json
+
+    mask = os.umask(0o022)
+    try:
+        path = write_json(tmp_path / "sub" / "a.json", {"x": 1})
+    finally:
+        os.umask(mask)
+    assert json.loads(path.read_text()) == {"x": 1}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert [p.name for p in path.parent.iterdir()] == ["a.json"]  # no temp file left

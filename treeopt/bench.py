@@ -218,7 +218,8 @@ def main(args) -> dict:
                                  args.profile, args.acceptance)
     if pred:
         out["predicted"] = pred
-    path = args.out or shipped.REPORTS / f"{shipped.device_slug(dec.device.type)}__{info['model']}.run.json"
+    path = args.out or \
+        shipped.REPORTS / f"{shipped.device_slug(dec.device.type)}__{info['model']}.run.json"
     write_json(path, out)
     if human:
         say(f"PPD {out['tokens_per_second']:.1f} tok/s vs HF generate "

@@ -46,7 +46,8 @@ def main(args) -> dict:
         if human:
             say("1/5 profile: measuring (a few minutes)…")
         r = _verb(profile, **common, gpu=False, cpu=dev.type == "cpu", simulate=None,
-                  peak_tflops=None, bandwidth_gbs=None, sizes=None, contexts=None, repeats=30, rounds=3,
+                  peak_tflops=None, bandwidth_gbs=None, sizes=None, contexts=None, repeats=30,
+                  rounds=3,
                   budget_seconds=6.0, resume=False, no_overhead=False, out=str(prof_path))
         heads["profile"] = f"measured, knee {r['knee']}"
     else:
@@ -56,9 +57,10 @@ def main(args) -> dict:
     if args.fresh or not acc_path.is_file():
         if human:
             say("2/5 acceptance: measuring on the built-in prompts…")
-        r = _verb(accept, **common, prompt_tokens=None, prompts=None, limit=None, offset=0, stride=1,
-                  topk=10, max_new_tokens=160, min_support=40, check_tree=None,
-                  check_prompts=None, check_limit=20, check_offset=0, check_stride=1, out=str(acc_path))
+        r = _verb(accept, **common, prompt_tokens=None, prompts=None, limit=None, offset=0,
+                  stride=1, topk=10, max_new_tokens=160, min_support=40, check_tree=None,
+                  check_prompts=None, check_limit=20, check_offset=0, check_stride=1,
+                  out=str(acc_path))
         heads["acceptance"] = "measured"
     else:
         heads["acceptance"] = f"reused {acc_path.name}"
@@ -90,5 +92,6 @@ def main(args) -> dict:
               allow_mixed=False, open=False)
     heads["report"] = r["out"]
     if human:
-        say(f"5/5 report: {r['out']} ({time.perf_counter() - t0:.0f} s in all)")
+        say(f"5/5 report: {shipped.display_path(r['out'])} "
+            f"({time.perf_counter() - t0:.0f} s in all)")
     return {"report": r["out"], "headlines": heads}

@@ -671,6 +671,9 @@ def main(args) -> dict:
     return _report(prof, out, human)
 
 
+DRIFT_WARN = 0.05  # sweep spread above which `profile` warns
+
+
 def sweep_spread(points: list[dict]) -> float | None:
     """Median over points of (slowest sweep median / fastest − 1): how much the machine's
     speed moved while it was profiled. None for single-sweep profiles."""
@@ -709,6 +712,10 @@ def _report(prof: dict, out, human: bool) -> dict:
         if spread is not None:
             say(f"drift between sweeps: a point's slowest sweep is {100 * spread:.1f} % above "
                 "its fastest (median over points)")
+            if spread > DRIFT_WARN:
+                say(f"warning: the device's speed moved by more than {100 * DRIFT_WARN:.0f} % "
+                    "while profiling (other load, clocks); tokens/s predicted from this "
+                    "profile carry that error — profile again on a quiet machine")
         say("knee (largest L with t(L) ≤ 1.1·t(1)): " +
             ", ".join(f"C={c}: {k}" for c, k in summary["knee"].items()))
     return summary

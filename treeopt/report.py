@@ -58,7 +58,8 @@ def _figure(svg: str, caption: str, fid: str) -> str:
 def latency_section(profiles: list[tuple[str, dict]]) -> str:
     import matplotlib.pyplot as plt
 
-    from .profile import Latency
+    from .profile import Latency, sweep_spread
+    from .shipped import display_path
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     facts = []
@@ -81,8 +82,10 @@ def latency_section(profiles: list[tuple[str, dict]]) -> str:
         facts.append(f"<li>{_esc(label)} — knee (t ≤ 1.1·t(1)) at "
                      + ", ".join(f"C={c}: L={lat.knee(c)}" for c in lat.contexts)
                      + f"; per-step overhead {1000 * prof['overhead']['per_step_s']:.2f} ms"
+                     + (f"; drift between sweeps {100 * spread:.1f} %"
+                        if (spread := sweep_spread(prof["points"])) is not None else "")
                      + (" — <b>simulated by roofline</b>" if prof.get("simulated") else "")
-                     + f" <span class='src'>({_esc(path)})</span></li>")
+                     + f" <span class='src'>({_esc(display_path(path))})</span></li>")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("input length L (tokens in one forward)")
     ax.set_ylabel("ms per forward")

@@ -359,7 +359,8 @@ def open_decoder(model: str | None = None, dtype: str = "auto", device: str = "a
     pt_obj = PromptTokens.load(prompt_tokens) if prompt_tokens else None
     lm = models.load(model, dtype=dtype, device=device, threads=threads)
     info = {"model": lm.model_id, "device": str(lm.device), "dtype": models.dtype_name(lm.dtype),
-            "tree": tree or "default", "prompt_tokens": prompt_tokens or "default"}
+            "tree": shipped.display_path(tree) if tree else "default",
+            "prompt_tokens": shipped.display_path(prompt_tokens) if prompt_tokens else "default"}
     if pt_obj is None:
         shipped_dir = shipped.prompt_tokens_dir(lm.model_id)
         if (shipped_dir / "prompt_tokens.safetensors").is_file():
