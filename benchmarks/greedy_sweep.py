@@ -51,9 +51,10 @@ def main():
     rows = {n: bench.decode_phase(r) for n, r in runs.items()}
     best_greedy = max(v["tokens_per_second"] for n, v in rows.items() if n != "searched")
     frac = rows["searched"]["tokens_per_second"] / best_greedy
+    measured = {"decode": rows["searched"], "baseline_decode": bench.decode_phase(plain)}
     pred = bench.predicted_vs_measured(
-        trees["searched"], model, dec.device.type, info["dtype"],
-        {"decode": rows["searched"], "baseline_decode": bench.decode_phase(plain)})
+        trees["searched"], measured,
+        bench.prediction_inputs(trees["searched"], model, dec.device.type, info["dtype"]))
     for n, v in rows.items():
         print(f"{n:>16}: {v['tokens_per_second']:.2f} tok/s, {v['tokens_per_step']:.3f} tok/step")
     print(f"searched / best greedy = {frac:.3f}")

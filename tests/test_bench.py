@@ -6,6 +6,7 @@ import pytest
 from treeopt import accept, bench, search, shipped
 from treeopt import profile as prof_mod
 from treeopt.artefact import write_json
+from treeopt.errors import BadInput
 from treeopt.runtime import Result
 from treeopt.tree import Tree
 
@@ -56,8 +57,9 @@ def test_predicted_vs_measured(tmp_path):
            "baseline_decode": {"steps": 80, "tokens_per_step": 1.0, "step_seconds": 1.1 * t1,
                                "tokens_per_second": 1 / (1.1 * t1), "context": 96}}
     tree.meta = {"config": {"conditional": False}}
-    out = bench.predicted_vs_measured(tree, "m", "cpu", "float16", res, str(prof_path),
-                                      str(acc_path))
+    inputs = bench.prediction_inputs(tree, "vicuna-7b-v1.3", "cpu", "float16", str(prof_path),
+                                     str(acc_path))
+    out = bench.predicted_vs_measured(tree, res, inputs)
     assert out["context"] == 96
     assert all(abs(e) < 1e-3 for k, e in out["error"].items()
                if k != "tokens_per_second_at_run_speed")
@@ -66,7 +68,12 @@ def test_predicted_vs_measured(tmp_path):
     assert out["acceptance"] == "profiles/reference/vicuna-7b-v1.3.acceptance.json"
     # without a profile to read there is nothing to predict
     tree.meta = {}
-    assert bench.predicted_vs_measured(tree, "no-such-model", "cpu", "float16", res) is None
+    assert bench.prediction_inputs(tree, "no-such-model", "cpu", "float16") is None
+    assert bench.predicted_vs_measured(tree, res, None) is None
+    # a given profile for another model is bad input
+    with pytest.raises(BadInput, match="--profile .* is for vicuna-7b-v1.3"):
+        bench.prediction_inputs(tree, "SmolLM2-135M-Instruct", "cpu", "float16",
+                                str(prof_path), str(acc_path))
 
 
 def test_stored_paths_are_repo_relative(tmp_path):
@@ -77,3 +84,10 @@ def test_stored_paths_are_repo_relative(tmp_path):
     assert shipped.display_path(tmp_path / "x.json") == str((tmp_path / "x.json").resolve())
     assert shipped.stored_path("profiles/none.json") is None and shipped.stored_path(None) is None
     json.dumps(text)
+
+
+def test_bench_bad_profile_fails_before_benching(tmp_path):
+    from test_cli import assert_bad, treeopt
+
+    assert_bad(treeopt("bench", "--profile", str(tmp_path / "none.json"), "--limit", "1"),
+               "no such file")

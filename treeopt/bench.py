@@ -144,37 +144,55 @@ def decode_phase(runs: list[tuple[int, object]]) -> dict:
             "tokens_per_second": round(tokens / seconds, 3), "context": round(ctx_sum / steps)}
 
 
-def predicted_vs_measured(tree, model_id: str, device_type: str, dtype: str, res: dict,
-                          profile_path: str | None = None,
-                          acceptance_path: str | None = None) -> dict | None:
+def prediction_inputs(tree, model_id: str, device_type: str, dtype: str,
+                      profile_path: str | None = None,
+                      acceptance_path: str | None = None) -> dict | None:
+    """The profile and acceptance file to predict the benched tree with: the ones given,
+    else this device's measured profile for the dtype and the acceptance file the tree was
+    searched with (else the shipped one). A given file for another model is bad input;
+    None when either is missing."""
+    from . import accept, shipped
+    from . import profile as prof_mod
+    from .models import known_model
+
+    meta = tree.meta or {}
+    if profile_path is None:
+        profile_path = shipped.stored_path(
+            shipped.PROFILES / f"{shipped.device_slug(device_type)}__{model_id}__{dtype}.json")
+    if acceptance_path is None:
+        cand = [meta.get("acceptance"), shipped.PROFILES / f"{model_id}.acceptance.json"]
+        acceptance_path = next(filter(None, map(shipped.stored_path, cand)), None)
+    if profile_path is None or acceptance_path is None:
+        return None
+    prof, acc = prof_mod.load(profile_path), accept.load(acceptance_path)
+    for what, obj, path in (("profile", prof, profile_path), ("acceptance", acc, acceptance_path)):
+        if obj["model"] != model_id and known_model(obj["model"]) != known_model(model_id):
+            raise BadInput(f"--{what} {path} is for {obj['model']}, the benched model is "
+                           f"{model_id}")
+    return {"profile": prof, "profile_path": shipped.display_path(profile_path),
+            "acceptance": acc, "acceptance_path": shipped.display_path(acceptance_path)}
+
+
+def predicted_vs_measured(tree, res: dict, inputs: dict | None) -> dict | None:
     """The search's prediction for the benched tree at the bench's mean context, beside the
     measured decode phase. `speed_vs_profile` is this run's plain-loop step time over the
     profile's measured one-token forward at that context (1.0 = the machine runs as fast
     as when profiled); the prediction scaled by it separates model error from machine
-    drift. None without the inputs."""
-    from . import accept, search, shipped
+    drift. None without the inputs (see :func:`prediction_inputs`)."""
+    from . import accept, search
     from . import profile as prof_mod
 
-    meta = tree.meta or {}
-    if profile_path is None:
-        cand = [shipped.PROFILES / f"{shipped.device_slug(device_type)}__{model_id}__{dtype}.json",
-                meta.get("profile")]
-        profile_path = next(filter(None, map(shipped.stored_path, cand)), None)
-    if acceptance_path is None:
-        cand = [meta.get("acceptance"), shipped.PROFILES / f"{model_id}.acceptance.json"]
-        acceptance_path = next(filter(None, map(shipped.stored_path, cand)), None)
     dec_m = res.get("decode", {})
-    if profile_path is None or acceptance_path is None or not dec_m.get("steps"):
+    if inputs is None or not dec_m.get("steps"):
         return None
-    prof, acc_obj = prof_mod.load(profile_path), accept.load(acceptance_path)
-    conditional = (meta.get("config") or {}).get("conditional", True)
-    acc, pp = accept.search_inputs(acc_obj, conditional=conditional)
+    prof = inputs["profile"]
+    conditional = ((tree.meta or {}).get("config") or {}).get("conditional", True)
+    acc, pp = accept.search_inputs(inputs["acceptance"], conditional=conditional)
     lat = prof_mod.Latency(prof)
     ctx = dec_m["context"]
     pred = search.predict(tree, acc, lambda L: lat(L, ctx), path_prob=pp)
-    out = {"profile": shipped.display_path(profile_path),
-           "acceptance": shipped.display_path(acceptance_path), "context": ctx,
-           "tokens_per_step": round(pred["tokens_per_step"], 4),
+    out = {"profile": inputs["profile_path"], "acceptance": inputs["acceptance_path"],
+           "context": ctx, "tokens_per_step": round(pred["tokens_per_step"], 4),
            "step_seconds": round(pred["step_seconds"], 6),
            "tokens_per_second": round(pred["tokens_per_second"], 3),
            "error": {k: round(pred[k] / dec_m[k] - 1, 4)
@@ -206,6 +224,9 @@ def main(args) -> dict:
             dec.check_prompt(ids, args.max_new_tokens)
         except BadInput as e:
             raise BadInput(f"prompt {i}: {e}") from e
+    # read before the bench, so that a bad file fails in seconds, not after it
+    inputs = prediction_inputs(dec.tree, info["model"], dec.device.type, info["dtype"],
+                               args.profile, args.acceptance)
     human = not args.json
     if human:
         say(f"bench: {len(encoded)} prompts, {args.max_new_tokens} new tokens, model "
@@ -214,8 +235,7 @@ def main(args) -> dict:
     out = {"schema": "treeopt.run/1", "kind": "bench", **info,
            "prompt_file": args.prompts or "built-in", "offset": args.offset,
            "stride": args.stride, **res}
-    pred = predicted_vs_measured(dec.tree, info["model"], dec.device.type, info["dtype"], res,
-                                 args.profile, args.acceptance)
+    pred = predicted_vs_measured(dec.tree, res, inputs)
     if pred:
         out["predicted"] = pred
     path = args.out or \
