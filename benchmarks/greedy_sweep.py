@@ -30,7 +30,7 @@ def main():
     args = ap.parse_args()
     dec, info = open_decoder()
     model = info["model"]
-    acc_obj = accept.load(shipped.PROFILES / f"{model}.acceptance.json")
+    acc_obj = accept.load(shipped.acceptance_path(model))
     acc, _ = accept.search_inputs(acc_obj, conditional=False)
     trees = {"searched": Tree.load(shipped.tree_path(model, dec.device.type))}
     for L in [int(x) for x in args.sizes.split(",")]:

@@ -6,6 +6,7 @@ import pytest
 from treeopt import accept
 from treeopt.artefact import write_json
 from treeopt.errors import BadInput
+from treeopt.shipped import PROFILES
 
 from test_cli import assert_bad, treeopt
 
@@ -80,6 +81,14 @@ def test_search_rejects_mixed_models(tmp_path):
     assert p.returncode == 0, p.stderr
     assert_bad(treeopt("search", "--model", "vicuna-7b", "--profile", str(tmp_path / "p.json")),
                "profile is for vicuna-13b-v1.3 but the acceptance file is for vicuna-7b-v1.3")
+    # two models no table knows are told apart by name too
+    prof = json.loads((tmp_path / "p.json").read_text())
+    write_json(tmp_path / "p2.json", dict(prof, model="my-model-a"))
+    acc = json.loads((PROFILES / "reference" / "vicuna-7b-v1.3.acceptance.json").read_text())
+    write_json(tmp_path / "a2.json", dict(acc, model="my-model-b"))
+    assert_bad(treeopt("search", "--profile", str(tmp_path / "p2.json"), "--acceptance",
+                       str(tmp_path / "a2.json")),
+               "profile is for my-model-a but the acceptance file is for my-model-b")
 
 
 def test_mean_context_over_measured_positions():
@@ -95,8 +104,6 @@ def test_mean_context_over_measured_positions():
 
 def test_search_reads_t_at_the_acceptance_context(tmp_path):
     """Without --context, search reads t(L) at the acceptance file's mean context."""
-    from treeopt.shipped import PROFILES
-
     src = json.loads((PROFILES / "reference" / "vicuna-7b-v1.3.acceptance.json").read_text())
     for ctx in (None, 1500):
         obj = dict(src, **({"mean_context": ctx} if ctx else {}))

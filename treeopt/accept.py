@@ -289,7 +289,7 @@ def main(args) -> dict:
     from .artefact import write_json
     from .cliutil import say
     from .runtime import open_decoder
-    from .shipped import PROFILES
+    from .shipped import acceptance_path
 
     texts = prompts.load(args.prompts, args.limit, args.offset, args.stride)
     check_texts = []
@@ -330,7 +330,7 @@ def main(args) -> dict:
                         "trees": check_trees(dec, args.check_tree, obj, check_texts,
                                              args.max_new_tokens, quiet=not human)}
     validate(obj)
-    out = args.out or PROFILES / f"{info['model']}.acceptance.json"
+    out = args.out or acceptance_path(info["model"])
     write_json(out, obj)
     if human:
         say(f"{len(samples)} prompts, {est['positions'][0]} positions; top-k accuracy:")

@@ -153,20 +153,20 @@ def prediction_inputs(tree, model_id: str, device_type: str, dtype: str,
     None when either is missing."""
     from . import accept, shipped
     from . import profile as prof_mod
-    from .models import known_model
+    from .models import canonical_model
 
     meta = tree.meta or {}
     if profile_path is None:
         profile_path = shipped.stored_path(
-            shipped.PROFILES / f"{shipped.device_slug(device_type)}__{model_id}__{dtype}.json")
+            shipped.profile_path(shipped.device_slug(device_type), model_id, dtype))
     if acceptance_path is None:
-        cand = [meta.get("acceptance"), shipped.PROFILES / f"{model_id}.acceptance.json"]
+        cand = [meta.get("acceptance"), shipped.acceptance_path(model_id)]
         acceptance_path = next(filter(None, map(shipped.stored_path, cand)), None)
     if profile_path is None or acceptance_path is None:
         return None
     prof, acc = prof_mod.load(profile_path), accept.load(acceptance_path)
     for what, obj, path in (("profile", prof, profile_path), ("acceptance", acc, acceptance_path)):
-        if obj["model"] != model_id and known_model(obj["model"]) != known_model(model_id):
+        if canonical_model(obj["model"]) != canonical_model(model_id):
             raise BadInput(f"--{what} {path} is for {obj['model']}, the benched model is "
                            f"{model_id}")
     return {"profile": prof, "profile_path": shipped.display_path(profile_path),

@@ -35,8 +35,8 @@ def main(args) -> dict:
     dt = dtype_name(pick_dtype(args.dtype, dev))
     model = DEFAULT_MODEL_ID
     dev_id = shipped.device_slug(dev.type)
-    prof_path = shipped.PROFILES / f"{dev_id}__{model}__{dt}.json"
-    acc_path = shipped.PROFILES / f"{model}.acceptance.json"
+    prof_path = shipped.profile_path(dev_id, model, dt)
+    acc_path = shipped.acceptance_path(model)
     tree_path = shipped.PROFILES / f"{dev_id}__{model}.tree.json"
     run_path = shipped.REPORTS / "demo.run.json"
     out = args.out or str(shipped.REPORTS / "demo.html")

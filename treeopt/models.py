@@ -94,6 +94,12 @@ def known_model(name: str) -> str | None:
     return None
 
 
+def canonical_model(name: str) -> str:
+    """The name artefacts of one model are compared by: the canonical name of a known
+    model (any alias or version suffix), else the name itself."""
+    return known_model(name) or name
+
+
 def cache_dir() -> pathlib.Path:
     """User cache for converted models and other derived data."""
     root = os.environ.get("TREEOPT_CACHE")

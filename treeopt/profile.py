@@ -576,12 +576,6 @@ def calibrate(points: list[dict], shape: dict, bytes_per_param: float, tflops: f
             "median_rel_error": float(np.median(rel)), "max_rel_error": float(rel.max())}
 
 
-def default_out(device_id: str, model: str, dtype: str):
-    from .shipped import PROFILES
-
-    return PROFILES / f"{device_id}__{model}__{dtype}.json"
-
-
 def main(args) -> dict:
     import torch
 
@@ -608,7 +602,7 @@ def main(args) -> dict:
         prof = simulate(args.simulate, args.model, args.dtype, sizes, contexts,
                         args.peak_tflops, args.bandwidth_gbs, factors)
         prof["command"] = "treeopt " + " ".join(sys.argv[1:])
-        out = args.out or default_out(prof["device_id"], prof["model"], prof["dtype"])
+        out = args.out or shipped.profile_path(prof["device_id"], prof["model"], prof["dtype"])
         write_json(out, prof)
         return _report(prof, out, human)
     if args.gpu:
@@ -622,7 +616,7 @@ def main(args) -> dict:
 
     dec, info = open_decoder(args.model, args.dtype, device, None, None, args.threads)
     dev_id = shipped.device_slug(dec.device.type)
-    out = args.out or default_out(dev_id, info["model"], info["dtype"])
+    out = args.out or shipped.profile_path(dev_id, info["model"], info["dtype"])
     if args.contexts is None and dec.device.type == "cpu":
         contexts = list(CPU_CONTEXTS)
     max_ctx = dec.lm.max_context

@@ -296,7 +296,7 @@ def build(profiles=(), acceptance=None, tree=None, run=None, title="treeopt repo
           allow_mixed=False) -> str:
     """The report's HTML from already-loaded artefacts."""
     from . import __version__
-    from .models import known_model
+    from .models import canonical_model
 
     if not (profiles or acceptance or tree or run):
         raise BadInput("report needs at least one of --profile, --acceptance, --tree, --run")
@@ -305,7 +305,7 @@ def build(profiles=(), acceptance=None, tree=None, run=None, title="treeopt repo
                                                                ("tree", tree), ("run", run)]:
         if obj is not None and model_of(name, obj):
             m = model_of(name, obj)
-            models.setdefault(known_model(m) or m, name)
+            models.setdefault(canonical_model(m), name)
     if len(models) > 1 and not allow_mixed:
         raise BadInput("artefacts of different models (" + ", ".join(models) +
                        "): pass --allow-mixed to report them together")

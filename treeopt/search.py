@@ -547,7 +547,9 @@ def resolve_inputs(model, profile_path, acceptance_path, dtype="auto"):
     """(model id, profile dict, profile source, acceptance dict, acceptance source)."""
     from . import accept as acc_mod
     from . import profile as prof_mod
-    from .models import DEFAULT_MODEL_ID, KNOWN_MODELS, known_model, pick_dtype, dtype_name
+    from . import shipped
+    from .models import (DEFAULT_MODEL_ID, KNOWN_MODELS, canonical_model, dtype_name,
+                         known_model, pick_dtype)
     from .shipped import PROFILES, device_slug, display_path
 
     canon = known_model(model) if model else DEFAULT_MODEL_ID
@@ -558,7 +560,7 @@ def resolve_inputs(model, profile_path, acceptance_path, dtype="auto"):
     else:
         ref = KNOWN_MODELS.get(canon or "", {}).get("reference")
         cands = ([PROFILES / "reference" / f"{ref}.acceptance.json"] if ref else []) + \
-            [PROFILES / f"{model_id}.acceptance.json"]
+            [shipped.acceptance_path(model_id)]
         found = [c for c in cands if c.is_file()]
         if not found:
             raise BadInput(f"no acceptance file for {model_id}: run `treeopt accept` or pass "
@@ -573,7 +575,7 @@ def resolve_inputs(model, profile_path, acceptance_path, dtype="auto"):
 
             dev = "cuda" if torch.cuda.is_available() else "cpu"
             dt = dtype_name(pick_dtype(dtype, torch.device(dev)))
-            local = PROFILES / f"{device_slug(dev)}__{model_id}__{dt}.json"
+            local = shipped.profile_path(device_slug(dev), model_id, dt)
         if local is not None and local.is_file():
             prof, prof_src = prof_mod.load(local), display_path(local)
         elif canon and canon != DEFAULT_MODEL_ID:
@@ -583,7 +585,7 @@ def resolve_inputs(model, profile_path, acceptance_path, dtype="auto"):
         else:
             raise BadInput(f"no measured profile for {model_id} on this device: run "
                            "`treeopt profile` or pass --profile")
-    if prof["model"] != acc["model"] and known_model(prof["model"]) != known_model(acc["model"]):
+    if canonical_model(prof["model"]) != canonical_model(acc["model"]):
         raise BadInput(f"profile is for {prof['model']} but the acceptance file is for "
                        f"{acc['model']}")
     return model_id, prof, prof_src, acc, acc_src

@@ -55,6 +55,16 @@ def stored_path(text) -> pathlib.Path | None:
     return None
 
 
+def profile_path(device_id: str, model_id: str, dtype: str) -> pathlib.Path:
+    """Where `profile` writes, and `search`/`bench`/`demo` look for, a measured profile."""
+    return PROFILES / f"{device_id}__{model_id}__{dtype}.json"
+
+
+def acceptance_path(model_id: str) -> pathlib.Path:
+    """Where `accept` writes, and the other verbs look for, a model's acceptance file."""
+    return PROFILES / f"{model_id}.acceptance.json"
+
+
 def prompt_tokens_dir(model_id: str) -> pathlib.Path:
     return PROFILES / f"{model_id}.prompt_tokens"
 
