@@ -4,7 +4,7 @@ the plain greedy loop alongside (it measures how fast the machine runs against t
 profile).
 
     python benchmarks/greedy_sweep.py [--sizes 4,8,12,16,24,32,48,64] [--limit 20]
-        [--prompts ../shared/data/mt_bench_questions.jsonl] [--stride 4] [--offset 0]
+        [--prompts mt-bench] [--stride 4] [--offset 0]
         [--max-new-tokens 128]
 
 Prints each tree's decode-phase tokens/s and tokens/step (prefill and a last step cut by
@@ -14,25 +14,25 @@ best greedy tree, and its predicted vs measured tokens/s.
 import argparse
 import json
 
-from treeopt import accept, bench, prompts, search, shipped
+from treeopt import evaluation, prompts, search
+from treeopt.acceptance import search_inputs
+from treeopt.inputs import resolve_inputs
 from treeopt.runtime import open_decoder
-from treeopt.tree import Tree
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="4,8,12,16,24,32,48,64")
     ap.add_argument("--limit", type=int, default=20)
-    ap.add_argument("--prompts", default="../shared/data/mt_bench_questions.jsonl")
+    ap.add_argument("--prompts", default="mt-bench")
     ap.add_argument("--offset", type=int, default=0)
     ap.add_argument("--stride", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     args = ap.parse_args()
-    dec, info = open_decoder()
-    model = info["model"]
-    acc_obj = accept.load(shipped.acceptance_path(model))
-    acc, _ = accept.search_inputs(acc_obj, conditional=False)
-    trees = {"searched": Tree.load(shipped.tree_path(model, dec.device.type))}
+    inp = resolve_inputs(want=("tree", "profile", "acceptance"))
+    dec, info = open_decoder(inp)
+    acc, _ = search_inputs(inp.acceptance, conditional=False)
+    trees = {"searched": inp.tree}
     for L in [int(x) for x in args.sizes.split(",")]:
         g = search.greedy_tree(acc, L)
         if g is not None:
@@ -48,13 +48,12 @@ def main():
         for name, tree in trees.items():
             dec.set_tree(tree, dec.prompt_tokens)
             runs[name].append((len(ids), dec.ppd(ids, args.max_new_tokens)))
-    rows = {n: bench.decode_phase(r) for n, r in runs.items()}
+    rows = {n: evaluation.decode_phase(r) for n, r in runs.items()}
     best_greedy = max(v["tokens_per_second"] for n, v in rows.items() if n != "searched")
     frac = rows["searched"]["tokens_per_second"] / best_greedy
-    measured = {"decode": rows["searched"], "baseline_decode": bench.decode_phase(plain)}
-    pred = bench.predicted_vs_measured(
-        trees["searched"], measured,
-        bench.prediction_inputs(trees["searched"], model, dec.device.type, info["dtype"]))
+    measured = {"decode": rows["searched"], "baseline_decode": evaluation.decode_phase(plain)}
+    pred = evaluation.predicted_vs_measured(trees["searched"], measured, inp.profile,
+                                            inp.profile_src, inp.acceptance, inp.acceptance_src)
     for n, v in rows.items():
         print(f"{n:>16}: {v['tokens_per_second']:.2f} tok/s, {v['tokens_per_step']:.3f} tok/step")
     print(f"searched / best greedy = {frac:.3f}")

@@ -2,7 +2,7 @@
 
 Runs PPD on a few prompts, records the root row of every tree forward (absolute position
 p), then recomputes the logits at p the way HF `generate` does (one token at a time on a
-KV cache) and reports max / p99.9 of |difference|. bench.MARGIN_TOLERANCE is set from
+KV cache) and reports max / p99.9 of |difference|. evaluation.MARGIN_TOLERANCE is set from
 these numbers. Usage: python benchmarks/logit_noise.py [--dtype bfloat16] [--limit 8]
 """
 import argparse
@@ -11,7 +11,8 @@ import json
 import torch
 
 from treeopt import prompts
-from treeopt.runtime import open_decoder
+from treeopt.inputs import resolve_inputs
+from treeopt.runtime import new_cache, open_decoder
 
 
 def main():
@@ -20,38 +21,31 @@ def main():
     ap.add_argument("--limit", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     args = ap.parse_args()
-    dec, info = open_decoder(dtype=args.dtype)
-    seen = {}
-    fwd, lg = dec.forward, dec.logits
-
-    def forward(embeds, cache, positions, mask=None):
-        seen["pos"], seen["q"] = int(positions[0]), embeds.shape[0]
-        return fwd(embeds, cache, positions, mask)
-
+    dec, info = open_decoder(resolve_inputs(dtype=args.dtype, want=("tree",)), dtype=args.dtype)
+    call = dec.call
     diffs = []
     for text in prompts.load(None, args.limit):
         ids = prompts.encode(dec.lm.tokenizer, text)
         rows = {}
 
-        def logits(h):
-            out = lg(h)
-            if mask_mode[0] and seen.get("q", 1) > 1 and out.dim() == 2 and seen["pos"] >= len(ids):
-                rows[seen["pos"]] = out[0].clone()
+        def recording(embeds, cache, positions, mask=None, head=True):
+            out = call(embeds, cache, positions, mask, head)
+            if head and embeds.shape[0] > 1 and int(positions[0]) >= len(ids):
+                rows[int(positions[0])] = out[0].clone()  # the tree's root row
             return out
 
-        mask_mode = [True]
-        dec.forward, dec.logits = forward, logits
+        dec.call = recording
         res = dec.ppd(ids, args.max_new_tokens)
-        mask_mode[0] = False
-        dec.forward, dec.logits = fwd, lg
+        dec.call = call
         seq = ids + res.output_ids
         with torch.inference_mode():
-            cache = dec.new_cache()
-            dec.forward(dec.embed(torch.tensor(seq[:len(ids)])), cache, torch.arange(len(ids)))
+            cache = new_cache()
+            call(dec.embed(torch.tensor(seq[:len(ids)])), cache, torch.arange(len(ids)),
+                 head=False)
             for p in range(len(ids), len(seq) - 1):
-                h = dec.forward(dec.embed(torch.tensor([seq[p]])), cache, torch.tensor([p]))
+                logits = call(dec.embed(torch.tensor([seq[p]])), cache, torch.tensor([p]))
                 if p in rows:
-                    diffs.append((dec.logits(h[-1]) - rows[p]).abs().max().item())
+                    diffs.append((logits[-1] - rows[p]).abs().max().item())
     diffs.sort()
     print(json.dumps({"dtype": args.dtype, "rows_compared": len(diffs),
                       "max_abs_logit_diff": diffs[-1] if diffs else None,

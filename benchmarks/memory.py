@@ -13,9 +13,10 @@ import sys
 CHILD = r"""
 import json, resource, sys, torch
 from treeopt import prompts
+from treeopt.inputs import resolve_inputs
 from treeopt.runtime import open_decoder
 mode, n, dtype = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-dec, info = open_decoder(dtype=dtype)
+dec, info = open_decoder(resolve_inputs(dtype=dtype, want=("tree",)), dtype=dtype)
 ids = prompts.encode(dec.lm.tokenizer, prompts.BUILTIN[1])
 if dec.device.type == "cuda":
     torch.cuda.reset_peak_memory_stats()

@@ -18,7 +18,8 @@ import time
 
 import numpy as np
 
-from treeopt import accept, search
+from treeopt import acceptance as accept
+from treeopt import search
 from treeopt.tree import Node, Tree
 
 FLAT = staticmethod(lambda L: np.ones_like(np.asarray(L, dtype=float)))

@@ -1,10 +1,14 @@
 import os
 import random
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# every output of the suite goes to a temporary $TREEOPT_HOME, never into the repository
+# or the user's own folder (subprocesses inherit it)
+os.environ["TREEOPT_HOME"] = tempfile.mkdtemp(prefix="treeopt-test-home-")
 
 from treeopt.models import Loaded  # noqa: E402
 from treeopt.prompt_tokens import PromptTokens  # noqa: E402

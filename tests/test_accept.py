@@ -3,14 +3,14 @@ import json
 import numpy as np
 import pytest
 
-from treeopt import accept
+from treeopt import acceptance as accept
 from treeopt.artefact import write_json
 from treeopt.errors import BadInput
-from treeopt.shipped import PROFILES
+from treeopt.paths import SHIPPED as PROFILES
 
 from test_cli import assert_bad, treeopt
 
-SHARED = "../shared/reference/ppd_published_accuracies.json"
+PUBLISHED = PROFILES / "reference" / "ppd_published_accuracies.json"
 
 
 def test_wilson_known_values():
@@ -50,7 +50,7 @@ def test_estimate_correlation_and_ci():
 
 
 def test_reference_files_match_published():
-    pub = json.load(open(SHARED))
+    pub = json.load(open(PUBLISHED))
     for model, entry in pub["models"].items():
         obj = accept.load(f"profiles/reference/{model}.acceptance.json")
         assert obj["source"] == "published" and obj["accuracy"] == entry["accuracy"]
@@ -80,7 +80,7 @@ def test_search_rejects_mixed_models(tmp_path):
                 str(tmp_path / "p.json"))
     assert p.returncode == 0, p.stderr
     assert_bad(treeopt("search", "--model", "vicuna-7b", "--profile", str(tmp_path / "p.json")),
-               "profile is for vicuna-13b-v1.3 but the acceptance file is for vicuna-7b-v1.3")
+               "is for vicuna-13b-v1.3, the model is vicuna-7b-v1.3")
     # two models no table knows are told apart by name too
     prof = json.loads((tmp_path / "p.json").read_text())
     write_json(tmp_path / "p2.json", dict(prof, model="my-model-a"))
@@ -88,7 +88,7 @@ def test_search_rejects_mixed_models(tmp_path):
     write_json(tmp_path / "a2.json", dict(acc, model="my-model-b"))
     assert_bad(treeopt("search", "--profile", str(tmp_path / "p2.json"), "--acceptance",
                        str(tmp_path / "a2.json")),
-               "profile is for my-model-a but the acceptance file is for my-model-b")
+               "is for my-model-a, the model is my-model-b")
 
 
 def test_mean_context_over_measured_positions():

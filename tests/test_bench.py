@@ -3,20 +3,51 @@ import json
 
 import pytest
 
-from treeopt import accept, bench, search, shipped
-from treeopt import profile as prof_mod
+from treeopt import acceptance as accept
+from treeopt import evaluation as bench
+from treeopt import latency as prof_mod
+from treeopt import paths as shipped
+from treeopt import search
 from treeopt.artefact import write_json
 from treeopt.errors import BadInput
-from treeopt.runtime import Result
+from treeopt.inputs import resolve_inputs
+from treeopt.runtime import Result, full_steps
 from treeopt.tree import Tree
 
+shipped.PROFILES = shipped.SHIPPED
 
-def result(accepted, seconds, finish="length", prefill=0.5):
-    r = Result([0] * sum(accepted), 1, 0.0, prefill)
-    for a, s in zip(accepted, seconds):
-        r.add_step(s, a)
+
+def result(accepted, seconds, finish="length", prefill=0.5, lengths=None):
+    r = Result([0] * sum(accepted), 1 + len(accepted), 0.0, prefill, list(seconds),
+               accepted=list(accepted), lengths=list(lengths or [1] * len(accepted)))
     r.finish_reason = finish
     return r
+
+
+def test_full_steps_rule():
+    assert full_steps(result([1, 2, 3], [0.1] * 3)) == 2
+    assert full_steps(result([1, 2, 3], [0.1] * 3, finish="eos")) == 2
+    assert full_steps(result([1, 2, 3], [0.1] * 3, finish="context")) == 3
+    assert full_steps(result([], [])) == 0
+
+
+def test_speed_vs_profile_and_warning():
+    prof = synthetic_profile()
+    lat = prof_mod.Latency(prof)
+    # steps that took exactly the profile's time at their length and context, then 1.5x
+    lengths, acc = [4, 8, 8, 4], [1, 2, 2, 1]
+    ctx, secs = 64, []
+    for a, L in zip(acc, lengths):
+        secs.append(float(lat([L], ctx)[0]))
+        ctx += a
+    exact = result(acc, secs, finish="context", lengths=lengths)
+    assert bench.speed_vs_profile([(64, exact)], prof) == pytest.approx(1.0)
+    assert bench.speed_warning(1.0, "p.json") is None
+    slow = result(acc, [1.5 * s for s in secs], finish="context", lengths=lengths)
+    speed = bench.speed_vs_profile([(64, slow)], prof)
+    assert speed == pytest.approx(1.5)
+    msg = bench.speed_warning(speed, "p.json", " --model m")
+    assert "p.json" in msg and "treeopt profile --model m" in msg and "\n" not in msg
 
 
 def test_decode_phase_drops_prefill_and_a_cut_last_step():
@@ -57,9 +88,9 @@ def test_predicted_vs_measured(tmp_path):
            "baseline_decode": {"steps": 80, "tokens_per_step": 1.0, "step_seconds": 1.1 * t1,
                                "tokens_per_second": 1 / (1.1 * t1), "context": 96}}
     tree.meta = {"config": {"conditional": False}}
-    inputs = bench.prediction_inputs(tree, "vicuna-7b-v1.3", "cpu", "float16", str(prof_path),
-                                     str(acc_path))
-    out = bench.predicted_vs_measured(tree, res, inputs)
+    inputs = resolve_inputs("vicuna-7b-v1.3", str(prof_path), str(acc_path))
+    out = bench.predicted_vs_measured(tree, res, inputs.profile, inputs.profile_src,
+                                      inputs.acceptance, inputs.acceptance_src)
     assert out["context"] == 96
     assert all(abs(e) < 1e-3 for k, e in out["error"].items()
                if k != "tokens_per_second_at_run_speed")
@@ -68,12 +99,13 @@ def test_predicted_vs_measured(tmp_path):
     assert out["acceptance"] == "profiles/reference/vicuna-7b-v1.3.acceptance.json"
     # without a profile to read there is nothing to predict
     tree.meta = {}
-    assert bench.prediction_inputs(tree, "no-such-model", "cpu", "float16") is None
-    assert bench.predicted_vs_measured(tree, res, None) is None
+    none = resolve_inputs(str(tmp_path / "no-such-model"), want=("profile", "acceptance"))
+    assert none.profile is None and none.acceptance is None
+    assert bench.predicted_vs_measured(tree, res, None, None, None, None) is None
     # a given profile for another model is bad input
     with pytest.raises(BadInput, match="--profile .* is for vicuna-7b-v1.3"):
-        bench.prediction_inputs(tree, "SmolLM2-135M-Instruct", "cpu", "float16",
-                                str(prof_path), str(acc_path))
+        resolve_inputs(None, str(prof_path), str(acc_path)) if False else \
+            resolve_inputs("SmolLM2-135M-Instruct", str(prof_path))
 
 
 def test_stored_paths_are_repo_relative(tmp_path):

@@ -24,9 +24,9 @@ def assert_bad(proc, needle):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["run", "--max-new-tokens", "0"], "--max-new-tokens must be ≥ 1"),
-    (["run", "--max-new-tokens", "-3"], "--max-new-tokens must be ≥ 1"),
-    (["run", "--temperature", "-1"], "--temperature must be ≥ 0"),
+    (["run", "--max-new-tokens", "0"], "--max-new-tokens: must be ≥ 1"),
+    (["run", "--max-new-tokens", "-3"], "--max-new-tokens: must be ≥ 1"),
+    (["run", "--temperature", "-1"], "--temperature: must be ≥ 0"),
     (["run", "--prompt", "   "], "empty prompt"),
     (["run", "--model", "/nonexistent/model"], "no such folder"),
     (["run", "--prompt-file", "/nonexistent.txt"], "--prompt-file"),

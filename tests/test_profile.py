@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from treeopt import profile
+from treeopt import latency as profile
+from treeopt import measure
 from treeopt.errors import BadInput
 from treeopt.runtime import Decoder
 from treeopt.tree import Tree
@@ -53,11 +54,11 @@ def test_knee():
 
 def test_stable_samples_stops_early():
     calls = []
-    timer = profile.Timer(torch.device("cpu"))
-    s = profile.stable_samples(timer, lambda: (calls.append(1), time.sleep(0.003)),
+    timer = measure.Timer(torch.device("cpu"))
+    s = measure.stable_samples(timer, lambda: (calls.append(1), time.sleep(0.003)),
                                repeats=100, budget=10)
     assert 10 <= len(s) < 100 and len(calls) == len(s) + 5  # burn-in of five
-    st = profile.summarize([1.0, 2.0, 3.0, 4.0, 5.0])
+    st = measure.summarize([1.0, 2.0, 3.0, 4.0, 5.0])
     assert st["median_s"] == 3.0 and st["n"] == 5 and st["p10_s"] < st["p90_s"]
 
 
@@ -78,15 +79,15 @@ def test_validate_and_roundtrip(tmp_path):
 def test_oom_records_largest_size_that_fit():
     lm = tiny_loaded(vocab=16, dtype=torch.float32)
     dec = Decoder(lm, random_prompt_tokens(lm, 2), Tree.chain(2, 2))
-    real = dec.forward
+    real = dec.call
 
-    def forward(embeds, cache, positions, mask=None):
+    def call(embeds, cache, positions, mask=None, head=True):
         if embeds.shape[0] >= 6 and int(positions[0]) > 0:  # not the cache prefill
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
-        return real(embeds, cache, positions, mask)
+        return real(embeds, cache, positions, mask, head)
 
-    dec.forward = forward
-    points, max_fit = profile.measure_points(dec, [1, 2, 4, 6, 8], [16, 32], 3, 1.0,
+    dec.call = call
+    points, max_fit = measure.measure_points(dec, [1, 2, 4, 6, 8], [16, 32], 3, 1.0,
                                              quiet=True)
     assert max_fit == {16: 4, 32: 4}
     assert sorted((p["context"], p["size"]) for p in points) == [
@@ -193,15 +194,15 @@ def test_rounds_sweep_the_whole_grid_in_turn():
     its median is over the samples of both."""
     lm = tiny_loaded(layers=1)
     dec = Decoder(lm, random_prompt_tokens(lm, 2), Tree.chain(2, 2))
-    real, calls = dec.forward, []
+    real, calls = dec.call, []
 
-    def forward(embeds, cache, positions, mask=None):
+    def call(embeds, cache, positions, mask=None, head=True):
         if int(positions[0]) > 0:  # not the cache prefill
             calls.append(embeds.shape[0])
-        return real(embeds, cache, positions, mask)
+        return real(embeds, cache, positions, mask, head)
 
-    dec.forward = forward
-    points, _ = profile.measure_points(dec, [1, 3], [16], 4, 10.0, quiet=True, rounds=2)
+    dec.call = call
+    points, _ = measure.measure_points(dec, [1, 3], [16], 4, 10.0, quiet=True, rounds=2)
     runs = [s for i, s in enumerate(calls) if i == 0 or calls[i - 1] != s]
     assert runs == [1, 3, 1, 3]
     assert [(p["size"], p["n"], p["rounds"], len(p["round_medians_s"])) for p in points] == \

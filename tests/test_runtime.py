@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from treeopt.runtime import Decoder
+from treeopt.runtime import Decoder, new_cache
 from treeopt.tree import Tree
 
 from conftest import random_prompt_tokens, random_tree, tiny_loaded
@@ -50,9 +50,9 @@ def test_kv_cache_equals_fresh_forward(tiny):
             if len(emitted) >= 30:
                 return  # the last step may be cut by max_new_tokens
             seq = ids + emitted[:-1]  # the last emitted token is the next root, not cached
-            fresh = dec.new_cache()
+            fresh = new_cache()
             with torch.inference_mode():
-                dec.forward(dec.embed(torch.tensor(seq)), fresh, torch.arange(len(seq)))
+                dec.call(dec.embed(torch.tensor(seq)), fresh, torch.arange(len(seq)), head=False)
             for a, b in zip(dec.cache.layers, fresh.layers):
                 assert a.keys.shape == b.keys.shape
                 torch.testing.assert_close(a.keys, b.keys, rtol=1e-9, atol=1e-9)
@@ -77,15 +77,14 @@ def test_tree_forward_matches_branch_recompute(tiny):
         x0 = torch.tensor([6])
         tok = torch.cat([x0, guesses.flatten()[buf.node_src]])
         with torch.inference_mode():
-            cache = dec.new_cache()
-            dec.forward(dec.embed(ctx_ids), cache, torch.arange(5))
+            cache = new_cache()
+            dec.call(dec.embed(ctx_ids), cache, torch.arange(5), head=False)
             emb = torch.cat([dec.embed(tok), table[buf.slot_token]])
-            out = dec.logits(dec.forward(emb, cache, 5 + buf.positions, dec.tree_mask(5, buf)))
+            out = dec.call(emb, cache, 5 + buf.positions, dec.tree_mask(5, buf))
             for w, path in enumerate(buf.path_pos):
                 branch = torch.cat([dec.embed(torch.cat([ctx_ids, tok[path]])),
                                     table[: len(buf.slots_of[w])]])
-                ref = dec.logits(dec.forward(branch, dec.new_cache(),
-                                             torch.arange(len(branch))))
+                ref = dec.call(branch, new_cache(), torch.arange(len(branch)))
                 rows = [5 + len(path) - 1] + [5 + len(path) + j
                                               for j in range(len(buf.slots_of[w]))]
                 got = out[[path[-1]] + buf.slots_of[w]]
@@ -117,17 +116,16 @@ def test_typical_sampling_runs(tiny):
 def test_lossless_smollm_fp32(smollm, kind):
     """PPD greedy == HF generate(do_sample=False) on the real model, float32, 64 tokens."""
     from treeopt import prompts
+    from treeopt.inputs import resolve_inputs
     from treeopt.prompt_tokens import PromptTokens
-    from treeopt.shipped import prompt_tokens_dir, tree_path
 
+    inp = resolve_inputs(smollm.model_id, device="cpu", dtype="float32", want=("tree",))
     trees = {
         "chain": Tree.chain(3, 3),
         "wide": Tree.static([[r] for r in range(8)] + [[0, r] for r in range(4)] + [[0, 0, 0]], 3),
-        "dynamic": Tree.load(tree_path(smollm.model_id)),
+        "dynamic": inp.tree,
     }
-    shipped = prompt_tokens_dir(smollm.model_id)
-    pt = (PromptTokens.load(shipped) if shipped.is_dir()
-          else PromptTokens.init_from_text(smollm.model, smollm.tokenizer, 3))
+    pt = PromptTokens.load(inp.prompt_tokens)
     dec = Decoder(smollm, pt, trees[kind])
     for text in prompts.BUILTIN[:5]:
         ids = prompts.encode(smollm.tokenizer, text)

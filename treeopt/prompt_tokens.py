@@ -17,6 +17,7 @@ import json
 import pathlib
 
 import torch
+from safetensors.torch import load_file, save
 
 from .artefact import write_atomic
 from .errors import BadInput
@@ -34,6 +35,13 @@ DEFAULT_INIT_TEXT = "the next word then the word after that"
 class PromptTokens:
     embeddings: torch.Tensor  # [K, hidden], float32
     meta: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        e = self.embeddings
+        if e.dim() != 2 or e.shape[0] < 1 or e.shape[1] < 1:
+            raise BadInput(f"prompt tokens: expected a [K, hidden] tensor, got {list(e.shape)}")
+        if not torch.isfinite(e).all():
+            raise BadInput("prompt tokens: the embeddings hold NaN or infinite values")
 
     @property
     def num(self) -> int:
@@ -65,20 +73,16 @@ class PromptTokens:
         return self.embeddings.to(device=device, dtype=dtype)
 
     def save(self, folder) -> pathlib.Path:
-        from safetensors.torch import save
-
         folder = pathlib.Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic(folder / WEIGHTS, save({TENSOR: self.embeddings.float().contiguous()}))
         meta = {"format": "treeopt.prompt_tokens/1", "num_prompt_tokens": self.num,
                 "hidden_size": self.hidden, "dtype": "float32", **self.meta}
-        write_atomic(folder / CONFIG, json.dumps(meta, indent=1) + "\n")
+        write_atomic(folder / CONFIG, json.dumps(meta, indent=1, allow_nan=False) + "\n")
         return folder
 
     def save_peft(self, folder, base_model: str = "") -> pathlib.Path:
         """Write the PPD authors' PEFT prompt-tuning layout."""
-        from safetensors.torch import save
-
         folder = pathlib.Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic(folder / PEFT_WEIGHTS,
@@ -104,13 +108,12 @@ class PromptTokens:
             raise BadInput(f"{where}: virtual_tokens_per_special_token={v}; only 1 is supported")
         n = config.get("num_virtual_tokens")
         if (folder / PEFT_WEIGHTS).is_file():
-            from safetensors.torch import load_file
-
             tensors = load_file(str(folder / PEFT_WEIGHTS))
         elif (folder / PEFT_BIN).is_file():
-            import torch as _t
-
-            tensors = _t.load(folder / PEFT_BIN, map_location="cpu", weights_only=True)
+            try:
+                tensors = torch.load(folder / PEFT_BIN, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - a refused or corrupt pickle is bad input
+                raise BadInput(f"{where}: unreadable {PEFT_BIN} ({e.__class__.__name__})") from e
         else:
             raise BadInput(f"{where}: no {PEFT_WEIGHTS} or {PEFT_BIN}")
         emb = tensors.get(TENSOR)
@@ -130,8 +133,6 @@ class PromptTokens:
     @classmethod
     def load(cls, folder) -> "PromptTokens":
         """Load our format or the PEFT layout, whichever the folder holds."""
-        from safetensors.torch import load_file
-
         folder = pathlib.Path(folder)
         if not folder.is_dir():
             raise BadInput(f"prompt tokens {folder}: no such folder")

@@ -1,11 +1,18 @@
-"""Prompt sets: JSONL files (MT-Bench `turns`, Alpaca `instruction`, GSM8K `question`,
-or `prompt`) and a small built-in set; chat-template encoding."""
+"""Prompt sets: the shipped sets by name (``treeopt/data``), JSONL files (MT-Bench
+`turns`, Alpaca `instruction`, GSM8K `question`, or `prompt`; `.gz` too) and a small
+built-in set; chat-template encoding."""
 from __future__ import annotations
 
+import gzip
 import json
 import pathlib
 
 from .errors import BadInput
+
+DATA = pathlib.Path(__file__).resolve().parent / "data"
+# --prompts NAME: the shipped sets (source and license in treeopt/data/README.md)
+SETS = {"mt-bench": "mt-bench.jsonl", "vicuna-bench": "vicuna-bench.jsonl",
+        "alpaca-seed": "alpaca-seed.jsonl", "gsm8k-train": "gsm8k-train.jsonl.gz"}
 
 FIELDS = ("turns", "instruction", "question", "prompt")
 
@@ -50,11 +57,9 @@ def load(path: str | None, limit: int | None = None, offset: int = 0,
     if path is None:
         rows = BUILTIN[offset::stride]
         return rows[:limit] if limit else rows
-    p = pathlib.Path(path)
-    if not p.is_file():
-        raise BadInput(f"prompt file {p}: no such file")
+    p = resolve(path)
     out = []
-    for i, line in enumerate(p.read_text().splitlines(), start=1):
+    for i, line in enumerate(read_text(p).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -70,6 +75,34 @@ def load(path: str | None, limit: int | None = None, offset: int = 0,
     if not out:
         raise BadInput(f"prompt file {p}: no prompts")
     return out
+
+
+def resolve(name: str) -> pathlib.Path:
+    """A shipped set's file for its name, else the path itself (which must exist)."""
+    if name in SETS:
+        return DATA / SETS[name]
+    p = pathlib.Path(name)
+    if not p.is_file():
+        raise BadInput(f"prompt file {p}: no such file (shipped sets: {', '.join(SETS)})")
+    return p
+
+
+def resolve_file(path: str, what: str) -> pathlib.Path:
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise BadInput(f"{what} {p}: no such file")
+    return p
+
+
+def read_text(p: pathlib.Path) -> str:
+    """A prompt file's text (gzip when it ends in .gz); unreadable or non-UTF-8 → BadInput."""
+    try:
+        raw = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
+        return raw.decode("utf-8")
+    except (OSError, EOFError) as e:
+        raise BadInput(f"prompt file {p}: cannot read ({e})") from e
+    except UnicodeDecodeError as e:
+        raise BadInput(f"prompt file {p}: not UTF-8 text (byte {e.start})") from e
 
 
 def encode(tokenizer, text: str, raw: bool = False) -> list[int]:

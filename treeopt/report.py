@@ -10,23 +10,13 @@ import re
 
 import numpy as np
 
-from .artefact import read_json, write_atomic
+from . import __version__
+from .acceptance import accuracy_array, search_inputs
 from .errors import BadInput
-
-HELP = "write an HTML report from profiles, acceptance, tree and run artefacts"
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--profile", action="append", default=[], help="profile.json (repeatable)")
-    p.add_argument("--acceptance", help="acceptance.json")
-    p.add_argument("--tree", help="tree.json (from search)")
-    p.add_argument("--run", help="run.json (from run or bench)")
-    p.add_argument("--out", help="report path (default reports/<name>.html)")
-    p.add_argument("--title", default="treeopt report")
-    p.add_argument("--allow-mixed", action="store_true",
-                   help="allow artefacts of different models in one report")
-    p.add_argument("--open", action="store_true", help="open the report in the browser")
-
+from .latency import Latency, sweep_spread
+from .models import canonical_model
+from .paths import display_path
+from .search import universe
 
 def _svg(fig) -> str:
     import matplotlib.pyplot as plt
@@ -57,9 +47,6 @@ def _figure(svg: str, caption: str, fid: str) -> str:
 # ---- sections -----------------------------------------------------------------------
 def latency_section(profiles: list[tuple[str, dict]]) -> str:
     import matplotlib.pyplot as plt
-
-    from .profile import Latency, sweep_spread
-    from .shipped import display_path
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     facts = []
@@ -99,9 +86,6 @@ def latency_section(profiles: list[tuple[str, dict]]) -> str:
 
 def acceptance_section(obj: dict) -> str:
     import matplotlib.pyplot as plt
-
-    from .accept import accuracy_array, search_inputs
-    from .search import universe
 
     acc = accuracy_array(obj)
     fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.55 * acc.shape[0]))
@@ -153,16 +137,16 @@ def acceptance_section(obj: dict) -> str:
             + table + "</section>")
 
 
-def search_section(tree_obj: dict) -> str:
+def search_section(tree_obj: dict, search_report: dict | None) -> str:
     import matplotlib.pyplot as plt
 
     meta = tree_obj.get("meta", {})
-    rows = meta.get("per_input_length")
+    rows = (search_report or {}).get("per_input_length")
     pred = meta.get("predicted", {})
     if not rows:
-        return ("<section id='search'><h2>Search</h2><p>The tree file carries no search "
-                "table (hand-made or static).</p>" + _kv(pred) + "</section>")
-    g = meta.get("greedy_curve", [])
+        return ("<section id='search'><h2>Search</h2><p>No search report beside the tree "
+                "(hand-made or static tree).</p>" + _kv(pred) + "</section>")
+    g = (search_report or {}).get("greedy_curve", [])
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
     x = [r["input_length"] for r in rows]
     a1.plot(x, [r["tokens_per_step"] for r in rows], label="search (best per cap)")
@@ -275,7 +259,8 @@ def run_section(run: dict, tree_obj: dict | None) -> str:
         ok = sum(p["identical"] for p in per)
         parts.append(f"<p class='lossless'>Lossless check: {ok}/{len(per)} prompts "
                      "token-identical to HF greedy; every other divergence has HF logit "
-                     f"margin ≤ {run.get('margin_tolerance')} (explained by floating point)</p>")
+                     f"margin ≤ {_esc(run.get('margin_tolerance'))} (explained by floating "
+                     "point)</p>")
     return "<section id='run'><h2>Run / bench</h2>" + "".join(parts) + "</section>"
 
 
@@ -293,11 +278,8 @@ def model_of(name: str, obj: dict) -> str | None:
 
 
 def build(profiles=(), acceptance=None, tree=None, run=None, title="treeopt report",
-          allow_mixed=False) -> str:
-    """The report's HTML from already-loaded artefacts."""
-    from . import __version__
-    from .models import canonical_model
-
+          allow_mixed=False, search_report: dict | None = None) -> str:
+    """The report's HTML from already-loaded artefacts (every string escaped)."""
     if not (profiles or acceptance or tree or run):
         raise BadInput("report needs at least one of --profile, --acceptance, --tree, --run")
     models = {}
@@ -328,46 +310,10 @@ def build(profiles=(), acceptance=None, tree=None, run=None, title="treeopt repo
     if acceptance:
         body.append(acceptance_section(acceptance))
     if tree:
-        body.append(search_section(tree))
+        body.append(search_section(tree, search_report))
         body.append(tree_section(tree))
     if run:
         body.append(run_section(run, tree))
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>"
             f"{_esc(title)}</title><style>{CSS}</style></head><body>{''.join(body)}"
             "</body></html>\n")
-
-
-def main(args) -> dict:
-    from . import accept, profile
-    from .artefact import check_schema
-    from .shipped import REPORTS
-    from .tree import SCHEMA as TREE_SCHEMA
-    from .tree import Tree
-
-    profiles = [(p, profile.load(p)) for p in args.profile]
-    acceptance = accept.load(args.acceptance) if args.acceptance else None
-    tree = None
-    if args.tree:
-        tree = read_json(args.tree, "tree file")
-        check_schema(tree, TREE_SCHEMA, f"tree file {args.tree}")
-        Tree.from_json(tree, f"tree file {args.tree}")
-    run = None
-    if args.run:
-        run = read_json(args.run, "run file")
-        check_schema(run, "treeopt.run/1", f"run file {args.run}")
-    text = build(profiles, acceptance, tree, run, args.title, args.allow_mixed)
-    name = pathlib.Path(args.run or args.tree or args.acceptance or args.profile[0]).name
-    out = pathlib.Path(args.out or REPORTS / (name.split(".")[0] + ".html"))
-    write_atomic(out, text)
-    if args.open:
-        import webbrowser
-
-        webbrowser.open(out.resolve().as_uri())
-    sections = [s for s in ("latency", "acceptance", "search", "tree", "run")
-                if f"<section id='{s}'>" in text]
-    if not args.json:
-        from .cliutil import say
-
-        say(f"wrote {out} ({len(text) // 1024} KB; sections: {', '.join(sections)})")
-    return {"out": str(out), "sections": sections, "figures": text.count("<figure")}
-

@@ -2,19 +2,25 @@
 
 One PPD step (state m = number of guess rows available)::
 
-    tokens  = [x0] + guesses.flat[node_src]             # root + tree nodes
+    tokens  = [x0] + guesses.flat[node_src]             # root + tree nodes    (step_inputs)
     embeds  = embed(tokens) ++ prompt_table[slot_token]  # + every node's prompt slots
-    h       = decoder(embeds, 4-D tree mask, positions = ctx + depth)
+    h       = decoder(embeds, 4-D tree mask, positions = ctx + depth)         (tree_forward)
     pred    = argmax(lm_head(h[root+nodes]))            # base model's own next tokens
-    ok[v]   = tokens[v] == pred[parent(v)] for v and all its ancestors
+    ok[v]   = tokens[v] == pred[parent(v)] for v and all its ancestors  (verify_greedy)
     w       = deepest ok node (root if none)             # the one host sync
-    emit tokens on root→w (without x0) + pred[w]; keep only that path's KV
+    emit tokens on root→w (without x0) + pred[w]; keep only that path's KV       (keep_kv)
     guesses = topk(lm_head(h[prompt slots of w]))        # next state = n(w)
 
 Greedy verification is lossless: every emitted token is the base model's argmax given the
 emitted prefix. With temperature > 0 a node is accepted when its probability under the
 parent's distribution exceeds min(eps, alpha·exp(−entropy)) (typical acceptance, as in
-Medusa/PPD); that is faster, not distribution-preserving.
+Medusa/PPD; :func:`verify_typical`); that is faster, not distribution-preserving.
+
+Every model call goes through :func:`model_call` (decoder body, LM head, final-logit
+softcapping, upcast) and :func:`attention_masks` (one 4-D mask, or one per layer type for
+models that mix sliding-window and full attention): runtime, distillation and the latency
+profile share them. The KV cache keeps every position on every layer (sliding layers
+included); the sliding-window layers' masks hide what their window excludes.
 """
 from __future__ import annotations
 
@@ -24,17 +30,86 @@ from typing import Callable
 
 import torch
 
+from .device import sync
 from .errors import BadInput
-from .models import Loaded, upcast
+from .models import Loaded, dtype_name, load, upcast
 from .prompt_tokens import PromptTokens
-from .tree import Tree
+from .tree import StateBuffers, Tree
 
 OnTokens = Callable[[list[int]], None]
 
 
+# ---- the model call (shared by runtime, distill and latency) ------------------------
+def new_cache():
+    """A KV cache that keeps every position on every layer (sliding ones too): tree steps
+    and KV compaction index all layers alike; masks apply the windows."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def _window(config, layer_type: str | None) -> int | None:
+    if layer_type is None:  # one mask for every layer
+        if getattr(config, "use_sliding_window", True) is False:
+            return None
+        return getattr(config, "sliding_window", None)
+    return getattr(config, "sliding_window", None) if layer_type == "sliding_attention" \
+        else None
+
+
+def attention_masks(config, allowed: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                    dtype: torch.dtype):
+    """Additive 4-D mask(s) for one forward: `allowed` [q, kv] (or [B, q, kv]) says which
+    key each query may see; sliding-window layers also hide keys with q_pos − k_pos ≥
+    window (as transformers' own sliding masks do). Returns one [B, 1, q, kv] tensor, or a
+    dict by layer type for models whose config lists `layer_types`."""
+    types = getattr(config, "layer_types", None)
+
+    def build(window):
+        ok = allowed
+        if window is not None:
+            ok = ok & ((q_pos[..., :, None] - k_pos[..., None, :]) < window)
+        m = torch.zeros(ok.shape, dtype=dtype, device=ok.device)
+        m.masked_fill_(~ok, torch.finfo(dtype).min)
+        return m[None, None] if m.dim() == 2 else m[:, None]
+
+    if not types:
+        return build(_window(config, None))
+    return {t: build(_window(config, t)) for t in sorted(set(types))}
+
+
+def model_call(model, embeds: torch.Tensor, cache, positions: torch.Tensor, mask=None,
+               head: bool = True) -> torch.Tensor:
+    """[q, hidden] input embeddings → logits [q, V] in ≥ float32 (softcapped as the model
+    defines), or the last hidden states with head=False."""
+    out = model.get_decoder()(inputs_embeds=embeds[None], attention_mask=mask,
+                              position_ids=positions[None], past_key_values=cache,
+                              use_cache=True)
+    h = out.last_hidden_state[0]
+    return logits_of(model, h) if head else h
+
+
+def logits_of(model, hidden: torch.Tensor) -> torch.Tensor:
+    x = upcast(model.get_output_embeddings()(hidden))
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(x / cap) * cap if cap else x
+
+
+def keep_kv(cache, ctx: int, keep: torch.Tensor | None, new_len: int) -> None:
+    """Move the accepted tree entries (positions ctx+keep) to ctx.. and drop the rest."""
+    for layer in cache.layers:
+        if keep is not None:
+            layer.keys[:, :, ctx:new_len] = layer.keys[:, :, keep]
+            layer.values[:, :, ctx:new_len] = layer.values[:, :, keep]
+        layer.keys = layer.keys[:, :, :new_len]
+        layer.values = layer.values[:, :, :new_len]
+
+
+# ---- results -------------------------------------------------------------------------
 @dataclasses.dataclass
 class Result:
-    """One decode. `steps` counts forward passes, prefill included."""
+    """One decode. `steps` counts forward passes, prefill included; `accepted[i]` is the
+    number of tokens decode step i emitted (after any cut by EOS or max_new_tokens)."""
 
     output_ids: list[int]
     steps: int
@@ -42,9 +117,8 @@ class Result:
     prefill_seconds: float
     step_seconds: list[float] = dataclasses.field(default_factory=list)
     forward_seconds: list[float] = dataclasses.field(default_factory=list)
-    accepted: list[int] = dataclasses.field(default_factory=list)  # tokens emitted per step
-    states: list[int] = dataclasses.field(default_factory=list)
-    input_lengths: list[int] = dataclasses.field(default_factory=list)
+    accepted: list[int] = dataclasses.field(default_factory=list)
+    lengths: list[int] = dataclasses.field(default_factory=list)  # input length per step
     finish_reason: str = "length"
 
     @property
@@ -59,20 +133,6 @@ class Result:
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
-    def add_step(self, seconds: float, accepted: int, forward: float | None = None,
-                 state: int | None = None, length: int | None = None) -> None:
-        self.steps += 1
-        self.step_seconds.append(seconds)
-        self.accepted.append(accepted)
-        if forward is not None:
-            self.forward_seconds.append(forward)
-            self.states.append(state)
-            self.input_lengths.append(length)
-
-    def finish(self, eos: set[int], why: str | None = None) -> None:
-        self.finish_reason = why or ("eos" if self.output_ids and self.output_ids[-1] in eos
-                                     else "length")
-
     def summary(self) -> dict:
         return {"new_tokens": self.new_tokens, "steps": self.steps,
                 "tokens_per_step": round(self.tokens_per_step, 4),
@@ -80,6 +140,55 @@ class Result:
                 "tokens_per_second": round(self.tokens_per_second, 3),
                 "prefill_seconds": round(self.prefill_seconds, 4),
                 "finish_reason": self.finish_reason, "output_ids": self.output_ids}
+
+
+def full_steps(res: Result) -> int:
+    """How many of a decode's steps ran in full: all but the last, unless the decode
+    stopped at the context limit (a last step that met EOS or max_new_tokens may have
+    emitted fewer tokens than it accepted). The one rule bench and accept count by."""
+    return max(0, len(res.accepted) - (res.finish_reason != "context"))
+
+
+# ---- one PPD step, as named pieces -------------------------------------------------------
+def step_inputs(embed, table: torch.Tensor, x0: torch.Tensor, guesses: torch.Tensor,
+                buf: StateBuffers) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [1 + N], input embeddings [L]) of one step: root, nodes, prompt slots."""
+    tok = torch.cat([x0.view(1), guesses.flatten()[buf.node_src]])
+    return tok, torch.cat([embed(tok), table[buf.slot_token]])
+
+
+def verify_greedy(logits: torch.Tensor, tok: torch.Tensor, buf: StateBuffers):
+    """Score per tree position (depth where root→v all match the parent's argmax, else 0)
+    and the argmax predictions."""
+    n = buf.n_nodes
+    pred = logits.argmax(-1)
+    ok = tok[1:] == pred[buf.parent]
+    acc = ((~ok).float() @ buf.anc) == 0 if n else ok
+    score = torch.cat([torch.zeros(1, device=logits.device), acc.float() * buf.depth])
+    return score, pred
+
+
+def verify_typical(logits: torch.Tensor, tok: torch.Tensor, buf: StateBuffers,
+                   temperature: float, eps: float, alpha: float):
+    """Typical acceptance: p(token | parent) > min(eps, alpha·exp(−entropy(parent)));
+    among accepted paths the deepest wins, ties by path probability."""
+    n = buf.n_nodes
+    probs = torch.softmax(logits / temperature, -1)
+    ent = -(probs * torch.log(probs + 1e-10)).sum(-1)
+    thr = torch.clamp(alpha * torch.exp(-ent), max=eps)
+    p_tok = probs[buf.parent, tok[1:]]
+    ok = p_tok > thr[buf.parent]
+    acc = ((~ok).float() @ buf.anc) == 0 if n else ok
+    cum = torch.log(p_tok + 1e-20) @ buf.anc.to(p_tok.dtype) if n else p_tok
+    score = torch.cat([torch.zeros(1, device=logits.device),
+                       acc.float() * (buf.depth + 0.5 * torch.exp(cum)).float()])
+    return score, torch.zeros(n + 1, dtype=torch.long, device=logits.device)
+
+
+def accepted_path(buf: StateBuffers, ctx: int, w: int) -> torch.Tensor | None:
+    """Cache positions of the accepted path root→w, or None when it is already in place."""
+    path = buf.path_pos[w]
+    return None if path[-1] == len(path) - 1 else ctx + buf.retrieve[w, : len(path)]
 
 
 class Decoder:
@@ -90,10 +199,7 @@ class Decoder:
         self.lm = loaded
         self.model = loaded.model
         self.device, self.dtype = loaded.device, loaded.dtype
-        self.body = self.model.get_decoder()
-        self.head = self.model.get_output_embeddings()
         self.embed = self.model.get_input_embeddings()
-        self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
         self.eos = set(loaded.eos_ids)
         self.set_tree(tree, prompt_tokens)
 
@@ -110,62 +216,70 @@ class Decoder:
         if tree.num_prompt_tokens > prompt_tokens.num:
             raise BadInput(f"tree uses {tree.num_prompt_tokens} prompt tokens, only "
                            f"{prompt_tokens.num} are loaded")
-        vocab = self.head.weight.shape[0]
+        vocab = self.model.get_output_embeddings().weight.shape[0]
         if tree.rank_width > vocab:
             raise BadInput(f"tree uses rank {tree.rank_width - 1}, the vocabulary has {vocab}")
+        self.check_length(tree.max_input_length)
         self.table = prompt_tokens.to(self.device, self.dtype)
         self.buffers = tree.buffers(self.device)
 
     # ---- model calls --------------------------------------------------------------
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def call(self, embeds: torch.Tensor, cache, positions: torch.Tensor, mask=None,
+             head: bool = True) -> torch.Tensor:
+        return model_call(self.model, embeds, cache, positions, mask, head)
 
-    def forward(self, embeds: torch.Tensor, cache, positions: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Decoder body on [q, hidden] embeddings → last hidden states [q, hidden]."""
-        out = self.body(inputs_embeds=embeds[None], attention_mask=mask,
-                        position_ids=positions[None], past_key_values=cache, use_cache=True)
-        return out.last_hidden_state[0]
+    def tree_mask(self, ctx: int, buf: StateBuffers):
+        """Mask(s) of one tree step: the cached context is visible to all (within a
+        sliding layer's window), the tree block as built."""
+        allowed = torch.ones(buf.length, ctx + buf.length, dtype=torch.bool, device=self.device)
+        allowed[:, ctx:] = buf.allowed
+        q_pos = ctx + buf.positions
+        k_pos = torch.cat([torch.arange(ctx, device=self.device), q_pos])
+        return attention_masks(self.model.config, allowed, q_pos, k_pos, self.dtype)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = upcast(self.head(hidden))
-        if self.softcap:
-            x = torch.tanh(x / self.softcap) * self.softcap
-        return x
-
-    def new_cache(self):
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.model.config)
-
-    def tree_mask(self, ctx: int, buf) -> torch.Tensor:
-        """[1, 1, L, ctx + L]: the cached context is visible to all, the tree block as built."""
-        block = buf.additive_mask(self.dtype)
-        full = torch.zeros(buf.length, ctx + buf.length, dtype=self.dtype, device=self.device)
-        full[:, ctx:] = block
-        return full[None, None]
-
-    @staticmethod
-    def keep_kv(cache, ctx: int, keep: torch.Tensor | None, new_len: int) -> None:
-        """Move the accepted tree entries (positions ctx+keep) to ctx.. and drop the rest."""
-        for layer in cache.layers:
-            if keep is not None:
-                layer.keys[:, :, ctx:new_len] = layer.keys[:, :, keep]
-                layer.values[:, :, ctx:new_len] = layer.values[:, :, keep]
-            layer.keys = layer.keys[:, :, :new_len]
-            layer.values = layer.values[:, :, :new_len]
+    def check_length(self, length: int) -> None:
+        limit = self.lm.max_context
+        if length >= limit:
+            raise BadInput(f"the tree's forward input is {length} tokens, the model's context "
+                           f"is {limit}")
 
     def check_prompt(self, input_ids: list[int], max_new_tokens: int) -> None:
         if not input_ids:
             raise BadInput("empty prompt")
         if max_new_tokens < 1:
-            raise BadInput(f"--max-new-tokens must be ≥ 1, got {max_new_tokens}")
+            raise BadInput(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
         limit = self.lm.max_context
         if len(input_ids) + 1 >= limit:
             raise BadInput(f"prompt is {len(input_ids)} tokens, the model's context is {limit}")
 
-    # ---- sampling helpers -----------------------------------------------------------
+    # ---- shared by PPD and the plain loop ---------------------------------------------
+    def prefill(self, input_ids: list[int], extra: torch.Tensor | None = None):
+        """(cache, logits) of one causal forward over the prompt (+ `extra` embeddings,
+        whose KV the caller drops)."""
+        embeds = self.embed(torch.tensor(input_ids, device=self.device))
+        if extra is not None:
+            embeds = torch.cat([embeds, extra])
+        cache = new_cache()
+        logits = self.call(embeds, cache, torch.arange(len(embeds), device=self.device))
+        return cache, logits
+
+    def _emit(self, out: list[int], new: list[int], limit: int) -> tuple[list[int], bool]:
+        """Append at most up to `limit` tokens, cutting after EOS; returns (added, done)."""
+        new = new[: limit - len(out)]
+        for i, t in enumerate(new):
+            if t in self.eos:
+                out.extend(new[: i + 1])
+                return new[: i + 1], True
+        out.extend(new)
+        return new, len(out) >= limit
+
+    def _finish(self, res: Result, t_start: float, why: str | None) -> Result:
+        sync(self.device)
+        res.seconds = time.perf_counter() - t_start
+        res.finish_reason = why or ("eos" if res.output_ids and res.output_ids[-1] in self.eos
+                                    else "length")
+        return res
+
     @staticmethod
     def _pick(logits: torch.Tensor, temperature: float, gen) -> torch.Tensor:
         if temperature <= 0:
@@ -173,88 +287,54 @@ class Decoder:
         probs = torch.softmax(logits / temperature, -1)
         return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
-    def _emit(self, out: list[int], new: list[int], limit: int) -> tuple[list[int], bool]:
-        """Append at most up to `limit` tokens, cutting after EOS; returns (added, done)."""
-        new = new[: limit - len(out)]
-        for i, t in enumerate(new):
-            if t in self.eos:
-                new = new[: i + 1]
-                out.extend(new)
-                return new, True
-        out.extend(new)
-        return new, len(out) >= limit
+    def _generator(self, seed: int | None):
+        return torch.Generator(device=self.device).manual_seed(seed) if seed is not None \
+            else None
 
     # ---- PPD ----------------------------------------------------------------------
     @torch.inference_mode()
     def ppd(self, input_ids: list[int], max_new_tokens: int = 128, temperature: float = 0.0,
             eps: float = 0.09, alpha: float = 0.3, seed: int | None = None,
-            on_tokens: OnTokens | None = None) -> Result:
+            on_tokens: OnTokens | None = None, timed: bool = False) -> Result:
+        """Decode with the tree. `timed` also records each step's forward time (one more
+        device sync per step)."""
         if self.tree is None:
             raise BadInput("no tree loaded")
         if temperature < 0:
-            raise BadInput(f"--temperature must be ≥ 0, got {temperature}")
+            raise BadInput(f"temperature must be ≥ 0, got {temperature}")
         self.check_prompt(input_ids, max_new_tokens)
-        tree, table, bufs = self.tree, self.table, self.buffers
-        topk = tree.rank_width
-        gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-        dev = self.device
-        limit = self.lm.max_context
-        self._sync()
+        topk, gen = self.tree.rank_width, self._generator(seed)
+        sync(self.device)
         t_start = time.perf_counter()
-
         # prefill: prompt + the root's prompt tokens, causal; their KV is dropped afterwards
-        ids = torch.tensor(input_ids, device=dev)
-        ctx, r = len(input_ids), tree.root_prompt_tokens
-        cache = self.cache = self.new_cache()  # kept for inspection (tests, tools)
-        h = self.forward(torch.cat([self.embed(ids), table[:r]]), cache,
-                         torch.arange(ctx + r, device=dev))
-        x0 = self._pick(self.logits(h[ctx - 1]), temperature, gen)
-        guesses = torch.topk(self.logits(h[ctx:ctx + r]), topk, dim=-1).indices
-        self.keep_kv(cache, ctx, None, ctx)
-        state = r
-        out: list[int] = []
-        first = [int(x0)]
-        added, done = self._emit(out, first, max_new_tokens)
+        ctx, r = len(input_ids), self.tree.root_prompt_tokens
+        cache, logits = self.prefill(input_ids, self.table[:r])
+        self.cache = cache  # kept for inspection (tests, tools)
+        x0 = self._pick(logits[ctx - 1], temperature, gen)
+        guesses = torch.topk(logits[ctx:ctx + r], topk, dim=-1).indices
+        keep_kv(cache, ctx, None, ctx)
+        state, out = r, []
+        added, done = self._emit(out, [int(x0)], max_new_tokens)
         if on_tokens:
             on_tokens(added)
-        self._sync()
         t_prev = time.perf_counter()
         res = Result(out, 1, 0.0, t_prev - t_start)
-        if done:
-            res.finish(self.eos)
-
         while not done:
-            buf = bufs[state]
-            if ctx + buf.length > limit:
-                res.finish(self.eos, "context")
-                break
-            n = buf.n_nodes
-            tok = torch.cat([x0.view(1), guesses.flatten()[buf.node_src]])
-            embeds = torch.cat([self.embed(tok), table[buf.slot_token]])
-            mask = self.tree_mask(ctx, buf)
-            self._sync()
+            buf = self.buffers[state]
+            if ctx + buf.length > self.lm.max_context:
+                return self._finish(res, t_start, "context")
+            tok, embeds = step_inputs(self.embed, self.table, x0, guesses, buf)
             t_fwd = time.perf_counter()
             # all rows in one lm_head call, as a plain forward would (small-M GEMMs are slow)
-            all_logits = self.logits(self.forward(embeds, cache, ctx + buf.positions, mask))
-            self._sync()
-            logits = all_logits[: n + 1]
-            fwd = time.perf_counter() - t_fwd
+            logits = self.call(embeds, cache, ctx + buf.positions, self.tree_mask(ctx, buf))
+            if timed:
+                sync(self.device)
+                res.forward_seconds.append(time.perf_counter() - t_fwd)
+            n = buf.n_nodes
             if temperature <= 0:
-                pred = logits.argmax(-1)
-                ok = tok[1:] == pred[buf.parent]
-                acc = ((~ok).float() @ buf.anc) == 0 if n else ok
-                score = torch.cat([torch.zeros(1, device=dev), acc.float() * buf.depth])
+                score, pred = verify_greedy(logits[: n + 1], tok, buf)
             else:
-                probs = torch.softmax(logits / temperature, -1)
-                ent = -(probs * torch.log(probs + 1e-10)).sum(-1)
-                thr = torch.clamp(alpha * torch.exp(-ent), max=eps)
-                p_tok = probs[buf.parent, tok[1:]]
-                ok = p_tok > thr[buf.parent]
-                acc = ((~ok).float() @ buf.anc) == 0 if n else ok
-                cum = torch.log(p_tok + 1e-20) @ buf.anc.to(p_tok.dtype) if n else p_tok
-                score = torch.cat([torch.zeros(1, device=dev),
-                                   acc.float() * (buf.depth + 0.5 * torch.exp(cum)).float()])
-                pred = torch.zeros(n + 1, dtype=torch.long, device=dev)
+                score, pred = verify_typical(logits[: n + 1], tok, buf, temperature, eps, alpha)
             packed = torch.cat([score.argmax().view(1), tok, pred]).tolist()  # one sync
             w = packed[0]
             if temperature > 0:
@@ -264,66 +344,58 @@ class Decoder:
                 x0 = pred[w]
             path = buf.path_pos[w]
             new = [packed[1 + p] for p in path[1:]] + [packed[2 + n + w]]
-            keep = None if path[-1] == len(path) - 1 else ctx + buf.retrieve[w, : len(path)]
-            self.keep_kv(cache, ctx, keep, ctx + len(path))
+            keep_kv(cache, ctx, accepted_path(buf, ctx, w), ctx + len(path))
             ctx += len(path)
             slots = buf.slots_of[w]
-            guesses = torch.topk(all_logits[slots[0]:slots[-1] + 1], topk, dim=-1).indices
+            guesses = torch.topk(logits[slots[0]:slots[-1] + 1], topk, dim=-1).indices
             state = buf.next_state[w]
             added, done = self._emit(out, new, max_new_tokens)
             if on_tokens:
                 on_tokens(added)
             now = time.perf_counter()
-            res.add_step(now - t_prev, len(new), fwd, buf.state, buf.length)
+            res.steps += 1
+            res.step_seconds.append(now - t_prev)
+            res.accepted.append(len(added))
+            res.lengths.append(buf.length)
             t_prev = now
-            if done:
-                res.finish(self.eos)
-        self._sync()
-        res.seconds = time.perf_counter() - t_start
-        return res
+        return self._finish(res, t_start, None)
 
     # ---- baselines ------------------------------------------------------------------
     @torch.inference_mode()
     def baseline(self, input_ids: list[int], max_new_tokens: int = 128,
                  temperature: float = 0.0, seed: int | None = None,
                  on_tokens: OnTokens | None = None) -> Result:
-        """Plain autoregressive decoding with the same cache and forward as PPD."""
+        """Plain autoregressive decoding with the same cache and model call as PPD."""
         self.check_prompt(input_ids, max_new_tokens)
-        gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-        dev = self.device
-        self._sync()
+        gen = self._generator(seed)
+        sync(self.device)
         t_start = time.perf_counter()
-        ids = torch.tensor(input_ids, device=dev)
-        cache = self.new_cache()
+        cache, logits = self.prefill(input_ids)
         ctx = len(input_ids)
-        h = self.forward(self.embed(ids), cache, torch.arange(ctx, device=dev))
-        x = self._pick(self.logits(h[-1]), temperature, gen)
+        x = self._pick(logits[-1], temperature, gen)
         out: list[int] = []
         added, done = self._emit(out, [int(x)], max_new_tokens)
         if on_tokens:
             on_tokens(added)
-        self._sync()
         t_prev = time.perf_counter()
         res = Result(out, 1, 0.0, t_prev - t_start)
-        limit = self.lm.max_context
         while not done:
-            if ctx + 1 > limit:
-                res.finish(self.eos, "context")
-                break
-            h = self.forward(self.embed(x.view(1)), cache, torch.tensor([ctx], device=dev))
+            if ctx + 1 > self.lm.max_context:
+                return self._finish(res, t_start, "context")
+            logits = self.call(self.embed(x.view(1)), cache,
+                               torch.tensor([ctx], device=self.device))
             ctx += 1
-            x = self._pick(self.logits(h[-1]), temperature, gen)
+            x = self._pick(logits[-1], temperature, gen)
             added, done = self._emit(out, [int(x)], max_new_tokens)
             if on_tokens:
                 on_tokens(added)
             now = time.perf_counter()
-            res.add_step(now - t_prev, 1)
+            res.steps += 1
+            res.step_seconds.append(now - t_prev)
+            res.accepted.append(len(added))
+            res.lengths.append(1)
             t_prev = now
-        if done:
-            res.finish(self.eos)
-        self._sync()
-        res.seconds = time.perf_counter() - t_start
-        return res
+        return self._finish(res, t_start, None)
 
     @torch.inference_mode()
     def hf_generate(self, input_ids: list[int], max_new_tokens: int = 128) -> Result:
@@ -334,47 +406,31 @@ class Decoder:
         pad = getattr(self.model.generation_config, "pad_token_id", None)
         if pad is None:
             pad = eos[0] if eos else 0
-        self._sync()
+        sync(self.device)
         t0 = time.perf_counter()
         seq = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                   max_new_tokens=max_new_tokens, do_sample=False,
                                   eos_token_id=eos, pad_token_id=pad, temperature=None,
                                   top_p=None, top_k=None)
-        self._sync()
-        dt = time.perf_counter() - t0
         new = seq[0, len(input_ids):].tolist()
-        res = Result(new, len(new), dt, 0.0, accepted=[1] * len(new))
-        res.finish(self.eos)
-        return res
+        res = Result(new, len(new), 0.0, 0.0, accepted=[1] * (len(new) - 1))
+        return self._finish(res, t0, None)
 
 
-def open_decoder(model: str | None = None, dtype: str = "auto", device: str = "auto",
-                 tree: str | None = None, prompt_tokens: str | None = None,
+def open_decoder(inputs, model: str | None = None, dtype: str = "auto", device: str = "auto",
                  threads: int | None = None) -> tuple[Decoder, dict]:
-    """Load model, prompt tokens and tree (shipped defaults where not given)."""
-    from . import models, shipped
-
-    # read the user's files first: bad input fails before the model loads
-    tree_obj = Tree.load(tree) if tree else None
-    pt_obj = PromptTokens.load(prompt_tokens) if prompt_tokens else None
-    lm = models.load(model, dtype=dtype, device=device, threads=threads)
-    info = {"model": lm.model_id, "device": str(lm.device), "dtype": models.dtype_name(lm.dtype),
-            "tree": shipped.display_path(tree) if tree else "default",
-            "prompt_tokens": shipped.display_path(prompt_tokens) if prompt_tokens else "default"}
-    if pt_obj is None:
-        shipped_dir = shipped.prompt_tokens_dir(lm.model_id)
-        if (shipped_dir / "prompt_tokens.safetensors").is_file():
-            pt_obj = PromptTokens.load(shipped_dir)
-            info["prompt_tokens"] = shipped.display_path(shipped_dir)
-        else:
-            pt_obj = PromptTokens.init_from_text(lm.model, lm.tokenizer, 3)
-            info["prompt_tokens"] = "untrained (initialised from text)"
-    if tree_obj is None:
-        path = shipped.tree_path(lm.model_id, lm.device.type)
-        if path.is_file():
-            tree_obj = Tree.load(path)
-            info["tree"] = shipped.display_path(path)
-        else:
-            tree_obj = Tree.chain(pt_obj.num, pt_obj.num)
-            info["tree"] = f"chain of depth {pt_obj.num}"
-    return Decoder(lm, pt_obj, tree_obj), info
+    """Load the model and build a decoder with the resolved inputs
+    (:func:`treeopt.inputs.resolve_inputs`): its prompt tokens (else untrained ones
+    initialised from text) and tree (else a rank-0 chain)."""
+    pt = PromptTokens.load(inputs.prompt_tokens) if inputs.prompt_tokens else None
+    lm = load(model, dtype=dtype, device=device, threads=threads)
+    info = {"model": lm.model_id, "device": str(lm.device), "dtype": dtype_name(lm.dtype),
+            "tree": inputs.tree_src, "prompt_tokens": inputs.prompt_tokens_src}
+    if pt is None:
+        pt = PromptTokens.init_from_text(lm.model, lm.tokenizer, 3)
+        info["prompt_tokens"] = "untrained (initialised from text)"
+    tree = inputs.tree
+    if tree is None:
+        tree = Tree.chain(pt.num, pt.num)
+        info["tree"] = f"chain of depth {pt.num}"
+    return Decoder(lm, pt, tree), info

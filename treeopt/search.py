@@ -36,11 +36,15 @@ from typing import Callable
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from .acceptance import search_inputs
+from .artefact import mask_secrets
 from .errors import BadInput
-from .tree import Node, Tree
+from .latency import Latency
+from .models import cache_dir
+from .tree import Node, Tree, input_length
 
 NEG = -np.inf
-Latency = Callable[[np.ndarray], np.ndarray]
+LatencyFn = Callable[[np.ndarray], np.ndarray]
 
 
 # ---- probabilities -----------------------------------------------------------------
@@ -225,7 +229,7 @@ def tree_stats(nodes: list[Node], r: int, k: int, prob: dict) -> StateStats:
     for nd in nodes:
         p[nd.prompt_tokens] += prob[nd.path] - child_mass.get(nd.path, 0.0)
     E = 1.0 + sum(prob[nd.path] for nd in nodes)
-    L = 1 + len(nodes) + r + sum(nd.prompt_tokens for nd in nodes)
+    L = input_length(len(nodes), r, sum(nd.prompt_tokens for nd in nodes))
     return StateStats(E, p, L)
 
 
@@ -278,7 +282,7 @@ def path_probabilities(uni_by_state: dict[int, Universe]) -> dict[tuple, float]:
     return out
 
 
-def optimise(acc: np.ndarray, latency: Latency, k: int | None = None, max_input: int = 512,
+def optimise(acc: np.ndarray, latency: LatencyFn, k: int | None = None, max_input: int = 512,
              path_prob: dict | None = None, width_cap: int | None = None,
              roots: list[int] | None = None, max_iter: int = 50) -> Solution:
     """Best dynamic tree (every state's L ≤ max_input) by policy iteration."""
@@ -305,7 +309,7 @@ def optimise(acc: np.ndarray, latency: Latency, k: int | None = None, max_input:
                 dp = budget_dp(unis[m], h, k, budget, [r])
                 dps[m] = dp
                 G = dp.G[r]
-                q = G - rho * latency(1 + r + np.arange(len(G)))
+                q = G - rho * latency(input_length(0, r, np.arange(len(G))))
                 bstar = int(np.argmax(q))
                 # the current tree's own Q (not the DP's best at its budget)
                 cur = stats[m]
@@ -326,19 +330,19 @@ def optimise(acc: np.ndarray, latency: Latency, k: int | None = None, max_input:
     return best
 
 
-def greedy_tree(acc: np.ndarray, input_length: int, k: int | None = None) -> Tree | None:
+def greedy_tree(acc: np.ndarray, length: int, k: int | None = None) -> Tree | None:
     """The greedy static tree: top-N paths by product, every node (and the root) with K
     prompt tokens, N = (L − 1 − K) // (K + 1). None when L < 1 + K."""
     acc = np.asarray(acc, dtype=float)
     k = k or acc.shape[0]
-    n = (input_length - 1 - k) // (k + 1)
+    n = (length - 1 - k) // (k + 1)
     if n < 0:
         return None
     uni = universe(acc, k, n)
     return Tree.static(uni.paths, k, int(acc.shape[1]))
 
 
-def predict(tree: Tree, acc: np.ndarray, latency: Latency | None = None,
+def predict(tree: Tree, acc: np.ndarray, latency: LatencyFn | None = None,
             path_prob: dict | None = None) -> dict:
     """Stationary tokens/step (and tokens/s, step time with a latency) of any tree."""
     acc = np.asarray(acc, dtype=float)
@@ -360,7 +364,7 @@ def predict(tree: Tree, acc: np.ndarray, latency: Latency | None = None,
             "input_lengths": {m: s.L for m, s in stats.items()}}
 
 
-def per_input_length(sol: Solution, acc: np.ndarray, latency: Latency, max_input: int,
+def per_input_length(sol: Solution, acc: np.ndarray, latency: LatencyFn, max_input: int,
                      path_prob: dict | None = None) -> list[dict]:
     """Best tokens/s with every state's input length ≤ L, for L = 1..max_input.
 
@@ -438,7 +442,7 @@ def per_input_length(sol: Solution, acc: np.ndarray, latency: Latency, max_input
     return rows
 
 
-def _finite_pi(sm: dict, cap: int, latency: Latency, k: int, max_iter: int = 30):
+def _finite_pi(sm: dict, cap: int, latency: LatencyFn, k: int, max_iter: int = 30):
     """Policy iteration over finite candidate actions with L ≤ cap."""
     choice = {}
     for m, (L, E, p) in sm.items():
@@ -464,17 +468,18 @@ def _finite_pi(sm: dict, cap: int, latency: Latency, k: int, max_iter: int = 30)
     return rho, E, h
 
 
-# ---- exports ------------------------------------------------------------------------
+# ---- static trees -------------------------------------------------------------------
 def static_curve(acc: np.ndarray, k: int, max_input: int, path_prob: dict | None = None):
     """Greedy static trees (top-N paths by P, every node and the root with K prompt
     tokens) for every N that fits: (paths best-first, E[N], L[N]) for N = 0, 1, ..."""
     n_max = max(0, (max_input - 1 - k) // (k + 1))
     top = universe(np.asarray(acc, dtype=float), k, n_max, path_prob)
     n = np.arange(len(top.paths) + 1)
-    return top.paths, 1.0 + np.concatenate([[0.0], np.cumsum(top.prob)]), 1 + n + k + k * n
+    return top.paths, 1.0 + np.concatenate([[0.0], np.cumsum(top.prob)]), \
+        input_length(n, k, k * n)
 
 
-def greedy_curve(acc: np.ndarray, latency: Latency, k: int, max_input: int,
+def greedy_curve(acc: np.ndarray, latency: LatencyFn, k: int, max_input: int,
                  path_prob: dict | None = None) -> list[dict]:
     """Tokens/step and tokens/s of the largest greedy static tree within each input
     length L = 1 + K .. max_input (the baseline the search must beat)."""
@@ -488,7 +493,7 @@ def greedy_curve(acc: np.ndarray, latency: Latency, k: int, max_input: int,
     return rows
 
 
-def optimise_static(acc: np.ndarray, latency: Latency, k: int | None = None,
+def optimise_static(acc: np.ndarray, latency: LatencyFn, k: int | None = None,
                     max_input: int = 512, path_prob: dict | None = None) -> Solution:
     """Best one-state tree (every node and the root carry K prompt tokens): for a fixed
     node count the top-N paths by P maximise E, so scanning N is exact."""
@@ -502,193 +507,74 @@ def optimise_static(acc: np.ndarray, latency: Latency, k: int | None = None,
                     {k: int(L[i])}, 1, np.zeros(k + 1), {})
 
 
-def export_medusa(tree: Tree) -> list[list[int]]:
-    """`medusa_choices`: the static tree's rank paths (largest state for dynamic trees)."""
-    nodes = tree.states[max(tree.states)]
-    return [list(n.path) for n in nodes]
-
-
-def export_vllm(tree: Tree) -> list[tuple[int, ...]]:
-    """vLLM `speculative_token_tree`: a list of rank tuples, parents before children."""
-    return [tuple(p) for p in export_medusa(tree)]
-
-
-
-# ---- the verb -----------------------------------------------------------------------
-HELP = "find the tree with the most expected tokens per second for a model on a device"
-DEFAULT_SIM_GPU = "a100-80gb"
 DEFAULT_CONTEXT = 512  # where the acceptance file does not say what context it measured
 
 
-def add_arguments(p) -> None:
-    p.add_argument("--model", help="a known name (vicuna-7b, vicuna-13b, mobilellama, "
-                   "vicuna-68m, ...) for the shipped reference data, or a local HF folder; "
-                   "default: the embedded model")
-    p.add_argument("--profile", help="profile.json (default: this device's measured profile; "
-                   f"for reference models a simulated {DEFAULT_SIM_GPU})")
-    p.add_argument("--acceptance", help="acceptance.json (default: the shipped one)")
-    p.add_argument("--max-input", type=int, default=512,
-                   help="no state's forward input may be longer (default 512)")
-    p.add_argument("--context", type=int,
-                   help="context length at which the profile's t(L) is read (default: the "
-                   "acceptance measurement's mean context, else 512)")
-    p.add_argument("--static", action="store_true", help="one-state tree (every node K tokens)")
-    p.add_argument("--product", action="store_true",
-                   help="ignore measured conditional path probabilities (product model)")
-    p.add_argument("--export", choices=["medusa", "vllm"],
-                   help="also write the best static tree in that engine's form")
-    p.add_argument("--trials", type=int, default=0,
-                   help="optuna trials over K used, width cap and probability model")
-    p.add_argument("--storage", help="optuna storage URL (default: SQLite in the user cache)")
-    p.add_argument("--out", help="tree path (default profiles/<device>__<model>.tree.json)")
+@dataclasses.dataclass
+class Options:
+    """What `treeopt search` takes beside its inputs (checked here, in plain words)."""
+
+    max_input: int = 512
+    context: int | None = None  # default: the acceptance file's mean context, else 512
+    static: bool = False
+    product: bool = False
+    trials: int = 0
+    storage: str | None = None
+
+    def __post_init__(self):
+        if not 2 <= self.max_input <= 65536:
+            raise BadInput(f"--max-input must be in 2..65536, got {self.max_input}")
+        if self.context is not None and self.context < 1:
+            raise BadInput(f"--context must be ≥ 1, got {self.context}")
+        if self.trials < 0:
+            raise BadInput(f"--trials must be ≥ 0, got {self.trials}")
 
 
-def resolve_inputs(model, profile_path, acceptance_path, dtype="auto"):
-    """(model id, profile dict, profile source, acceptance dict, acceptance source)."""
-    from . import accept as acc_mod
-    from . import profile as prof_mod
-    from . import shipped
-    from .models import (DEFAULT_MODEL_ID, KNOWN_MODELS, canonical_model, dtype_name,
-                         known_model, pick_dtype)
-    from .shipped import PROFILES, device_slug, display_path
-
-    canon = known_model(model) if model else DEFAULT_MODEL_ID
-    model_id = canon or __import__("pathlib").Path(model).resolve().name
-    if acceptance_path:
-        acc = acc_mod.load(acceptance_path)
-        acc_src = display_path(acceptance_path)
-    else:
-        ref = KNOWN_MODELS.get(canon or "", {}).get("reference")
-        cands = ([PROFILES / "reference" / f"{ref}.acceptance.json"] if ref else []) + \
-            [shipped.acceptance_path(model_id)]
-        found = [c for c in cands if c.is_file()]
-        if not found:
-            raise BadInput(f"no acceptance file for {model_id}: run `treeopt accept` or pass "
-                           "--acceptance")
-        acc, acc_src = acc_mod.load(found[0]), display_path(found[0])
-    if profile_path:
-        prof, prof_src = prof_mod.load(profile_path), display_path(profile_path)
-    else:
-        local = None
-        if any(not p.name.startswith("sim-") for p in PROFILES.glob(f"*__{model_id}__*.json")):
-            import torch  # only where a measured profile of this model could match
-
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
-            dt = dtype_name(pick_dtype(dtype, torch.device(dev)))
-            local = shipped.profile_path(device_slug(dev), model_id, dt)
-        if local is not None and local.is_file():
-            prof, prof_src = prof_mod.load(local), display_path(local)
-        elif canon and canon != DEFAULT_MODEL_ID:
-            prof = prof_mod.simulate(DEFAULT_SIM_GPU, canon, "float16", prof_mod.GPU_SIZES +
-                                     [384, 512], prof_mod.CONTEXTS)
-            prof_src = f"simulated {DEFAULT_SIM_GPU} (roofline, no weights needed)"
-        else:
-            raise BadInput(f"no measured profile for {model_id} on this device: run "
-                           "`treeopt profile` or pass --profile")
-    if canonical_model(prof["model"]) != canonical_model(acc["model"]):
-        raise BadInput(f"profile is for {prof['model']} but the acceptance file is for "
-                       f"{acc['model']}")
-    return model_id, prof, prof_src, acc, acc_src
-
-
-def main(args) -> dict:
-    import datetime
-    import sys
-
-    from . import profile as prof_mod
-    from .artefact import write_json
-    from .cliutil import say
-    from .shipped import PROFILES
-
-    if args.max_input < 2:
-        raise BadInput(f"--max-input must be ≥ 2, got {args.max_input}")
-    if args.trials < 0:
-        raise BadInput(f"--trials must be ≥ 0, got {args.trials}")
-    model_id, prof, prof_src, acc_obj, acc_src = resolve_inputs(args.model, args.profile,
-                                                                args.acceptance)
-    lat_model = prof_mod.Latency(prof)
-    context = args.context if args.context is not None else \
+def search(acc_obj: dict, profile: dict, opts: Options, name: str = "search") -> dict:
+    """The search behind `treeopt search`: the best tree for an acceptance file and a
+    latency profile. Returns the solution, the tree (its meta: how it was chosen and
+    what it predicts), and the report (per-input-length table, greedy curve)."""
+    lat_model = Latency(profile)
+    context = opts.context if opts.context is not None else \
         int(acc_obj.get("mean_context") or DEFAULT_CONTEXT)
-    if context < 1:
-        raise BadInput(f"--context must be ≥ 1, got {context}")
     lat = lambda L: lat_model(L, context)  # noqa: E731
-    t1 = float(prof_mod.Latency(prof, with_overhead=False)([1], context)[0])
-    from .accept import search_inputs
-
+    t1 = float(Latency(profile, with_overhead=False)([1], context)[0])
     acc_prod, _ = search_inputs(acc_obj, conditional=False)
-    acc_fit, pp = search_inputs(acc_obj, conditional=not args.product)
-    human = not args.json
-    if human:
-        say(f"model {model_id}; profile: {prof_src}; acceptance: {acc_src}; t(L) read at "
-            f"context {context}")
+    acc_fit, pp = search_inputs(acc_obj, conditional=not opts.product)
     t0 = time.perf_counter()
     config = {"k": acc_prod.shape[0], "width_cap": None, "conditional": pp is not None}
-    if args.trials:
-        config = tune(acc_prod, acc_fit, pp, lat, args.max_input, args.trials, args.storage,
-                      args.static, f"{model_id}-{prof.get('device_id', 'dev')}")
+    if opts.trials:
+        config = tune(acc_prod, acc_fit, pp, lat, opts.max_input, opts.trials, opts.storage,
+                      opts.static, name)
     acc, use_pp = (acc_fit, pp) if config["conditional"] else (acc_prod, None)
-    solve = optimise_static if args.static else optimise
-    kw = {} if args.static else {"width_cap": config["width_cap"]}
-    sol = solve(acc, lat, k=config["k"], max_input=args.max_input, path_prob=use_pp, **kw)
-    rows = per_input_length(sol, acc, lat, args.max_input, use_pp) if not args.static else None
+    if opts.static:
+        sol = optimise_static(acc, lat, config["k"], opts.max_input, use_pp)
+        rows = None
+    else:
+        sol = optimise(acc, lat, k=config["k"], max_input=opts.max_input, path_prob=use_pp,
+                       width_cap=config["width_cap"])
+        rows = per_input_length(sol, acc, lat, opts.max_input, use_pp)
     seconds = time.perf_counter() - t0
-    g_curve = greedy_curve(acc, lat, config["k"], args.max_input, use_pp)
     pred = {"tokens_per_step": round(sol.tokens_per_step, 6),
             "tokens_per_second": round(sol.tokens_per_second, 6),
             "step_seconds": round(sol.step_seconds, 8),
             "speedup_vs_t1": round(sol.tokens_per_second * t1, 6),
             "input_lengths": {str(m): L for m, L in sol.input_lengths.items()},
             "stationary": {str(m): round(p, 6) for m, p in sol.pi.items()}}
-    tree = sol.tree
-    tree.meta = {"model": model_id, "profile": prof_src, "acceptance": acc_src,
-                 "device": prof["device"].get("name"), "simulated": bool(prof.get("simulated")),
-                 "context": context, "max_input": args.max_input, "config": config,
-                 "predicted": pred, "search_seconds": round(seconds, 3),
-                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                     timespec="seconds"),
-                 "command": "treeopt " + " ".join(sys.argv[1:]),
-                 **({"per_input_length": rows} if rows else {}), "greedy_curve": g_curve}
-    dev_id = prof.get("device_id") or "device"
-    out = args.out or PROFILES / f"{dev_id}__{model_id}.tree.json"
-    tree.save(out)
-    result = {"out": str(out), "model": model_id, "profile": prof_src, "acceptance": acc_src,
-              **pred, "search_seconds": round(seconds, 3), "config": config,
-              "tree": tree.to_json()["states"], "root_prompt_tokens": tree.root_prompt_tokens}
+    report = {"greedy_curve": greedy_curve(acc, lat, config["k"], opts.max_input, use_pp)}
     if rows:
-        result["per_input_length"] = rows
-    if args.export:
-        st = sol if args.static else optimise_static(acc, lat, config["k"], args.max_input, use_pp)
-        exp = export_medusa(st.tree) if args.export == "medusa" else \
-            [list(p) for p in export_vllm(st.tree)]
-        exp_path = str(out).removesuffix(".json") + f".{args.export}.json"
-        write_json(exp_path, {"format": args.export, "choices": exp,
-                              "predicted_tokens_per_step": st.tokens_per_step})
-        result["export"] = {"format": args.export, "path": exp_path, "choices": exp}
-    if human:
-        for m, nodes in sorted(tree.states.items()):
-            shown = ", ".join(f"{list(n.path)}:{n.prompt_tokens}" for n in nodes[:12])
-            say(f"state {m}: {len(nodes)} nodes, input {sol.input_lengths[m]} tokens, "
-                f"π={sol.pi.get(m, 0):.3f}  {shown}{' ...' if len(nodes) > 12 else ''}")
-        say(f"root prompt tokens {tree.root_prompt_tokens}; predicted {sol.tokens_per_step:.3f} "
-            f"tokens/step, {1000 * sol.step_seconds:.2f} ms/step, "
-            f"{sol.tokens_per_second:.1f} tokens/s = {pred['speedup_vs_t1']:.2f}x plain decoding "
-            f"(searched in {seconds:.2f} s)")
-        if rows:
-            say("best by input-length cap: " + ", ".join(
-                f"L≤{r['input_length']}: {r['tokens_per_step']:.2f} tok/step "
-                f"{r['tokens_per_second']:.1f} tok/s" for r in rows
-                if r["input_length"] in (4, 8, 16, 32, 64, 128, 256, 512)))
-        say(f"wrote {out}")
-    return result
+        report["per_input_length"] = rows
+    meta = {"context": context, "max_input": opts.max_input, "config": config,
+            "predicted": pred, "search_seconds": round(seconds, 3)}
+    return {"solution": sol, "acc": acc, "path_prob": use_pp, "latency": lat,
+            "meta": meta, "report": report}
 
 
 def tune(acc_prod, acc_fit, pp, lat, max_input, trials, storage, static, name) -> dict:
     """optuna TPE over what the exact optimiser takes as given."""
     import logging
 
-    import optuna
-
-    from .models import cache_dir
+    import optuna  # heavy and optional: loaded only when trials are asked for
 
     optuna.logging.set_verbosity(logging.WARNING)
     if storage is None:
@@ -714,4 +600,4 @@ def tune(acc_prod, acc_fit, pp, lat, max_input, trials, storage, static, name) -
     bp = study.best_params
     return {"k": bp["k"], "width_cap": bp["width_cap"],
             "conditional": bool(bp.get("conditional", False)), "trials": len(study.trials),
-            "storage": storage}
+            "storage": mask_secrets(storage)}

@@ -30,6 +30,12 @@ SCHEMA = "treeopt.tree/1"
 Path = tuple[int, ...]
 
 
+def input_length(nodes, root_prompt_tokens, node_prompt_tokens):
+    """The one input-length formula: root + nodes + the root's and the nodes' prompt
+    slots, ``L = 1 + |T| + n(root) + Σ n(v)`` (works on numpy arrays too)."""
+    return 1 + nodes + root_prompt_tokens + node_prompt_tokens
+
+
 @dataclasses.dataclass(frozen=True)
 class Node:
     path: Path
@@ -73,7 +79,8 @@ class Tree:
 
     def input_length(self, m: int) -> int:
         nodes = self.states[m]
-        return 1 + len(nodes) + self.root_prompt_tokens + sum(n.prompt_tokens for n in nodes)
+        return input_length(len(nodes), self.root_prompt_tokens,
+                            sum(n.prompt_tokens for n in nodes))
 
     @property
     def max_input_length(self) -> int:
@@ -147,8 +154,8 @@ class Tree:
             k = obj["num_prompt_tokens"]
             states = {}
             for key, nodes in obj["states"].items():
-                if not str(key).isdigit():
-                    raise BadInput(f"{where}: state key {key!r} is not an integer")
+                if not str(key).isdigit() or str(int(key)) != str(key):
+                    raise BadInput(f"{where}: state key {key!r} is not a plain integer")
                 if not isinstance(nodes, list):
                     raise BadInput(f"{where}: state {key} must be a list of nodes")
                 states[int(key)] = [_node_from_json(n, f"{where} state {key}") for n in nodes]

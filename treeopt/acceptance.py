@@ -1,4 +1,5 @@
-"""Per-depth, per-rank prompt-token accuracies → acceptance.json (and the maths on them).
+"""Acceptance maths: per-depth, per-rank prompt-token accuracies, their intervals and
+fits, and the acceptance.json artefact.
 
 `accuracy[d][r]` = probability that the rank-r guess of prompt token d+1 is the token the
 base model produces d+2 steps ahead under greedy decoding. Missing cells (null) are ranks a
@@ -22,7 +23,7 @@ def validate(obj: dict, where: str = "acceptance") -> None:
         if field not in obj:
             raise BadInput(f"{where}: missing field {field!r}")
     k, topk, acc = obj["num_prompt_tokens"], obj["topk"], obj["accuracy"]
-    if not isinstance(k, int) or k < 1 or not isinstance(topk, int) or topk < 1:
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in (k, topk)):
         raise BadInput(f"{where}: num_prompt_tokens and topk must be integers ≥ 1")
     if not isinstance(acc, list) or len(acc) != k:
         raise BadInput(f"{where}: accuracy has {len(acc) if isinstance(acc, list) else '?'} "
@@ -33,11 +34,42 @@ def validate(obj: dict, where: str = "acceptance") -> None:
         for r, v in enumerate(row):
             if v is None:
                 continue
-            if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0 or math.isnan(v):
+            if not _prob(v):
                 raise BadInput(f"{where}: accuracy[{d}][{r}]={v!r} outside [0, 1]")
         total = sum(v for v in row if v is not None)
         if total > 1.0 + 1e-6:
             raise BadInput(f"{where}: accuracy[{d}] sums to {total:.4f} > 1")
+    smooth = obj.get("accuracy_smoothed")
+    if smooth is not None:
+        if not isinstance(smooth, list) or len(smooth) != k or any(
+                not isinstance(row, list) or len(row) != topk or not all(_prob(v) for v in row)
+                for row in smooth):
+            raise BadInput(f"{where}: accuracy_smoothed must be {k} rows of {topk} "
+                           "probabilities in [0, 1]")
+    fit = obj.get("fit")
+    if fit is not None:
+        corr = fit.get("correlation") if isinstance(fit, dict) else None
+        if corr is not None and (not isinstance(corr, list) or not all(
+                _number(c) and c >= 0 for c in corr)):
+            raise BadInput(f"{where}: fit.correlation must be finite numbers ≥ 0")
+    pp = obj.get("path_probs", {})
+    if not isinstance(pp, dict):
+        raise BadInput(f"{where}: path_probs must be an object")
+    for key, v in pp.items():
+        if not _prob(v) or not all(x.isdigit() for x in str(key).split(",")):
+            raise BadInput(f"{where}: path_probs[{key!r}]={v!r} is not a rank path with a "
+                           "probability in [0, 1]")
+    mc = obj.get("mean_context")
+    if mc is not None and (not isinstance(mc, int) or isinstance(mc, bool) or mc < 0):
+        raise BadInput(f"{where}: mean_context={mc!r} is not an integer ≥ 0")
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _prob(v) -> bool:
+    return _number(v) and 0.0 <= v <= 1.0
 
 
 def load(path) -> dict:
@@ -49,18 +81,6 @@ def load(path) -> dict:
 def accuracy_array(obj: dict) -> np.ndarray:
     """[K, topk] float array with NaN for missing cells."""
     return np.array([[np.nan if v is None else float(v) for v in row] for row in obj["accuracy"]])
-
-
-def reference_files(published: dict) -> dict[str, dict]:
-    """Acceptance objects for the PPD authors' published tables."""
-    out = {}
-    for model, entry in published["models"].items():
-        out[model] = {"schema": SCHEMA, "model": model, "source": "published",
-                      "num_prompt_tokens": entry["num_prompt_tokens"], "topk": entry["topk"],
-                      "accuracy": entry["accuracy"],
-                      "note": published.get("source", ""),
-                      "max_ratio_spread": entry.get("max_ratio_spread")}
-    return out
 
 
 # ---- estimates ----------------------------------------------------------------------
@@ -209,144 +229,3 @@ def mean_context(samples) -> int:
             total += n * s.prompt_len + n * (n - 1) // 2
             count += n
     return round(total / count) if count else 0
-
-
-# ---- the verb -----------------------------------------------------------------------
-HELP = "measure per-depth, per-rank prompt-token accuracies (and check predictions)"
-
-
-def add_arguments(p) -> None:
-    from .cliutil import add_model_args, positive_int
-
-    add_model_args(p, tree=False)
-    p.add_argument("--prompt-tokens", help="prompt-token folder (default: shipped tokens)")
-    p.add_argument("--prompts", help="JSONL prompts for the estimate (default: built-in set)")
-    p.add_argument("--limit", type=positive_int, help="first N prompts (after --offset)")
-    p.add_argument("--offset", type=int, default=0, help="skip the first N prompts")
-    p.add_argument("--stride", type=positive_int, default=1,
-                   help="take every N-th prompt (spreads --limit over a file's categories)")
-    p.add_argument("--topk", type=positive_int, default=10)
-    p.add_argument("--max-new-tokens", type=positive_int, default=160,
-                   help="length of the greedy continuations measured")
-    p.add_argument("--min-support", type=positive_int, default=40,
-                   help="parent-path count from which a path's empirical probability is used")
-    p.add_argument("--check-tree", action="append", metavar="TREE",
-                   help="predict tokens/step for this tree and measure it by decoding "
-                   "(repeatable; 'default' = the runtime's default tree, 'chain', 'wide')")
-    p.add_argument("--check-prompts", help="held-out JSONL prompts for --check-tree")
-    p.add_argument("--check-limit", type=positive_int, default=20)
-    p.add_argument("--check-offset", type=int, default=0)
-    p.add_argument("--check-stride", type=positive_int, default=1)
-    p.add_argument("--out", help="acceptance path (default profiles/<model>.acceptance.json)")
-
-
-def check_trees(dec, names: list[str], obj: dict, texts: list[str], max_new_tokens: int,
-                quiet: bool = False) -> list[dict]:
-    """Predicted (product-only and fitted) vs measured tokens per decode step."""
-    from . import prompts, search
-    from .cliutil import progress
-    from .shipped import tree_path
-    from .tree import Tree
-
-    k = dec.prompt_tokens.num
-    rows = []
-    for name in names:
-        if name == "default":
-            tree = Tree.load(tree_path(dec.lm.model_id, dec.device.type))
-        elif name == "chain":
-            tree = Tree.chain(k, k)
-        elif name == "wide":
-            tree = Tree.static([[r] for r in range(8)] + [[0, r] for r in range(4)], k)
-        else:
-            tree = Tree.load(name)
-        acc_p, _ = search_inputs(obj, conditional=False)
-        acc_f, pp = search_inputs(obj, conditional=True)
-        pred_p = search.predict(tree, acc_p)["tokens_per_step"]
-        pred_f = search.predict(tree, acc_f, path_prob=pp)["tokens_per_step"]
-        dec.set_tree(tree, dec.prompt_tokens)
-        acc_tokens = steps = 0
-        for text in progress(texts, f"check {name}", quiet=quiet):
-            res = dec.ppd(prompts.encode(dec.lm.tokenizer, text), max_new_tokens)
-            full = res.accepted[:-1] if res.finish_reason != "eos" else res.accepted
-            acc_tokens += sum(full)  # the last step may be cut by max_new_tokens
-            steps += len(full)
-        measured = acc_tokens / max(steps, 1)
-        rows.append({"tree": name, "input_lengths": {str(m): tree.input_length(m)
-                                                     for m in tree.states},
-                     "measured_tokens_per_step": round(measured, 4), "steps": steps,
-                     "predicted_product": round(pred_p, 4), "predicted_fitted": round(pred_f, 4),
-                     "error_product": round(pred_p / measured - 1, 4),
-                     "error_fitted": round(pred_f / measured - 1, 4)})
-    return rows
-
-
-def main(args) -> dict:
-    import datetime
-    import hashlib
-    import sys
-
-    from . import distill, prompts
-    from .artefact import write_json
-    from .cliutil import say
-    from .runtime import open_decoder
-    from .shipped import acceptance_path
-
-    texts = prompts.load(args.prompts, args.limit, args.offset, args.stride)
-    check_texts = []
-    if args.check_tree:
-        check_texts = prompts.load(args.check_prompts, args.check_limit, args.check_offset,
-                                   args.check_stride)
-        overlap = set(check_texts) & set(texts)
-        if overlap:
-            raise BadInput(f"--check-prompts share {len(overlap)} prompts with the estimate")
-        for name in args.check_tree:
-            if name not in ("default", "chain", "wide"):
-                from .tree import Tree
-
-                Tree.load(name)  # fail early on a bad file
-    dec, info = open_decoder(args.model, args.dtype, args.device, None, args.prompt_tokens,
-                             args.threads)
-    human = not args.json
-    lm = dec.lm
-    samples = distill.load_samples(lm, texts, args.max_new_tokens, quiet=not human,
-                                   tag="accept data")
-    ranks, owner = distill.measure_ranks(lm, samples, dec.table, args.topk, quiet=not human,
-                                         tag="accept")
-    est = estimate(ranks.numpy(), args.topk, owner.numpy(), args.min_support)
-    est["mean_context"] = mean_context(samples)
-    table = dec.prompt_tokens.embeddings
-    obj = {"schema": SCHEMA, "model": info["model"], "source": "measured",
-           "prompt_tokens": {"path": info["prompt_tokens"],
-                             "sha256": hashlib.sha256(table.numpy().tobytes()).hexdigest()[:16]},
-           "num_prompt_tokens": dec.prompt_tokens.num, "topk": args.topk,
-           "dtype": info["dtype"], "prompt_file": args.prompts or "built-in",
-           "prompts": len(samples), "offset": args.offset, "stride": args.stride,
-           "max_new_tokens": args.max_new_tokens, **est,
-           "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": "treeopt " + " ".join(sys.argv[1:])}
-    if args.check_tree:
-        obj["check"] = {"prompt_file": args.check_prompts or "built-in",
-                        "prompts": len(check_texts),
-                        "trees": check_trees(dec, args.check_tree, obj, check_texts,
-                                             args.max_new_tokens, quiet=not human)}
-    validate(obj)
-    out = args.out or acceptance_path(info["model"])
-    write_json(out, obj)
-    if human:
-        say(f"{len(samples)} prompts, {est['positions'][0]} positions; top-k accuracy:")
-        say("depth  top-1 [95% CI]          top-5   top-10")
-        for d in range(obj["num_prompt_tokens"]):
-            row = np.array(obj["accuracy"][d])
-            ci = obj.get("bootstrap_top1_ci95")
-            ci_s = f"[{ci['low'][d]:.3f}, {ci['high'][d]:.3f}]" if ci else ""
-            say(f"{d + 1:>5}  {row[0]:.3f} {ci_s:<18}  {row[:5].sum():.3f}   {row.sum():.3f}")
-        say(f"correlation factors {est['fit']['correlation']}; "
-            f"{len(est['path_probs'])} paths with empirical probabilities")
-        for c in obj.get("check", {}).get("trees", []):
-            say(f"check {c['tree']}: measured {c['measured_tokens_per_step']:.3f} tokens/step; "
-                f"predicted product {c['predicted_product']:.3f} ({100 * c['error_product']:+.1f}%),"
-                f" fitted {c['predicted_fitted']:.3f} ({100 * c['error_fitted']:+.1f}%)")
-        say(f"wrote {out}")
-    return {"out": str(out), **{k: obj[k] for k in ("model", "num_prompt_tokens", "topk",
-                                                      "accuracy", "positions", "prompts")},
-            "fit": est["fit"], **({"check": obj["check"]} if "check" in obj else {})}

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import sys
 
-from .cliutil import add_model_args, say
-from .errors import BadInput
+from .. import prompts
+from ..errors import BadInput
+from ..evaluation import speed_vs_profile, speed_warning
+from ..inputs import resolve_inputs
+from ..runtime import open_decoder
+from .common import add_model_args, finite_float, model_flag, positive_int, say, seed_int
 
 HELP = "decode one prompt with the PPD runtime"
 SAMPLE_PROMPT = "Explain in a few sentences why the sky is blue."
@@ -16,10 +20,10 @@ def add_arguments(p) -> None:
     g.add_argument("--prompt", help=f"prompt text (default: {SAMPLE_PROMPT!r})")
     g.add_argument("--prompt-file", help="read the prompt from a text file")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0,
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--temperature", type=finite_float(0.0), default=0.0,
                    help="0 = greedy (lossless); > 0 = typical acceptance sampling")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--baseline", action="store_true",
                    help="also run plain greedy and HF generate; report speedups and identity")
 
@@ -43,38 +47,33 @@ class _Streamer:
 
 
 def main(args) -> dict:
-    from . import prompts
-    from .runtime import open_decoder
-
-    if args.max_new_tokens < 1:
-        raise BadInput(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise BadInput(f"--temperature must be ≥ 0, got {args.temperature}")
     if args.prompt_file:
-        try:
-            text = open(args.prompt_file, encoding="utf-8").read()
-        except OSError as e:
-            raise BadInput(f"--prompt-file {args.prompt_file}: {e.strerror}") from e
+        text = prompts.read_text(prompts.resolve_file(args.prompt_file, "--prompt-file"))
     else:
         text = SAMPLE_PROMPT if args.prompt is None else args.prompt
     if not text.strip():
         raise BadInput("empty prompt")
-    dec, info = open_decoder(args.model, args.dtype, args.device, args.tree, args.prompt_tokens,
-                             args.threads)
+    inp = resolve_inputs(args.model, tree=args.tree, prompt_tokens=args.prompt_tokens,
+                         device=args.device, dtype=args.dtype, want=("tree", "profile"))
+    dec, info = open_decoder(inp, args.model, args.dtype, args.device, args.threads)
     ids = prompts.encode(dec.lm.tokenizer, text, raw=args.raw)
     dec.check_prompt(ids, args.max_new_tokens)
     human = not args.json
     if human:
         say(f"model {info['model']} on {info['device']} ({info['dtype']}), tree {info['tree']}")
-    stream = _Streamer(dec.lm.tokenizer, human)
     res = dec.ppd(ids, args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                  on_tokens=stream)
+                  on_tokens=_Streamer(dec.lm.tokenizer, human))
     if human:
         sys.stdout.write("\n")
     out = {"schema": "treeopt.run/1", "kind": "run", **info, "prompt": text,
            "prompt_tokens_count": len(ids), "temperature": args.temperature,
            **res.summary(), "text": dec.lm.tokenizer.decode(res.output_ids,
                                                             skip_special_tokens=True)}
+    warning = None
+    if inp.profile:  # how fast this machine runs against the profile in use
+        speed = speed_vs_profile([(len(ids), res)], inp.profile)
+        out["speed_vs_profile"] = round(speed, 4) if speed else None
+        warning = speed_warning(speed, inp.profile_src, model_flag(args.model))
     if human:
         say(f"PPD: {res.new_tokens} tokens in {res.seconds:.2f} s = "
             f"{res.tokens_per_second:.1f} tok/s, {res.tokens_per_step:.2f} tokens/step")
@@ -94,4 +93,6 @@ def main(args) -> dict:
             say(f"speedup vs HF generate {out['speedup_vs_hf']:.2f}x, vs plain loop "
                 f"{out['speedup_vs_baseline']:.2f}x; PPD output identical to HF greedy: "
                 f"{out['identical']}")
+    if warning:
+        say(warning)
     return out

@@ -1,0 +1,84 @@
+"""The `treeopt` command: one thin sub-command per verb (each in treeopt/verbs/<verb>.py).
+
+Exit codes: 0 success, 2 bad input, 1 runtime failure, 130 interrupted (Ctrl-C), 143
+terminated (SIGTERM). Errors are one line on stderr; `--debug` shows the traceback (the
+exit code stays the same).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import signal
+import sys
+import traceback
+
+from .errors import BadInput
+
+VERBS = ["run", "bench", "train", "profile", "search", "accept", "report", "demo"]
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is so that cleanup (finally blocks) runs."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with `only`, the other verbs' modules (and torch) are not imported."""
+    parser = _Parser(prog="treeopt", description="Hardware-aware tree search for Parallel "
+                     "Prompt Decoding: profile, accept, search, run, bench.")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    sub.required = True
+    for verb in VERBS:
+        if only and verb != only:
+            sub.add_parser(verb)
+            continue
+        mod = importlib.import_module(f"treeopt.verbs.{verb}")
+        p = sub.add_parser(verb, help=mod.HELP, description=mod.__doc__)
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+        mod.add_arguments(p)
+        p.set_defaults(_main=mod.main)
+    return parser
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(verb if verb in VERBS else None).parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    code, result = 0, None
+    try:
+        result = args._main(args)
+    except BadInput as e:
+        code, line = 2, f"error: {e}"
+    except KeyboardInterrupt:
+        code, line = 130, "interrupted"
+    except Terminated:
+        code, line = 143, "terminated"
+    except Exception as e:  # noqa: BLE001 - one line, no traceback, unless --debug
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        code, line = 1, f"failed: {e.__class__.__name__}: {msg}"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code:
+        if args.debug:
+            traceback.print_exc()
+        print(f"treeopt {args.verb}: {line}", file=sys.stderr)
+        return code
+    if args.json and result is not None:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

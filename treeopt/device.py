@@ -1,0 +1,118 @@
+"""Device facts, read once: CPU name and flags, NVIDIA GPU facts via pynvml, the file-name
+id of the local device, and the one synchronize helper."""
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+import platform
+
+from .errors import BadInput
+from .paths import slug
+
+
+@functools.lru_cache(maxsize=1)
+def cpuinfo() -> tuple[str, frozenset]:
+    """(model name, flags) from /proc/cpuinfo, parsed once."""
+    name, flags = "", frozenset()
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not name:
+            name = value.strip()
+        elif key == "flags" and not flags:
+            flags = frozenset(value.split())
+    return name or platform.processor() or platform.machine(), flags
+
+
+def cpu_name() -> str:
+    return cpuinfo()[0]
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX)."""
+    flags = cpuinfo()[1]
+    if not flags:
+        return platform.machine() == "arm64"  # Apple silicon has bf16
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_facts(threads: int) -> dict:
+    flags = cpuinfo()[1]
+    return {"kind": "cpu", "name": cpu_name(), "cores": os.cpu_count(), "threads": threads,
+            "bf16": cpu_has_bf16(), "avx512": "avx512f" in flags,
+            "amx": bool({"amx_bf16", "amx_tile"} & flags), "machine": platform.machine()}
+
+
+def device_slug(device: str = "cpu") -> str:
+    """File-name id of the local device: `cpu-<model>-<cores>c` or the GPU's name."""
+    if device.startswith("cuda"):
+        import torch
+
+        return slug(torch.cuda.get_device_name(0))
+    return f"cpu-{slug(cpu_name())}-{os.cpu_count()}c"
+
+
+def sync(device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if getattr(device, "type", str(device)).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def gpu_check() -> None:
+    """Exit-2 reasons when a GPU profile cannot work here: pynvml or CUDA unavailable."""
+    try:
+        import pynvml
+    except ImportError as e:
+        raise BadInput("--gpu: pynvml unavailable (install nvidia-ml-py)") from e
+    try:
+        pynvml.nvmlInit()
+    except Exception as e:  # noqa: BLE001 - NVMLError_LibraryNotFound, DriverNotLoaded, ...
+        raise BadInput(f"--gpu: pynvml cannot reach an NVIDIA driver ({e})") from e
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BadInput(f"--gpu: CUDA unavailable in torch {torch.__version__} "
+                       f"(CUDA build: {torch.version.cuda or 'none'})")
+
+
+def _safe(f, *a):
+    try:
+        v = f(*a)
+        return v.decode() if isinstance(v, bytes) else v
+    except Exception:  # noqa: BLE001 - not every field exists on every GPU
+        return None
+
+
+def gpu_facts() -> dict:
+    import pynvml
+    import torch
+
+    pynvml.nvmlInit()
+    h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+    mem = _safe(pynvml.nvmlDeviceGetMemoryInfo, h)
+    return {"kind": "cuda", "name": _safe(pynvml.nvmlDeviceGetName, h),
+            "memory_bytes": mem.total if mem else None,
+            "driver": _safe(pynvml.nvmlSystemGetDriverVersion),
+            "cuda": torch.version.cuda, "torch": torch.__version__,
+            "power_limit_w": (_safe(pynvml.nvmlDeviceGetPowerManagementLimit, h) or 0) / 1000,
+            **gpu_clocks(h)}
+
+
+def gpu_clocks(handle=None) -> dict:
+    import pynvml
+    import torch
+
+    if handle is None:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+    return {"sm_clock_mhz": _safe(pynvml.nvmlDeviceGetClockInfo, handle, pynvml.NVML_CLOCK_SM),
+            "mem_clock_mhz": _safe(pynvml.nvmlDeviceGetClockInfo, handle,
+                                   pynvml.NVML_CLOCK_MEM),
+            "temperature_c": _safe(pynvml.nvmlDeviceGetTemperature, handle,
+                                   pynvml.NVML_TEMPERATURE_GPU)}

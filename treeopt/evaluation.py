@@ -1,0 +1,215 @@
+"""Measured against predicted: the interleaved bench (PPD, HF greedy `generate`, the plain
+loop), tree checks for `accept`, the decode-phase accounting they share, and how fast
+this machine runs against the profile in use.
+
+For every prompt whose PPD output differs from HF greedy, the first differing position and
+HF's logit margin there (logit of HF's token minus logit of PPD's token, recomputed with
+one plain forward over the shared prefix) are recorded. A divergence is *explained* only
+when that margin is below the dtype's tolerance (:data:`MARGIN_TOLERANCE`): a tree forward
+and a one-token forward sum in different orders, so a near-tie can flip the argmax.
+"""
+from __future__ import annotations
+
+import statistics
+
+import numpy as np
+import torch
+
+from . import prompts
+from .acceptance import search_inputs
+from .latency import Latency
+from .progress import progress
+from .runtime import Decoder, Result, full_steps
+from .search import predict
+from .tree import Tree
+
+# Largest logit margin a reduction-order difference can explain, per dtype. Measured by
+# `python benchmarks/logit_noise.py --dtype D` (max |tree-forward logit − one-token-forward
+# logit| at the same position over 8 prompts × 64 tokens, ~470 rows, SmolLM2-135M on this
+# CPU): float32 1.2e-4, bfloat16 1.75, float16 0.21. A margin is the difference of two
+# logits, so it can be off by twice that: bfloat16 3.5, float16 0.43. float32 gets no
+# tolerance (its outputs must be identical outright).
+MARGIN_TOLERANCE = {"float32": 0.0, "bfloat16": 3.5, "float16": 0.43}
+SPEED_WARN = 0.25  # run/bench say so when the machine runs this far from its profile
+
+
+@torch.inference_mode()
+def logit_margin(dec: Decoder, ids: list[int], ref: list[int], other: list[int]) -> dict | None:
+    """First position where `other` departs from `ref`, and ref's logit margin there."""
+    pos = next((i for i, (a, b) in enumerate(zip(ref, other)) if a != b), None)
+    if pos is None:
+        return None  # one is a prefix of the other (different stopping), no token flip
+    _, logits = dec.prefill(ids + ref[:pos])
+    margin = float(logits[-1, ref[pos]] - logits[-1, other[pos]])
+    return {"position": pos, "hf_token": ref[pos], "ppd_token": other[pos],
+            "margin": round(margin, 6)}
+
+
+def decode_phase(runs: list[tuple[int, Result]]) -> dict:
+    """Steady-state decoding over (prompt length, Result) pairs: what the search's
+    objective models. Prefill is left out, and so are steps that did not run in full
+    (:func:`runtime.full_steps`). `context` is the mean KV length the counted steps
+    attended to."""
+    tokens = steps = 0
+    seconds = ctx_sum = 0.0
+    for prompt_len, r in runs:
+        ctx = prompt_len
+        for a, sec in zip(r.accepted[:full_steps(r)], r.step_seconds):
+            tokens, steps, seconds, ctx_sum = tokens + a, steps + 1, seconds + sec, ctx_sum + ctx
+            ctx += a
+    if not steps:
+        return {"steps": 0}
+    return {"steps": steps, "tokens_per_step": round(tokens / steps, 4),
+            "step_seconds": round(seconds / steps, 6),
+            "tokens_per_second": round(tokens / seconds, 3), "context": round(ctx_sum / steps)}
+
+
+def speed_vs_profile(runs: list[tuple[int, Result]], profile: dict) -> float | None:
+    """Measured ÷ profiled time of the decodes' full steps, each read at its own input
+    length and context (1.0 = the machine runs as fast as when it was profiled)."""
+    lat = Latency(profile)
+    measured = predicted = 0.0
+    for prompt_len, r in runs:
+        ctx = prompt_len
+        n = full_steps(r)
+        for a, sec, length in zip(r.accepted[:n], r.step_seconds, r.lengths):
+            measured += sec
+            predicted += float(lat([length], ctx)[0])
+            ctx += a
+    return measured / predicted if predicted > 0 else None
+
+
+def speed_warning(speed: float | None, profile_src: str | None, model_flag: str = "") -> str | None:
+    """One line when this run's speed is more than SPEED_WARN away from the profile's."""
+    if speed is None or abs(speed - 1) <= SPEED_WARN:
+        return None
+    how = f"{speed:.2f}x the step time" if speed > 1 else f"{1 / speed:.2f}x faster than"
+    return (f"warning: this machine runs at {how} of the profile {profile_src}; its "
+            f"predictions do not hold here — re-profile this machine with "
+            f"`treeopt profile{model_flag}`")
+
+
+def run_bench(dec: Decoder, encoded: list[list[int]], max_new_tokens: int, dtype: str,
+              plain: bool = True, quiet: bool = False) -> tuple[dict, list]:
+    """PPD, HF generate and (optionally) the plain loop, interleaved per prompt: the
+    figures, and the PPD runs as (prompt length, Result) pairs."""
+    tol = MARGIN_TOLERANCE.get(dtype, 0.0)
+    # burn-in: first calls pay for allocator warm-up and lazy init
+    dec.ppd(encoded[0], 8)
+    dec.hf_generate(encoded[0], 8)
+    per_prompt, ppd_runs, base_runs = [], [], []
+    ppd_tok = ppd_sec = hf_tok = hf_sec = base_tok = base_sec = 0.0
+    steps = fwd = step = 0.0
+    for i, ids in enumerate(progress(encoded, "bench", quiet=quiet)):
+        r = dec.ppd(ids, max_new_tokens, timed=True)  # A
+        h = dec.hf_generate(ids, max_new_tokens)  # B
+        ppd_runs.append((len(ids), r))
+        row = {"prompt": i, "prompt_tokens": len(ids), "new_tokens": r.new_tokens,
+               "steps": r.steps, "tokens_per_step": round(r.tokens_per_step, 4),
+               "tokens_per_second": round(r.tokens_per_second, 3),
+               "hf_new_tokens": h.new_tokens,
+               "hf_tokens_per_second": round(h.tokens_per_second, 3),
+               "speedup_vs_hf": round(r.tokens_per_second / h.tokens_per_second, 4),
+               "identical": r.output_ids == h.output_ids}
+        if plain:
+            b = dec.baseline(ids, max_new_tokens)  # C
+            base_runs.append((len(ids), b))
+            row["baseline_tokens_per_second"] = round(b.tokens_per_second, 3)
+            row["baseline_identical"] = b.output_ids == h.output_ids
+            base_tok += b.new_tokens
+            base_sec += b.seconds
+        if not row["identical"]:
+            div = logit_margin(dec, ids, h.output_ids, r.output_ids)
+            if div is not None:
+                div["explained"] = div["margin"] <= tol
+            row["divergence"] = div
+        per_prompt.append(row)
+        ppd_tok += r.new_tokens
+        ppd_sec += r.seconds
+        hf_tok += h.new_tokens
+        hf_sec += h.seconds
+        steps += r.steps
+        fwd += sum(r.forward_seconds)
+        step += sum(r.step_seconds)
+    unexplained = sum(1 for row in per_prompt
+                      if not row["identical"] and not (row.get("divergence") or {}).get("explained"))
+    out = {
+        "prompts": len(per_prompt),
+        "max_new_tokens": max_new_tokens,
+        "new_tokens": int(ppd_tok),
+        "tokens_per_step": round(ppd_tok / steps, 4),
+        "tokens_per_second": round(ppd_tok / ppd_sec, 3),
+        "hf_tokens_per_second": round(hf_tok / hf_sec, 3),
+        "speedup_vs_hf": round((ppd_tok / ppd_sec) / (hf_tok / hf_sec), 4),
+        "median_speedup_vs_hf": round(statistics.median(r["speedup_vs_hf"] for r in per_prompt), 4),
+        "identical_fraction": round(sum(r["identical"] for r in per_prompt) / len(per_prompt), 4),
+        "unexplained_divergences": unexplained,
+        "margin_tolerance": tol,
+        "step_overhead_fraction": round((step - fwd) / fwd, 4) if fwd else None,
+        "decode": decode_phase(ppd_runs),
+        "per_prompt": per_prompt,
+    }
+    if plain:
+        out["baseline_tokens_per_second"] = round(base_tok / base_sec, 3)
+        out["baseline_vs_hf"] = round((base_tok / base_sec) / (hf_tok / hf_sec), 4)
+        out["baseline_decode"] = decode_phase(base_runs)
+    return out, ppd_runs
+
+
+def predicted_vs_measured(tree: Tree, res: dict, profile: dict | None, profile_src: str | None,
+                          acceptance: dict | None, acceptance_src: str | None) -> dict | None:
+    """The search's prediction for the benched tree at the bench's mean context, beside the
+    measured decode phase. `speed_vs_profile` is this run's plain-loop step time over the
+    profile's measured one-token forward at that context (1.0 = the machine runs as fast
+    as when profiled); the prediction scaled by it separates model error from machine
+    drift. None without a profile and an acceptance file."""
+    dec_m = res.get("decode", {})
+    if profile is None or acceptance is None or not dec_m.get("steps"):
+        return None
+    conditional = ((tree.meta or {}).get("config") or {}).get("conditional", True)
+    acc, pp = search_inputs(acceptance, conditional=conditional)
+    lat = Latency(profile)
+    ctx = dec_m["context"]
+    pred = predict(tree, acc, lambda L: lat(L, ctx), path_prob=pp)
+    out = {"profile": profile_src, "acceptance": acceptance_src,
+           "context": ctx, "tokens_per_step": round(pred["tokens_per_step"], 4),
+           "step_seconds": round(pred["step_seconds"], 6),
+           "tokens_per_second": round(pred["tokens_per_second"], 3),
+           "error": {k: round(pred[k] / dec_m[k] - 1, 4)
+                     for k in ("tokens_per_step", "step_seconds", "tokens_per_second")}}
+    base = res.get("baseline_decode", {})
+    ones = sorted((p["context"], p["median_s"]) for p in profile["points"] if p["size"] == 1)
+    if base.get("steps") and ones:
+        # the measured one-token forward itself (not the monotone fit, which pools it with
+        # L = 2.. where a one-query attention happens to run slower than two)
+        t1 = float(np.interp(base["context"], *zip(*ones)))
+        speed = base["step_seconds"] / t1
+        out["speed_vs_profile"] = round(speed, 4)
+        out["tokens_per_second_at_run_speed"] = round(pred["tokens_per_second"] / speed, 3)
+        out["error"]["tokens_per_second_at_run_speed"] = round(
+            pred["tokens_per_second"] / speed / dec_m["tokens_per_second"] - 1, 4)
+    return out
+
+
+def check_trees(dec: Decoder, trees: dict[str, Tree], obj: dict, texts: list[str],
+                max_new_tokens: int, quiet: bool = False) -> list[dict]:
+    """Predicted (product-only and fitted) vs measured tokens per decode step, counted
+    over full steps as the bench counts them."""
+    acc_p, _ = search_inputs(obj, conditional=False)
+    acc_f, pp = search_inputs(obj, conditional=True)
+    rows = []
+    for name, tree in trees.items():
+        pred_p = predict(tree, acc_p)["tokens_per_step"]
+        pred_f = predict(tree, acc_f, path_prob=pp)["tokens_per_step"]
+        dec.set_tree(tree, dec.prompt_tokens)
+        runs = [(0, dec.ppd(prompts.encode(dec.lm.tokenizer, text), max_new_tokens))
+                for text in progress(texts, f"check {name}", quiet=quiet)]
+        phase = decode_phase(runs)
+        measured = phase.get("tokens_per_step", 0.0)
+        rows.append({"tree": name, "input_lengths": {str(m): tree.input_length(m)
+                                                     for m in tree.states},
+                     "measured_tokens_per_step": measured, "steps": phase["steps"],
+                     "predicted_product": round(pred_p, 4), "predicted_fitted": round(pred_f, 4),
+                     "error_product": round(pred_p / measured - 1, 4) if measured else None,
+                     "error_fitted": round(pred_f / measured - 1, 4) if measured else None})
+    return rows

@@ -1,0 +1,152 @@
+"""The one input resolver: which model, profile, acceptance file, tree and prompt tokens a
+verb uses. Given paths win; otherwise the user's own artefact for this device and model
+(under $TREEOPT_HOME), then the shipped one, then (for models with published reference
+data and no weights) the reference acceptance table and a simulated GPU profile.
+
+Files are read and validated here, before any model loads, so bad input fails in
+seconds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+from . import acceptance as acc_mod
+from . import latency, paths
+from .errors import BadInput
+from .models import DEFAULT_MODEL_ID, KNOWN_MODELS, canonical_model, known_model
+from .tree import Tree
+
+DEFAULT_SIM_GPU = "a100-80gb"
+
+
+@dataclasses.dataclass
+class Inputs:
+    model_id: str
+    profile: dict | None = None
+    profile_path: pathlib.Path | None = None
+    profile_src: str | None = None
+    acceptance: dict | None = None
+    acceptance_path: pathlib.Path | None = None
+    acceptance_src: str | None = None
+    tree: Tree | None = None
+    tree_src: str | None = None
+    prompt_tokens: pathlib.Path | None = None
+    prompt_tokens_src: str | None = None
+
+    def paths(self) -> list[pathlib.Path]:
+        """Every input file (an --out must be none of them)."""
+        return [p for p in (self.profile_path, self.acceptance_path,
+                            paths.stored_path(self.tree_src)) if p is not None]
+
+
+def model_id(model: str | None) -> str:
+    """The id artefacts of this model are named by, known before any weights load."""
+    if model is None:
+        return DEFAULT_MODEL_ID
+    return known_model(model) or pathlib.Path(model).expanduser().resolve().name
+
+
+def local_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
+    """(device type, dtype name) that a model load with these settings would use."""
+    from .models import dtype_name, pick_device, pick_dtype
+
+    dev = pick_device(device)
+    return dev.type, dtype_name(pick_dtype(dtype, dev))
+
+
+def find_profile(mid: str, device: str = "auto", dtype: str = "auto") -> pathlib.Path | None:
+    """This device's measured profile for the model and dtype: the user's, else shipped."""
+    pattern = f"*__{paths.name_part(mid)}__*.json"
+    if not any(not p.name.startswith("sim-")
+               for folder in (paths.user_profiles(), paths.SHIPPED) for p in folder.glob(pattern)):
+        return None  # no measured profile of this model anywhere: torch need not load
+    from .device import device_slug
+
+    dev_type, dt = local_device(device, dtype)
+    return paths.lookup(paths.profile_name(device_slug(dev_type), mid, dt))
+
+
+def find_acceptance(mid: str, tree: Tree | None = None) -> pathlib.Path | None:
+    """The user's measured acceptance, else the one the tree was searched with, else the
+    shipped one, else the published reference table of a known model."""
+    cands = [paths.lookup(paths.acceptance_name(mid))]
+    if tree is not None:
+        cands.append(paths.stored_path((tree.meta or {}).get("acceptance")))
+    ref = KNOWN_MODELS.get(known_model(mid) or "", {}).get("reference")
+    if ref:
+        cands.append(paths.SHIPPED / "reference" / paths.acceptance_name(ref))
+    return next((c for c in cands if c is not None and c.is_file()), None)
+
+
+def find_tree(mid: str, device_type: str = "cpu") -> pathlib.Path | None:
+    from .device import device_slug
+
+    return paths.lookup(paths.tree_name(device_slug(device_type), mid)) or \
+        paths.lookup(paths.default_tree_name(mid))
+
+
+def resolve_inputs(model: str | None = None, profile: str | None = None,
+                   acceptance: str | None = None, tree: str | None = None,
+                   prompt_tokens: str | None = None, device: str = "auto", dtype: str = "auto",
+                   need: tuple[str, ...] = (), want: tuple[str, ...] = (),
+                   simulate: bool = False) -> Inputs:
+    """Find and load what a verb needs. `need` names what must be found ("profile",
+    "acceptance"; an error when missing), `want` what to look for (None when there is
+    none; "tree" is only ever wanted); `simulate` allows a simulated GPU profile for a known model
+    without a measured one. Given files must belong to the model."""
+    given = {"acceptance": acc_mod.load(acceptance) if acceptance else None,
+             "profile": latency.load(profile) if profile else None}
+    mid = model_id(model)
+    if model is None:  # the given files name the model
+        mid = next((g["model"] for g in given.values() if g is not None), mid)
+    out = Inputs(mid)
+    if tree:
+        out.tree, out.tree_src = Tree.load(tree), paths.display_path(tree)
+    elif "tree" in need + want:
+        path = find_tree(mid, local_device(device, dtype)[0])
+        if path is not None:
+            out.tree, out.tree_src = Tree.load(path), paths.display_path(path)
+    if prompt_tokens:
+        p = pathlib.Path(prompt_tokens)
+        if not p.is_dir():
+            raise BadInput(f"prompt tokens {p}: no such folder")
+        out.prompt_tokens, out.prompt_tokens_src = p, paths.display_path(p)
+    else:
+        p = paths.lookup(paths.prompt_tokens_name(mid))
+        if p is not None:
+            out.prompt_tokens, out.prompt_tokens_src = p, paths.display_path(p)
+    if "acceptance" in need + want or acceptance:
+        path = pathlib.Path(acceptance) if acceptance else find_acceptance(mid, out.tree)
+        if path is not None:
+            out.acceptance = given["acceptance"] or acc_mod.load(path)
+            out.acceptance_path = path
+            out.acceptance_src = paths.display_path(path)
+            _same_model("acceptance", out.acceptance, path, mid, bool(acceptance))
+        elif "acceptance" in need:
+            raise BadInput(f"no acceptance file for {mid}: run `treeopt accept` or pass "
+                           "--acceptance")
+    if "profile" in need + want or profile:
+        path = pathlib.Path(profile) if profile else find_profile(mid, device, dtype)
+        if path is not None:
+            out.profile, out.profile_path = given["profile"] or latency.load(path), path
+            out.profile_src = paths.display_path(path)
+            _same_model("profile", out.profile, path, mid, bool(profile))
+        elif simulate and known_model(mid) and known_model(mid) != DEFAULT_MODEL_ID:
+            out.profile = latency.simulate(DEFAULT_SIM_GPU, known_model(mid), "float16",
+                                           latency.GPU_SIZES + [384, 512], latency.CONTEXTS)
+            out.profile_src = f"simulated {DEFAULT_SIM_GPU} (roofline, no weights needed)"
+        elif "profile" in need:
+            raise BadInput(f"no measured profile for {mid} on this device: run "
+                           "`treeopt profile` or pass --profile")
+    if out.profile and out.acceptance and \
+            canonical_model(out.profile["model"]) != canonical_model(out.acceptance["model"]):
+        raise BadInput(f"profile is for {out.profile['model']} but the acceptance file is for "
+                       f"{out.acceptance['model']}")
+    return out
+
+
+def _same_model(what: str, obj: dict, path, mid: str, given: bool) -> None:
+    if canonical_model(obj["model"]) != canonical_model(mid):
+        flag = f"--{what} " if given else ""
+        raise BadInput(f"{flag}{path} is for {obj['model']}, the model is {mid}")

@@ -1,0 +1,241 @@
+"""Timing forwards on the local device: the profile grid, the runtime's per-step overhead
+and the device's attainable ceilings (nanoGPT bench.py style: burn-in, then timed runs
+with a synchronize around each; CUDA events on GPUs, perf_counter on CPUs).
+
+Shape of the measurement: for each context length C a KV cache holding C tokens is built
+once; for each input length L one forward of L tokens with a tree-shaped 4-D mask and
+depth positions runs exactly as the runtime calls the model (decoder + LM head on all L
+rows), the cache is cropped back to C, and so on, until the median is stable (or the
+point's budget is spent). The grid is swept in rounds, so drift shifts every point alike.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from . import prompts
+from .artefact import stamp
+from .device import cpu_facts, device_slug, gpu_clocks, gpu_facts
+from .errors import BadInput
+from .latency import FITTED, SCHEMA, calibrate
+from .progress import progress
+from .runtime import Decoder, keep_kv, new_cache
+from .tree import Tree, build_buffers
+
+class Timer:
+    """perf_counter on CPU; CUDA events + synchronize on GPU."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def time(self, fn) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1000.0
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+
+def stable_samples(timer: Timer, fn, repeats: int, budget: float, burn_in: int = 5,
+                   min_runs: int = 10, rel_tol: float = 0.02) -> list[float]:
+    """Burn in, then time until the median's standard error is below rel_tol (bootstrap-
+    free estimate 1.25·IQR/(1.35·√n)), `repeats` runs, or the time budget."""
+    for _ in range(burn_in):
+        timer.time(fn)
+    samples: list[float] = []
+    t0 = time.perf_counter()
+    while len(samples) < repeats:
+        samples.append(timer.time(fn))
+        if len(samples) >= min_runs:
+            q = np.percentile(samples, [25, 50, 75])
+            se = 1.25 * (q[2] - q[0]) / 1.35 / np.sqrt(len(samples))
+            if se <= rel_tol * q[1] or time.perf_counter() - t0 > budget:
+                break
+    return samples
+
+
+def summarize(samples: list[float]) -> dict:
+    a = np.asarray(samples)
+    return {"median_s": float(np.median(a)), "p10_s": float(np.percentile(a, 10)),
+            "p90_s": float(np.percentile(a, 90)), "n": int(a.size)}
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def measure_points(dec: Decoder, sizes: list[int], contexts: list[int], repeats: int, budget: float,
+                   done: dict | None = None, quiet: bool = False,
+                   rounds: int = 1) -> tuple[list[dict], dict]:
+    """Time one tree forward per (context, size). Returns points and {context: largest
+    size that fit} for contexts where a size ran out of memory.
+
+    With rounds > 1 the grid is swept that many times, each point getting its share of
+    `repeats` and `budget` per sweep, and a point's median is over all its sweeps: a
+    machine whose speed drifts while profiling then shifts every point alike instead of
+    bending the curve t(L)."""
+    done = done or {}
+    timer = Timer(dec.device)
+    samples: dict[tuple[int, int], list[float]] = {}
+    sweeps: dict[tuple[int, int], list[float]] = {}  # per-sweep medians: the drift seen
+    max_fit: dict[int, int] = {}
+    todo = [(r, c, s) for r in range(rounds) for c in contexts for s in sizes
+            if (c, s) not in done]
+    share, share_budget = max(1, math.ceil(repeats / rounds)), budget / rounds
+    bar = progress(todo, "profile", quiet=quiet)
+    cache, cache_ctx = None, None
+    gen = torch.Generator().manual_seed(0)
+    vocab = dec.embed.weight.shape[0]
+    for r, c, s in bar:
+        if c in max_fit and s > max_fit[c]:
+            continue
+        try:
+            if cache_ctx != c:
+                cache = None
+                ids = torch.randint(0, vocab, (c,), generator=gen).to(dec.device)
+                cache = new_cache()
+                with torch.inference_mode():
+                    dec.call(dec.embed(ids), cache, torch.arange(c, device=dec.device),
+                             head=False)
+                cache_ctx = c
+            # a tree of exactly s inputs (the root and s − 1 prompt tokens: a causal block),
+            # masked by the runtime's own builder; the dense masked forward costs the same
+            # for any tree of that size
+            tok = torch.randint(0, vocab, (s,), generator=gen).to(dec.device)
+            pos = c + torch.arange(s, device=dec.device)
+            mask = dec.tree_mask(c, build_buffers((), s - 1, 1, 1, dec.device)) \
+                if s > 1 else None
+
+            def step():
+                with torch.inference_mode():
+                    dec.call(dec.embed(tok), cache, pos, mask)
+                keep_kv(cache, c, None, c)
+
+            got = stable_samples(timer, step, share, share_budget, burn_in=5 if r == 0 else 2,
+                                 min_runs=min(10, share))
+            samples.setdefault((c, s), []).extend(got)
+            sweeps.setdefault((c, s), []).append(float(np.median(got)))
+        except Exception as e:  # noqa: BLE001 - OOM → record and stop this context
+            if not is_oom(e):
+                raise
+            torch.cuda.empty_cache()
+            max_fit[c] = max((x for (cc, x) in samples if cc == c and x < s), default=0)
+            cache, cache_ctx = None, None
+            continue
+        ms = 1000 * float(np.median(samples[(c, s)]))
+        bar.set_postfix(round=r + 1, C=c, L=s, ms=f"{ms:.1f}")
+    points = []
+    for c in contexts:
+        for s in sizes:
+            if (c, s) in done:
+                points.append(done[(c, s)])
+            elif (c, s) in samples and not (c in max_fit and s > max_fit[c]):
+                extra = {"rounds": rounds, "round_medians_s": sweeps[(c, s)]} \
+                    if rounds > 1 else {}
+                points.append({"context": c, "size": s, **summarize(samples[(c, s)]),
+                               **extra})
+    return points, max_fit
+
+
+def measure_overhead(dec, sizes=(4, 16, 32), new_tokens: int = 48, quiet: bool = False) -> dict:
+    """Runtime per-step overhead: full PPD step time minus its forward time (trees of a few
+    sizes, one real prompt)."""
+    ids = prompts.encode(dec.lm.tokenizer, prompts.BUILTIN[0]) if dec.lm.tokenizer else [1] * 16
+    saved = (dec.tree, dec.prompt_tokens)
+    rows = []
+    k = dec.prompt_tokens.num
+    for s in progress(sizes, "overhead", quiet=quiet):
+        width = max(1, (s - 1 - k) // (1 + k))  # a static star of depth-1 nodes
+        tree = Tree.static([[r] for r in range(width)], k, topk=max(10, width))
+        dec.set_tree(tree, dec.prompt_tokens)
+        dec.ppd(ids, 8)
+        res = dec.ppd(ids, new_tokens, timed=True)
+        over = [a - b for a, b in zip(res.step_seconds, res.forward_seconds)]
+        rows.append({"input_length": tree.input_length(k),
+                     "overhead_s": float(statistics.median(over)),
+                     "forward_s": float(statistics.median(res.forward_seconds))})
+    dec.set_tree(*saved)
+    return {"per_step_s": float(statistics.median(r["overhead_s"] for r in rows)),
+            "fraction": float(statistics.median(r["overhead_s"] / r["forward_s"] for r in rows)),
+            "by_size": rows}
+
+
+def measure_ceilings(device, dtype, seconds: float = 1.0) -> dict:
+    """This device's attainable ceilings, measured (not from a data sheet): dense matmul
+    TFLOP/s in `dtype` (n×n GEMMs, best of several) and memory GB/s (a 256 MiB copy,
+    bytes read + written, best of several). The roofline's efficiencies fitted against a
+    measured profile are fractions of these."""
+    timer = Timer(device)
+    n = 2048 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    src = torch.empty(64 * 2**20, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+
+    def best(fn):
+        fn()  # burn-in
+        out, t0 = [], time.perf_counter()
+        while len(out) < 3 or (time.perf_counter() - t0 < seconds and len(out) < 50):
+            out.append(timer.time(fn))
+        return min(out)
+
+    with torch.inference_mode():
+        t_mm = best(lambda: torch.mm(a, b))
+        t_cp = best(lambda: dst.copy_(src))
+    return {"peak_tflops": 2 * n**3 / t_mm / 1e12,
+            "bandwidth_gbs": 2 * src.numel() * src.element_size() / t_cp / 1e9,
+            "how": f"best of timed {n}x{n} {str(dtype).removeprefix('torch.')} matmuls and "
+                   "256 MiB copies"}
+
+
+
+
+def measure_profile(dec: Decoder, sizes: list[int], contexts: list[int], repeats: int = 30,
+                    budget: float = 6.0, rounds: int = 3, reuse: dict | None = None,
+                    overhead: bool = True, quiet: bool = False) -> dict:
+    """A measured profile artefact: the grid's points, the per-step overhead, the
+    device's ceilings and facts, and the roofline fitted to the points. `reuse` is an
+    earlier profile of the same model and dtype whose points are kept (resume)."""
+    model_id, dtype = dec.lm.model_id, str(dec.dtype).removeprefix("torch.")
+    done, kept = {}, {}
+    if reuse:
+        if reuse["model"] != model_id or reuse["dtype"] != dtype:
+            raise BadInput(f"resume: the profile is for {reuse['model']}/{reuse['dtype']}, "
+                           f"not {model_id}/{dtype}")
+        done = {(p["context"], p["size"]): p for p in reuse["points"]}
+        kept = {k: reuse[k] for k in ("overhead", "ceilings", "command", "created", "seconds")
+                if k in reuse}
+    cuda = dec.device.type == "cuda"
+    facts = gpu_facts() if cuda else cpu_facts(torch.get_num_threads())
+    clocks_before = gpu_clocks() if cuda else None
+    t0 = time.perf_counter()
+    points, max_fit = measure_points(dec, sizes, contexts, repeats, budget, done, quiet, rounds)
+    over = kept.get("overhead") or (measure_overhead(dec, quiet=quiet) if overhead else None)
+    ceilings = kept.get("ceilings") or measure_ceilings(dec.device, dec.dtype)
+    if clocks_before is not None:
+        facts["clocks_before"], facts["clocks_after"] = clocks_before, gpu_clocks()
+    prof = {"schema": SCHEMA, "model": model_id, "dtype": dtype, "simulated": False,
+            "device": facts, "device_id": device_slug(dec.device.type), **stamp(),
+            "torch": torch.__version__, "seconds": round(time.perf_counter() - t0, 1),
+            "points": points, "overhead": over or {"per_step_s": 0.0, "fraction": 0.0},
+            "ceilings": ceilings}
+    if len(points) >= len(FITTED):
+        prof["roofline"] = calibrate(points, dec.lm.model.config.to_dict(), dec.dtype.itemsize,
+                                     ceilings["peak_tflops"], ceilings["bandwidth_gbs"])
+    if "command" in kept:  # keep who measured the reused points; say who updated them
+        prof["updated_by"], prof["updated"] = prof["command"], prof["created"]
+        prof["command"], prof["created"] = kept["command"], kept["created"]
+        prof["seconds"] = round(prof["seconds"] + kept.get("seconds", 0.0), 1)
+    if max_fit:
+        prof["max_size_fit"] = {str(c): s for c, s in max_fit.items()}
+    return prof

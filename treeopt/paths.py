@@ -1,0 +1,111 @@
+"""Where artefacts live: shipped inputs (read-only) and the user's own outputs.
+
+Shipped artefacts (``profiles/`` in the repository) are inputs and are never written by a
+verb. Every verb writes under one user folder, ``$TREEOPT_HOME`` (default
+``$XDG_DATA_HOME/treeopt``, i.e. ``~/.local/share/treeopt``): ``profiles/`` for
+profiles, acceptance files, trees and prompt tokens, ``reports/`` for run JSON and HTML
+reports. The default lookup for an input is the user's own file first, then the shipped
+one. File names are built from sanitised components only (:func:`slug`).
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SHIPPED = REPO / "profiles"
+SHIPPED_REPORTS = REPO / "reports"
+
+
+def home() -> pathlib.Path:
+    """The user's output folder."""
+    root = os.environ.get("TREEOPT_HOME")
+    if root:
+        return pathlib.Path(root).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                          "share")
+    return pathlib.Path(xdg) / "treeopt"
+
+
+def user_profiles() -> pathlib.Path:
+    return home() / "profiles"
+
+
+def user_reports() -> pathlib.Path:
+    return home() / "reports"
+
+
+def slug(text: str) -> str:
+    """A safe file-name component: lower-case letters, digits, '.', '-' (no '..')."""
+    s = re.sub(r"[^a-z0-9.]+", "-", str(text).lower()).strip("-.")
+    return re.sub(r"\.{2,}", ".", s) or "x"
+
+
+def name_part(text: str) -> str:
+    """A file-name component that keeps a model's own spelling but nothing that could
+    leave the folder (separators, '..', control characters)."""
+    s = re.sub(r"[^A-Za-z0-9._+-]+", "-", str(text)).strip("-.")
+    return re.sub(r"\.{2,}", ".", s) or "x"
+
+
+def lookup(name: str) -> pathlib.Path | None:
+    """The user's file of that name, else the shipped one, else None."""
+    for folder in (user_profiles(), SHIPPED):
+        p = folder / name
+        if p.exists():
+            return p
+    return None
+
+
+def display_path(path) -> str:
+    """A path as stored in artefacts: relative to the repository when inside it (so shipped
+    artefacts stay valid in any clone), else absolute."""
+    p = pathlib.Path(path).resolve()
+    try:
+        return str(p.relative_to(REPO))
+    except ValueError:
+        return str(p)
+
+
+def stored_path(text) -> pathlib.Path | None:
+    """An artefact's stored path back as a file (relative ones are tried against the
+    current directory, then the repository); None when it names no file."""
+    if not text:
+        return None
+    for p in (pathlib.Path(text), REPO / text):
+        if p.is_file():
+            return p
+    return None
+
+
+# ---- artefact names (one rule each) ---------------------------------------------------
+def profile_name(device_id: str, model_id: str, dtype: str) -> str:
+    return f"{slug(device_id)}__{name_part(model_id)}__{slug(dtype)}.json"
+
+
+def acceptance_name(model_id: str) -> str:
+    return f"{name_part(model_id)}.acceptance.json"
+
+
+def tree_name(device_id: str, model_id: str) -> str:
+    return f"{slug(device_id)}__{name_part(model_id)}.tree.json"
+
+
+def prompt_tokens_name(model_id: str) -> str:
+    return f"{name_part(model_id)}.prompt_tokens"
+
+
+def run_name(device_id: str, model_id: str) -> str:
+    return f"{slug(device_id)}__{name_part(model_id)}.run.json"
+
+
+def default_tree_name(model_id: str) -> str:
+    return f"default__{name_part(model_id)}.tree.json"
+
+
+def search_report_path(tree_path) -> pathlib.Path:
+    """The search report (per-input-length table, curves) that sits beside a tree."""
+    p = pathlib.Path(tree_path)
+    stem = p.name.removesuffix(".json").removesuffix(".tree")
+    return p.with_name(f"{stem}.search.json")

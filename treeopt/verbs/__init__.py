@@ -1,0 +1,1 @@
+"""One small module per CLI verb: arguments → one library call → output."""

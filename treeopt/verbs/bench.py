@@ -1,0 +1,96 @@
+"""PPD vs HF greedy `generate` (and the plain loop), interleaved, over a prompt set."""
+from __future__ import annotations
+
+from .. import paths, prompts
+from ..artefact import check_out, write_json
+from ..device import device_slug
+from ..errors import BadInput
+from ..evaluation import predicted_vs_measured, run_bench, speed_vs_profile, speed_warning
+from ..inputs import resolve_inputs
+from ..runtime import open_decoder
+from .common import add_model_args, add_prompt_args, model_flag, positive_int, say
+
+HELP = "benchmark PPD against HF generate over a prompt set"
+
+
+def add_arguments(p) -> None:
+    add_model_args(p)
+    add_prompt_args(p)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--no-baseline", action="store_true", help="skip the plain greedy loop")
+    p.add_argument("--profile", help="latency profile for the predicted figures (default: the "
+                   "measured profile for this device and dtype)")
+    p.add_argument("--acceptance", help="acceptance file for the predicted figures (default: "
+                   "yours, else the one the tree was searched with, else the shipped one)")
+    p.add_argument("--out", help="run JSON path (default: $TREEOPT_HOME/reports/"
+                   "<device>__<model>.run.json)")
+
+
+def main(args) -> dict:
+    texts = prompts.load(args.prompts, args.limit, args.offset, args.stride)
+    # every input is read before the model loads, so a bad file fails in seconds
+    inp = resolve_inputs(args.model, args.profile, args.acceptance, args.tree,
+                         args.prompt_tokens, args.device, args.dtype,
+                         want=("tree", "profile", "acceptance"))
+    if args.out:
+        check_out(args.out, inp.paths())
+    dec, info = open_decoder(inp, args.model, args.dtype, args.device, args.threads)
+    encoded = [prompts.encode(dec.lm.tokenizer, t, raw=args.raw) for t in texts]
+    for i, ids in enumerate(encoded):
+        try:
+            dec.check_prompt(ids, args.max_new_tokens)
+        except BadInput as e:
+            raise BadInput(f"prompt {i}: {e}") from e
+    human = not args.json
+    if human:
+        say(f"bench: {len(encoded)} prompts, {args.max_new_tokens} new tokens, model "
+            f"{info['model']} ({info['dtype']}), tree {info['tree']}")
+    res, runs = run_bench(dec, encoded, args.max_new_tokens, info["dtype"],
+                          not args.no_baseline, quiet=not human)
+    out = {"schema": "treeopt.run/1", "kind": "bench", **info,
+           "prompt_file": args.prompts or "built-in", "offset": args.offset,
+           "stride": args.stride, **res}
+    warning = None
+    pred = predicted_vs_measured(dec.tree, res, inp.profile, inp.profile_src, inp.acceptance,
+                                 inp.acceptance_src)
+    if pred:
+        out["predicted"] = pred
+    if inp.profile:
+        speed = speed_vs_profile(runs, inp.profile)
+        warning = speed_warning(speed, inp.profile_src, model_flag(args.model))
+    path = args.out or paths.user_reports() / paths.run_name(device_slug(dec.device.type),
+                                                             info["model"])
+    write_json(path, out)
+    if human:
+        _print(out, path)
+        if warning:
+            say(warning)
+    return out
+
+
+def _print(out: dict, path) -> None:
+    say(f"PPD {out['tokens_per_second']:.1f} tok/s vs HF generate "
+        f"{out['hf_tokens_per_second']:.1f} tok/s: speedup {out['speedup_vs_hf']:.2f}x "
+        f"(median per prompt {out['median_speedup_vs_hf']:.2f}x)")
+    if "baseline_vs_hf" in out:
+        say(f"plain greedy loop {out['baseline_tokens_per_second']:.1f} tok/s "
+            f"({out['baseline_vs_hf']:.2f}x HF generate)")
+    say(f"tokens/step {out['tokens_per_step']:.2f}; per-step overhead "
+        f"{100 * (out['step_overhead_fraction'] or 0):.1f}% of the forward; identical outputs "
+        f"{100 * out['identical_fraction']:.0f}%; unexplained divergences "
+        f"{out['unexplained_divergences']}")
+    pred = out.get("predicted")
+    if pred:
+        d, e = out["decode"], pred["error"]
+        say(f"decode phase: predicted {pred['tokens_per_step']:.3f} tok/step, "
+            f"{1000 * pred['step_seconds']:.2f} ms/step, {pred['tokens_per_second']:.1f} "
+            f"tok/s vs measured {d['tokens_per_step']:.3f}, {1000 * d['step_seconds']:.2f} "
+            f"ms, {d['tokens_per_second']:.1f} (error {100 * e['tokens_per_second']:+.1f}%)")
+        if "speed_vs_profile" in pred:
+            say(f"this run's plain step is {pred['speed_vs_profile']:.3f}x the profile's "
+                f"t(1); at this speed predicted {pred['tokens_per_second_at_run_speed']:.1f} "
+                f"tok/s (error {100 * e['tokens_per_second_at_run_speed']:+.1f}%)")
+    else:
+        say("no profile or acceptance file for this device: no predicted figures")
+    say(f"wrote {path}")

@@ -1,0 +1,116 @@
+"""Argument types and groups shared by the verbs, and human output on stderr."""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def int_in(lo: int, hi: int):
+    """A type for an integer in lo..hi."""
+    def parse(text: str) -> int:
+        v = _int(text)
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be in {lo}..{hi}, got {v}")
+        return v
+    return parse
+
+
+def positive_int(text: str) -> int:
+    v = _int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {v}")
+    return v
+
+
+def nonneg_int(text: str) -> int:
+    v = _int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {v}")
+    return v
+
+
+def seed_int(text: str) -> int:
+    v = _int(text)
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in 0..2^63-1, got {text}")
+    return v
+
+
+def finite_float(lo: float | None = None, hi: float | None = None, open_lo: bool = False):
+    """A type for a finite float in [lo, hi] (or (lo, hi] with open_lo)."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if lo is not None and (v <= lo if open_lo else v < lo):
+            raise argparse.ArgumentTypeError(f"must be {'>' if open_lo else '≥'} {lo}, got {v}")
+        if hi is not None and v > hi:
+            raise argparse.ArgumentTypeError(f"must be ≤ {hi}, got {v}")
+        return v
+    return parse
+
+
+def device_name(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto, cpu or cuda[:N]")
+    return text
+
+
+def int_list(text: str) -> list[int]:
+    """A comma list of integers ≥ 1, sorted, without repeats."""
+    try:
+        vals = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers") from None
+    if not vals or vals[0] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: values must be integers ≥ 1")
+    return vals
+
+
+def add_model_args(p, tree: bool = True) -> None:
+    p.add_argument("--model", help="local HF folder or known name (default: embedded "
+                   "SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto",
+                   choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on CUDA and on CPUs with native bf16, else float32")
+    p.add_argument("--device", default="auto", type=device_name, help="auto, cpu or cuda[:N]")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads (default: all cores)")
+    if tree:
+        p.add_argument("--tree", help="tree.json (default: your searched tree for this device, "
+                       "else the shipped one, else the shipped default)")
+    p.add_argument("--prompt-tokens", help="prompt-token folder (default: yours, else the "
+                   "shipped tokens)")
+
+
+def add_prompt_args(p, flag: str = "prompts", default_help: str = "built-in set") -> None:
+    """--prompts NAME|FILE with --limit/--offset/--stride (under a prefix for `check-`)."""
+    pre = "" if flag == "prompts" else flag.split("-")[0] + "-"
+    p.add_argument(f"--{flag}", help="a shipped set (mt-bench, vicuna-bench, alpaca-seed, "
+                   f"gsm8k-train) or a JSONL file (default: {default_help})")
+    p.add_argument(f"--{pre}limit", type=positive_int, help="at most N prompts")
+    p.add_argument(f"--{pre}offset", type=nonneg_int, default=0, help="skip the first N prompts")
+    p.add_argument(f"--{pre}stride", type=positive_int, default=1,
+                   help="take every N-th prompt (spreads a sample over a file's categories)")
+
+
+def say(*parts, **kw) -> None:
+    """Human output on stderr (stdout is kept for results and --json)."""
+    print(*parts, file=sys.stderr, **kw)
+
+
+def model_flag(model: str | None) -> str:
+    """The --model part of a suggested command."""
+    return f" --model {model}" if model else ""

@@ -1,0 +1,110 @@
+"""The whole loop in one command: profile (yours or the shipped one unless --fresh),
+acceptance (likewise), search, bench on a few built-in prompts, and an HTML report —
+all written under $TREEOPT_HOME/demo/."""
+from __future__ import annotations
+
+import time
+
+from .. import latency, paths, prompts, report
+from ..artefact import stamp, write_atomic, write_json
+from ..device import device_slug
+from ..distill import measure_acceptance
+from ..evaluation import predicted_vs_measured, run_bench
+from ..inputs import resolve_inputs
+from ..measure import measure_profile
+from ..runtime import open_decoder
+from ..search import Options, search
+from .common import add_model_args, positive_int, say
+
+HELP = "run the whole pipeline on a model (default: the embedded one) and write a report"
+
+
+def add_arguments(p) -> None:
+    add_model_args(p, tree=False)
+    p.add_argument("--fresh", action="store_true",
+                   help="re-measure the profile and the acceptance instead of reusing them")
+    p.add_argument("--limit", type=positive_int, default=4, help="bench prompts")
+    p.add_argument("--max-new-tokens", type=positive_int, default=96)
+    p.add_argument("--out", default=None,
+                   help="report path (default: $TREEOPT_HOME/demo/demo.html)")
+
+
+def main(args) -> dict:
+    human = not args.json
+    t0 = time.perf_counter()
+
+    def step(i, text):
+        if human:
+            say(f"{i}/5 {text}")
+
+    inp = resolve_inputs(args.model, prompt_tokens=args.prompt_tokens, device=args.device,
+                         dtype=args.dtype, want=() if args.fresh else ("profile", "acceptance"))
+    folder = paths.home() / "demo"
+    out = args.out or folder / "demo.html"
+    dec, info = open_decoder(inp, args.model, args.dtype, args.device, args.threads)
+    mid, dev_id = info["model"], device_slug(dec.device.type)
+    heads = {}
+    if inp.profile is None:
+        step(1, "profile: measuring (a few minutes)…")
+        prof = measure_profile(dec, latency.CPU_SIZES, latency.CPU_CONTEXTS, quiet=not human)
+        prof_path = paths.user_profiles() / paths.profile_name(dev_id, mid, info["dtype"])
+        write_json(prof_path, prof)
+        heads["profile"] = f"measured, knee {latency.summary(prof)['knee']}"
+    else:
+        prof, prof_path = inp.profile, inp.profile_path
+        heads["profile"] = f"reused {paths.display_path(prof_path)}"
+    step(1, f"profile: {heads['profile']}")
+    if inp.acceptance is None:
+        step(2, "acceptance: measuring on the built-in prompts…")
+        acc = {"schema": "treeopt.acceptance/1", "model": mid, "source": "measured",
+               "num_prompt_tokens": dec.prompt_tokens.num, "topk": 10,
+               "dtype": info["dtype"], "prompt_file": "built-in", "max_new_tokens": 160,
+               **measure_acceptance(dec.lm, dec.table, prompts.load(None), quiet=not human),
+               **stamp()}
+        acc_path = paths.user_profiles() / paths.acceptance_name(mid)
+        write_json(acc_path, acc)
+        heads["acceptance"] = "measured"
+    else:
+        acc, acc_path = inp.acceptance, inp.acceptance_path
+        heads["acceptance"] = f"reused {paths.display_path(acc_path)}"
+    heads["acceptance"] += " (top-1 by depth " + ", ".join(
+        f"{row[0]:.2f}" for row in acc["accuracy"]) + ")"
+    step(2, f"acceptance: {heads['acceptance']}")
+    found = search(acc, prof, Options(), f"demo-{mid}")
+    tree, meta = found["solution"].tree, found["meta"]
+    tree_path = folder / paths.tree_name(dev_id, mid)
+    report_path = paths.search_report_path(tree_path)
+    tree.meta = {"model": mid, "profile": paths.display_path(prof_path),
+                 "acceptance": paths.display_path(acc_path), "device": prof["device"]["name"],
+                 "simulated": False, **meta, **stamp(), "search_report": report_path.name}
+    write_json(report_path, {"schema": "treeopt.search/1", "tree": tree_path.name,
+                             "model": mid, **found["report"]})
+    tree.save(tree_path)
+    pred = meta["predicted"]
+    heads["search"] = (f"{pred['tokens_per_step']:.2f} tokens/step, "
+                       f"{pred['tokens_per_second']:.1f} tokens/s predicted "
+                       f"({pred['speedup_vs_t1']:.2f}x plain), input lengths "
+                       f"{pred['input_lengths']}")
+    step(3, f"search: {heads['search']}")
+    dec.set_tree(tree, dec.prompt_tokens)
+    encoded = [prompts.encode(dec.lm.tokenizer, t) for t in prompts.load(None, args.limit)]
+    res, _ = run_bench(dec, encoded, args.max_new_tokens, info["dtype"], plain=False,
+                       quiet=not human)
+    run = {"schema": "treeopt.run/1", "kind": "bench", **info,
+           "tree": paths.display_path(tree_path), "prompt_file": "built-in", **res}
+    p = predicted_vs_measured(tree, res, prof, paths.display_path(prof_path), acc,
+                              paths.display_path(acc_path))
+    if p:
+        run["predicted"] = p
+    run_path = folder / "demo.run.json"
+    write_json(run_path, run)
+    heads["bench"] = (f"{res['tokens_per_second']:.1f} tokens/s vs HF generate "
+                      f"{res['hf_tokens_per_second']:.1f}: {res['speedup_vs_hf']:.2f}x, "
+                      f"{res['tokens_per_step']:.2f} tokens/step, identical "
+                      f"{100 * res['identical_fraction']:.0f}%")
+    step(4, f"bench: {heads['bench']}")
+    html = report.build([(str(prof_path), prof)], acc, tree.to_json(), run,
+                        f"treeopt demo — {mid}", search_report=found["report"])
+    write_atomic(out, html)
+    step(5, f"report: {out} ({time.perf_counter() - t0:.0f} s in all)")
+    return {"report": str(out), "headlines": heads}

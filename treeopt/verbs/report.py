@@ -1,0 +1,67 @@
+"""Write one self-contained HTML report (inline SVG, no scripts, no network) from any
+subset of profiles, an acceptance file, a tree (and its search report) and a run/bench
+result."""
+from __future__ import annotations
+
+import pathlib
+
+from .. import acceptance, latency, paths, report
+from ..artefact import check_out, check_schema, read_json, write_atomic
+from ..tree import SCHEMA as TREE_SCHEMA
+from ..tree import Tree
+from .common import say
+
+HELP = "write an HTML report from profiles, acceptance, tree and run artefacts"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--profile", action="append", default=[], help="profile.json (repeatable)")
+    p.add_argument("--acceptance", help="acceptance.json")
+    p.add_argument("--tree", help="tree.json (from search; its search report beside it is "
+                   "read too)")
+    p.add_argument("--run", help="run.json (from run or bench)")
+    p.add_argument("--out", help="report path (default: $TREEOPT_HOME/reports/<name>.html)")
+    p.add_argument("--title", default="treeopt report")
+    p.add_argument("--allow-mixed", action="store_true",
+                   help="allow artefacts of different models in one report")
+    p.add_argument("--open", action="store_true", help="open the report in the browser")
+
+
+def load_tree(path) -> tuple[dict, dict | None]:
+    """A tree file (validated) and the search report beside it, if any."""
+    tree = read_json(path, "tree file")
+    check_schema(tree, TREE_SCHEMA, f"tree file {path}")
+    Tree.from_json(tree, f"tree file {path}")
+    name = (tree.get("meta") or {}).get("search_report")
+    side = pathlib.Path(path).with_name(paths.name_part(name)) if isinstance(name, str) else None
+    found = None
+    if side is not None and side.is_file():
+        found = read_json(side, "search report")
+        check_schema(found, "treeopt.search/1", f"search report {side}")
+    return tree, found
+
+
+def main(args) -> dict:
+    profiles = [(p, latency.load(p)) for p in args.profile]
+    acc = acceptance.load(args.acceptance) if args.acceptance else None
+    tree, search_report = load_tree(args.tree) if args.tree else (None, None)
+    run = None
+    if args.run:
+        run = read_json(args.run, "run file")
+        check_schema(run, "treeopt.run/1", f"run file {args.run}")
+    name = pathlib.Path(args.run or args.tree or args.acceptance or
+                        (args.profile[0] if args.profile else "report")).name
+    out = pathlib.Path(args.out or paths.user_reports() /
+                       (paths.name_part(name.split(".")[0]) + ".html"))
+    check_out(out, [*args.profile, args.acceptance, args.tree, args.run])
+    text = report.build(profiles, acc, tree, run, args.title, args.allow_mixed, search_report)
+    write_atomic(out, text)
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(out.resolve().as_uri())
+    sections = [s for s in ("latency", "acceptance", "search", "tree", "run")
+                if f"<section id='{s}'>" in text]
+    if not args.json:
+        say(f"wrote {out} ({len(text) // 1024} KB; sections: {', '.join(sections)})")
+    return {"out": str(out), "sections": sections, "figures": text.count("<figure")}

@@ -1,0 +1,106 @@
+"""Find the tree with the most expected tokens per second for a model on a device.
+
+Writes the tree (with how it was chosen and what it predicts) and, beside it, the search
+report (`*.search.json`: best value per input-length cap, the greedy curve).
+"""
+from __future__ import annotations
+
+import pathlib
+
+from .. import paths
+from ..artefact import check_out, stamp, write_json
+from ..export import export_medusa, export_vllm
+from ..inputs import resolve_inputs
+from ..search import Options, optimise_static, search
+from .common import positive_int, say
+
+HELP = "find the tree with the most expected tokens per second for a model on a device"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", help="a known name (vicuna-7b, vicuna-13b, mobilellama, "
+                   "vicuna-68m, ...) for the shipped reference data, or a local HF folder; "
+                   "default: the embedded model")
+    p.add_argument("--profile", help="profile.json (default: this device's measured profile, "
+                   "yours then shipped; for reference models a simulated A100-80GB)")
+    p.add_argument("--acceptance", help="acceptance.json (default: yours, else the shipped one)")
+    p.add_argument("--max-input", type=positive_int, default=512,
+                   help="no state's forward input may be longer (default 512)")
+    p.add_argument("--context", type=positive_int,
+                   help="context length at which the profile's t(L) is read (default: the "
+                   "acceptance measurement's mean context, else 512)")
+    p.add_argument("--static", action="store_true", help="one-state tree (every node K tokens)")
+    p.add_argument("--product", action="store_true",
+                   help="ignore measured conditional path probabilities (product model)")
+    p.add_argument("--export", choices=["medusa", "vllm"],
+                   help="also write the best static tree in that engine's form")
+    p.add_argument("--trials", type=int, default=0,
+                   help="optuna trials over K used, width cap and probability model")
+    p.add_argument("--storage", help="optuna storage URL (default: SQLite in the user cache)")
+    p.add_argument("--out", help="tree path (default: $TREEOPT_HOME/profiles/"
+                   "<device>__<model>.tree.json)")
+
+
+def main(args) -> dict:
+    opts = Options(args.max_input, args.context, args.static, args.product, args.trials,
+                   args.storage)
+    inp = resolve_inputs(args.model, args.profile, args.acceptance,
+                         need=("profile", "acceptance"), simulate=True)
+    prof = inp.profile
+    out = pathlib.Path(args.out) if args.out else \
+        paths.user_profiles() / paths.tree_name(prof.get("device_id") or "device", inp.model_id)
+    check_out(out, inp.paths())
+    report_path = paths.search_report_path(out)
+    check_out(report_path, inp.paths(), "search report")
+    human = not args.json
+    if human:
+        say(f"model {inp.model_id}; profile: {inp.profile_src}; acceptance: "
+            f"{inp.acceptance_src}")
+    found = search(inp.acceptance, prof, opts, f"{inp.model_id}-{prof.get('device_id', 'dev')}")
+    sol, meta = found["solution"], found["meta"]
+    tree = sol.tree
+    tree.meta = {"model": inp.model_id, "profile": inp.profile_src,
+                 "acceptance": inp.acceptance_src, "device": prof["device"].get("name"),
+                 "simulated": bool(prof.get("simulated")), **meta, **stamp(),
+                 "search_report": report_path.name}
+    report = {"schema": "treeopt.search/1", "tree": out.name, "model": inp.model_id,
+              **found["report"]}
+    write_json(report_path, report)
+    tree.save(out)
+    pred = meta["predicted"]
+    result = {"out": str(out), "search_report": str(report_path), "model": inp.model_id,
+              "profile": inp.profile_src, "acceptance": inp.acceptance_src, **pred,
+              "context": meta["context"], "search_seconds": meta["search_seconds"],
+              "config": meta["config"], "tree": tree.to_json()["states"],
+              "root_prompt_tokens": tree.root_prompt_tokens, **found["report"]}
+    if args.export:
+        st = sol if args.static else optimise_static(found["acc"], found["latency"],
+                                                     meta["config"]["k"], args.max_input,
+                                                     found["path_prob"])
+        exp = export_medusa(st.tree) if args.export == "medusa" else \
+            [list(p) for p in export_vllm(st.tree)]
+        exp_path = str(out).removesuffix(".json") + f".{args.export}.json"
+        check_out(exp_path, inp.paths(), "export")
+        write_json(exp_path, {"format": args.export, "choices": exp,
+                              "predicted_tokens_per_step": st.tokens_per_step})
+        result["export"] = {"format": args.export, "path": exp_path, "choices": exp}
+    if human:
+        _print(tree, sol, pred, meta, found["report"].get("per_input_length"), out, report_path)
+    return result
+
+
+def _print(tree, sol, pred, meta, rows, out, report_path) -> None:
+    for m, nodes in sorted(tree.states.items()):
+        shown = ", ".join(f"{list(n.path)}:{n.prompt_tokens}" for n in nodes[:12])
+        say(f"state {m}: {len(nodes)} nodes, input {sol.input_lengths[m]} tokens, "
+            f"π={sol.pi.get(m, 0):.3f}  {shown}{' ...' if len(nodes) > 12 else ''}")
+    say(f"root prompt tokens {tree.root_prompt_tokens}; predicted {sol.tokens_per_step:.3f} "
+        f"tokens/step, {1000 * sol.step_seconds:.2f} ms/step, "
+        f"{sol.tokens_per_second:.1f} tokens/s = {pred['speedup_vs_t1']:.2f}x plain decoding "
+        f"(t(L) read at context {meta['context']}; searched in {meta['search_seconds']:.2f} s)")
+    if rows:
+        say("best by input-length cap: " + ", ".join(
+            f"L≤{r['input_length']}: {r['tokens_per_step']:.2f} tok/step "
+            f"{r['tokens_per_second']:.1f} tok/s" for r in rows
+            if r["input_length"] in (4, 8, 16, 32, 64, 128, 256, 512)))
+    say(f"wrote {out} and {report_path.name}")
