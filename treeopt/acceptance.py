@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.optimize import curve_fit
 
 from .artefact import check_schema, read_json
 from .errors import BadInput
@@ -130,8 +131,6 @@ def path_counts(ranks: np.ndarray, topk: int) -> tuple[dict, dict]:
 
 def power_tail(acc_row: np.ndarray, hits_row: np.ndarray) -> tuple[float, float]:
     """Fit acc[r] ≈ a·(r+1)^(−b) with scipy (weighted by counts); returns (a, b)."""
-    from scipy.optimize import curve_fit
-
     r = np.arange(1, acc_row.size + 1, dtype=float)
     sigma = 1.0 / np.sqrt(np.maximum(hits_row, 1.0))
     try:

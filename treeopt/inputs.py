@@ -13,8 +13,10 @@ import pathlib
 
 from . import acceptance as acc_mod
 from . import latency, paths
+from .device import device_slug
 from .errors import BadInput
-from .models import DEFAULT_MODEL_ID, KNOWN_MODELS, canonical_model, known_model
+from .models import (DEFAULT_MODEL_ID, KNOWN_MODELS, canonical_model, dtype_name, known_model,
+                     pick_device, pick_dtype)
 from .tree import Tree
 
 DEFAULT_SIM_GPU = "a100-80gb"
@@ -49,8 +51,6 @@ def model_id(model: str | None) -> str:
 
 def local_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
     """(device type, dtype name) that a model load with these settings would use."""
-    from .models import dtype_name, pick_device, pick_dtype
-
     dev = pick_device(device)
     return dev.type, dtype_name(pick_dtype(dtype, dev))
 
@@ -61,8 +61,6 @@ def find_profile(mid: str, device: str = "auto", dtype: str = "auto") -> pathlib
     if not any(not p.name.startswith("sim-")
                for folder in (paths.user_profiles(), paths.SHIPPED) for p in folder.glob(pattern)):
         return None  # no measured profile of this model anywhere: torch need not load
-    from .device import device_slug
-
     dev_type, dt = local_device(device, dtype)
     return paths.lookup(paths.profile_name(device_slug(dev_type), mid, dt))
 
@@ -80,8 +78,6 @@ def find_acceptance(mid: str, tree: Tree | None = None) -> pathlib.Path | None:
 
 
 def find_tree(mid: str, device_type: str = "cpu") -> pathlib.Path | None:
-    from .device import device_slug
-
     return paths.lookup(paths.tree_name(device_slug(device_type), mid)) or \
         paths.lookup(paths.default_tree_name(mid))
 

@@ -31,6 +31,13 @@ if TYPE_CHECKING:  # torch loads lazily, so the weight-free verbs start fast
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 
+_LLAMA_7B = dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32,
+                 num_key_value_heads=32, intermediate_size=11008, vocab_size=32000,
+                 tie_word_embeddings=False, max_position_embeddings=2048)
+_LLAMA_13B = dict(num_hidden_layers=40, hidden_size=5120, num_attention_heads=40,
+                  num_key_value_heads=40, intermediate_size=13824, vocab_size=32000,
+                  tie_word_embeddings=False, max_position_embeddings=2048)
+
 # The one table of model names: every model treeopt has shipped data for.
 # `aliases` are accepted by --model; `config` is the model shape for the roofline and for
 # checks without weights; `reference` names the published-accuracy entry, if any; `gguf`
@@ -61,16 +68,12 @@ KNOWN_MODELS: dict[str, dict] = {
     },
     "vicuna-7b-v1.3": {
         "aliases": ["vicuna-7b"],
-        "config": dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32,
-                       num_key_value_heads=32, intermediate_size=11008, vocab_size=32000,
-                       tie_word_embeddings=False, max_position_embeddings=2048),
+        "config": _LLAMA_7B,
         "reference": "vicuna-7b-v1.3",
     },
     "vicuna-13b-v1.3": {
         "aliases": ["vicuna-13b"],
-        "config": dict(num_hidden_layers=40, hidden_size=5120, num_attention_heads=40,
-                       num_key_value_heads=40, intermediate_size=13824, vocab_size=32000,
-                       tie_word_embeddings=False, max_position_embeddings=2048),
+        "config": _LLAMA_13B,
         "reference": "vicuna-13b-v1.3",
     },
     "MobileLLaMA-1.4B-Chat": {
@@ -89,15 +92,11 @@ KNOWN_MODELS: dict[str, dict] = {
     },
     "Llama-2-7b": {
         "aliases": ["llama-2-7b", "llama2-7b"],
-        "config": dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32,
-                       num_key_value_heads=32, intermediate_size=11008, vocab_size=32000,
-                       tie_word_embeddings=False, max_position_embeddings=4096),
+        "config": {**_LLAMA_7B, "max_position_embeddings": 4096},
     },
     "Llama-2-13b": {
         "aliases": ["llama-2-13b", "llama2-13b"],
-        "config": dict(num_hidden_layers=40, hidden_size=5120, num_attention_heads=40,
-                       num_key_value_heads=40, intermediate_size=13824, vocab_size=32000,
-                       tie_word_embeddings=False, max_position_embeddings=4096),
+        "config": {**_LLAMA_13B, "max_position_embeddings": 4096},
     },
 }
 

@@ -29,6 +29,7 @@ import time
 from typing import Callable
 
 import torch
+from transformers import DynamicCache
 
 from .device import sync
 from .errors import BadInput
@@ -43,8 +44,6 @@ OnTokens = Callable[[list[int]], None]
 def new_cache():
     """A KV cache that keeps every position on every layer (sliding ones too): tree steps
     and KV compaction index all layers alike; masks apply the windows."""
-    from transformers import DynamicCache
-
     return DynamicCache()
 
 
@@ -263,15 +262,33 @@ class Decoder:
         logits = self.call(embeds, cache, torch.arange(len(embeds), device=self.device))
         return cache, logits
 
-    def _emit(self, out: list[int], new: list[int], limit: int) -> tuple[list[int], bool]:
-        """Append at most up to `limit` tokens, cutting after EOS; returns (added, done)."""
+    def _emit(self, out: list[int], new: list[int], limit: int,
+              on_tokens: OnTokens | None) -> tuple[list[int], bool]:
+        """Append at most up to `limit` tokens, cutting after EOS, and stream them;
+        returns (added, done)."""
         new = new[: limit - len(out)]
-        for i, t in enumerate(new):
-            if t in self.eos:
-                out.extend(new[: i + 1])
-                return new[: i + 1], True
-        out.extend(new)
-        return new, len(out) >= limit
+        cut = next((i + 1 for i, t in enumerate(new) if t in self.eos), None)
+        added = new[:cut] if cut else new
+        out.extend(added)
+        if on_tokens:
+            on_tokens(added)
+        return added, bool(cut) or len(out) >= limit
+
+    def _first(self, token: int, limit: int, on_tokens: OnTokens | None,
+               t_start: float) -> tuple[Result, bool]:
+        """The prefill's token emitted: the decode's Result and whether it is done."""
+        out: list[int] = []
+        _, done = self._emit(out, [token], limit, on_tokens)
+        return Result(out, 1, 0.0, time.perf_counter() - t_start), done
+
+    @staticmethod
+    def _log_step(res: Result, added: list[int], length: int, t_prev: float) -> float:
+        now = time.perf_counter()
+        res.steps += 1
+        res.step_seconds.append(now - t_prev)
+        res.accepted.append(len(added))
+        res.lengths.append(length)
+        return now
 
     def _finish(self, res: Result, t_start: float, why: str | None) -> Result:
         sync(self.device)
@@ -313,12 +330,9 @@ class Decoder:
         x0 = self._pick(logits[ctx - 1], temperature, gen)
         guesses = torch.topk(logits[ctx:ctx + r], topk, dim=-1).indices
         keep_kv(cache, ctx, None, ctx)
-        state, out = r, []
-        added, done = self._emit(out, [int(x0)], max_new_tokens)
-        if on_tokens:
-            on_tokens(added)
-        t_prev = time.perf_counter()
-        res = Result(out, 1, 0.0, t_prev - t_start)
+        state = r
+        res, done = self._first(int(x0), max_new_tokens, on_tokens, t_start)
+        t_prev = t_start + res.prefill_seconds
         while not done:
             buf = self.buffers[state]
             if ctx + buf.length > self.lm.max_context:
@@ -349,15 +363,8 @@ class Decoder:
             slots = buf.slots_of[w]
             guesses = torch.topk(logits[slots[0]:slots[-1] + 1], topk, dim=-1).indices
             state = buf.next_state[w]
-            added, done = self._emit(out, new, max_new_tokens)
-            if on_tokens:
-                on_tokens(added)
-            now = time.perf_counter()
-            res.steps += 1
-            res.step_seconds.append(now - t_prev)
-            res.accepted.append(len(added))
-            res.lengths.append(buf.length)
-            t_prev = now
+            added, done = self._emit(res.output_ids, new, max_new_tokens, on_tokens)
+            t_prev = self._log_step(res, added, buf.length, t_prev)
         return self._finish(res, t_start, None)
 
     # ---- baselines ------------------------------------------------------------------
@@ -373,12 +380,8 @@ class Decoder:
         cache, logits = self.prefill(input_ids)
         ctx = len(input_ids)
         x = self._pick(logits[-1], temperature, gen)
-        out: list[int] = []
-        added, done = self._emit(out, [int(x)], max_new_tokens)
-        if on_tokens:
-            on_tokens(added)
-        t_prev = time.perf_counter()
-        res = Result(out, 1, 0.0, t_prev - t_start)
+        res, done = self._first(int(x), max_new_tokens, on_tokens, t_start)
+        t_prev = t_start + res.prefill_seconds
         while not done:
             if ctx + 1 > self.lm.max_context:
                 return self._finish(res, t_start, "context")
@@ -386,15 +389,8 @@ class Decoder:
                                torch.tensor([ctx], device=self.device))
             ctx += 1
             x = self._pick(logits[-1], temperature, gen)
-            added, done = self._emit(out, [int(x)], max_new_tokens)
-            if on_tokens:
-                on_tokens(added)
-            now = time.perf_counter()
-            res.steps += 1
-            res.step_seconds.append(now - t_prev)
-            res.accepted.append(len(added))
-            res.lengths.append(1)
-            t_prev = now
+            added, done = self._emit(res.output_ids, [int(x)], max_new_tokens, on_tokens)
+            t_prev = self._log_step(res, added, 1, t_prev)
         return self._finish(res, t_start, None)
 
     @torch.inference_mode()

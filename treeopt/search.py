@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import logging
 import math
 import time
 from typing import Callable
@@ -572,8 +573,6 @@ def search(acc_obj: dict, profile: dict, opts: Options, name: str = "search") ->
 
 def tune(acc_prod, acc_fit, pp, lat, max_input, trials, storage, static, name) -> dict:
     """optuna TPE over what the exact optimiser takes as given."""
-    import logging
-
     import optuna  # heavy and optional: loaded only when trials are asked for
 
     optuna.logging.set_verbosity(logging.WARNING)

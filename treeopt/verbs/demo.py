@@ -9,12 +9,12 @@ from .. import latency, paths, prompts, report
 from ..artefact import stamp, write_atomic, write_json
 from ..device import device_slug
 from ..distill import measure_acceptance
-from ..evaluation import predicted_vs_measured, run_bench
+from ..evaluation import predicted_vs_measured, run_bench, speed_vs_profile, speed_warning
 from ..inputs import resolve_inputs
 from ..measure import measure_profile
 from ..runtime import open_decoder
 from ..search import Options, search
-from .common import add_model_args, positive_int, say
+from .common import add_model_args, model_flag, positive_int, say
 
 HELP = "run the whole pipeline on a model (default: the embedded one) and write a report"
 
@@ -88,8 +88,8 @@ def main(args) -> dict:
     step(3, f"search: {heads['search']}")
     dec.set_tree(tree, dec.prompt_tokens)
     encoded = [prompts.encode(dec.lm.tokenizer, t) for t in prompts.load(None, args.limit)]
-    res, _ = run_bench(dec, encoded, args.max_new_tokens, info["dtype"], plain=False,
-                       quiet=not human)
+    res, runs = run_bench(dec, encoded, args.max_new_tokens, info["dtype"], plain=False,
+                          quiet=not human)
     run = {"schema": "treeopt.run/1", "kind": "bench", **info,
            "tree": paths.display_path(tree_path), "prompt_file": "built-in", **res}
     p = predicted_vs_measured(tree, res, prof, paths.display_path(prof_path), acc,
@@ -103,6 +103,10 @@ def main(args) -> dict:
                       f"{res['tokens_per_step']:.2f} tokens/step, identical "
                       f"{100 * res['identical_fraction']:.0f}%")
     step(4, f"bench: {heads['bench']}")
+    warning = speed_warning(speed_vs_profile(runs, prof), paths.display_path(prof_path),
+                            model_flag(args.model))
+    if warning and human:
+        say(warning)
     html = report.build([(str(prof_path), prof)], acc, tree.to_json(), run,
                         f"treeopt demo — {mid}", search_report=found["report"])
     write_atomic(out, html)

@@ -4,6 +4,7 @@ result."""
 from __future__ import annotations
 
 import pathlib
+import webbrowser
 
 from .. import acceptance, latency, paths, report
 from ..artefact import check_out, check_schema, read_json, write_atomic
@@ -57,8 +58,6 @@ def main(args) -> dict:
     text = report.build(profiles, acc, tree, run, args.title, args.allow_mixed, search_report)
     write_atomic(out, text)
     if args.open:
-        import webbrowser
-
         webbrowser.open(out.resolve().as_uri())
     sections = [s for s in ("latency", "acceptance", "search", "tree", "run")
                 if f"<section id='{s}'>" in text]
