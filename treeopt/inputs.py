@@ -15,8 +15,8 @@ from . import acceptance as acc_mod
 from . import latency, paths
 from .device import device_slug
 from .errors import BadInput
-from .models import (DEFAULT_MODEL_ID, KNOWN_MODELS, canonical_model, dtype_name, known_model,
-                     pick_device, pick_dtype)
+from .models import (DEFAULT_MODEL_ID, KNOWN_MODELS, canonical_model, context_of, dtype_name,
+                     known_model, pick_device, pick_dtype)
 from .tree import Tree
 
 DEFAULT_SIM_GPU = "a100-80gb"
@@ -99,6 +99,10 @@ def resolve_inputs(model: str | None = None, profile: str | None = None,
     out = Inputs(mid)
     if tree:
         out.tree, out.tree_src = Tree.load(tree), paths.display_path(tree)
+        limit = context_of(model)
+        if limit and out.tree.max_input_length >= limit:
+            raise BadInput(f"--tree {tree}: its forward input is {out.tree.max_input_length} "
+                           f"tokens, the model's context is {limit}")
     elif "tree" in need + want:
         path = find_tree(mid, local_device(device, dtype)[0])
         if path is not None:

@@ -16,7 +16,6 @@ shape with a roofline (see :func:`roofline`).
 """
 from __future__ import annotations
 
-import json
 import pathlib
 
 import numpy as np
@@ -149,7 +148,13 @@ def model_shape(model: str | None) -> tuple[str, dict]:
         cfg_path = pathlib.Path(model) / "config.json"
         if not cfg_path.is_file():
             raise BadInput(f"--model {model}: no config.json")
-        cfg = json.loads(cfg_path.read_text())
+        cfg = read_json(cfg_path, "model config")
+        cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+        need = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+                "vocab_size")
+        bad = [k for k in need if not (finite(cfg.get(k)) and cfg[k] >= 1)]
+        if bad:
+            raise BadInput(f"--model {model}: config.json lacks {', '.join(bad)}")
         return pathlib.Path(model).resolve().name, cfg
     canon = known_model(model or "default")
     if canon is None:

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import io
+import json
 import os
 import pathlib
 import shutil
@@ -114,6 +115,22 @@ def canonical_model(name: str) -> str:
     """The name artefacts of one model are compared by: the canonical name of a known
     model (any alias or version suffix), else the name itself."""
     return known_model(name) or name
+
+
+def context_of(model: str | None) -> int | None:
+    """The model's context length without loading it (known table or config.json), or
+    None when that cannot be told."""
+    canon = known_model(model or DEFAULT_MODEL_ID)
+    if canon is not None:
+        return KNOWN_MODELS[canon]["config"].get("max_position_embeddings")
+    cfg_path = pathlib.Path(model).expanduser() / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
+    n = cfg.get("max_position_embeddings") if isinstance(cfg, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
 def cache_dir() -> pathlib.Path:
@@ -314,7 +331,7 @@ def load(model: str | None = None, dtype: str = "auto", device: str = "auto",
                        f"({str(e).splitlines()[0] if str(e) else e.__class__.__name__})") from e
     try:
         lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt)
-    except (ValueError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - truncated or foreign weights are bad input
         raise BadInput(f"--model {model}: cannot load the weights as a causal LM "
                        f"({str(e).splitlines()[0] if str(e) else e.__class__.__name__})") from e
     lm.to(dev).eval()

@@ -55,25 +55,23 @@ def load(path: str | None, limit: int | None = None, offset: int = 0,
     if offset < 0:
         raise BadInput(f"--offset must be ≥ 0, got {offset}")
     if path is None:
-        rows = BUILTIN[offset::stride]
-        return rows[:limit] if limit else rows
-    p = resolve(path)
-    out = []
-    for i, line in enumerate(read_text(p).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BadInput(f"prompt file {p} line {i}: malformed JSON ({e.msg})") from e
-        if not isinstance(row, dict):
-            raise BadInput(f"prompt file {p} line {i}: expected a JSON object")
-        out.append(prompt_text(row, f"prompt file {p} line {i}"))
-    out = out[offset::stride]
-    if limit:
-        out = out[:limit]
+        rows, where = list(BUILTIN), "the built-in prompt set"
+    else:
+        p = resolve(path)
+        rows, where = [], f"prompt file {p}"
+        for i, line in enumerate(read_text(p).splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise BadInput(f"prompt file {p} line {i}: malformed JSON") from e
+            if not isinstance(row, dict):
+                raise BadInput(f"prompt file {p} line {i}: expected a JSON object")
+            rows.append(prompt_text(row, f"prompt file {p} line {i}"))
+    out = rows[offset::stride][:limit]
     if not out:
-        raise BadInput(f"prompt file {p}: no prompts")
+        raise BadInput(f"{where}: no prompts at --offset {offset} (it has {len(rows)})")
     return out
 
 
@@ -109,6 +107,10 @@ def encode(tokenizer, text: str, raw: bool = False) -> list[int]:
     """Token ids for one user prompt, through the chat template unless raw."""
     if not text or not text.strip():
         raise BadInput("empty prompt")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadInput(f"prompt is not valid UTF-8 text (position {e.start})") from e
     if not raw and getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                             add_generation_prompt=True, tokenize=True)

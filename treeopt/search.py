@@ -31,6 +31,7 @@ import dataclasses
 import heapq
 import logging
 import math
+import re
 import time
 from typing import Callable
 
@@ -529,6 +530,10 @@ class Options:
             raise BadInput(f"--context must be ≥ 1, got {self.context}")
         if self.trials < 0:
             raise BadInput(f"--trials must be ≥ 0, got {self.trials}")
+        if self.storage is not None and not re.fullmatch(r"[a-zA-Z][a-zA-Z0-9+.-]*://.*",
+                                                         self.storage):
+            raise BadInput(f"--storage {mask_secrets(self.storage)}: not a database URL "
+                           "(e.g. sqlite:///path/study.db)")
 
 
 def search(acc_obj: dict, profile: dict, opts: Options, name: str = "search") -> dict:
@@ -575,13 +580,17 @@ def tune(acc_prod, acc_fit, pp, lat, max_input, trials, storage, static, name) -
     """optuna TPE over what the exact optimiser takes as given."""
     import optuna  # heavy and optional: loaded only when trials are asked for
 
-    optuna.logging.set_verbosity(logging.WARNING)
+    optuna.logging.set_verbosity(logging.ERROR)  # a failed trial is our one-line error
     if storage is None:
         cache_dir().mkdir(parents=True, exist_ok=True)
         storage = f"sqlite:///{cache_dir() / 'search.db'}"
-    study = optuna.create_study(direction="maximize", study_name=f"treeopt-{name}",
-                                storage=storage, load_if_exists=True,
-                                sampler=optuna.samplers.TPESampler(seed=0))
+    try:
+        study = optuna.create_study(direction="maximize", study_name=f"treeopt-{name}",
+                                    storage=storage, load_if_exists=True,
+                                    sampler=optuna.samplers.TPESampler(seed=0))
+    except Exception as e:  # noqa: BLE001 - unknown dialect, unreachable server, bad path
+        raise BadInput(f"--storage {mask_secrets(storage)}: cannot open it "
+                       f"({e.__class__.__name__})") from e
 
     def objective(trial):
         k = trial.suggest_int("k", 1, acc_prod.shape[0])
@@ -595,7 +604,13 @@ def tune(acc_prod, acc_fit, pp, lat, max_input, trials, storage, static, name) -
     # the exact optimiser's own setting first: tuning can then only match or improve it
     study.enqueue_trial({"k": acc_prod.shape[0], "width_cap": acc_prod.shape[1],
                          **({"conditional": True} if pp else {})}, skip_if_exists=True)
-    study.optimize(objective, n_trials=trials)
+    try:
+        study.optimize(objective, n_trials=trials, catch=())
+    except BaseException:  # Ctrl-C, SIGTERM, a failed trial: no trial is left RUNNING
+        for t in study.get_trials(deepcopy=False,
+                                  states=(optuna.trial.TrialState.RUNNING,)):
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        raise
     bp = study.best_params
     return {"k": bp["k"], "width_cap": bp["width_cap"],
             "conditional": bool(bp.get("conditional", False)), "trials": len(study.trials),

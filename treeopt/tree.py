@@ -99,9 +99,9 @@ class Tree:
     def validate(self) -> None:
         """Raise BadInput naming the offending state/node."""
         k = self.num_prompt_tokens
-        if not isinstance(k, int) or k < 1:
+        if not _count(k) or k < 1:
             raise BadInput(f"tree: num_prompt_tokens must be an integer ≥ 1, got {k!r}")
-        if not isinstance(self.topk, int) or self.topk < 1:
+        if not _count(self.topk) or self.topk < 1:
             raise BadInput(f"tree: topk must be an integer ≥ 1, got {self.topk!r}")
         if not self.states:
             raise BadInput("tree: no states")
@@ -109,7 +109,7 @@ class Tree:
             if not 1 <= m <= k:
                 raise BadInput(f"tree: state {m} outside 1..num_prompt_tokens={k}")
         r = self.root_prompt_tokens
-        if not isinstance(r, int) or not 1 <= r <= k:
+        if not _count(r) or not 1 <= r <= k:
             raise BadInput(f"tree: root_prompt_tokens={r!r} outside 1..{k}")
         if r not in self.states:
             raise BadInput(f"tree: root carries {r} prompt tokens but there is no state {r}")
@@ -128,7 +128,7 @@ class Tree:
                     raise BadInput(f"{where}: duplicate node")
                 if len(p) > 1 and p[:-1] not in seen:
                     raise BadInput(f"{where}: parent {list(p[:-1])} missing (not prefix-closed)")
-                if not isinstance(n, int) or not 1 <= n <= k:
+                if not _count(n) or not 1 <= n <= k:
                     raise BadInput(f"{where}: prompt_tokens={n!r} outside 1..{k}")
                 if n not in self.states:
                     raise BadInput(f"{where}: carries {n} prompt tokens but there is no state {n}")
@@ -159,8 +159,10 @@ class Tree:
                 if not isinstance(nodes, list):
                     raise BadInput(f"{where}: state {key} must be a list of nodes")
                 states[int(key)] = [_node_from_json(n, f"{where} state {key}") for n in nodes]
-            return cls(k, obj.get("root_prompt_tokens", k), states, obj.get("topk", 10),
-                       obj.get("meta", {}))
+            meta = obj.get("meta", {})
+            if not isinstance(meta, dict):
+                raise BadInput(f"{where}: field 'meta' must be an object")
+            return cls(k, obj.get("root_prompt_tokens", k), states, obj.get("topk", 10), meta)
         except KeyError as e:
             raise BadInput(f"{where}: missing field {e.args[0]!r}") from e
         except (TypeError, AttributeError) as e:
@@ -177,6 +179,11 @@ class Tree:
     def buffers(self, device: torch.device | str = "cpu") -> dict[int, "StateBuffers"]:
         return {m: build_buffers(tuple(self.states[m]), self.root_prompt_tokens, m,
                                  self.rank_width, device) for m in self.states}
+
+
+def _count(x) -> bool:
+    """An integer (a JSON true/false is not one)."""
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _node_key(n: Node):

@@ -10,7 +10,9 @@ import pathlib
 from .. import paths
 from ..artefact import check_out, stamp, write_json
 from ..export import export_medusa, export_vllm
+from ..errors import BadInput
 from ..inputs import resolve_inputs
+from ..models import context_of
 from ..search import Options, optimise_static, search
 from .common import positive_int, say
 
@@ -42,6 +44,9 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> dict:
+    limit = context_of(args.model)
+    if limit and args.max_input >= limit:
+        raise BadInput(f"--max-input {args.max_input}: the model's context is {limit}")
     opts = Options(args.max_input, args.context, args.static, args.product, args.trials,
                    args.storage)
     inp = resolve_inputs(args.model, args.profile, args.acceptance,
@@ -53,9 +58,6 @@ def main(args) -> dict:
     report_path = paths.search_report_path(out)
     check_out(report_path, inp.paths(), "search report")
     human = not args.json
-    if human:
-        say(f"model {inp.model_id}; profile: {inp.profile_src}; acceptance: "
-            f"{inp.acceptance_src}")
     found = search(inp.acceptance, prof, opts, f"{inp.model_id}-{prof.get('device_id', 'dev')}")
     sol, meta = found["solution"], found["meta"]
     tree = sol.tree
@@ -85,6 +87,8 @@ def main(args) -> dict:
                               "predicted_tokens_per_step": st.tokens_per_step})
         result["export"] = {"format": args.export, "path": exp_path, "choices": exp}
     if human:
+        say(f"model {inp.model_id}; profile: {inp.profile_src}; acceptance: "
+            f"{inp.acceptance_src}")
         _print(tree, sol, pred, meta, found["report"].get("per_input_length"), out, report_path)
     return result
 
