@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from treeopt import acceptance as accept
-from treeopt import export, search
+from treeopt import search
 from treeopt.tree import Node, Tree
 
 
@@ -160,15 +160,6 @@ def test_missing_ranks_are_never_used():
         for nd in nodes:
             if len(nd.path) == 3:
                 assert nd.path[2] < 5  # the published 13B table stops at rank 4 for depth 3
-
-
-def test_exports_parse_back():
-    t = Tree.static([[0], [1], [0, 0], [0, 1], [0, 0, 0]], 3)
-    med = export.export_medusa(t)
-    assert json.loads(json.dumps(med)) == [[0], [1], [0, 0], [0, 1], [0, 0, 0]]
-    back = Tree.static(med, 3)
-    assert back.states == t.states
-    assert export.export_vllm(t) == [(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]
 
 
 def test_static_search_is_best_greedy():

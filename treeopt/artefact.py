@@ -65,8 +65,10 @@ def _umask() -> int:
 
 def _flat(v) -> bool:
     """A scalar, a list of scalars, or a small object of those: written on one line."""
-    if isinstance(v, list):
-        return all(not isinstance(x, (list, dict)) for x in v)
+    if isinstance(v, list):  # scalars, or a short row of scalars and scalar lists
+        return all(not isinstance(x, (list, dict)) for x in v) or (
+            len(v) <= 4 and all(not isinstance(x, dict) and (not isinstance(x, list) or all(
+                not isinstance(y, (list, dict)) for y in x)) for x in v))
     if isinstance(v, dict):
         return len(v) <= 4 and all(not isinstance(x, dict) and _flat(x) for x in v.values())
     return True
@@ -102,6 +104,14 @@ def _no_constants(name):
 
 def read_json(path: str | os.PathLike, what: str = "file") -> dict:
     """Read a JSON object, turning every failure into a one-line BadInput."""
+    obj = read_json_any(path, what)
+    if not isinstance(obj, dict):
+        raise BadInput(f"{what} {path}: expected a JSON object")
+    return obj
+
+
+def read_json_any(path: str | os.PathLike, what: str = "file"):
+    """Read any strict JSON value (no NaN/Infinity), failures as a one-line BadInput."""
     p = pathlib.Path(path)
     if not p.is_file():
         raise BadInput(f"{what} {p}: no such file")
@@ -113,8 +123,6 @@ def read_json(path: str | os.PathLike, what: str = "file") -> dict:
         raise BadInput(f"{what} {p}: malformed JSON ({str(e).splitlines()[0]})") from e
     except RecursionError as e:
         raise BadInput(f"{what} {p}: malformed JSON (nested too deeply)") from e
-    if not isinstance(obj, dict):
-        raise BadInput(f"{what} {p}: expected a JSON object")
     return obj
 
 

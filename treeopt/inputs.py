@@ -15,6 +15,7 @@ from . import acceptance as acc_mod
 from . import latency, paths
 from .device import device_slug
 from .errors import BadInput
+from .export import load_tree
 from .models import (DEFAULT_MODEL_ID, KNOWN_MODELS, canonical_model, context_of, dtype_name,
                      known_model, pick_device, pick_dtype)
 from .tree import Tree
@@ -98,7 +99,7 @@ def resolve_inputs(model: str | None = None, profile: str | None = None,
         mid = next((g["model"] for g in given.values() if g is not None), mid)
     out = Inputs(mid)
     if tree:
-        out.tree, out.tree_src = Tree.load(tree), paths.display_path(tree)
+        out.tree, out.tree_src = load_tree(tree), paths.display_path(tree)
         limit = context_of(model)
         if limit and out.tree.max_input_length >= limit:
             raise BadInput(f"--tree {tree}: its forward input is {out.tree.max_input_length} "
@@ -106,7 +107,7 @@ def resolve_inputs(model: str | None = None, profile: str | None = None,
     elif "tree" in need + want:
         path = find_tree(mid, local_device(device, dtype)[0])
         if path is not None:
-            out.tree, out.tree_src = Tree.load(path), paths.display_path(path)
+            out.tree, out.tree_src = load_tree(path), paths.display_path(path)
     if prompt_tokens:
         p = pathlib.Path(prompt_tokens)
         if not p.is_dir():

@@ -41,6 +41,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from .acceptance import search_inputs
 from .artefact import mask_secrets
 from .errors import BadInput
+from .export import ENGINE_TOPK, constraints, to_medusa, to_ppd
 from .latency import Latency
 from .models import cache_dir
 from .tree import Node, Tree, input_length
@@ -344,11 +345,13 @@ def greedy_tree(acc: np.ndarray, length: int, k: int | None = None) -> Tree | No
     return Tree.static(uni.paths, k, int(acc.shape[1]))
 
 
-def predict(tree: Tree, acc: np.ndarray, latency: LatencyFn | None = None,
-            path_prob: dict | None = None) -> dict:
-    """Stationary tokens/step (and tokens/s, step time with a latency) of any tree."""
-    acc = np.asarray(acc, dtype=float)
-    k = tree.num_prompt_tokens
+def node_probabilities(tree: Tree, acc: np.ndarray, path_prob: dict | None = None) -> dict:
+    """P(path) of every node of every state (ranks a table does not cover count as 0)."""
+    acc = np.nan_to_num(np.asarray(acc, dtype=float), nan=0.0)
+    if tree.num_prompt_tokens > acc.shape[0] or tree.rank_width > acc.shape[1]:
+        raise BadInput(f"the tree needs {tree.num_prompt_tokens} prompt-token rows and rank "
+                       f"{tree.rank_width - 1}; the acceptance table has {acc.shape[0]} rows of "
+                       f"{acc.shape[1]} ranks")
     prob = {}
     for nodes in tree.states.values():
         for nd in nodes:
@@ -356,6 +359,14 @@ def predict(tree: Tree, acc: np.ndarray, latency: LatencyFn | None = None,
             for d in range(1, len(nd.path) + 1):
                 p = path_probability(acc, nd.path[:d], p, path_prob)
             prob[nd.path] = p
+    return prob
+
+
+def predict(tree: Tree, acc: np.ndarray, latency: LatencyFn | None = None,
+            path_prob: dict | None = None) -> dict:
+    """Stationary tokens/step (and tokens/s, step time with a latency) of any tree."""
+    k = tree.num_prompt_tokens
+    prob = node_probabilities(tree, acc, path_prob)
     stats = {m: tree_stats(nodes, tree.root_prompt_tokens, k, prob)
              for m, nodes in tree.states.items()}
     tau = {m: float(latency([s.L])[0]) if latency else 1.0 for m, s in stats.items()}
@@ -471,11 +482,12 @@ def _finite_pi(sm: dict, cap: int, latency: LatencyFn, k: int, max_iter: int = 3
 
 
 # ---- static trees -------------------------------------------------------------------
-def static_curve(acc: np.ndarray, k: int, max_input: int, path_prob: dict | None = None):
+def static_curve(acc: np.ndarray, k: int, max_input: int, path_prob: dict | None = None,
+                 width_cap: int | None = None):
     """Greedy static trees (top-N paths by P, every node and the root with K prompt
     tokens) for every N that fits: (paths best-first, E[N], L[N]) for N = 0, 1, ..."""
     n_max = max(0, (max_input - 1 - k) // (k + 1))
-    top = universe(np.asarray(acc, dtype=float), k, n_max, path_prob)
+    top = universe(np.asarray(acc, dtype=float), k, n_max, path_prob, width_cap)
     n = np.arange(len(top.paths) + 1)
     return top.paths, 1.0 + np.concatenate([[0.0], np.cumsum(top.prob)]), \
         input_length(n, k, k * n)
@@ -496,12 +508,13 @@ def greedy_curve(acc: np.ndarray, latency: LatencyFn, k: int, max_input: int,
 
 
 def optimise_static(acc: np.ndarray, latency: LatencyFn, k: int | None = None,
-                    max_input: int = 512, path_prob: dict | None = None) -> Solution:
+                    max_input: int = 512, path_prob: dict | None = None,
+                    width_cap: int | None = None) -> Solution:
     """Best one-state tree (every node and the root carry K prompt tokens): for a fixed
     node count the top-N paths by P maximise E, so scanning N is exact."""
     acc = np.asarray(acc, dtype=float)
     k = k or acc.shape[0]
-    paths, E, L = static_curve(acc, k, max_input, path_prob)
+    paths, E, L = static_curve(acc, k, max_input, path_prob, width_cap)
     t = latency(L)
     i = int(np.argmax(E / t))
     tree = Tree.static(paths[:i], k, int(acc.shape[1]))
@@ -574,6 +587,48 @@ def search(acc_obj: dict, profile: dict, opts: Options, name: str = "search") ->
             "predicted": pred, "search_seconds": round(seconds, 3)}
     return {"solution": sol, "acc": acc, "path_prob": use_pp, "latency": lat,
             "meta": meta, "report": report}
+
+
+def _figures(pred: dict, tree: Tree) -> dict:
+    return {"tokens_per_step": round(pred["tokens_per_step"], 6),
+            "step_seconds": round(pred["step_seconds"], 8),
+            "tokens_per_second": round(pred["tokens_per_second"], 6),
+            "input_length": tree.max_input_length}
+
+
+def for_engine(fmt: str, found: dict, max_input: int) -> dict:
+    """The searched tree in an engine's format (:mod:`treeopt.export`). Where the format
+    cannot express it, the best tree under the format's rules is searched again and both
+    predictions are stated — never a silent substitute."""
+    tree, acc, pp, lat = (found["solution"].tree, found["acc"], found["path_prob"],
+                          found["latency"])
+    k = tree.num_prompt_tokens
+    reasons = constraints(tree, fmt)
+    out_tree = tree
+    if reasons and fmt == "medusa":
+        out_tree = optimise_static(acc, lat, k, max_input, pp, width_cap=ENGINE_TOPK).tree
+    elif reasons:
+        out_tree = optimise(acc, lat, k, max_input, pp, width_cap=ENGINE_TOPK, roots=[k]).tree
+    pred = _figures(predict(out_tree, acc, lat, pp), out_tree)
+    body = {"choices": to_medusa(out_tree), "heads": k} if fmt == "medusa" else \
+        {"tree": to_ppd(out_tree, node_probabilities(out_tree, acc, pp))}
+    out = {"format": fmt, **body, "exact": not reasons, "predicted": pred}
+    if reasons:
+        out["not_expressible"] = reasons
+        out["chosen_tree_predicted"] = _figures(predict(tree, acc, lat, pp), tree)
+    return out
+
+
+def evaluate_tree(tree: Tree, acc_obj: dict, profile: dict, opts: Options) -> dict:
+    """A given tree's predicted figures on this profile and acceptance, beside the best
+    tree the search finds at the same input length."""
+    best = search(acc_obj, profile, dataclasses.replace(opts, max_input=max(
+        2, tree.max_input_length), trials=0), "evaluate")
+    acc, pp, lat = best["acc"], best["path_prob"], best["latency"]
+    return {"given": _figures(predict(tree, acc, lat, pp), tree),
+            "best_at_same_input_length": best["meta"]["predicted"] | {
+                "input_length": best["solution"].tree.max_input_length},
+            "context": best["meta"]["context"]}
 
 
 def tune(acc_prod, acc_fit, pp, lat, max_input, trials, storage, static, name) -> dict:

@@ -13,6 +13,7 @@ from ..artefact import check_out, stamp, write_json
 from ..distill import measure_acceptance
 from ..errors import BadInput
 from ..evaluation import check_trees
+from ..export import load_tree
 from ..inputs import find_tree, resolve_inputs
 from ..runtime import open_decoder
 from ..tree import Tree
@@ -44,13 +45,13 @@ def _trees(names: list[str], k: int, model_id: str, device_type: str) -> dict[st
     for name in names:
         if name == "default":
             path = find_tree(model_id, device_type)
-            out[name] = Tree.load(path) if path else Tree.chain(k, k)
+            out[name] = load_tree(path) if path else Tree.chain(k, k)
         elif name == "chain":
             out[name] = Tree.chain(k, k)
         elif name == "wide":
             out[name] = Tree.static([[r] for r in range(8)] + [[0, r] for r in range(4)], k)
         else:
-            out[name] = Tree.load(name)
+            out[name] = load_tree(name)
     return out
 
 
@@ -65,7 +66,7 @@ def main(args) -> dict:
             raise BadInput(f"--check-prompts share {len(overlap)} prompts with the estimate")
         for name in args.check_tree:
             if name not in BUILT_IN_TREES:
-                Tree.load(name)  # fail early on a bad file
+                load_tree(name)  # fail early on a bad file
     inp = resolve_inputs(args.model, prompt_tokens=args.prompt_tokens, device=args.device,
                          dtype=args.dtype)
     given = [t for t in args.check_tree or [] if t not in BUILT_IN_TREES]

@@ -8,8 +8,7 @@ import webbrowser
 
 from .. import acceptance, latency, paths, report
 from ..artefact import check_out, check_schema, read_json, write_atomic
-from ..tree import SCHEMA as TREE_SCHEMA
-from ..tree import Tree
+from ..export import load_tree
 from .common import say
 
 HELP = "write an HTML report from profiles, acceptance, tree and run artefacts"
@@ -28,11 +27,9 @@ def add_arguments(p) -> None:
     p.add_argument("--open", action="store_true", help="open the report in the browser")
 
 
-def load_tree(path) -> tuple[dict, dict | None]:
-    """A tree file (validated) and the search report beside it, if any."""
-    tree = read_json(path, "tree file")
-    check_schema(tree, TREE_SCHEMA, f"tree file {path}")
-    Tree.from_json(tree, f"tree file {path}")
+def tree_and_report(path) -> tuple[dict, dict | None]:
+    """A tree file in any format (as treeopt JSON) and the search report beside it."""
+    tree = load_tree(path).to_json()
     name = (tree.get("meta") or {}).get("search_report")
     side = pathlib.Path(path).with_name(paths.name_part(name)) if isinstance(name, str) else None
     found = None
@@ -45,7 +42,7 @@ def load_tree(path) -> tuple[dict, dict | None]:
 def main(args) -> dict:
     profiles = [(p, latency.load(p)) for p in args.profile]
     acc = acceptance.load(args.acceptance) if args.acceptance else None
-    tree, search_report = load_tree(args.tree) if args.tree else (None, None)
+    tree, search_report = tree_and_report(args.tree) if args.tree else (None, None)
     run = None
     if args.run:
         run = read_json(args.run, "run file")

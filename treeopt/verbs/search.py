@@ -9,11 +9,11 @@ import pathlib
 
 from .. import paths
 from ..artefact import check_out, stamp, write_json
-from ..export import export_medusa, export_vllm
+from ..export import FORMATS, load_tree
 from ..errors import BadInput
 from ..inputs import resolve_inputs
 from ..models import context_of
-from ..search import Options, optimise_static, search
+from ..search import Options, evaluate_tree, for_engine, search
 from .common import positive_int, say
 
 HELP = "find the tree with the most expected tokens per second for a model on a device"
@@ -34,8 +34,14 @@ def add_arguments(p) -> None:
     p.add_argument("--static", action="store_true", help="one-state tree (every node K tokens)")
     p.add_argument("--product", action="store_true",
                    help="ignore measured conditional path probabilities (product model)")
-    p.add_argument("--export", choices=["medusa", "vllm"],
-                   help="also write the best static tree in that engine's form")
+    p.add_argument("--export", choices=list(FORMATS),
+                   help="also write the chosen tree in that engine's format beside --out "
+                   "(where the format cannot express it, the best tree under its rules, "
+                   "said so on stderr and in the file)")
+    p.add_argument("--evaluate", metavar="TREE",
+                   help="predict a given tree (treeopt, Medusa choices or PPD dynamic tree) "
+                   "on this profile and acceptance, beside the best tree of the same input "
+                   "length; writes nothing")
     p.add_argument("--trials", type=int, default=0,
                    help="optuna trials over K used, width cap and probability model")
     p.add_argument("--storage", help="optuna storage URL (default: SQLite in the user cache)")
@@ -49,8 +55,11 @@ def main(args) -> dict:
         raise BadInput(f"--max-input {args.max_input}: the model's context is {limit}")
     opts = Options(args.max_input, args.context, args.static, args.product, args.trials,
                    args.storage)
+    given = load_tree(args.evaluate) if args.evaluate else None
     inp = resolve_inputs(args.model, args.profile, args.acceptance,
                          need=("profile", "acceptance"), simulate=True)
+    if given is not None:
+        return _evaluate(given, inp, opts, args)
     prof = inp.profile
     out = pathlib.Path(args.out) if args.out else \
         paths.user_profiles() / paths.tree_name(prof.get("device_id") or "device", inp.model_id)
@@ -76,21 +85,40 @@ def main(args) -> dict:
               "config": meta["config"], "tree": tree.to_json()["states"],
               "root_prompt_tokens": tree.root_prompt_tokens, **found["report"]}
     if args.export:
-        st = sol if args.static else optimise_static(found["acc"], found["latency"],
-                                                     meta["config"]["k"], args.max_input,
-                                                     found["path_prob"])
-        exp = export_medusa(st.tree) if args.export == "medusa" else \
-            [list(p) for p in export_vllm(st.tree)]
-        exp_path = str(out).removesuffix(".json") + f".{args.export}.json"
+        exp = for_engine(args.export, found, args.max_input)
+        exp_path = pathlib.Path(str(out).removesuffix(".json") + f".{args.export}.json")
         check_out(exp_path, inp.paths(), "export")
-        write_json(exp_path, {"format": args.export, "choices": exp,
-                              "predicted_tokens_per_step": st.tokens_per_step})
-        result["export"] = {"format": args.export, "path": exp_path, "choices": exp}
+        write_json(exp_path, exp)
+        result["export"] = {"path": str(exp_path), **exp}
+        if not exp["exact"]:
+            e, c = exp["predicted"], exp["chosen_tree_predicted"]
+            say(f"note: the chosen tree cannot be written as {args.export} ("
+                f"{'; '.join(exp['not_expressible'])}); {exp_path.name} holds the best tree "
+                f"under {args.export}'s rules instead: {e['tokens_per_step']:.3f} tokens/step, "
+                f"{e['tokens_per_second']:.1f} tokens/s vs the chosen "
+                f"{c['tokens_per_step']:.3f}, {c['tokens_per_second']:.1f}")
     if human:
         say(f"model {inp.model_id}; profile: {inp.profile_src}; acceptance: "
             f"{inp.acceptance_src}")
         _print(tree, sol, pred, meta, found["report"].get("per_input_length"), out, report_path)
     return result
+
+
+def _evaluate(tree, inp, opts, args) -> dict:
+    res = evaluate_tree(tree, inp.acceptance, inp.profile, opts)
+    res = {"tree": args.evaluate, "model": inp.model_id, "profile": inp.profile_src,
+           "acceptance": inp.acceptance_src, **res}
+    if not args.json:
+        g, b = res["given"], res["best_at_same_input_length"]
+        say(f"model {inp.model_id}; profile: {inp.profile_src}; acceptance: "
+            f"{inp.acceptance_src}; t(L) at context {res['context']}")
+        say(f"given tree (input {g['input_length']}): {g['tokens_per_step']:.3f} tokens/step, "
+            f"{1000 * g['step_seconds']:.2f} ms/step, {g['tokens_per_second']:.1f} tokens/s")
+        say(f"best tree with input ≤ {g['input_length']} (input {b['input_length']}): "
+            f"{b['tokens_per_step']:.3f} tokens/step, {1000 * b['step_seconds']:.2f} ms/step, "
+            f"{b['tokens_per_second']:.1f} tokens/s "
+            f"({b['tokens_per_second'] / g['tokens_per_second']:.3f}x the given tree)")
+    return res
 
 
 def _print(tree, sol, pred, meta, rows, out, report_path) -> None:
