@@ -131,3 +131,77 @@ def test_lossless_smollm_fp32(smollm, kind):
         ids = prompts.encode(smollm.tokenizer, text)
         ref = dec.hf_generate(ids, 64).output_ids
         assert dec.ppd(ids, 64).output_ids == ref, text
+
+
+def random_lookup(rng, tree, max_ngram=3, max_tokens=6):
+    from treeopt.tree import Lookup
+
+    policy = {(m, n): (rng.randint(0, max_tokens), rng.choice(sorted(tree.states)))
+              for m in tree.states for n in range(1, max_ngram + 1) if rng.random() < 0.8}
+    return Lookup(max_ngram, max_tokens, policy)
+
+
+def test_hybrid_trees_lossless_tiny(tiny):
+    """Random trees with random lookup policies: PPD + prompt lookup in one forward stays
+    token-identical to greedy decoding, and the lookup chain does get accepted."""
+    rng = random.Random(11)
+    pt = random_prompt_tokens(tiny, 3)
+    lookup_won = merged = 0
+    for trial in range(40):
+        tree = random_tree(rng, rng.randint(1, 3), rng.randint(1, 6), max_nodes=10)
+        tree.lookup = random_lookup(rng, tree)
+        tree.validate()
+        dec = Decoder(tiny, pt, tree)
+        ids = [rng.randrange(8) for _ in range(rng.randint(1, 16))]
+        n = rng.randint(1, 60)
+        ref = dec.baseline(ids, n).output_ids
+        res = dec.ppd(ids, n)
+        assert res.output_ids == ref, (trial, tree.to_json())
+        # a step that emitted more than the tree's depth + 1 tokens took a lookup chain
+        lookup_won += sum(a > 1 + tree.max_depth for a in res.accepted)
+        merged += len(dec._hybrid)
+    assert lookup_won > 0 and merged > 0
+
+
+def test_merge_lookup_is_a_trie_walk():
+    from treeopt.runtime import merge_lookup
+
+    children = {(): [(0,), (1,)], (0,): [(0, 0)], (0, 0): [(0, 0, 2)]}
+    token_of = {(0,): 5, (1,): 7, (0, 0): 9, (0, 0, 2): 4}
+    assert merge_lookup(children, token_of, [5, 9, 4]) == ((0, 0, 2), [])  # all inside
+    assert merge_lookup(children, token_of, [5, 9, 1, 2]) == ((0, 0), [1, 2])
+    assert merge_lookup(children, token_of, [7, 7]) == ((1,), [7])
+    assert merge_lookup(children, token_of, [3]) == ((), [3])  # conflicts at once
+
+
+def test_hybrid_forward_matches_branch_recompute(tiny):
+    """Every node of a merged tree (PPD nodes + lookup chain under some node) and every
+    prompt slot gets the logits of a plain causal forward over its own branch."""
+    rng = random.Random(8)
+    pt = random_prompt_tokens(tiny, 3)
+    tree = random_tree(rng, 3, 6, max_nodes=8)
+    dec = Decoder(tiny, pt, tree)
+    table = pt.embeddings.double()
+    ctx_ids = torch.tensor([3, 1, 4, 1, 5])
+    for m in tree.states:
+        unders = [()] + [nd.path for nd in tree.states[m]]
+        for under in rng.sample(unders, min(3, len(unders))):
+            buf, src = dec.hybrid_buffers(m, under, rng.randint(1, 3),
+                                          rng.choice(sorted(tree.states)))
+            guesses = torch.randint(0, 8, (m, tree.rank_width))
+            chain = torch.randint(0, 8, (3,))
+            pool = torch.cat([guesses.flatten(), chain])
+            tok = torch.cat([torch.tensor([6]), pool[src]])
+            with torch.inference_mode():
+                cache = new_cache()
+                dec.call(dec.embed(ctx_ids), cache, torch.arange(5), head=False)
+                emb = torch.cat([dec.embed(tok), table[buf.slot_token]])
+                out = dec.call(emb, cache, 5 + buf.positions, dec.tree_mask(5, buf))
+                for w, path in enumerate(buf.path_pos):
+                    branch = torch.cat([dec.embed(torch.cat([ctx_ids, tok[path]])),
+                                        table[: len(buf.slots_of[w])]])
+                    ref = dec.call(branch, new_cache(), torch.arange(len(branch)))
+                    rows = [5 + len(path) - 1] + [5 + len(path) + j
+                                                  for j in range(len(buf.slots_of[w]))]
+                    got = out[[path[-1]] + buf.slots_of[w]]
+                    torch.testing.assert_close(got, ref[rows], rtol=1e-9, atol=1e-9)

@@ -35,7 +35,8 @@ from .device import sync
 from .errors import BadInput
 from .models import Loaded, dtype_name, load, upcast
 from .prompt_tokens import PromptTokens
-from .tree import StateBuffers, Tree
+from .sources import PromptLookup
+from .tree import Node, StateBuffers, Tree, build_buffers
 
 OnTokens = Callable[[list[int]], None]
 
@@ -149,11 +150,26 @@ def full_steps(res: Result) -> int:
 
 
 # ---- one PPD step, as named pieces -------------------------------------------------------
-def step_inputs(embed, table: torch.Tensor, x0: torch.Tensor, guesses: torch.Tensor,
-                buf: StateBuffers) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens [1 + N], input embeddings [L]) of one step: root, nodes, prompt slots."""
-    tok = torch.cat([x0.view(1), guesses.flatten()[buf.node_src]])
+def step_inputs(embed, table: torch.Tensor, x0: torch.Tensor, pool: torch.Tensor,
+                src: torch.Tensor, buf: StateBuffers) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [1 + N], input embeddings [L]) of one step: root, nodes (taken from the
+    candidate pool: the guesses, flattened, then any lookup tokens), prompt slots."""
+    tok = torch.cat([x0.view(1), pool[src]])
     return tok, torch.cat([embed(tok), table[buf.slot_token]])
+
+
+def merge_lookup(children: dict[tuple, list[tuple]], token_of: dict[tuple, int],
+                 chain: list[int]) -> tuple[tuple, list[int]]:
+    """Merge a lookup chain into a tree as a trie: walk it down from the root while each
+    proposed token equals a child's guess; returns (the tree path the chain coincides with
+    so far, the rest of the chain, which becomes new nodes under that path)."""
+    path: tuple = ()
+    for i, t in enumerate(chain):
+        nxt = next((c for c in children.get(path, ()) if token_of[c] == t), None)
+        if nxt is None:
+            return path, chain[i:]
+        path = nxt
+    return path, []
 
 
 def verify_greedy(logits: torch.Tensor, tok: torch.Tensor, buf: StateBuffers):
@@ -221,6 +237,48 @@ class Decoder:
         self.check_length(tree.max_input_length)
         self.table = prompt_tokens.to(self.device, self.dtype)
         self.buffers = tree.buffers(self.device)
+        self.children = {m: {} for m in tree.states}
+        for m, nodes in tree.states.items():
+            for nd in nodes:
+                self.children[m].setdefault(nd.path[:-1], []).append(nd.path)
+        self._hybrid: dict[tuple, tuple[StateBuffers, torch.Tensor]] = {}
+
+    def hybrid_buffers(self, m: int, under: tuple, new: int, q: int):
+        """State m's tree with a chain of `new` lookup nodes (q prompt tokens each) under
+        the tree path `under` (cached per shape). Lookup nodes have paths under + (−1, …);
+        returns the buffers and each node's index into the candidate pool."""
+        key = (m, under, new, q)
+        if key not in self._hybrid:
+            width = self.tree.rank_width
+            nodes = sorted(list(self.tree.states[m]) +
+                           [Node(under + (-1,) * i, q) for i in range(1, new + 1)],
+                           key=lambda nd: (len(nd.path), nd.path))
+            buf = build_buffers(tuple(nodes), self.tree.root_prompt_tokens, m, width,
+                                self.device)
+            src = [m * width + len(nd.path) - len(under) - 1 if nd.path[-1] < 0 else
+                   (len(nd.path) - 1) * width + nd.path[-1] for nd in nodes]
+            self._hybrid[key] = buf, torch.tensor(src, dtype=torch.long, device=self.device)
+        return self._hybrid[key]
+
+    def step_plan(self, m: int, guesses: torch.Tensor, look: PromptLookup | None):
+        """This step's buffers, candidate pool and node sources: state m's tree, plus the
+        lookup chain merged in where the policy offers one for (m, match length)."""
+        buf = self.buffers[m]
+        pool = guesses.flatten()
+        if look is None:
+            return buf, pool, buf.node_src, 0
+        n, chain = look.offer()
+        c, q = self.tree.lookup.policy.get((m, n), (0, 1))
+        if not c or not chain:
+            return buf, pool, buf.node_src, n
+        chain = chain[:c]
+        nodes = self.tree.states[m]
+        token_of = dict(zip((nd.path for nd in nodes), pool[buf.node_src].tolist()))
+        under, rest = merge_lookup(self.children[m], token_of, chain)
+        if not rest:  # the whole chain is already in the tree
+            return buf, pool, buf.node_src, n
+        hbuf, src = self.hybrid_buffers(m, under, len(rest), q)
+        return hbuf, torch.cat([pool, torch.tensor(rest, device=pool.device)]), src, n
 
     # ---- model calls --------------------------------------------------------------
     def call(self, embeds: torch.Tensor, cache, positions: torch.Tensor, mask=None,
@@ -332,12 +390,16 @@ class Decoder:
         keep_kv(cache, ctx, None, ctx)
         state = r
         res, done = self._first(int(x0), max_new_tokens, on_tokens, t_start)
+        look = None
+        if self.tree.lookup is not None:
+            look = PromptLookup(self.tree.lookup.max_ngram, self.tree.lookup.max_tokens)
+            look.reset(list(input_ids) + res.output_ids)
         t_prev = t_start + res.prefill_seconds
         while not done:
-            buf = self.buffers[state]
+            buf, pool, src, _ = self.step_plan(state, guesses, look)
             if ctx + buf.length > self.lm.max_context:
                 return self._finish(res, t_start, "context")
-            tok, embeds = step_inputs(self.embed, self.table, x0, guesses, buf)
+            tok, embeds = step_inputs(self.embed, self.table, x0, pool, src, buf)
             t_fwd = time.perf_counter()
             # all rows in one lm_head call, as a plain forward would (small-M GEMMs are slow)
             logits = self.call(embeds, cache, ctx + buf.positions, self.tree_mask(ctx, buf))
@@ -364,6 +426,8 @@ class Decoder:
             guesses = torch.topk(logits[slots[0]:slots[-1] + 1], topk, dim=-1).indices
             state = buf.next_state[w]
             added, done = self._emit(res.output_ids, new, max_new_tokens, on_tokens)
+            if look is not None:
+                look.extend(added)
             t_prev = self._log_step(res, added, buf.length, t_prev)
         return self._finish(res, t_start, None)
 

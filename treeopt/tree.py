@@ -51,6 +51,8 @@ class Tree:
     states: dict[int, list[Node]]
     topk: int = 10
     meta: dict = dataclasses.field(default_factory=dict)
+    # hybrid trees: prompt lookup's chain per state (m, n = match length), see Lookup
+    lookup: "Lookup | None" = None
 
     def __post_init__(self):
         self.states = {int(m): sorted(nodes, key=_node_key) for m, nodes in self.states.items()}
@@ -84,6 +86,9 @@ class Tree:
 
     @property
     def max_input_length(self) -> int:
+        if self.lookup is not None:
+            return max(self.lookup.input_length(self, m, n) for m in self.states
+                       for n in range(self.lookup.max_ngram + 1))
         return max(self.input_length(m) for m in self.states)
 
     @property
@@ -133,6 +138,8 @@ class Tree:
                 if n not in self.states:
                     raise BadInput(f"{where}: carries {n} prompt tokens but there is no state {n}")
                 seen.add(p)
+        if self.lookup is not None:
+            self.lookup.validate(self)
 
     # ---- JSON ---------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -144,6 +151,7 @@ class Tree:
             "states": {str(m): [{"path": list(n.path), "prompt_tokens": n.prompt_tokens}
                                 for n in nodes] for m, nodes in sorted(self.states.items())},
             "input_lengths": {str(m): self.input_length(m) for m in sorted(self.states)},
+            **({"lookup": self.lookup.to_json()} if self.lookup else {}),
             **({"meta": self.meta} if self.meta else {}),
         }
 
@@ -162,7 +170,10 @@ class Tree:
             meta = obj.get("meta", {})
             if not isinstance(meta, dict):
                 raise BadInput(f"{where}: field 'meta' must be an object")
-            return cls(k, obj.get("root_prompt_tokens", k), states, obj.get("topk", 10), meta)
+            lookup = Lookup.from_json(obj["lookup"], f"{where} lookup") \
+                if obj.get("lookup") is not None else None
+            return cls(k, obj.get("root_prompt_tokens", k), states, obj.get("topk", 10), meta,
+                       lookup)
         except KeyError as e:
             raise BadInput(f"{where}: missing field {e.args[0]!r}") from e
         except (TypeError, AttributeError) as e:
@@ -179,6 +190,53 @@ class Tree:
     def buffers(self, device: torch.device | str = "cpu") -> dict[int, "StateBuffers"]:
         return {m: build_buffers(tuple(self.states[m]), self.root_prompt_tokens, m,
                                  self.rank_width, device) for m in self.states}
+
+
+@dataclasses.dataclass
+class Lookup:
+    """Prompt lookup's share of a hybrid tree. In state (m, n) — m guess rows, a lookup
+    match of n tokens (n ≥ 1) — the step adds the lookup's first `c` proposed tokens as a
+    chain, merged into state m's tree as a trie (a proposed token equal to a tree node's
+    guess at the same place is that node), each new node carrying `q` ≥ 1 prompt tokens:
+    policy[(m, n)] = (c, q); absent = no chain."""
+
+    max_ngram: int
+    max_tokens: int
+    policy: dict[tuple[int, int], tuple[int, int]]
+
+    def to_json(self) -> dict:
+        return {"max_ngram": self.max_ngram, "max_tokens": self.max_tokens,
+                "policy": {f"{m},{n}": [c, q] for (m, n), (c, q) in sorted(self.policy.items())}}
+
+    @classmethod
+    def from_json(cls, obj, where: str = "lookup") -> "Lookup":
+        if not isinstance(obj, dict) or not isinstance(obj.get("policy"), dict):
+            raise BadInput(f"{where}: expected max_ngram, max_tokens and a policy object")
+        policy = {}
+        for key, val in obj["policy"].items():
+            parts = str(key).split(",")
+            if len(parts) != 2 or not all(x.isdigit() for x in parts) or not (
+                    isinstance(val, list) and len(val) == 2 and all(_count(v) for v in val)):
+                raise BadInput(f"{where}: policy entry {key!r}: {val!r} is not 'm,n': [c, q]")
+            policy[(int(parts[0]), int(parts[1]))] = (val[0], val[1])
+        return cls(obj.get("max_ngram"), obj.get("max_tokens"), policy)
+
+    def validate(self, tree: "Tree") -> None:
+        if not _count(self.max_ngram) or self.max_ngram < 1 or not _count(self.max_tokens) \
+                or self.max_tokens < 1:
+            raise BadInput("tree lookup: max_ngram and max_tokens must be integers ≥ 1")
+        for (m, n), (c, q) in self.policy.items():
+            where = f"tree lookup policy {m},{n}"
+            if m not in tree.states or not 1 <= n <= self.max_ngram:
+                raise BadInput(f"{where}: no state {m} or match length outside 1..{self.max_ngram}")
+            if not 0 <= c <= self.max_tokens or q not in tree.states:
+                raise BadInput(f"{where}: chain {c} outside 0..{self.max_tokens} or {q} prompt "
+                               "tokens without a state")
+
+    def input_length(self, tree: "Tree", m: int, n: int) -> int:
+        """The longest input of state (m, n): every proposed token a new node."""
+        c, q = self.policy.get((m, n), (0, 1))
+        return tree.input_length(m) + c * (1 + q)
 
 
 def _count(x) -> bool:

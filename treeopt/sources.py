@@ -1,0 +1,47 @@
+"""Candidate sources for a decoding step, besides the prompt tokens' own guesses.
+
+Prompt lookup (as HF's PromptLookupCandidateGenerator and llama.cpp's lookup decoding):
+the continuation after the most recent earlier occurrence of the last n tokens of prompt +
+output, for the longest n in max_ngram..1 that matches. The index is incremental: each
+appended token registers the n-grams that end just before it (so every indexed n-gram has
+a continuation) in O(max_ngram); a query is O(max_ngram).
+"""
+from __future__ import annotations
+
+from .errors import BadInput
+
+
+class PromptLookup:
+    """An n-gram index over one sequence. `offer()` → (n, continuation): the match length
+    n (0 = none) and up to `max_tokens` tokens that followed the most recent match."""
+
+    def __init__(self, max_ngram: int = 3, max_tokens: int = 8):
+        if not isinstance(max_ngram, int) or max_ngram < 1:
+            raise BadInput(f"lookup n-gram length must be an integer ≥ 1, got {max_ngram!r}")
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise BadInput(f"lookup chain length must be an integer ≥ 1, got {max_tokens!r}")
+        self.max_ngram, self.max_tokens = max_ngram, max_tokens
+        self.ids: list[int] = []
+        self.index: list[dict[tuple, int]] = [{} for _ in range(max_ngram + 1)]
+
+    def reset(self, ids: list[int]) -> "PromptLookup":
+        self.ids = []
+        self.index = [{} for _ in range(self.max_ngram + 1)]
+        self.extend(ids)
+        return self
+
+    def extend(self, new: list[int]) -> None:
+        ids = self.ids
+        for tok in new:
+            end = len(ids)  # the n-grams ending here gain a continuation: tok
+            for n in range(1, min(self.max_ngram, end) + 1):
+                self.index[n][tuple(ids[end - n:end])] = end
+            ids.append(int(tok))
+
+    def offer(self) -> tuple[int, list[int]]:
+        ids = self.ids
+        for n in range(min(self.max_ngram, len(ids)), 0, -1):
+            end = self.index[n].get(tuple(ids[len(ids) - n:]))
+            if end is not None:
+                return n, ids[end:end + self.max_tokens]
+        return 0, []
