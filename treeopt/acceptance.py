@@ -7,6 +7,7 @@ published table does not cover; the search never uses them.
 """
 from __future__ import annotations
 
+import base64
 import math
 
 import numpy as np
@@ -215,6 +216,57 @@ def search_inputs(obj: dict, conditional: bool = True) -> tuple[np.ndarray, dict
     pp = {tuple(int(x) for x in key.split(",")): float(v)
           for key, v in obj.get("path_probs", {}).items()}
     return acc, pp
+
+
+def lookup_summary(ranks: np.ndarray, match: np.ndarray, won: np.ndarray, owner: np.ndarray,
+                   max_ngram: int, max_tokens: int) -> dict:
+    """Prompt lookup's acceptance, conditioned on the match length n: the share of
+    positions with each n, P(the first d proposed tokens are right | n) for d = 1..C, the
+    joint with the prompt tokens (how often lookup's accepted run is longer than the
+    rank-0 guesses'), and the per-position records the hybrid search replays (ranks,
+    n, lookup's accepted run; the positions of one prompt in order)."""
+    total = max(len(match), 1)
+    by_n = {}
+    ppd0 = np.cumprod(ranks == 0, axis=1).sum(1) if len(ranks) else np.zeros(0)
+    for n in range(max_ngram + 1):
+        sel = match == n
+        cnt = int(sel.sum())
+        row = {"share": round(cnt / total, 6), "positions": cnt}
+        if n and cnt:
+            row["accepted_at_least"] = [round(float((won[sel] >= d).mean()), 6)
+                                        for d in range(1, max_tokens + 1)]
+            row["mean_accepted"] = round(float(won[sel].mean()), 6)
+            row["longer_than_rank0_guesses"] = round(float((won[sel] > ppd0[sel]).mean()), 6)
+        by_n[str(n)] = row
+    lengths = np.bincount(owner, minlength=int(owner.max()) + 1 if len(owner) else 0)
+    return {"max_ngram": max_ngram, "max_tokens": max_tokens, "by_match": by_n,
+            "records": {"lengths": lengths.tolist(),
+                        "ranks": _pack(ranks), "match": _pack(match), "won": _pack(won)}}
+
+
+def _pack(a: np.ndarray) -> str:
+    return base64.b64encode(np.asarray(a, dtype=np.int16).tobytes()).decode()
+
+
+def unpack_records(obj: dict) -> dict | None:
+    """The lookup records of an acceptance file as arrays (None where it has none)."""
+    lk = obj.get("lookup")
+    if not isinstance(lk, dict) or "records" not in lk:
+        return None
+    rec = lk["records"]
+    try:
+        arr = {k: np.frombuffer(base64.b64decode(rec[k]), dtype=np.int16).astype(np.int64)
+               for k in ("ranks", "match", "won")}
+        arr["ranks"] = arr["ranks"].reshape(-1, obj["num_prompt_tokens"])
+        lengths = [int(x) for x in rec["lengths"]]
+    except (KeyError, ValueError, TypeError) as e:
+        raise BadInput(f"acceptance lookup records are malformed ({e})") from e
+    if sum(lengths) != len(arr["match"]) or len(arr["won"]) != len(arr["match"]) or \
+            len(arr["ranks"]) != len(arr["match"]):
+        raise BadInput("acceptance lookup records have inconsistent lengths")
+    arr["lengths"] = lengths
+    arr["max_ngram"], arr["max_tokens"] = int(lk["max_ngram"]), int(lk["max_tokens"])
+    return arr
 
 
 def mean_context(samples) -> int:

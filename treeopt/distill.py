@@ -16,14 +16,16 @@ import hashlib
 import io
 import json
 
+import numpy as np
 import torch
 
-from .acceptance import estimate, mean_context
+from .acceptance import estimate, lookup_summary, mean_context
 from .artefact import write_atomic
 from .models import Loaded, cache_dir, dtype_name
 from .progress import progress
 from .prompts import encode
 from .runtime import attention_masks, model_call, new_cache
+from .sources import PromptLookup
 
 
 @dataclasses.dataclass
@@ -181,7 +183,7 @@ def measure_ranks(lm: Loaded, samples: list[Sample], table: torch.Tensor, topk: 
 
 def measure_acceptance(lm: Loaded, table: torch.Tensor, texts: list[str], topk: int = 10,
                        max_new_tokens: int = 160, min_support: int = 40,
-                       quiet: bool = False) -> dict:
+                       quiet: bool = False, lookup: tuple[int, int] | None = (3, 8)) -> dict:
     """Teacher-forced acceptance over the model's own greedy continuations: the rank of
     the true token x_{t+1+i} among prompt token i's top-k at every position, and every
     estimate the acceptance file holds (:func:`acceptance.estimate`)."""
@@ -190,4 +192,26 @@ def measure_acceptance(lm: Loaded, table: torch.Tensor, texts: list[str], topk: 
     est = estimate(ranks.numpy(), topk, owner.numpy(), min_support)
     est["mean_context"] = mean_context(samples)
     est["prompts"] = len(samples)
+    if lookup is not None:
+        match, won = lookup_offers(samples, *lookup)
+        est["lookup"] = lookup_summary(ranks.numpy(), match, won, owner.numpy(), *lookup)
     return est
+
+
+def lookup_offers(samples: list[Sample], max_ngram: int, max_tokens: int):
+    """At every measured position t (the prompt tokens' insertion points), what prompt
+    lookup offers the step whose root is token t+1: the match length n (0 = none) over
+    prompt + tokens ..t+1, and how many of its proposed tokens t+2.. are right."""
+    match, won = [], []
+    for s in samples:
+        look = PromptLookup(max_ngram, max_tokens).reset(s.ids[: s.prompt_len + 1])
+        for t in range(s.prompt_len - 1, len(s.ids) - 2):
+            n, chain = look.offer()
+            truth = s.ids[t + 2: t + 2 + len(chain)]
+            ok = 0
+            while ok < len(truth) and chain[ok] == truth[ok]:
+                ok += 1
+            match.append(n)
+            won.append(ok)
+            look.extend([s.ids[t + 2]])
+    return np.array(match, dtype=np.int64), np.array(won, dtype=np.int64)

@@ -10,17 +10,18 @@ and a one-token forward sum in different orders, so a near-tie can flip the argm
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 
 import numpy as np
 import torch
 
 from . import prompts
-from .acceptance import search_inputs
+from .acceptance import search_inputs, unpack_records
 from .latency import Latency
 from .progress import progress
 from .runtime import Decoder, Result, full_steps
-from .search import predict
+from .search import predict, replay_predict
 from .tree import Tree
 
 # Largest logit margin a reduction-order difference can explain, per dtype. Measured by
@@ -90,10 +91,17 @@ def speed_warning(speed: float | None, profile_src: str | None, model_flag: str 
 
 
 def run_bench(dec: Decoder, encoded: list[list[int]], max_new_tokens: int, dtype: str,
-              plain: bool = True, quiet: bool = False) -> tuple[dict, list]:
-    """PPD, HF generate and (optionally) the plain loop, interleaved per prompt: the
-    figures, and the PPD runs as (prompt length, Result) pairs."""
+              plain: bool = True, quiet: bool = False,
+              hf_lookup: int | None = None) -> tuple[dict, list]:
+    """PPD, HF generate and (optionally) the plain loop, interleaved per prompt — and, for
+    a hybrid tree, the same tree without prompt lookup ("PPD alone") and, with
+    `hf_lookup` = k, HF's prompt-lookup decoding: the figures, and the PPD runs as
+    (prompt length, Result) pairs."""
     tol = MARGIN_TOLERANCE.get(dtype, 0.0)
+    alone = None
+    if dec.tree.lookup is not None:
+        alone = Decoder(dec.lm, dec.prompt_tokens, dataclasses.replace(dec.tree, lookup=None))
+    extra: dict[str, list] = {"ppd_alone": [], "hf_lookup": []}
     # burn-in: first calls pay for allocator warm-up and lazy init
     dec.ppd(encoded[0], 8)
     dec.hf_generate(encoded[0], 8)
@@ -111,6 +119,15 @@ def run_bench(dec: Decoder, encoded: list[list[int]], max_new_tokens: int, dtype
                "hf_tokens_per_second": round(h.tokens_per_second, 3),
                "speedup_vs_hf": round(r.tokens_per_second / h.tokens_per_second, 4),
                "identical": r.output_ids == h.output_ids}
+        if alone is not None:
+            a = alone.ppd(ids, max_new_tokens)
+            extra["ppd_alone"].append((len(ids), a))
+            row["ppd_alone_tokens_per_step"] = round(a.tokens_per_step, 4)
+            row["ppd_alone_identical"] = a.output_ids == h.output_ids
+        if hf_lookup:
+            g = dec.hf_generate(ids, max_new_tokens, prompt_lookup=hf_lookup)
+            extra["hf_lookup"].append((len(ids), g))
+            row["hf_lookup_identical"] = g.output_ids == h.output_ids
         if plain:
             b = dec.baseline(ids, max_new_tokens)  # C
             base_runs.append((len(ids), b))
@@ -149,6 +166,14 @@ def run_bench(dec: Decoder, encoded: list[list[int]], max_new_tokens: int, dtype
         "decode": decode_phase(ppd_runs),
         "per_prompt": per_prompt,
     }
+    for name, runs in extra.items():
+        if runs:
+            tok, sec = sum(r.new_tokens for _, r in runs), sum(r.seconds for _, r in runs)
+            out[f"{name}_tokens_per_second"] = round(tok / sec, 3)
+            out[f"speedup_vs_{name}"] = round((ppd_tok / ppd_sec) / (tok / sec), 4)
+            if name == "ppd_alone":
+                out["ppd_alone_tokens_per_step"] = round(tok / sum(r.steps for _, r in runs), 4)
+                out["ppd_alone_decode"] = decode_phase(runs)
     if plain:
         out["baseline_tokens_per_second"] = round(base_tok / base_sec, 3)
         out["baseline_vs_hf"] = round((base_tok / base_sec) / (hf_tok / hf_sec), 4)
@@ -170,9 +195,13 @@ def predicted_vs_measured(tree: Tree, res: dict, profile: dict | None, profile_s
     acc, pp = search_inputs(acceptance, conditional=conditional)
     lat = Latency(profile)
     ctx = dec_m["context"]
-    pred = predict(tree, acc, lambda L: lat(L, ctx), path_prob=pp)
+    rec = unpack_records(acceptance) if tree.lookup is not None else None
+    if rec is not None:  # hybrid: replayed over the acceptance file's measured positions
+        pred = replay_predict(tree, rec, lambda L: lat(L, ctx))
+    else:
+        pred = predict(tree, acc, lambda L: lat(L, ctx), path_prob=pp)
     out = {"profile": profile_src, "acceptance": acceptance_src,
-           "context": ctx, "tokens_per_step": round(pred["tokens_per_step"], 4),
+           "method": "replay" if rec is not None else "stationary", "context": ctx, "tokens_per_step": round(pred["tokens_per_step"], 4),
            "step_seconds": round(pred["step_seconds"], 6),
            "tokens_per_second": round(pred["tokens_per_second"], 3),
            "error": {k: round(pred[k] / dec_m[k] - 1, 4)

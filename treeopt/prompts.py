@@ -12,7 +12,8 @@ from .errors import BadInput
 DATA = pathlib.Path(__file__).resolve().parent / "data"
 # --prompts NAME: the shipped sets (source and license in treeopt/data/README.md)
 SETS = {"mt-bench": "mt-bench.jsonl", "vicuna-bench": "vicuna-bench.jsonl",
-        "alpaca-seed": "alpaca-seed.jsonl", "gsm8k-train": "gsm8k-train.jsonl.gz"}
+        "alpaca-seed": "alpaca-seed.jsonl", "gsm8k-train": "gsm8k-train.jsonl.gz",
+        "input-grounded": "input-grounded.jsonl"}
 
 FIELDS = ("turns", "instruction", "question", "prompt")
 

@@ -458,8 +458,10 @@ class Decoder:
         return self._finish(res, t_start, None)
 
     @torch.inference_mode()
-    def hf_generate(self, input_ids: list[int], max_new_tokens: int = 128) -> Result:
-        """HF `generate(do_sample=False)` — the reference for losslessness and speed."""
+    def hf_generate(self, input_ids: list[int], max_new_tokens: int = 128,
+                    prompt_lookup: int | None = None) -> Result:
+        """HF `generate(do_sample=False)` — the reference for losslessness and speed; with
+        `prompt_lookup` = k, HF's own prompt-lookup decoding (the peer users have)."""
         self.check_prompt(input_ids, max_new_tokens)
         ids = torch.tensor([input_ids], device=self.device)
         eos = sorted(self.eos) or None
@@ -471,7 +473,9 @@ class Decoder:
         seq = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                   max_new_tokens=max_new_tokens, do_sample=False,
                                   eos_token_id=eos, pad_token_id=pad, temperature=None,
-                                  top_p=None, top_k=None)
+                                  top_p=None, top_k=None,
+                                  **({"prompt_lookup_num_tokens": prompt_lookup}
+                                     if prompt_lookup else {}))
         new = seq[0, len(input_ids):].tolist()
         res = Result(new, len(new), 0.0, 0.0, accepted=[1] * (len(new) - 1))
         return self._finish(res, t0, None)

@@ -670,3 +670,129 @@ def tune(acc_prod, acc_fit, pp, lat, max_input, trials, storage, static, name) -
     return {"k": bp["k"], "width_cap": bp["width_cap"],
             "conditional": bool(bp.get("conditional", False)), "trials": len(study.trials),
             "storage": mask_secrets(storage)}
+
+
+# ---- hybrid trees: prompt lookup beside the prompt tokens ------------------------------------
+@dataclasses.dataclass
+class Replay:
+    """The measured positions of an acceptance file (ranks of the true tokens among the
+    guesses, lookup's match length and accepted run, per prompt in order), and a tree's
+    PPD part evaluated on them once: for state m and position i, the depth of the deepest
+    accepted tree node and the state it leads to."""
+
+    tree: Tree
+    rec: dict
+    depth: dict[int, np.ndarray]
+    next_state: dict[int, np.ndarray]
+
+    @classmethod
+    def build(cls, tree: Tree, rec: dict) -> "Replay":
+        ranks = rec["ranks"]
+        depth, nxt = {}, {}
+        for m, nodes in tree.states.items():
+            count = {nd.path: nd.prompt_tokens for nd in nodes}
+            d = np.zeros(len(ranks), dtype=np.int64)
+            s = np.full(len(ranks), tree.root_prompt_tokens, dtype=np.int64)
+            for i, row in enumerate(ranks.tolist()):
+                path: tuple = ()
+                for r in row[:m]:
+                    if r < 0 or path + (r,) not in count:
+                        break
+                    path += (r,)
+                if path:
+                    d[i], s[i] = len(path), count[path]
+            depth[m], nxt[m] = d, s
+        return cls(tree, rec, depth, nxt)
+
+    def run(self, policy: dict, tau: np.ndarray) -> tuple[float, float, int]:
+        """(tokens, seconds, steps) of greedy decoding replayed over the positions with
+        this lookup policy: a step in state (m, n) accepts max(tree depth, lookup run
+        within c) + 1 tokens; its input grows by (1 + q) per lookup token not already a
+        tree node (the accepted ones are when the tree has them too)."""
+        rec, tree = self.rec, self.tree
+        match, won = rec["match"].tolist(), rec["won"].tolist()
+        depth = {m: v.tolist() for m, v in self.depth.items()}
+        nxt = {m: v.tolist() for m, v in self.next_state.items()}
+        base = {m: tree.input_length(m) for m in tree.states}
+        tokens = steps = 0
+        seconds = 0.0
+        start = 0
+        for length in rec["lengths"]:
+            i, m = 0, tree.root_prompt_tokens
+            while i < length:
+                j = start + i
+                c, q = policy.get((m, match[j]), (0, 1)) if match[j] else (0, 1)
+                dp = depth[m][j]
+                dl = min(won[j], c)
+                a = 1 + max(dp, dl)
+                if i + a > length:  # the data ends inside this step
+                    break
+                seconds += tau[base[m] + (c - min(dl, dp)) * (1 + q)]
+                tokens, steps = tokens + a, steps + 1
+                m = nxt[m][j] if dp >= dl else q
+                i += a
+            start += length
+        return tokens, seconds, steps
+
+
+def hybrid(tree: Tree, rec: dict, latency: LatencyFn, max_input: int,
+           sweeps: int = 3) -> dict:
+    """The lookup policy per state (m, n) for a tree's PPD part, by coordinate ascent on
+    the replayed tokens per second over the measured positions (each entry tries every
+    chain length c and prompt-token count q that fits max_input). Returns the policy and
+    the replayed figures with and without it."""
+    replay = Replay.build(tree, rec)
+    tau = _tau(tree, rec, latency, max_input)
+
+    def value(policy):
+        tok, sec, steps = replay.run(policy, tau)
+        return (tok / sec if sec else 0.0), tok, sec, steps
+
+    plain = value({})
+    policy: dict = {}
+    best = plain
+    for _ in range(sweeps):
+        changed = False
+        for m in sorted(tree.states):
+            for n in range(1, rec["max_ngram"] + 1):
+                current = policy.get((m, n))
+                for c in range(0, rec["max_tokens"] + 1):
+                    for q in (sorted(tree.states) if c else [1]):
+                        if (c and (c, q) == current) or (not c and current is None):
+                            continue
+                        if tree.input_length(m) + c * (1 + q) > max_input:
+                            continue
+                        trial = dict(policy)
+                        if c:
+                            trial[(m, n)] = (c, q)
+                        else:
+                            trial.pop((m, n), None)
+                        v = value(trial)
+                        if v[0] > best[0] * (1 + 1e-9):
+                            best, policy, current, changed = v, trial, trial.get((m, n)), True
+        if not changed:
+            break
+
+    return {"policy": policy, "hybrid": _replay_figures(best), "ppd_only": _replay_figures(plain)}
+
+
+def _tau(tree: Tree, rec: dict, latency: LatencyFn, max_input: int = 0) -> np.ndarray:
+    big = max(tree.max_input_length, max_input) + rec["max_tokens"] * (
+        1 + tree.num_prompt_tokens) + 2
+    tau = np.asarray(latency(np.arange(big)), dtype=float)
+    tau[0] = tau[1]
+    return tau
+
+
+def _replay_figures(v) -> dict:
+    return {"tokens_per_step": round(v[1] / max(v[3], 1), 6),
+            "step_seconds": round(v[2] / max(v[3], 1), 8),
+            "tokens_per_second": round(v[0], 6), "steps": v[3]}
+
+
+def replay_predict(tree: Tree, rec: dict, latency: LatencyFn) -> dict:
+    """A (hybrid) tree's tokens/step, step time and tokens/s replayed over measured
+    positions (:class:`Replay`)."""
+    tok, sec, steps = Replay.build(tree, rec).run(
+        tree.lookup.policy if tree.lookup else {}, _tau(tree, rec, latency))
+    return _replay_figures(((tok / sec) if sec else 0.0, tok, sec, steps))

@@ -8,7 +8,8 @@ from ..errors import BadInput
 from ..evaluation import predicted_vs_measured, run_bench, speed_vs_profile, speed_warning
 from ..inputs import resolve_inputs
 from ..runtime import open_decoder
-from .common import add_model_args, add_prompt_args, model_flag, positive_int, say
+from .common import (add_model_args, add_prompt_args, model_flag, nonneg_int, positive_int,
+                     say)
 
 HELP = "benchmark PPD against HF generate over a prompt set"
 
@@ -19,6 +20,9 @@ def add_arguments(p) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--no-baseline", action="store_true", help="skip the plain greedy loop")
+    p.add_argument("--hf-lookup", type=nonneg_int, default=0, metavar="K",
+                   help="also run HF generate(prompt_lookup_num_tokens=K), the prompt-lookup "
+                   "decoding users already have (0 = off)")
     p.add_argument("--profile", help="latency profile for the predicted figures (default: the "
                    "measured profile for this device and dtype)")
     p.add_argument("--acceptance", help="acceptance file for the predicted figures (default: "
@@ -47,7 +51,7 @@ def main(args) -> dict:
         say(f"bench: {len(encoded)} prompts, {args.max_new_tokens} new tokens, model "
             f"{info['model']} ({info['dtype']}), tree {info['tree']}")
     res, runs = run_bench(dec, encoded, args.max_new_tokens, info["dtype"],
-                          not args.no_baseline, quiet=not human)
+                          not args.no_baseline, quiet=not human, hf_lookup=args.hf_lookup)
     out = {"schema": "treeopt.run/1", "kind": "bench", **info,
            "prompt_file": args.prompts or "built-in", "offset": args.offset,
            "stride": args.stride, **res}
@@ -73,6 +77,14 @@ def _print(out: dict, path) -> None:
     say(f"PPD {out['tokens_per_second']:.1f} tok/s vs HF generate "
         f"{out['hf_tokens_per_second']:.1f} tok/s: speedup {out['speedup_vs_hf']:.2f}x "
         f"(median per prompt {out['median_speedup_vs_hf']:.2f}x)")
+    if "ppd_alone_tokens_per_second" in out:
+        say(f"the same tree without prompt lookup (PPD alone): "
+            f"{out['ppd_alone_tokens_per_second']:.1f} tok/s, "
+            f"{out['ppd_alone_tokens_per_step']:.2f} tokens/step (hybrid "
+            f"{out['speedup_vs_ppd_alone']:.2f}x)")
+    if "hf_lookup_tokens_per_second" in out:
+        say(f"HF prompt-lookup generate: {out['hf_lookup_tokens_per_second']:.1f} tok/s "
+            f"(PPD {out['speedup_vs_hf_lookup']:.2f}x)")
     if "baseline_vs_hf" in out:
         say(f"plain greedy loop {out['baseline_tokens_per_second']:.1f} tok/s "
             f"({out['baseline_vs_hf']:.2f}x HF generate)")

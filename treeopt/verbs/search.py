@@ -13,7 +13,9 @@ from ..export import FORMATS, load_tree
 from ..errors import BadInput
 from ..inputs import resolve_inputs
 from ..models import context_of
-from ..search import Options, evaluate_tree, for_engine, search
+from ..acceptance import unpack_records
+from ..search import Options, evaluate_tree, for_engine, hybrid, search
+from ..tree import Lookup
 from .common import positive_int, say
 
 HELP = "find the tree with the most expected tokens per second for a model on a device"
@@ -42,6 +44,10 @@ def add_arguments(p) -> None:
                    help="predict a given tree (treeopt, Medusa choices or PPD dynamic tree) "
                    "on this profile and acceptance, beside the best tree of the same input "
                    "length; writes nothing")
+    p.add_argument("--sources", default="ppd", choices=["ppd", "ppd,lookup"],
+                   help="candidate sources: the prompt tokens' guesses alone, or with prompt "
+                   "lookup (a chain per state and match length, searched by replaying the "
+                   "acceptance file's measured positions; kept only when it predicts faster)")
     p.add_argument("--trials", type=int, default=0,
                    help="optuna trials over K used, width cap and probability model")
     p.add_argument("--storage", help="optuna storage URL (default: SQLite in the user cache)")
@@ -67,9 +73,23 @@ def main(args) -> dict:
     report_path = paths.search_report_path(out)
     check_out(report_path, inp.paths(), "search report")
     human = not args.json
+    rec = None
+    if "lookup" in args.sources:
+        rec = unpack_records(inp.acceptance)
+        if rec is None:
+            raise BadInput(f"--sources {args.sources}: the acceptance file "
+                           f"{inp.acceptance_src} has no prompt-lookup records (measure them "
+                           "with `treeopt accept`)")
     found = search(inp.acceptance, prof, opts, f"{inp.model_id}-{prof.get('device_id', 'dev')}")
     sol, meta = found["solution"], found["meta"]
     tree = sol.tree
+    if rec is not None:
+        h = hybrid(tree, rec, found["latency"], args.max_input)
+        if h["policy"] and h["hybrid"]["tokens_per_second"] > h["ppd_only"]["tokens_per_second"]:
+            tree.lookup = Lookup(rec["max_ngram"], rec["max_tokens"], h["policy"])
+        meta["sources"] = args.sources
+        meta["replayed"] = {"hybrid": h["hybrid"], "ppd_only": h["ppd_only"],
+                            "lookup_kept": tree.lookup is not None}
     tree.meta = {"model": inp.model_id, "profile": inp.profile_src,
                  "acceptance": inp.acceptance_src, "device": prof["device"].get("name"),
                  "simulated": bool(prof.get("simulated")), **meta, **stamp(),
@@ -101,6 +121,16 @@ def main(args) -> dict:
         say(f"model {inp.model_id}; profile: {inp.profile_src}; acceptance: "
             f"{inp.acceptance_src}")
         _print(tree, sol, pred, meta, found["report"].get("per_input_length"), out, report_path)
+        if "replayed" in meta:
+            r = meta["replayed"]
+            say(f"replayed over the acceptance file's positions: PPD alone "
+                f"{r['ppd_only']['tokens_per_step']:.3f} tokens/step, "
+                f"{r['ppd_only']['tokens_per_second']:.1f} tokens/s; with prompt lookup "
+                f"{r['hybrid']['tokens_per_step']:.3f}, {r['hybrid']['tokens_per_second']:.1f}"
+                f" ({'kept' if r['lookup_kept'] else 'not kept: no faster'}); lookup policy "
+                + (", ".join(f"(m={m}, n={n}): chain {c}, {q} prompt tokens"
+                             for (m, n), (c, q) in sorted(tree.lookup.policy.items()))
+                   if tree.lookup else "none"))
     return result
 
 
