@@ -43,15 +43,19 @@ def test_replay_by_hand():
     assert rp.run({}, tau) == (8, 3.0, 3)
     # lookup in state (2, 2), chain 4 with 1 prompt token: i=0 as before (n=0) → i=3 state 1
     # (n=0) → i=5 ... the policy only fires at i=1 or i=4 — never reached
-    assert rp.run({(2, 2): (4, 1)}, tau)[0] == 8
+    assert rp.run({(2, 2): (4, 1, 1)}, tau)[0] == 8
     # in state (1, 2): start at i=1? Build a second prompt where it fires
     rec2 = records([[5, 5], [0, 0], [0, 0], [0, 0], [0, 0], [0, 0]],
                    [2, 0, 0, 0, 0, 0], [4, 0, 0, 0, 0, 0], [6])
     rp2 = search.Replay.build(tree, rec2)
     # state 2 at i=0: tree accepts nothing (rank 5), lookup run 4 within chain 4 → 5 tokens,
     # next state q=1 → i=5: state 1, [0] accepted → 2 tokens, but 5 + 2 > 6: cut, not counted
-    tok, sec, steps = rp2.run({(2, 2): (4, 1)}, tau)
+    tok, sec, steps = rp2.run({(2, 2): (4, 1, 1)}, tau)
     assert (tok, steps) == (5, 1)
+    # dropping the guess nodes costs less: input 1 + 2 root slots + 4 × 2 instead of 2 + 3 + 8
+    tau2 = np.arange(64, dtype=float)
+    assert rp2.run({(2, 2): (4, 1, 0)}, tau2)[1] == 11 and \
+        rp2.run({(2, 2): (4, 1, 1)}, tau2)[1] == tree.input_length(2) + 8
     tok, sec, steps = rp2.run({}, tau)  # without: 1 token, then [0,0] from i=1: 3, i=4: 2
     assert (tok, steps) == (6, 3)
 
@@ -71,8 +75,12 @@ def test_hybrid_search_matches_brute_force_on_one_entry():
     got = search.hybrid(tree, rec, lat, 512)
     rp = search.Replay.build(tree, rec)
     tau = search._tau(tree, rec, lat)
-    rates = [t / s for t, s, _ in (rp.run({(1, 1): (c, 1)} if c else {}, tau)
-                                    for c in range(6))]
+    options = [None] + [(c, q, keep) for c in range(1, 6) for q in (0, 1) for keep in (0, 1)]
+    rates = []
+    for a, b in itertools.product(options, options):  # entries (1, 1) and (0, 1)
+        policy = {k: v for k, v in (((1, 1), a), ((0, 1), b)) if v is not None}
+        t, s, _ = rp.run(policy, tau)
+        rates.append(t / s)
     assert got["hybrid"]["tokens_per_second"] == pytest.approx(max(rates), rel=1e-6)
     assert max(rates) > rates[0]  # lookup pays on this instance, and the search found it
 

@@ -136,8 +136,10 @@ def test_lossless_smollm_fp32(smollm, kind):
 def random_lookup(rng, tree, max_ngram=3, max_tokens=6):
     from treeopt.tree import Lookup
 
-    policy = {(m, n): (rng.randint(0, max_tokens), rng.choice(sorted(tree.states)))
-              for m in tree.states for n in range(1, max_ngram + 1) if rng.random() < 0.8}
+    policy = {(m, n): (rng.randint(0, max_tokens), rng.choice([0, *sorted(tree.states)]),
+                       rng.randint(0, 1))
+              for m in [0, *tree.states] for n in range(1, max_ngram + 1)
+              if rng.random() < 0.8}
     return Lookup(max_ngram, max_tokens, policy)
 
 
@@ -187,7 +189,7 @@ def test_hybrid_forward_matches_branch_recompute(tiny):
         unders = [()] + [nd.path for nd in tree.states[m]]
         for under in rng.sample(unders, min(3, len(unders))):
             buf, src = dec.hybrid_buffers(m, under, rng.randint(1, 3),
-                                          rng.choice(sorted(tree.states)))
+                                          rng.choice([0, *sorted(tree.states)]))
             guesses = torch.randint(0, 8, (m, tree.rank_width))
             chain = torch.randint(0, 8, (3,))
             pool = torch.cat([guesses.flatten(), chain])

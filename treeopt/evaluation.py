@@ -105,6 +105,10 @@ def run_bench(dec: Decoder, encoded: list[list[int]], max_new_tokens: int, dtype
     # burn-in: first calls pay for allocator warm-up and lazy init
     dec.ppd(encoded[0], 8)
     dec.hf_generate(encoded[0], 8)
+    if alone is not None:
+        alone.ppd(encoded[0], 8)
+    if hf_lookup:
+        dec.hf_generate(encoded[0], 8, prompt_lookup=hf_lookup)
     per_prompt, ppd_runs, base_runs = [], [], []
     ppd_tok = ppd_sec = hf_tok = hf_sec = base_tok = base_sec = 0.0
     steps = fwd = step = 0.0

@@ -237,7 +237,10 @@ class Decoder:
         self.check_length(tree.max_input_length)
         self.table = prompt_tokens.to(self.device, self.dtype)
         self.buffers = tree.buffers(self.device)
-        self.children = {m: {} for m in tree.states}
+        if tree.lookup is not None:  # state 0: no guess rows (a q = 0 lookup node won)
+            self.buffers[0] = build_buffers((), tree.root_prompt_tokens, 0, tree.rank_width,
+                                            self.device)
+        self.children = {m: {} for m in [0, *tree.states]}
         for m, nodes in tree.states.items():
             for nd in nodes:
                 self.children[m].setdefault(nd.path[:-1], []).append(nd.path)
@@ -250,7 +253,7 @@ class Decoder:
         key = (m, under, new, q)
         if key not in self._hybrid:
             width = self.tree.rank_width
-            nodes = sorted(list(self.tree.states[m]) +
+            nodes = sorted(list(self.tree.states.get(m, [])) +
                            [Node(under + (-1,) * i, q) for i in range(1, new + 1)],
                            key=lambda nd: (len(nd.path), nd.path))
             buf = build_buffers(tuple(nodes), self.tree.root_prompt_tokens, m, width,
@@ -268,11 +271,14 @@ class Decoder:
         if look is None:
             return buf, pool, buf.node_src, 0
         n, chain = look.offer()
-        c, q = self.tree.lookup.policy.get((m, n), (0, 1))
+        c, q, keep = self.tree.lookup.policy.get((m, n), (0, 1, 1))
         if not c or not chain:
             return buf, pool, buf.node_src, n
         chain = chain[:c]
-        nodes = self.tree.states[m]
+        if not keep:  # the chain alone: no guess nodes this step
+            hbuf, src = self.hybrid_buffers(0, (), len(chain), q)
+            return hbuf, torch.tensor(chain, device=pool.device), src, n
+        nodes = self.tree.states.get(m, [])
         token_of = dict(zip((nd.path for nd in nodes), pool[buf.node_src].tolist()))
         under, rest = merge_lookup(self.children[m], token_of, chain)
         if not rest:  # the whole chain is already in the tree
@@ -423,7 +429,8 @@ class Decoder:
             keep_kv(cache, ctx, accepted_path(buf, ctx, w), ctx + len(path))
             ctx += len(path)
             slots = buf.slots_of[w]
-            guesses = torch.topk(logits[slots[0]:slots[-1] + 1], topk, dim=-1).indices
+            guesses = torch.topk(logits[slots[0]:slots[-1] + 1], topk, dim=-1).indices \
+                if slots else torch.empty(0, topk, dtype=torch.long, device=self.device)
             state = buf.next_state[w]
             added, done = self._emit(res.output_ids, new, max_new_tokens, on_tokens)
             if look is not None:

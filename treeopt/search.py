@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import itertools
 import logging
 import math
 import re
@@ -688,7 +689,8 @@ class Replay:
     @classmethod
     def build(cls, tree: Tree, rec: dict) -> "Replay":
         ranks = rec["ranks"]
-        depth, nxt = {}, {}
+        depth = {0: np.zeros(len(ranks), dtype=np.int64)}  # state 0: no guesses
+        nxt = {0: np.full(len(ranks), tree.root_prompt_tokens, dtype=np.int64)}
         for m, nodes in tree.states.items():
             count = {nd.path: nd.prompt_tokens for nd in nodes}
             d = np.zeros(len(ranks), dtype=np.int64)
@@ -713,7 +715,7 @@ class Replay:
         match, won = rec["match"].tolist(), rec["won"].tolist()
         depth = {m: v.tolist() for m, v in self.depth.items()}
         nxt = {m: v.tolist() for m, v in self.next_state.items()}
-        base = {m: tree.input_length(m) for m in tree.states}
+        base = {m: tree.input_length(m) for m in [0, *tree.states]}
         tokens = steps = 0
         seconds = 0.0
         start = 0
@@ -721,13 +723,13 @@ class Replay:
             i, m = 0, tree.root_prompt_tokens
             while i < length:
                 j = start + i
-                c, q = policy.get((m, match[j]), (0, 1)) if match[j] else (0, 1)
-                dp = depth[m][j]
+                c, q, keep = policy.get((m, match[j]), (0, 1, 1)) if match[j] else (0, 1, 1)
+                dp = depth[m][j] if keep else 0
                 dl = min(won[j], c)
                 a = 1 + max(dp, dl)
                 if i + a > length:  # the data ends inside this step
                     break
-                seconds += tau[base[m] + (c - min(dl, dp)) * (1 + q)]
+                seconds += tau[base[m if keep else 0] + (c - min(dl, dp)) * (1 + q)]
                 tokens, steps = tokens + a, steps + 1
                 m = nxt[m][j] if dp >= dl else q
                 i += a
@@ -739,7 +741,8 @@ def hybrid(tree: Tree, rec: dict, latency: LatencyFn, max_input: int,
            sweeps: int = 3) -> dict:
     """The lookup policy per state (m, n) for a tree's PPD part, by coordinate ascent on
     the replayed tokens per second over the measured positions (each entry tries every
-    chain length c and prompt-token count q that fits max_input). Returns the policy and
+    chain length c, prompt-token count q and keeping or dropping the guess nodes that fits
+    max_input), started from the best uniform policy. Returns the policy and
     the replayed figures with and without it."""
     replay = Replay.build(tree, rec)
     tau = _tau(tree, rec, latency, max_input)
@@ -751,20 +754,31 @@ def hybrid(tree: Tree, rec: dict, latency: LatencyFn, max_input: int,
     plain = value({})
     policy: dict = {}
     best = plain
+    # start from the best uniform policy (one setting for every state), so that settings
+    # which pay only together (q = 0 and state 0's own chain) are within reach
+    entries = [(m, n) for m in [*sorted(tree.states), 0] for n in range(1, rec["max_ngram"] + 1)]
+    for c, q, keep in itertools.product(range(1, rec["max_tokens"] + 1),
+                                        [0, *sorted(tree.states)], (1, 0)):
+        trial = {(m, n): (c, q, keep) for m, n in entries
+                 if tree.input_length(m if keep else 0) + c * (1 + q) <= max_input}
+        v = value(trial)
+        if v[0] > best[0] * (1 + 1e-9):
+            best, policy = v, trial
     for _ in range(sweeps):
         changed = False
-        for m in sorted(tree.states):
+        for m in [*sorted(tree.states), 0]:
             for n in range(1, rec["max_ngram"] + 1):
                 current = policy.get((m, n))
                 for c in range(0, rec["max_tokens"] + 1):
-                    for q in (sorted(tree.states) if c else [1]):
-                        if (c and (c, q) == current) or (not c and current is None):
+                    for q, keep in (itertools.product([0, *sorted(tree.states)], (1, 0))
+                                    if c else [(1, 1)]):
+                        if (c and (c, q, keep) == current) or (not c and current is None):
                             continue
-                        if tree.input_length(m) + c * (1 + q) > max_input:
+                        if tree.input_length(m if keep else 0) + c * (1 + q) > max_input:
                             continue
                         trial = dict(policy)
                         if c:
-                            trial[(m, n)] = (c, q)
+                            trial[(m, n)] = (c, q, keep)
                         else:
                             trial.pop((m, n), None)
                         v = value(trial)

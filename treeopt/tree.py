@@ -80,14 +80,14 @@ class Tree:
         return len(self.states) == 1
 
     def input_length(self, m: int) -> int:
-        nodes = self.states[m]
+        nodes = self.states.get(m, [])  # state 0 (hybrid trees): the root alone
         return input_length(len(nodes), self.root_prompt_tokens,
                             sum(n.prompt_tokens for n in nodes))
 
     @property
     def max_input_length(self) -> int:
         if self.lookup is not None:
-            return max(self.lookup.input_length(self, m, n) for m in self.states
+            return max(self.lookup.input_length(self, m, n) for m in [0, *self.states]
                        for n in range(self.lookup.max_ngram + 1))
         return max(self.input_length(m) for m in self.states)
 
@@ -197,8 +197,12 @@ class Lookup:
     """Prompt lookup's share of a hybrid tree. In state (m, n) — m guess rows, a lookup
     match of n tokens (n ≥ 1) — the step adds the lookup's first `c` proposed tokens as a
     chain, merged into state m's tree as a trie (a proposed token equal to a tree node's
-    guess at the same place is that node), each new node carrying `q` ≥ 1 prompt tokens:
-    policy[(m, n)] = (c, q); absent = no chain."""
+    guess at the same place is that node), each new node carrying `q` prompt tokens:
+    policy[(m, n)] = (c, q, keep); absent = no chain; keep = 0 drops state m's guess
+    nodes for that step (a long match makes them poor value). q = 0 makes lookup nodes
+    cheapest (one
+    input token each); when such a node is the deepest accepted, the next step is state
+    0: no guesses, only the root, its prompt tokens and any lookup chain."""
 
     max_ngram: int
     max_tokens: int
@@ -206,7 +210,7 @@ class Lookup:
 
     def to_json(self) -> dict:
         return {"max_ngram": self.max_ngram, "max_tokens": self.max_tokens,
-                "policy": {f"{m},{n}": [c, q] for (m, n), (c, q) in sorted(self.policy.items())}}
+                "policy": {f"{m},{n}": list(v) for (m, n), v in sorted(self.policy.items())}}
 
     @classmethod
     def from_json(cls, obj, where: str = "lookup") -> "Lookup":
@@ -216,27 +220,31 @@ class Lookup:
         for key, val in obj["policy"].items():
             parts = str(key).split(",")
             if len(parts) != 2 or not all(x.isdigit() for x in parts) or not (
-                    isinstance(val, list) and len(val) == 2 and all(_count(v) for v in val)):
-                raise BadInput(f"{where}: policy entry {key!r}: {val!r} is not 'm,n': [c, q]")
-            policy[(int(parts[0]), int(parts[1]))] = (val[0], val[1])
+                    isinstance(val, list) and len(val) in (2, 3) and all(_count(v) for v in val)):
+                raise BadInput(f"{where}: policy entry {key!r}: {val!r} is not 'm,n': "
+                               "[c, q, keep]")
+            policy[(int(parts[0]), int(parts[1]))] = (val[0], val[1],
+                                                      val[2] if len(val) == 3 else 1)
         return cls(obj.get("max_ngram"), obj.get("max_tokens"), policy)
 
     def validate(self, tree: "Tree") -> None:
         if not _count(self.max_ngram) or self.max_ngram < 1 or not _count(self.max_tokens) \
                 or self.max_tokens < 1:
             raise BadInput("tree lookup: max_ngram and max_tokens must be integers ≥ 1")
-        for (m, n), (c, q) in self.policy.items():
+        for (m, n), (c, q, keep) in self.policy.items():
             where = f"tree lookup policy {m},{n}"
-            if m not in tree.states or not 1 <= n <= self.max_ngram:
+            if (m not in tree.states and m != 0) or not 1 <= n <= self.max_ngram:
                 raise BadInput(f"{where}: no state {m} or match length outside 1..{self.max_ngram}")
-            if not 0 <= c <= self.max_tokens or q not in tree.states:
+            if keep not in (0, 1):
+                raise BadInput(f"{where}: keep must be 0 or 1, got {keep}")
+            if not 0 <= c <= self.max_tokens or (q not in tree.states and q != 0):
                 raise BadInput(f"{where}: chain {c} outside 0..{self.max_tokens} or {q} prompt "
                                "tokens without a state")
 
     def input_length(self, tree: "Tree", m: int, n: int) -> int:
         """The longest input of state (m, n): every proposed token a new node."""
-        c, q = self.policy.get((m, n), (0, 1))
-        return tree.input_length(m) + c * (1 + q)
+        c, q, keep = self.policy.get((m, n), (0, 1, 1))
+        return tree.input_length(m if keep else 0) + c * (1 + q)
 
 
 def _count(x) -> bool:

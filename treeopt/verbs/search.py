@@ -129,7 +129,8 @@ def main(args) -> dict:
                 f"{r['hybrid']['tokens_per_step']:.3f}, {r['hybrid']['tokens_per_second']:.1f}"
                 f" ({'kept' if r['lookup_kept'] else 'not kept: no faster'}); lookup policy "
                 + (", ".join(f"(m={m}, n={n}): chain {c}, {q} prompt tokens"
-                             for (m, n), (c, q) in sorted(tree.lookup.policy.items()))
+                             + ("" if keep else ", no guess nodes")
+                             for (m, n), (c, q, keep) in sorted(tree.lookup.policy.items()))
                    if tree.lookup else "none"))
     return result
 
