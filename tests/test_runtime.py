@@ -15,23 +15,34 @@ def tiny():
     return tiny_loaded(vocab=8)
 
 
-def test_random_trees_lossless_tiny(tiny):
-    """Property test: random valid trees and prompts, small vocab (lots of acceptance)."""
-    rng = random.Random(1)
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_random_trees_lossless_tiny(tiny, hybrid):
+    """Property test: random valid trees (with random prompt-lookup policies when hybrid)
+    and prompts, small vocab (lots of acceptance): token-identical to greedy decoding."""
+    rng = random.Random(11 if hybrid else 1)
     pt = random_prompt_tokens(tiny, 4)
-    deep = 0
+    deep = lookup_won = 0
+    merged = set()
     for trial in range(40):
         tree = random_tree(rng, rng.randint(1, 4), rng.randint(1, 8), max_nodes=20)
+        if hybrid:
+            tree.lookup = random_lookup(rng, tree)
+            tree.validate()
         dec = Decoder(tiny, pt, tree)
-        ids = [rng.randrange(8) for _ in range(rng.randint(1, 12))]
-        n = rng.randint(1, 40)
+        ids = [rng.randrange(8) for _ in range(rng.randint(1, 16))]
+        n = rng.randint(1, 60)
         ref = dec.baseline(ids, n).output_ids
         res = dec.ppd(ids, n)
         assert res.output_ids == ref, (trial, tree.to_json())
         assert len(res.output_ids) == n  # never overshoots
         assert sum(res.accepted) + 1 >= n
         deep = max(deep, max(res.accepted, default=0))
+        # a step that emitted more than the tree's depth + 1 tokens took a lookup chain
+        lookup_won += sum(a > 1 + tree.max_depth for a in res.accepted)
+        merged |= set(dec._hybrid)
     assert deep >= 3  # the trials did exercise multi-token acceptance
+    if hybrid:
+        assert lookup_won > 0 and merged
 
 
 def test_kv_cache_equals_fresh_forward(tiny):
@@ -63,32 +74,22 @@ def test_kv_cache_equals_fresh_forward(tiny):
         assert len(checked) >= 2
 
 
-def test_tree_forward_matches_branch_recompute(tiny):
-    """Every node's and every prompt slot's logits equal a plain causal forward over its
-    own branch (context, root, ancestors, the node, its earlier prompt tokens)."""
-    rng = random.Random(7)
-    pt = random_prompt_tokens(tiny, 3)
-    tree = random_tree(rng, 3, 6, max_nodes=10)
-    dec = Decoder(tiny, pt, tree)
-    table = pt.embeddings.double()
-    ctx_ids = torch.tensor([3, 1, 4, 1, 5])
-    for m, buf in dec.buffers.items():
-        guesses = torch.randint(0, 8, (m, tree.rank_width))
-        x0 = torch.tensor([6])
-        tok = torch.cat([x0, guesses.flatten()[buf.node_src]])
-        with torch.inference_mode():
-            cache = new_cache()
-            dec.call(dec.embed(ctx_ids), cache, torch.arange(5), head=False)
-            emb = torch.cat([dec.embed(tok), table[buf.slot_token]])
-            out = dec.call(emb, cache, 5 + buf.positions, dec.tree_mask(5, buf))
-            for w, path in enumerate(buf.path_pos):
-                branch = torch.cat([dec.embed(torch.cat([ctx_ids, tok[path]])),
-                                    table[: len(buf.slots_of[w])]])
-                ref = dec.call(branch, new_cache(), torch.arange(len(branch)))
-                rows = [5 + len(path) - 1] + [5 + len(path) + j
-                                              for j in range(len(buf.slots_of[w]))]
-                got = out[[path[-1]] + buf.slots_of[w]]
-                torch.testing.assert_close(got, ref[rows], rtol=1e-9, atol=1e-9)
+@torch.inference_mode()
+def assert_branches_match(dec, buf, tok, table, ctx_ids):
+    """One tree forward after a context == a plain causal forward over each node's and
+    each prompt slot's own branch (context, root, ancestors, node, earlier slots)."""
+    c = len(ctx_ids)
+    cache = new_cache()
+    dec.call(dec.embed(ctx_ids), cache, torch.arange(c), head=False)
+    emb = torch.cat([dec.embed(tok), table[buf.slot_token]])
+    out = dec.call(emb, cache, c + buf.positions, dec.tree_mask(c, buf))
+    for w, path in enumerate(buf.path_pos):
+        branch = torch.cat([dec.embed(torch.cat([ctx_ids, tok[path]])),
+                            table[: len(buf.slots_of[w])]])
+        ref = dec.call(branch, new_cache(), torch.arange(len(branch)))
+        rows = [c + len(path) - 1] + [c + len(path) + j for j in range(len(buf.slots_of[w]))]
+        got = out[[path[-1]] + buf.slots_of[w]]
+        torch.testing.assert_close(got, ref[rows], rtol=1e-9, atol=1e-9)
 
 
 def test_eos_stops_and_is_kept(tiny):
@@ -143,28 +144,6 @@ def random_lookup(rng, tree, max_ngram=3, max_tokens=6):
     return Lookup(max_ngram, max_tokens, policy)
 
 
-def test_hybrid_trees_lossless_tiny(tiny):
-    """Random trees with random lookup policies: PPD + prompt lookup in one forward stays
-    token-identical to greedy decoding, and the lookup chain does get accepted."""
-    rng = random.Random(11)
-    pt = random_prompt_tokens(tiny, 3)
-    lookup_won = merged = 0
-    for trial in range(40):
-        tree = random_tree(rng, rng.randint(1, 3), rng.randint(1, 6), max_nodes=10)
-        tree.lookup = random_lookup(rng, tree)
-        tree.validate()
-        dec = Decoder(tiny, pt, tree)
-        ids = [rng.randrange(8) for _ in range(rng.randint(1, 16))]
-        n = rng.randint(1, 60)
-        ref = dec.baseline(ids, n).output_ids
-        res = dec.ppd(ids, n)
-        assert res.output_ids == ref, (trial, tree.to_json())
-        # a step that emitted more than the tree's depth + 1 tokens took a lookup chain
-        lookup_won += sum(a > 1 + tree.max_depth for a in res.accepted)
-        merged += len(dec._hybrid)
-    assert lookup_won > 0 and merged > 0
-
-
 def test_merge_lookup_is_a_trie_walk():
     from treeopt.runtime import merge_lookup
 
@@ -176,9 +155,10 @@ def test_merge_lookup_is_a_trie_walk():
     assert merge_lookup(children, token_of, [3]) == ((), [3])  # conflicts at once
 
 
-def test_hybrid_forward_matches_branch_recompute(tiny):
-    """Every node of a merged tree (PPD nodes + lookup chain under some node) and every
-    prompt slot gets the logits of a plain causal forward over its own branch."""
+def test_tree_forward_matches_branch_recompute(tiny):
+    """Every node of each state's tree — alone, and merged with a lookup chain under some
+    node — and every prompt slot gets the logits of a plain causal forward over its own
+    branch (context, root, ancestors, the node, its earlier prompt tokens)."""
     rng = random.Random(8)
     pt = random_prompt_tokens(tiny, 3)
     tree = random_tree(rng, 3, 6, max_nodes=8)
@@ -187,23 +167,12 @@ def test_hybrid_forward_matches_branch_recompute(tiny):
     ctx_ids = torch.tensor([3, 1, 4, 1, 5])
     for m in tree.states:
         unders = [()] + [nd.path for nd in tree.states[m]]
-        for under in rng.sample(unders, min(3, len(unders))):
-            buf, src = dec.hybrid_buffers(m, under, rng.randint(1, 3),
-                                          rng.choice([0, *sorted(tree.states)]))
+        shapes = [((), 0)] + [(u, rng.randint(1, 3))  # ((), 0): the tree alone
+                              for u in rng.sample(unders, min(3, len(unders)))]
+        for under, new in shapes:
+            buf, src = dec.hybrid_buffers(m, under, new, rng.choice([0, *sorted(tree.states)]))
             guesses = torch.randint(0, 8, (m, tree.rank_width))
             chain = torch.randint(0, 8, (3,))
             pool = torch.cat([guesses.flatten(), chain])
             tok = torch.cat([torch.tensor([6]), pool[src]])
-            with torch.inference_mode():
-                cache = new_cache()
-                dec.call(dec.embed(ctx_ids), cache, torch.arange(5), head=False)
-                emb = torch.cat([dec.embed(tok), table[buf.slot_token]])
-                out = dec.call(emb, cache, 5 + buf.positions, dec.tree_mask(5, buf))
-                for w, path in enumerate(buf.path_pos):
-                    branch = torch.cat([dec.embed(torch.cat([ctx_ids, tok[path]])),
-                                        table[: len(buf.slots_of[w])]])
-                    ref = dec.call(branch, new_cache(), torch.arange(len(branch)))
-                    rows = [5 + len(path) - 1] + [5 + len(path) + j
-                                                  for j in range(len(buf.slots_of[w]))]
-                    got = out[[path[-1]] + buf.slots_of[w]]
-                    torch.testing.assert_close(got, ref[rows], rtol=1e-9, atol=1e-9)
+            assert_branches_match(dec, buf, tok, table, ctx_ids)
