@@ -113,7 +113,9 @@ def test_hybrid_lossless_on_the_real_model(smollm):
 
     inp = resolve_inputs(smollm.model_id, device="cpu", dtype="float32", want=("tree",))
     base = inp.tree
-    policy = {(m, n): (8, base.root_prompt_tokens) for m in base.states for n in (1, 2, 3)}
+    # long chains, some without prompt tokens (state 0 follows), some without guess nodes
+    policy = {(m, n): (8, (0, base.root_prompt_tokens)[n % 2], int(n != 3))
+              for m in [0, *base.states] for n in (1, 2, 3)}
     tree = Tree(base.num_prompt_tokens, base.root_prompt_tokens, base.states, base.topk,
                 lookup=Lookup(3, 8, policy))
     dec = Decoder(smollm, PromptTokens.load(inp.prompt_tokens), tree)

@@ -206,7 +206,13 @@ class Lookup:
 
     max_ngram: int
     max_tokens: int
-    policy: dict[tuple[int, int], tuple[int, int]]
+    policy: dict[tuple[int, int], tuple[int, int, int]]
+
+    def __post_init__(self):  # (c, q) means (c, q, keep = 1)
+        bad = [v for v in self.policy.values() if not isinstance(v, tuple) or len(v) not in (2, 3)]
+        if bad:
+            raise BadInput(f"tree lookup: policy values must be (c, q[, keep]), got {bad[0]!r}")
+        self.policy = {k: v if len(v) == 3 else (*v, 1) for k, v in self.policy.items()}
 
     def to_json(self) -> dict:
         return {"max_ngram": self.max_ngram, "max_tokens": self.max_tokens,
