@@ -22,8 +22,7 @@ from treeopt.evaluation import decode_phase, run_bench
 from treeopt.inputs import resolve_inputs
 from treeopt.latency import Latency
 from treeopt.runtime import open_decoder
-from treeopt.search import Options, hybrid, replay_predict, search
-from treeopt.tree import Lookup
+from treeopt.search import Options, replay_predict, search, with_lookup
 
 FAMILIES = {"chat": ("mt-bench", 0), "math": ("gsm8k-train", 1000),
             "input-grounded": ("input-grounded", 0)}
@@ -50,9 +49,7 @@ def main():
         found = search(acc, inp.profile, Options(), f"hybrid-{fam}")
         tree = found["solution"].tree
         rec = unpack_records(acc)
-        h = hybrid(tree, rec, found["latency"], 512)
-        tree.lookup = Lookup(rec["max_ngram"], rec["max_tokens"], h["policy"]) \
-            if h["policy"] else None
+        h = with_lookup(found, rec, 512)
         dec.set_tree(tree, dec.prompt_tokens)
         enc = [prompts.encode(dec.lm.tokenizer, t) for t in bench]
         res, runs = run_bench(dec, enc, args.max_new_tokens, info["dtype"], plain=False,
@@ -67,7 +64,7 @@ def main():
                                      quiet=True)}
         same_pred = replay_predict(tree, unpack_records(same), lambda L: lat(L, ctx))
         rows[fam] = {
-            "policy": {f"{m},{k}": v for (m, k), v in sorted(h["policy"].items())},
+            "policy": tree.lookup.to_json()["policy"] if tree.lookup else {},
             "tokens_per_step": res["tokens_per_step"],
             "ppd_alone_tokens_per_step": res.get("ppd_alone_tokens_per_step"),
             "tokens_per_second": res["tokens_per_second"],

@@ -48,6 +48,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: let the cleanup run
     raise Terminated()
 
 

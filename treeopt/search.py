@@ -45,7 +45,7 @@ from .errors import BadInput
 from .export import ENGINE_TOPK, constraints, to_medusa, to_ppd
 from .latency import Latency
 from .models import cache_dir
-from .tree import Node, Tree, input_length
+from .tree import Lookup, Node, Tree, input_length
 
 NEG = -np.inf
 LatencyFn = Callable[[np.ndarray], np.ndarray]
@@ -663,9 +663,10 @@ def tune(acc_prod, acc_fit, pp, lat, max_input, trials, storage, static, name) -
     try:
         study.optimize(objective, n_trials=trials, catch=())
     except BaseException:  # Ctrl-C, SIGTERM, a failed trial: no trial is left RUNNING
-        for t in study.get_trials(deepcopy=False,
-                                  states=(optuna.trial.TrialState.RUNNING,)):
-            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        # a fresh handle: the interrupted one may be mid-transaction
+        fresh = optuna.load_study(study_name=study.study_name, storage=storage)
+        for t in fresh.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            fresh.tell(t.number, state=optuna.trial.TrialState.FAIL)
         raise
     bp = study.best_params
     return {"k": bp["k"], "width_cap": bp["width_cap"],
@@ -810,3 +811,15 @@ def replay_predict(tree: Tree, rec: dict, latency: LatencyFn) -> dict:
     tok, sec, steps = Replay.build(tree, rec).run(
         tree.lookup.policy if tree.lookup else {}, _tau(tree, rec, latency))
     return _replay_figures(((tok / sec) if sec else 0.0, tok, sec, steps))
+
+
+def with_lookup(found: dict, rec: dict, max_input: int) -> dict:
+    """Give the searched tree (`found`, from :func:`search`) the lookup policy
+    :func:`hybrid` finds, where it predicts faster; returns the replayed figures."""
+    tree = found["solution"].tree
+    h = hybrid(tree, rec, found["latency"], max_input)
+    kept = bool(h["policy"]) and \
+        h["hybrid"]["tokens_per_second"] > h["ppd_only"]["tokens_per_second"]
+    if kept:
+        tree.lookup = Lookup(rec["max_ngram"], rec["max_tokens"], h["policy"])
+    return {"hybrid": h["hybrid"], "ppd_only": h["ppd_only"], "lookup_kept": kept}

@@ -13,7 +13,8 @@ from ..evaluation import predicted_vs_measured, run_bench, speed_vs_profile, spe
 from ..inputs import resolve_inputs
 from ..measure import measure_profile
 from ..runtime import open_decoder
-from ..search import Options, search
+from ..acceptance import unpack_records
+from ..search import Options, search, with_lookup
 from .common import add_model_args, model_flag, positive_int, say
 
 HELP = "run the whole pipeline on a model (default: the embedded one) and write a report"
@@ -72,6 +73,10 @@ def main(args) -> dict:
     step(2, f"acceptance: {heads['acceptance']}")
     found = search(acc, prof, Options(), f"demo-{mid}")
     tree, meta = found["solution"].tree, found["meta"]
+    rec = unpack_records(acc)
+    if rec is not None:  # prompt lookup beside the guesses where it predicts faster
+        meta["sources"] = "ppd,lookup"
+        meta["replayed"] = with_lookup(found, rec, Options().max_input)
     tree_path = folder / paths.tree_name(dev_id, mid)
     report_path = paths.search_report_path(tree_path)
     tree.meta = {"model": mid, "profile": paths.display_path(prof_path),
@@ -85,6 +90,10 @@ def main(args) -> dict:
                        f"{pred['tokens_per_second']:.1f} tokens/s predicted "
                        f"({pred['speedup_vs_t1']:.2f}x plain), input lengths "
                        f"{pred['input_lengths']}")
+    if tree.lookup is not None:
+        r = meta["replayed"]["hybrid"]
+        heads["search"] += (f"; with prompt lookup {r['tokens_per_step']:.2f} tokens/step, "
+                            f"{r['tokens_per_second']:.1f} tokens/s (replayed)")
     step(3, f"search: {heads['search']}")
     dec.set_tree(tree, dec.prompt_tokens)
     encoded = [prompts.encode(dec.lm.tokenizer, t) for t in prompts.load(None, args.limit)]

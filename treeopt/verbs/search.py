@@ -14,8 +14,7 @@ from ..errors import BadInput
 from ..inputs import resolve_inputs
 from ..models import context_of
 from ..acceptance import unpack_records
-from ..search import Options, evaluate_tree, for_engine, hybrid, search
-from ..tree import Lookup
+from ..search import Options, evaluate_tree, for_engine, search, with_lookup
 from .common import positive_int, say
 
 HELP = "find the tree with the most expected tokens per second for a model on a device"
@@ -84,12 +83,8 @@ def main(args) -> dict:
     sol, meta = found["solution"], found["meta"]
     tree = sol.tree
     if rec is not None:
-        h = hybrid(tree, rec, found["latency"], args.max_input)
-        if h["policy"] and h["hybrid"]["tokens_per_second"] > h["ppd_only"]["tokens_per_second"]:
-            tree.lookup = Lookup(rec["max_ngram"], rec["max_tokens"], h["policy"])
         meta["sources"] = args.sources
-        meta["replayed"] = {"hybrid": h["hybrid"], "ppd_only": h["ppd_only"],
-                            "lookup_kept": tree.lookup is not None}
+        meta["replayed"] = with_lookup(found, rec, args.max_input)
     tree.meta = {"model": inp.model_id, "profile": inp.profile_src,
                  "acceptance": inp.acceptance_src, "device": prof["device"].get("name"),
                  "simulated": bool(prof.get("simulated")), **meta, **stamp(),
