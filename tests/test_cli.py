@@ -129,3 +129,23 @@ def test_artefacts_are_written_whole_and_readable(tmp_path):
     assert json.loads(path.read_text()) == {"x": 1}
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert [p.name for p in path.parent.iterdir()] == ["a.json"]  # no temp file left
+
+
+@pytest.mark.slow
+def test_demo_runs_and_writes_only_under_home(tmp_path):
+    """The README's first command, shortened: the whole loop runs, its report and run JSON
+    land under $TREEOPT_HOME/demo, and the repository is untouched."""
+    before = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
+                            text=True).stdout
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore",
+               TREEOPT_HOME=str(tmp_path))
+    p = subprocess.run([sys.executable, os.path.join(REPO, "cli.py"), "demo", "--limit", "1",
+                        "--max-new-tokens", "12", "--json"], capture_output=True, text=True,
+                       timeout=900, env=env, cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["report"] == str(tmp_path / "demo" / "demo.html")
+    assert (tmp_path / "demo" / "demo.run.json").is_file()
+    assert "with prompt lookup" in out["headlines"]["search"]
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
+                          text=True).stdout == before

@@ -800,9 +800,9 @@ def _tau(tree: Tree, rec: dict, latency: LatencyFn, max_input: int = 0) -> np.nd
 
 
 def _replay_figures(v) -> dict:
-    return {"tokens_per_step": round(v[1] / max(v[3], 1), 6),
-            "step_seconds": round(v[2] / max(v[3], 1), 8),
-            "tokens_per_second": round(v[0], 6), "steps": v[3]}
+    return {"tokens_per_step": round(float(v[1] / max(v[3], 1)), 6),
+            "step_seconds": round(float(v[2] / max(v[3], 1)), 8),
+            "tokens_per_second": round(float(v[0]), 6), "steps": int(v[3])}
 
 
 def replay_predict(tree: Tree, rec: dict, latency: LatencyFn) -> dict:
@@ -819,7 +819,7 @@ def with_lookup(found: dict, rec: dict, max_input: int) -> dict:
     tree = found["solution"].tree
     h = hybrid(tree, rec, found["latency"], max_input)
     kept = bool(h["policy"]) and \
-        h["hybrid"]["tokens_per_second"] > h["ppd_only"]["tokens_per_second"]
+        bool(h["hybrid"]["tokens_per_second"] > h["ppd_only"]["tokens_per_second"])
     if kept:
         tree.lookup = Lookup(rec["max_ngram"], rec["max_tokens"], h["policy"])
     return {"hybrid": h["hybrid"], "ppd_only": h["ppd_only"], "lookup_kept": kept}
