@@ -195,14 +195,14 @@ def predicted_vs_measured(tree: Tree, res: dict, profile: dict | None, profile_s
     dec_m = res.get("decode", {})
     if profile is None or acceptance is None or not dec_m.get("steps"):
         return None
-    conditional = ((tree.meta or {}).get("config") or {}).get("conditional", True)
-    acc, pp = search_inputs(acceptance, conditional=conditional)
     lat = Latency(profile)
     ctx = dec_m["context"]
     rec = unpack_records(acceptance) if tree.lookup is not None else None
     if rec is not None:  # hybrid: replayed over the acceptance file's measured positions
         pred = replay_predict(tree, rec, lambda L: lat(L, ctx))
     else:
+        conditional = ((tree.meta or {}).get("config") or {}).get("conditional", True)
+        acc, pp = search_inputs(acceptance, conditional=conditional)
         pred = predict(tree, acc, lambda L: lat(L, ctx), path_prob=pp)
     out = {"profile": profile_src, "acceptance": acceptance_src,
            "method": "replay" if rec is not None else "stationary", "context": ctx, "tokens_per_step": round(pred["tokens_per_step"], 4),

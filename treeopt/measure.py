@@ -22,6 +22,7 @@ from .artefact import stamp
 from .device import cpu_facts, device_slug, gpu_clocks, gpu_facts
 from .errors import BadInput
 from .latency import FITTED, SCHEMA, calibrate
+from .models import dtype_name
 from .progress import progress
 from .runtime import Decoder, keep_kv, new_cache
 from .tree import Tree, build_buffers
@@ -206,7 +207,7 @@ def measure_profile(dec: Decoder, sizes: list[int], contexts: list[int], repeats
     """A measured profile artefact: the grid's points, the per-step overhead, the
     device's ceilings and facts, and the roofline fitted to the points. `reuse` is an
     earlier profile of the same model and dtype whose points are kept (resume)."""
-    model_id, dtype = dec.lm.model_id, str(dec.dtype).removeprefix("torch.")
+    model_id, dtype = dec.lm.model_id, dtype_name(dec.dtype)
     done, kept = {}, {}
     if reuse:
         if reuse["model"] != model_id or reuse["dtype"] != dtype:

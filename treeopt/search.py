@@ -680,12 +680,15 @@ class Replay:
     """The measured positions of an acceptance file (ranks of the true tokens among the
     guesses, lookup's match length and accepted run, per prompt in order), and a tree's
     PPD part evaluated on them once: for state m and position i, the depth of the deepest
-    accepted tree node and the state it leads to."""
+    accepted tree node and the state it leads to. Held as Python lists: the search
+    replays hundreds of policies over the same positions."""
 
     tree: Tree
     rec: dict
-    depth: dict[int, np.ndarray]
-    next_state: dict[int, np.ndarray]
+    depth: dict[int, list[int]]
+    next_state: dict[int, list[int]]
+    match: list[int]
+    won: list[int]
 
     @classmethod
     def build(cls, tree: Tree, rec: dict) -> "Replay":
@@ -705,7 +708,9 @@ class Replay:
                 if path:
                     d[i], s[i] = len(path), count[path]
             depth[m], nxt[m] = d, s
-        return cls(tree, rec, depth, nxt)
+        return cls(tree, rec, {m: v.tolist() for m, v in depth.items()},
+                   {m: v.tolist() for m, v in nxt.items()}, rec["match"].tolist(),
+                   rec["won"].tolist())
 
     def run(self, policy: dict, tau: np.ndarray) -> tuple[float, float, int]:
         """(tokens, seconds, steps) of greedy decoding replayed over the positions with
@@ -713,9 +718,7 @@ class Replay:
         within c) + 1 tokens; its input grows by (1 + q) per lookup token not already a
         tree node (the accepted ones are when the tree has them too)."""
         rec, tree = self.rec, self.tree
-        match, won = rec["match"].tolist(), rec["won"].tolist()
-        depth = {m: v.tolist() for m, v in self.depth.items()}
-        nxt = {m: v.tolist() for m, v in self.next_state.items()}
+        match, won, depth, nxt = self.match, self.won, self.depth, self.next_state
         base = {m: tree.input_length(m) for m in [0, *tree.states]}
         tokens = steps = 0
         seconds = 0.0
