@@ -3,7 +3,10 @@
 On CPU the figure is the process's peak resident set (ru_maxrss: weights, runtime, cache,
 activations); on CUDA it is torch.cuda.max_memory_allocated. Prints both and the ratio.
 
-    python benchmarks/memory.py [--max-new-tokens 128] [--dtype auto]
+    python benchmarks/memory.py [--max-new-tokens 128] [--dtype auto] [--batch B]
+
+With --batch B: B MT-Bench prompts decoded as one batch, the tree's per-batch table
+(batched PPD) vs the plain batched loop of the same runtime.
 """
 import argparse
 import json
@@ -15,12 +18,21 @@ import json, resource, sys, torch
 from treeopt import prompts
 from treeopt.inputs import resolve_inputs
 from treeopt.runtime import open_decoder
-mode, n, dtype = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+from treeopt.batch import BatchDecoder, schedule_of
+mode, n, dtype, batch = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 dec, info = open_decoder(resolve_inputs(dtype=dtype, want=("tree",)), dtype=dtype)
-ids = prompts.encode(dec.lm.tokenizer, prompts.BUILTIN[1])
+if batch:
+    texts = prompts.load("mt-bench", limit=batch, stride=4)
+    many = [prompts.encode(dec.lm.tokenizer, t) for t in texts]
+    sched = schedule_of(dec.tree) if mode == "ppd" else {1: None}
+    bd = BatchDecoder(dec.lm, dec.prompt_tokens, sched)
 if dec.device.type == "cuda":
     torch.cuda.reset_peak_memory_stats()
-res = (dec.ppd if mode == "ppd" else dec.baseline)(ids, n)
+if batch:
+    res = bd.generate(many, n)
+else:
+    ids = prompts.encode(dec.lm.tokenizer, prompts.BUILTIN[1])
+    res = (dec.ppd if mode == "ppd" else dec.baseline)(ids, n)
 peak = (torch.cuda.max_memory_allocated() if dec.device.type == "cuda"
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 print(json.dumps({"mode": mode, "peak_bytes": peak, "new_tokens": res.new_tokens,
@@ -32,11 +44,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--batch", type=int, default=0, help="batch size (0: one prompt)")
     args = ap.parse_args()
     out = {}
     for mode in ("baseline", "ppd"):
         p = subprocess.run([sys.executable, "-c", CHILD, mode, str(args.max_new_tokens),
-                            args.dtype], capture_output=True, text=True, check=True)
+                            args.dtype, str(args.batch)], capture_output=True, text=True,
+                           check=True)
         out[mode] = json.loads(p.stdout.strip().splitlines()[-1])
     ratio = out["ppd"]["peak_bytes"] / out["baseline"]["peak_bytes"]
     print(f"peak memory: baseline {out['baseline']['peak_bytes'] / 2**20:.1f} MiB, "

@@ -149,3 +149,25 @@ def test_demo_runs_and_writes_only_under_home(tmp_path):
     assert "with prompt lookup" in out["headlines"]["search"]
     assert subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
                           text=True).stdout == before
+
+
+@pytest.mark.slow
+def test_batch_run_and_bench(tmp_path):
+    """`run --batch-file` and `bench --batch` on the embedded model (tiny settings)."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": t}) for t in
+                                 ("Name a colour.", "Count from one to ten.", "Hi")))
+    p = treeopt("run", "--batch-file", str(prompts), "--max-new-tokens", "12", "--json")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["kind"] == "batch-run" and out["prompts"] == 3
+    assert all(1 <= r["new_tokens"] <= 12 and r["text"] for r in out["results"])
+    p = treeopt("bench", "--batch", "1,2", "--prompts", str(prompts), "--max-new-tokens", "8",
+                "--json", "--out", str(tmp_path / "b.json"))
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(p.stdout)["batch"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    assert all(r["chosen_tokens_per_second"] > 0 and r["plain_tokens_per_second"] > 0
+               for r in rows)
+    assert_bad(treeopt("run", "--batch-file", str(prompts), "--temperature", "0.5"),
+               "decodes greedily")

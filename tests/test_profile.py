@@ -212,3 +212,19 @@ def test_rounds_sweep_the_whole_grid_in_turn():
 
 def test_bad_rounds():
     assert_bad(treeopt("profile", "--cpu", "--rounds", "0"), "--rounds")
+
+
+@pytest.mark.slow
+def test_real_cpu_batch_profile(tmp_path):
+    """--batch measures every size at every batch size (B = 1 always) and the batched
+    runtime's per-sequence overhead; the fit reads each batch size."""
+    out = tmp_path / "b.json"
+    p = treeopt("profile", "--cpu", "--batch", "2", "--sizes", "1,3", "--contexts", "16",
+                "--repeats", "3", "--json", "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    prof = profile.load(out)
+    assert {(pt["batch"], pt["size"]) for pt in prof["points"]} == {(1, 1), (1, 3), (2, 1),
+                                                                    (2, 3)}
+    assert set(prof["overhead"]["batched"]["per_sequence_s"]) == {"plain", "tree"}
+    assert profile.Latency(prof, batch=2)([3], 16)[0] > 0
+    assert json.loads(p.stdout)["batches"] == [1, 2]

@@ -170,3 +170,54 @@ def test_static_search_is_best_greedy():
                for g in (search.greedy_tree(acc, L) for L in range(4, 101)) if g is not None)
     assert sol.tokens_per_second == pytest.approx(best, rel=1e-12)
     assert sol.tree.is_static
+
+
+def brute_force_batch(acc, latency, k, max_input):
+    """Max B-sequence throughput per step-time unit over every dynamic tree when a batched
+    step costs t(longest input): max over policies of E / t(max_m L_m), plain (E = 1, L = 1)
+    included. (B multiplies both sides alike, so it is left out.)"""
+    topk = acc.shape[1]
+    prob = {p: float(np.prod([acc[i, r] for i, r in enumerate(p)]))
+            for d in range(1, k + 1) for p in itertools.product(range(topk), repeat=d)}
+    best = 1.0 / float(latency([1])[0])
+    for r in range(1, k + 1):
+        options = {}
+        for m in range(1, k + 1):
+            options[m] = []
+            for nodes in all_trees(m, topk, (max_input - 2) // 2):
+                for alloc in itertools.product(range(1, k + 1), repeat=len(nodes)):
+                    st = search.tree_stats([Node(p, n) for p, n in zip(nodes, alloc)], r, k,
+                                           prob)
+                    if st.L <= max_input:
+                        options[m].append((st.E, st.p, st.L))
+        if k == 1:
+            best = max(best, max(E / float(latency([L])[0]) for E, _, L in options[1]))
+            continue
+        for E1, p1, L1 in options[1]:
+            for E2, p2, L2 in options[2]:
+                a, b = p1[2], p2[1]
+                pi1 = b / (a + b) if a + b > 0 else (1.0 if a == 0 and b == 0 else 0.0)
+                if a + b == 0:  # both absorbing: the root's state decides
+                    pi1 = 1.0 if r == 1 else 0.0
+                E = pi1 * E1 + (1 - pi1) * E2
+                best = max(best, E / float(latency([max(L1, L2)])[0]))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_per_batch_optimum_matches_brute_force(seed):
+    """Per batch size: the best cap of the frontier (every state padded to the batch's
+    longest input) equals a brute force over every policy, plain decoding included."""
+    rng = np.random.default_rng(100 + seed)
+    k = 1 + seed % 2
+    acc = random_acc(rng, k, 3)
+    max_input = int(rng.integers(6, 10))
+    front = search.frontier(acc, k, list(range(2, max_input + 1)))
+    for b in (1, 2, 8, 32):  # t(B, L) of a batched step: weights once, rows ∝ B·L
+        lat = lambda L, b=b: 0.02 + 0.0004 * np.maximum(b * np.asarray(L, float) - 16, 0)  # noqa
+        E, t, tree, F = search.best_cap(front, lat)
+        assert E / t == pytest.approx(brute_force_batch(acc, lat, k, max_input), rel=1e-9)
+        assert (tree is None) == (F == 1)
+        if tree is not None:
+            assert tree.max_input_length <= F
+            assert search.predict(tree, acc)["tokens_per_step"] == pytest.approx(E, rel=1e-9)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import time
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ import torch
 from . import prompts
 from .acceptance import search_inputs, unpack_records
 from .latency import Latency
+from .batch import BatchDecoder, BatchResult, hf_generate_batch, schedule_of
 from .progress import progress
 from .runtime import Decoder, Result, full_steps
 from .search import predict, replay_predict
@@ -211,7 +213,8 @@ def predicted_vs_measured(tree: Tree, res: dict, profile: dict | None, profile_s
            "error": {k: round(pred[k] / dec_m[k] - 1, 4)
                      for k in ("tokens_per_step", "step_seconds", "tokens_per_second")}}
     base = res.get("baseline_decode", {})
-    ones = sorted((p["context"], p["median_s"]) for p in profile["points"] if p["size"] == 1)
+    ones = sorted((p["context"], p["median_s"]) for p in profile["points"]
+                  if p["size"] == 1 and p.get("batch", 1) == 1)
     if base.get("steps") and ones:
         # the measured one-token forward itself (not the monotone fit, which pools it with
         # L = 2.. where a one-query attention happens to run slower than two)
@@ -245,4 +248,96 @@ def check_trees(dec: Decoder, trees: dict[str, Tree], obj: dict, texts: list[str
                      "predicted_product": round(pred_p, 4), "predicted_fitted": round(pred_f, 4),
                      "error_product": round(pred_p / measured - 1, 4) if measured else None,
                      "error_fitted": round(pred_f / measured - 1, 4) if measured else None})
+    return rows
+
+
+def _full(runs: list[BatchResult], b: int) -> tuple[float, float, int]:
+    """(tokens, seconds, steps) of the steps where all b sequences of a group were live."""
+    tok = sec = n = 0
+    for r in runs:
+        for live, t, k in zip(r.live, r.step_seconds, r.step_tokens):
+            if live == b:
+                tok, sec, n = tok + k, sec + t, n + 1
+    return tok, sec, n
+
+
+def batch_bench(lm, prompt_tokens, tree: Tree | None, encoded: list[list[int]],
+                batch_sizes: list[int], max_new_tokens: int, profile: dict | None = None,
+                quiet: bool = False, acceptance: dict | None = None) -> list[dict]:
+    """Per batch size B, one configuration after the other over the same prompts: the
+    chosen configuration (the tree's per-batch table) and the plain batched loop of the
+    same runtime, each with at most B sequences live and a waiting prompt joining as one
+    finishes (continuous batching); HF `generate` batched (left padding) in static groups
+    of B; and B = 1 PPD run one prompt after another. Throughput is tokens over wall
+    seconds, prefill included; `full_batch` counts only the steps where all B sequences
+    were live — what the search predicts, read here from the profile at the cache length
+    of each of those steps (at B = 1 a hybrid tree's own per-step inputs, replayed over the
+    acceptance file's positions as the search does)."""
+    chosen = BatchDecoder(lm, prompt_tokens, schedule_of(tree))
+    plain = BatchDecoder(lm, None, {1: None})
+    single = chosen.pick(1)
+    solo = single.ppd if single.tree is not None else single.baseline
+    for run in (lambda: chosen.generate(encoded[:2], 8), lambda: plain.generate(encoded[:2], 8),
+                lambda: hf_generate_batch(single, encoded[:2], 8), lambda: solo(encoded[0], 8)):
+        run()  # burn-in: allocator warm-up and lazy init
+    predicted = {r["batch"]: r for r in ((tree.meta or {}).get("batch") or [])} if tree else {}
+    rows = []
+    for b in batch_sizes:
+        runs: dict[str, list] = {"chosen": [], "plain": [], "hf": [], "single": []}
+        chunks = [encoded[i:i + 2 * b] for i in range(0, len(encoded), 2 * b)]
+        for chunk in progress(chunks, f"batch {b}", quiet=quiet):  # interleaved per chunk
+            runs["chosen"].append(chosen.generate(chunk, max_new_tokens, max_batch=b))
+            runs["plain"].append(plain.generate(chunk, max_new_tokens, max_batch=b))
+            runs["hf"] += [hf_generate_batch(single, chunk[i:i + b], max_new_tokens)
+                           for i in range(0, len(chunk), b)]
+            t0 = time.perf_counter()
+            res = [solo(ids, max_new_tokens) for ids in chunk]
+            runs["single"].append(BatchResult(res, time.perf_counter() - t0))
+        tps = {k: sum(r.new_tokens for r in v) / sum(r.seconds for r in v)
+               for k, v in runs.items()}
+        same = [a.output_ids == p.output_ids for c, pl in zip(runs["chosen"], runs["plain"])
+                for a, p in zip(c.results, pl.results)]
+        row = {"batch": b, "chunks": len(chunks),
+               **{f"{k}_tokens_per_second": round(v, 3) for k, v in tps.items()},
+               "speedup_vs_plain": round(tps["chosen"] / tps["plain"], 4),
+               "speedup_vs_hf": round(tps["chosen"] / tps["hf"], 4),
+               "speedup_vs_single": round(tps["chosen"] / tps["single"], 4),
+               "tokens_per_step": round(sum(r.new_tokens for r in runs["chosen"]) / max(1, sum(
+                   x.steps for r in runs["chosen"] for x in r.results)), 4),
+               "identical_to_plain_fraction": round(sum(same) / len(same), 4)}
+        for name in ("chosen", "plain"):
+            tok, sec, n = _full(runs[name], b)
+            if n:
+                row[f"{name}_full_batch"] = {"steps": n, "tokens_per_step": round(tok / n / b, 4),
+                                             "step_seconds": round(sec / n, 6),
+                                             "tokens_per_second": round(tok / sec, 3)}
+        if b in predicted and profile is not None and "chosen_full_batch" in row:
+            # the search's configuration, its step time read at each full step's own
+            # cache length (what the step's attention really read)
+            p, lat = predicted[b], Latency(profile, batch=b)
+            ctxs = [c for r in runs["chosen"] for c, n in zip(r.contexts, r.live) if n == b]
+            ctx = round(float(np.mean(ctxs)))
+            t = float(np.mean([lat([p["input_length"]], c)[0] for c in ctxs]))
+            rec = unpack_records(acceptance) if acceptance else None
+            one = chosen.pick(1).tree
+            if b == 1 and one is not None and one.lookup is not None and rec is not None:
+                r1 = replay_predict(one, rec, lambda L: lat(L, ctx))
+                p = dict(p, tokens_per_step=r1["tokens_per_step"])
+                t = r1["step_seconds"]
+            m = row["chosen_full_batch"]
+            pred = b * p["tokens_per_step"] / t
+            row["predicted"] = {"input_length": p["input_length"], "plain": p["plain"],
+                                "tokens_per_step": p["tokens_per_step"],
+                                "step_seconds": round(t, 6), "tokens_per_second": round(pred, 3),
+                                "context": ctx,
+                                "searched_at_context": p.get("context"),
+                                "error": round(pred / m["tokens_per_second"] - 1, 4)}
+            pl = row.get("plain_full_batch")
+            if pl and not p["plain"]:  # the machine's speed now vs when profiled
+                pctx = [c for r in runs["plain"] for c, n in zip(r.contexts, r.live) if n == b]
+                speed = pl["step_seconds"] / float(np.mean([lat([1], c)[0] for c in pctx]))
+                row["predicted"]["speed_vs_profile"] = round(speed, 4)
+                row["predicted"]["error_at_run_speed"] = round(
+                    pred / speed / m["tokens_per_second"] - 1, 4)
+        rows.append(row)
     return rows

@@ -87,11 +87,12 @@ def resolve_inputs(model: str | None = None, profile: str | None = None,
                    acceptance: str | None = None, tree: str | None = None,
                    prompt_tokens: str | None = None, device: str = "auto", dtype: str = "auto",
                    need: tuple[str, ...] = (), want: tuple[str, ...] = (),
-                   simulate: bool = False) -> Inputs:
+                   simulate: bool = False, batch: list[int] | None = None) -> Inputs:
     """Find and load what a verb needs. `need` names what must be found ("profile",
     "acceptance"; an error when missing), `want` what to look for (None when there is
     none; "tree" is only ever wanted); `simulate` allows a simulated GPU profile for a known model
-    without a measured one. Given files must belong to the model."""
+    without a measured one (at the `batch` sizes too). Given files must belong to the
+    model."""
     given = {"acceptance": acc_mod.load(acceptance) if acceptance else None,
              "profile": latency.load(profile) if profile else None}
     mid = model_id(model)
@@ -135,7 +136,8 @@ def resolve_inputs(model: str | None = None, profile: str | None = None,
             _same_model("profile", out.profile, path, mid, bool(profile))
         elif simulate and known_model(mid) and known_model(mid) != DEFAULT_MODEL_ID:
             out.profile = latency.simulate(DEFAULT_SIM_GPU, known_model(mid), "float16",
-                                           latency.GPU_SIZES + [384, 512], latency.CONTEXTS)
+                                           latency.GPU_SIZES + [384, 512], latency.CONTEXTS,
+                                           batch_sizes=sorted({1, *(batch or [])}))
             out.profile_src = f"simulated {DEFAULT_SIM_GPU} (roofline, no weights needed)"
         elif "profile" in need:
             raise BadInput(f"no measured profile for {mid} on this device: run "

@@ -30,6 +30,9 @@ CPU_SIZES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
 GPU_SIZES = CPU_SIZES + [192, 256]
 CONTEXTS = [128, 512, 2048]
 CPU_CONTEXTS = [64, 128, 512, 2048]  # short chats matter on a CPU: t(1) at 64 is ~6 % below 128
+BATCH_SIZES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48]  # per sequence; B·L grows fast
+BATCH_CONTEXTS = [64, 192, 512]
+BATCH_MAX_ROWS = 256  # default batch grid: B·L above this is extrapolated, not measured
 
 # GPU table for the roofline: dense bf16/fp16 peak TFLOP/s (no sparsity) and HBM/GDDR
 # bandwidth in GB/s, from the vendors' data sheets.
@@ -58,15 +61,35 @@ ROOFLINE_DEFAULTS = {"memory_efficiency": 0.75, "compute_efficiency": 0.55,
 
 
 # ---- fit ------------------------------------------------------------------------------
-class Latency:
-    """Monotone t(L, C) from a profile's points (+ the per-step overhead if asked)."""
+def batches(profile: dict) -> list[int]:
+    """The batch sizes a profile measured (points without `batch` are B = 1)."""
+    return sorted({int(p.get("batch", 1)) for p in profile["points"]})
 
-    def __init__(self, profile: dict, with_overhead: bool = True):
+
+def require_batches(profile: dict, sizes) -> None:
+    """BadInput naming the batch sizes a profile has no points for (never a silent guess)."""
+    missing = sorted(set(sizes) - set(batches(profile)))
+    if missing:
+        miss = ", ".join(map(str, missing))
+        raise BadInput(f"the profile has no points at batch size {miss} (measured: "
+                       f"{', '.join(map(str, batches(profile)))}); measure them with "
+                       f"`treeopt profile --batch {miss.replace(' ', '')}` or simulate them")
+
+
+class Latency:
+    """Monotone t(L, C) at one batch size B from a profile's points (+ the per-step
+    overhead if asked); L is each sequence's input length, the forward runs B·L tokens."""
+
+    def __init__(self, profile: dict, with_overhead: bool = True, batch: int = 1):
         by_ctx: dict[int, list[tuple[int, float]]] = {}
         for p in profile["points"]:
-            by_ctx.setdefault(int(p["context"]), []).append((int(p["size"]), p["median_s"]))
+            if int(p.get("batch", 1)) == batch:
+                by_ctx.setdefault(int(p["context"]), []).append((int(p["size"]),
+                                                                p["median_s"]))
         if not by_ctx:
+            require_batches(profile, [batch])
             raise BadInput("profile has no points")
+        self.batch = batch
         self.contexts = sorted(by_ctx)
         self.curves = {}
         for c in self.contexts:
@@ -74,8 +97,15 @@ class Latency:
             xs = np.array([x for x, _ in pts], dtype=float)
             ys = isotonic_regression(np.array([y for _, y in pts])).x
             self.curves[c] = (xs, ys)
-        self.overhead = float((profile.get("overhead") or {}).get("per_step_s", 0.0)) \
-            if with_overhead else 0.0
+        over = profile.get("overhead") or {}
+        # per step: the runtime's own overhead (B = 1), or per live sequence (batched)
+        per_seq = (over.get("batched") or {}).get("per_sequence_s") or {}
+        self.overhead = float(over.get("per_step_s", 0.0)) if batch == 1 else \
+            batch * float(per_seq.get("tree", 0.0))
+        self.overhead_plain = self.overhead if batch == 1 else \
+            batch * float(per_seq.get("plain", 0.0))
+        if not with_overhead:
+            self.overhead = self.overhead_plain = 0.0
 
     def _curve(self, c: int, sizes: np.ndarray) -> np.ndarray:
         xs, ys = self.curves[c]
@@ -104,12 +134,12 @@ class Latency:
             t = a + w * (b - a)
         order = np.argsort(sizes, kind="stable")  # never decreasing in L
         t[order] = np.maximum.accumulate(t[order])
-        return t + self.overhead
+        return t + np.where(sizes <= 1, self.overhead_plain, self.overhead)
 
     def knee(self, context: int | None = None, factor: float = 1.1, max_size: int = 4096) -> int:
         """Largest L with t(L) ≤ factor·t(1)."""
         sizes = np.arange(1, max_size + 1)
-        t = self(sizes, context) - self.overhead
+        t = self(sizes, context) - np.where(sizes <= 1, self.overhead_plain, self.overhead)
         ok = np.nonzero(t <= factor * t[0])[0]
         return int(sizes[ok[-1]]) if ok.size else 1
 
@@ -133,10 +163,17 @@ def validate(obj: dict, where: str = "profile") -> None:
                 raise BadInput(f"{where}: points[{i}].{f} missing or not a finite number")
         if p["median_s"] <= 0 or p["size"] < 1 or p["context"] < 0:
             raise BadInput(f"{where}: points[{i}] has a non-positive size or time")
+        b = p.get("batch", 1)
+        if not (isinstance(b, int) and not isinstance(b, bool) and b >= 1):
+            raise BadInput(f"{where}: points[{i}].batch must be an integer ≥ 1")
     over = obj.get("overhead")
     if over is not None and not (isinstance(over, dict) and finite(over.get("per_step_s", 0.0))
                                  and over.get("per_step_s", 0.0) >= 0):
         raise BadInput(f"{where}: overhead.per_step_s must be a finite number ≥ 0")
+    per_seq = ((over or {}).get("batched") or {}).get("per_sequence_s", {})
+    if not isinstance(per_seq, dict) or not all(finite(v) and v >= 0 for v in per_seq.values()):
+        raise BadInput(f"{where}: overhead.batched.per_sequence_s must map to finite "
+                       "numbers ≥ 0")
     if not isinstance(obj["device"], dict):
         raise BadInput(f"{where}: field 'device' must be an object")
 
@@ -166,13 +203,15 @@ def model_shape(model: str | None) -> tuple[str, dict]:
 def roofline(shape: dict, size: int, context: int, bytes_per_param: float, tflops: float,
              bandwidth_gbs: float, memory_efficiency: float, compute_efficiency: float,
              kernel_overhead_s_per_layer: float, attention_efficiency: float | None = None,
-             overlap: float = 1.0) -> dict:
-    """Predicted seconds for one forward of `size` tokens on a `context`-token KV cache.
+             overlap: float = 1.0, batch: int = 1) -> dict:
+    """Predicted seconds for one forward of `batch` sequences × `size` tokens, each on its
+    own `context`-token KV cache (weights are read once per forward, KV traffic ∝ B·C,
+    FLOPs ∝ B·L).
 
     t = layers·launch + max(t_c, t_m) + (1 − overlap)·min(t_c, t_m), with
-    t_c = 2·(non-embedding params + LM head)·L / (peak·eff_c)
-        + 4·layers·heads·head_dim·L·(C + L) / (peak·eff_attn)   (attention scores, values)
-    t_m = (weights + KV cache of C + L tokens) bytes / (bandwidth·eff_m), read once.
+    t_c = 2·(non-embedding params + LM head)·B·L / (peak·eff_c)
+        + 4·layers·heads·head_dim·B·L·(C + L) / (peak·eff_attn)   (attention scores, values)
+    t_m = (weights + B KV caches of C + L tokens) bytes / (bandwidth·eff_m), read once.
     overlap = 1 is the classic roofline (compute hides memory traffic, as on GPUs); a CPU
     fits lower. eff_attn defaults to eff_c.
     """
@@ -183,9 +222,9 @@ def roofline(shape: dict, size: int, context: int, bytes_per_param: float, tflop
     inter, vocab = shape["intermediate_size"], shape["vocab_size"]
     per_layer = h * heads * hd * 2 + h * kv * hd * 2 + 3 * h * inter
     params = n_l * per_layer + vocab * h  # + LM head (read even when tied)
-    dense = 2 * params * size
-    attn = 4 * n_l * heads * hd * size * (context + size)
-    kv_bytes = 2 * n_l * kv * hd * (context + size) * bytes_per_param
+    dense = 2 * params * size * batch
+    attn = 4 * n_l * heads * hd * size * (context + size) * batch
+    kv_bytes = 2 * n_l * kv * hd * (context + size) * bytes_per_param * batch
     weight_bytes = params * bytes_per_param
     t_c = dense / (tflops * 1e12 * compute_efficiency) + \
         attn / (tflops * 1e12 * (attention_efficiency or compute_efficiency))
@@ -198,7 +237,7 @@ def roofline(shape: dict, size: int, context: int, bytes_per_param: float, tflop
 
 def simulate(gpu: str, model: str | None, dtype: str, sizes: list[int], contexts: list[int],
              tflops: float | None = None, bandwidth: float | None = None,
-             factors: dict | None = None) -> dict:
+             factors: dict | None = None, batch_sizes: list[int] | None = None) -> dict:
     key = gpu.lower()
     if key not in GPUS and (tflops is None or bandwidth is None):
         raise BadInput(f"--simulate {gpu}: unknown GPU (known: {', '.join(GPUS)}); or give "
@@ -217,12 +256,14 @@ def simulate(gpu: str, model: str | None, dtype: str, sizes: list[int], contexts
     f = {**ROOFLINE_DEFAULTS, **factors}
     max_ctx = shape.get("max_position_embeddings", 4096)
     points = []
-    for c in [c for c in contexts if c < max_ctx] or [min(contexts[0], max_ctx - 1)]:
-        for s in sizes:
-            r = roofline(shape, s, c, bpp, spec["tflops"], spec["bandwidth_gbs"], **f)
-            points.append({"context": c, "size": s, "median_s": r["seconds"],
-                           "p10_s": r["seconds"], "p90_s": r["seconds"], "n": 0,
-                           "bound": r["bound"]})
+    for b in batch_sizes or [1]:
+        for c in [c for c in contexts if c < max_ctx] or [min(contexts[0], max_ctx - 1)]:
+            for s in sizes:
+                r = roofline(shape, s, c, bpp, spec["tflops"], spec["bandwidth_gbs"], **f,
+                             batch=b)
+                points.append({"batch": b, "context": c, "size": s, "median_s": r["seconds"],
+                               "p10_s": r["seconds"], "p90_s": r["seconds"], "n": 0,
+                               "bound": r["bound"]})
     return {
         "schema": SCHEMA, "model": name, "dtype": dt, "simulated": True,
         "device": {"kind": "simulated-gpu", "name": spec["name"], "id": key,
@@ -233,8 +274,9 @@ def simulate(gpu: str, model: str | None, dtype: str, sizes: list[int], contexts
             "model": "t = layers·launch + max(t_c, t_m) + (1 − overlap)·min(t_c, t_m); "
                      "t_c = dense FLOPs/(peak·eff_c) + attention FLOPs/(peak·eff_attn), "
                      "t_m = bytes/(bandwidth·eff_m)",
-            "flops": "dense 2·params·L, attention 4·layers·heads·head_dim·L·(C+L)",
-            "bytes": "all weights (incl. LM head) + KV cache of C+L tokens, once per forward",
+            "flops": "dense 2·params·B·L, attention 4·layers·heads·head_dim·B·L·(C+L)",
+            "bytes": "all weights (incl. LM head) + B KV caches of C+L tokens, once per "
+                     "forward",
             "bytes_per_param": bpp, "shape": shape, **f, "factors_source": source,
             "not_modelled": "kernel fusion, tensor-parallelism, quantization, the runtime's "
                             "per-step overhead (set to 0)"},
@@ -251,15 +293,16 @@ def calibrate(points: list[dict], shape: dict, bytes_per_param: float, tflops: f
     """Fit the roofline's factors (memory, compute and attention efficiency, launch cost
     per layer, compute/memory overlap) to measured points by least squares on log time
     (scipy); returns the factors and the fit's relative error."""
-    pts = [(int(p["size"]), int(p["context"]), float(p["median_s"])) for p in points]
+    pts = [(int(p["size"]), int(p["context"]), float(p["median_s"]), int(p.get("batch", 1)))
+           for p in points]
     if len(pts) < len(FITTED):
         raise BadInput(f"calibration needs at least {len(FITTED)} measured points")
-    meas = np.array([t for _, _, t in pts])
+    meas = np.array([p[2] for p in pts])
 
     def predict(x):
         f = dict(zip(FITTED, (float(v) for v in x)))
         return np.array([roofline(shape, s, c, bytes_per_param, tflops, bandwidth_gbs,
-                                  **f)["seconds"] for s, c, _ in pts]), f
+                                  **f, batch=b)["seconds"] for s, c, _, b in pts]), f
 
     x0 = [ROOFLINE_DEFAULTS[f] for f in FITTED[:3]] + [1e-5, 0.5]  # launch, overlap: mid-range
     fit = least_squares(lambda x: np.log(predict(x)[0] / meas), x0,
@@ -297,6 +340,13 @@ def summary(prof: dict) -> dict:
            "overhead_s": prof["overhead"]["per_step_s"]}
     if "roofline" in prof:
         out["roofline"] = prof["roofline"]
+    sizes = batches(prof)
+    if sizes != [1]:
+        c0 = lat.contexts[0]
+        out["batches"] = sizes
+        out["t_ms_by_batch"] = {  # context c0: t(B, L) for L = 1, 8
+            str(b): {str(s): round(1000 * float(Latency(prof, False, b)([s], c0)[0]), 3)
+                     for s in (1, 8)} for b in sizes}
     spread = sweep_spread(prof["points"])
     if spread is not None:
         out["sweep_spread"] = spread

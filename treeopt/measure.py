@@ -19,6 +19,7 @@ import torch
 
 from . import prompts
 from .artefact import stamp
+from .batch import BatchDecoder
 from .device import cpu_facts, device_slug, gpu_clocks, gpu_facts
 from .errors import BadInput
 from .latency import FITTED, SCHEMA, calibrate
@@ -76,10 +77,14 @@ def is_oom(e: BaseException) -> bool:
 
 
 def measure_points(dec: Decoder, sizes: list[int], contexts: list[int], repeats: int, budget: float,
-                   done: dict | None = None, quiet: bool = False,
-                   rounds: int = 1) -> tuple[list[dict], dict]:
-    """Time one tree forward per (context, size). Returns points and {context: largest
-    size that fit} for contexts where a size ran out of memory.
+                   done: dict | None = None, quiet: bool = False, rounds: int = 1,
+                   batch_sizes: tuple[int, ...] = (1,),
+                   max_rows: int | None = None) -> tuple[list[dict], dict]:
+    """Time one tree forward per (batch, context, size): B sequences, each with its own
+    C-token cache and L new tokens under its own 4-D mask and positions (the batched
+    runtime's shape). Returns points and {context: largest size that fit} for contexts
+    where a size ran out of memory. `max_rows` skips points with B·L above it (the fit
+    extrapolates them with its last slope).
 
     With rounds > 1 the grid is swept that many times, each point getting its share of
     `repeats` and `budget` per sweep, and a point's median is over all its sweeps: a
@@ -87,35 +92,43 @@ def measure_points(dec: Decoder, sizes: list[int], contexts: list[int], repeats:
     bending the curve t(L)."""
     done = done or {}
     timer = Timer(dec.device)
-    samples: dict[tuple[int, int], list[float]] = {}
-    sweeps: dict[tuple[int, int], list[float]] = {}  # per-sweep medians: the drift seen
-    max_fit: dict[int, int] = {}
-    todo = [(r, c, s) for r in range(rounds) for c in contexts for s in sizes
-            if (c, s) not in done]
+    samples: dict[tuple[int, int, int], list[float]] = {}
+    sweeps: dict[tuple[int, int, int], list[float]] = {}  # per-sweep medians: drift seen
+    max_fit: dict[tuple[int, int], int] = {}
+    todo = [(r, b, c, s) for r in range(rounds) for b in batch_sizes for c in contexts
+            for s in sizes if (b, c, s) not in done and not (max_rows and b * s > max_rows)]
     share, share_budget = max(1, math.ceil(repeats / rounds)), budget / rounds
     bar = progress(todo, "profile", quiet=quiet)
     cache, cache_ctx = None, None
     gen = torch.Generator().manual_seed(0)
     vocab = dec.embed.weight.shape[0]
-    for r, c, s in bar:
-        if c in max_fit and s > max_fit[c]:
+    for r, b, c, s in bar:
+        if (b, c) in max_fit and s > max_fit[(b, c)]:
             continue
         try:
-            if cache_ctx != c:
+            # B = 1 runs the single-sequence shapes; B > 1 the batched runtime's
+            shape = (c,) if b == 1 else (b, c)
+            if cache_ctx != (b, c):
                 cache = None
-                ids = torch.randint(0, vocab, (c,), generator=gen).to(dec.device)
+                ids = torch.randint(0, vocab, shape, generator=gen).to(dec.device)
                 cache = new_cache()
                 with torch.inference_mode():
-                    dec.call(dec.embed(ids), cache, torch.arange(c, device=dec.device),
-                             head=False)
-                cache_ctx = c
+                    dec.call(dec.embed(ids), cache,
+                             torch.arange(c, device=dec.device).expand(shape), head=False)
+                cache_ctx = (b, c)
             # a tree of exactly s inputs (the root and s − 1 prompt tokens: a causal block),
             # masked by the runtime's own builder; the dense masked forward costs the same
             # for any tree of that size
-            tok = torch.randint(0, vocab, (s,), generator=gen).to(dec.device)
-            pos = c + torch.arange(s, device=dec.device)
+            tok = torch.randint(0, vocab, shape[:-1] + (s,), generator=gen).to(dec.device)
+            pos = (c + torch.arange(s, device=dec.device)).expand(tok.shape)
+            # (B = 1, L = 1 runs unmasked as the plain loop does; the batched runtime
+            # always passes its 4-D masks)
             mask = dec.tree_mask(c, build_buffers((), s - 1, 1, 1, dec.device)) \
-                if s > 1 else None
+                if s > 1 or b > 1 else None
+            if isinstance(mask, dict):  # per-sequence masks, as the batched runtime's
+                mask = {k: v.expand(b, -1, -1, -1) for k, v in mask.items()}
+            elif mask is not None:
+                mask = mask.expand(b, -1, -1, -1)
 
             def step():
                 with torch.inference_mode():
@@ -124,28 +137,28 @@ def measure_points(dec: Decoder, sizes: list[int], contexts: list[int], repeats:
 
             got = stable_samples(timer, step, share, share_budget, burn_in=5 if r == 0 else 2,
                                  min_runs=min(10, share))
-            samples.setdefault((c, s), []).extend(got)
-            sweeps.setdefault((c, s), []).append(float(np.median(got)))
+            samples.setdefault((b, c, s), []).extend(got)
+            sweeps.setdefault((b, c, s), []).append(float(np.median(got)))
         except Exception as e:  # noqa: BLE001 - OOM → record and stop this context
             if not is_oom(e):
                 raise
             torch.cuda.empty_cache()
-            max_fit[c] = max((x for (cc, x) in samples if cc == c and x < s), default=0)
+            max_fit[(b, c)] = max((x for (bb, cc, x) in samples if (bb, cc) == (b, c)
+                                   and x < s), default=0)
             cache, cache_ctx = None, None
             continue
-        ms = 1000 * float(np.median(samples[(c, s)]))
-        bar.set_postfix(round=r + 1, C=c, L=s, ms=f"{ms:.1f}")
+        ms = 1000 * float(np.median(samples[(b, c, s)]))
+        bar.set_postfix(round=r + 1, B=b, C=c, L=s, ms=f"{ms:.1f}")
     points = []
-    for c in contexts:
-        for s in sizes:
-            if (c, s) in done:
-                points.append(done[(c, s)])
-            elif (c, s) in samples and not (c in max_fit and s > max_fit[c]):
-                extra = {"rounds": rounds, "round_medians_s": sweeps[(c, s)]} \
-                    if rounds > 1 else {}
-                points.append({"context": c, "size": s, **summarize(samples[(c, s)]),
-                               **extra})
-    return points, max_fit
+    for key in [(b, c, s) for b in batch_sizes for c in contexts for s in sizes]:
+        b, c, s = key
+        if key in done:
+            points.append(done[key])
+        elif key in samples and not ((b, c) in max_fit and s > max_fit[(b, c)]):
+            extra = {"rounds": rounds, "round_medians_s": sweeps[key]} if rounds > 1 else {}
+            points.append({"batch": b, "context": c, "size": s, **summarize(samples[key]),
+                           **extra})
+    return points, {(c if b == 1 else (b, c)): s for (b, c), s in max_fit.items()}
 
 
 def measure_overhead(dec, sizes=(4, 16, 32), new_tokens: int = 48, quiet: bool = False) -> dict:
@@ -169,6 +182,25 @@ def measure_overhead(dec, sizes=(4, 16, 32), new_tokens: int = 48, quiet: bool =
     return {"per_step_s": float(statistics.median(r["overhead_s"] for r in rows)),
             "fraction": float(statistics.median(r["overhead_s"] / r["forward_s"] for r in rows)),
             "by_size": rows}
+
+
+def measure_batch_overhead(dec, batch: int = 8, new_tokens: int = 24,
+                           quiet: bool = False) -> dict:
+    """The batched runtime's per-step overhead per live sequence (step time minus forward
+    time, over the live count), for plain steps and for tree steps: the part of a batched
+    step a forward profile does not see, and which grows with B."""
+    ids = prompts.encode(dec.lm.tokenizer, prompts.BUILTIN[0]) if dec.lm.tokenizer else [1] * 16
+    k = dec.prompt_tokens.num
+    out = {}
+    for name, tree in progress([("plain", None), ("tree", Tree.static([[0], [1]], k))],
+                               "batch overhead", quiet=quiet):
+        bd = BatchDecoder(dec.lm, dec.prompt_tokens, {1: tree})
+        bd.generate([ids] * 2, 4)
+        res = bd.generate([ids] * batch, new_tokens, timed=True)
+        over = [(s - f) / n for s, f, n in zip(res.step_seconds, res.forward_seconds,
+                                               res.live)]
+        out[name] = float(statistics.median(over))
+    return {"per_sequence_s": out, "batch": batch}
 
 
 def measure_ceilings(device, dtype, seconds: float = 1.0) -> dict:
@@ -203,7 +235,8 @@ def measure_ceilings(device, dtype, seconds: float = 1.0) -> dict:
 
 def measure_profile(dec: Decoder, sizes: list[int], contexts: list[int], repeats: int = 30,
                     budget: float = 6.0, rounds: int = 3, reuse: dict | None = None,
-                    overhead: bool = True, quiet: bool = False) -> dict:
+                    overhead: bool = True, quiet: bool = False,
+                    batch_sizes: tuple[int, ...] = (1,), max_rows: int | None = None) -> dict:
     """A measured profile artefact: the grid's points, the per-step overhead, the
     device's ceilings and facts, and the roofline fitted to the points. `reuse` is an
     earlier profile of the same model and dtype whose points are kept (resume)."""
@@ -213,15 +246,18 @@ def measure_profile(dec: Decoder, sizes: list[int], contexts: list[int], repeats
         if reuse["model"] != model_id or reuse["dtype"] != dtype:
             raise BadInput(f"resume: the profile is for {reuse['model']}/{reuse['dtype']}, "
                            f"not {model_id}/{dtype}")
-        done = {(p["context"], p["size"]): p for p in reuse["points"]}
+        done = {(p.get("batch", 1), p["context"], p["size"]): p for p in reuse["points"]}
         kept = {k: reuse[k] for k in ("overhead", "ceilings", "command", "created", "seconds")
                 if k in reuse}
     cuda = dec.device.type == "cuda"
     facts = gpu_facts() if cuda else cpu_facts(torch.get_num_threads())
     clocks_before = gpu_clocks() if cuda else None
     t0 = time.perf_counter()
-    points, max_fit = measure_points(dec, sizes, contexts, repeats, budget, done, quiet, rounds)
+    points, max_fit = measure_points(dec, sizes, contexts, repeats, budget, done, quiet, rounds,
+                                     tuple(batch_sizes), max_rows)
     over = kept.get("overhead") or (measure_overhead(dec, quiet=quiet) if overhead else None)
+    if over is not None and max(batch_sizes) > 1 and "batched" not in over:
+        over["batched"] = measure_batch_overhead(dec, quiet=quiet)
     ceilings = kept.get("ceilings") or measure_ceilings(dec.device, dec.dtype)
     if clocks_before is not None:
         facts["clocks_before"], facts["clocks_after"] = clocks_before, gpu_clocks()
@@ -238,5 +274,6 @@ def measure_profile(dec: Decoder, sizes: list[int], contexts: list[int], repeats
         prof["command"], prof["created"] = kept["command"], kept["created"]
         prof["seconds"] = round(prof["seconds"] + kept.get("seconds", 0.0), 1)
     if max_fit:
-        prof["max_size_fit"] = {str(c): s for c, s in max_fit.items()}
+        prof["max_size_fit"] = {str(k) if isinstance(k, int) else f"{k[0]}x{k[1]}": s
+                                for k, s in max_fit.items()}
     return prof

@@ -13,7 +13,7 @@ import numpy as np
 from . import __version__
 from .acceptance import accuracy_array, search_inputs
 from .errors import BadInput
-from .latency import Latency, sweep_spread
+from .latency import Latency, batches, sweep_spread
 from .models import canonical_model
 from .paths import display_path
 from .search import universe
@@ -54,7 +54,8 @@ def latency_section(profiles: list[tuple[str, dict]]) -> str:
         lat = Latency(prof, with_overhead=False)
         label = prof["device"].get("name", "?") + (" (simulated)" if prof.get("simulated") else "")
         for c in lat.contexts:
-            pts = sorted((p for p in prof["points"] if p["context"] == c), key=lambda p: p["size"])
+            pts = sorted((p for p in prof["points"] if p["context"] == c
+                          and p.get("batch", 1) == 1), key=lambda p: p["size"])
             x = np.array([p["size"] for p in pts])
             y = np.array([p["median_s"] for p in pts]) * 1000
             lo = np.array([p.get("p10_s", p["median_s"]) for p in pts]) * 1000
@@ -71,6 +72,8 @@ def latency_section(profiles: list[tuple[str, dict]]) -> str:
                      + f"; per-step overhead {1000 * prof['overhead']['per_step_s']:.2f} ms"
                      + (f"; drift between sweeps {100 * spread:.1f} %"
                         if (spread := sweep_spread(prof["points"])) is not None else "")
+                     + (f"; batch sizes {', '.join(map(str, batches(prof)))} (curves: B = 1)"
+                        if batches(prof) != [1] else "")
                      + (" — <b>simulated by roofline</b>" if prof.get("simulated") else "")
                      + f" <span class='src'>({_esc(display_path(path))})</span></li>")
     ax.set_xscale("log", base=2)
@@ -264,6 +267,59 @@ def run_section(run: dict, tree_obj: dict | None) -> str:
     return "<section id='run'><h2>Run / bench</h2>" + "".join(parts) + "</section>"
 
 
+def _batch_table(rows: list[dict]) -> str:
+    head = ["B", "chosen tok/s", "plain batched", "HF batched", "PPD one at a time",
+            "vs plain", "vs HF", "tokens/step", "predicted tok/s (full batches)"]
+    out = ["<table><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in head) + "</tr>"]
+    for r in rows:
+        p = r.get("predicted")
+        cells = [r["batch"], r["chosen_tokens_per_second"], r["plain_tokens_per_second"],
+                 r["hf_tokens_per_second"], r["single_tokens_per_second"],
+                 f"{r['speedup_vs_plain']:.2f}x", f"{r['speedup_vs_hf']:.2f}x",
+                 r["tokens_per_step"],
+                 f"{p['tokens_per_second']} ({100 * p['error']:+.1f}%)" if p else "-"]
+        out.append("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>")
+    return "".join(out) + "</table>"
+
+
+def batch_section(run: dict | None, trees: list[tuple[str, dict]]) -> str:
+    """Throughput vs batch size (chosen / plain / HF, from a batch bench) beside the chosen
+    input length vs batch size of each tree's per-batch table (e.g. this CPU and a
+    simulated GPU)."""
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    rows = (run or {}).get("batch") or []
+    if rows:
+        bs = [r["batch"] for r in rows]
+        for key, label in (("chosen", "chosen (per-batch table)"), ("plain", "plain batched"),
+                           ("hf", "HF generate batched"), ("single", "PPD one at a time")):
+            a1.plot(bs, [r[f"{key}_tokens_per_second"] for r in rows], marker="o", label=label)
+        pred = [(r["batch"], r["predicted"]["tokens_per_second"]) for r in rows
+                if r.get("predicted")]
+        if pred:
+            a1.plot(*zip(*pred), "r*", ms=9, label="predicted (full batches)")
+        a1.legend(fontsize=7)
+    a1.set_ylabel("tokens/s over all sequences")
+    for name, tree in trees:
+        tab = (tree.get("meta") or {}).get("batch") or []
+        if tab:
+            a2.plot([r["batch"] for r in tab], [r["input_length"] for r in tab], marker="o",
+                    label=str((tree.get("meta") or {}).get("device") or name))
+    if trees:
+        a2.legend(fontsize=7)
+    a2.set_ylabel("chosen input length (1 = plain)")
+    a2.set_yscale("log", base=2)
+    for a in (a1, a2):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("batch size B")
+        a.grid(alpha=0.3)
+    return ("<section id='batch'><h2>Batches</h2>"
+            + _figure(_svg(fig), "left: measured throughput per batch size; right: the tree "
+                      "size each per-batch table chooses (it shrinks as the batch grows)",
+                      "fig-batch") + (_batch_table(rows) if rows else "") + "</section>")
+
+
 CSS = """body{font:14px/1.45 system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;margin-top:2em}table{border-collapse:
 collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;
@@ -278,13 +334,16 @@ def model_of(name: str, obj: dict) -> str | None:
 
 
 def build(profiles=(), acceptance=None, tree=None, run=None, title="treeopt report",
-          allow_mixed=False, search_report: dict | None = None) -> str:
-    """The report's HTML from already-loaded artefacts (every string escaped)."""
+          allow_mixed=False, search_report: dict | None = None,
+          compare_trees: list[tuple[str, dict]] = ()) -> str:
+    """The report's HTML from already-loaded artefacts (every string escaped);
+    `compare_trees` are more trees whose per-batch tables join the batch panel."""
     if not (profiles or acceptance or tree or run):
         raise BadInput("report needs at least one of --profile, --acceptance, --tree, --run")
     models = {}
     for name, obj in [("profile", p) for _, p in profiles] + [("acceptance", acceptance),
-                                                               ("tree", tree), ("run", run)]:
+                                                               ("tree", tree), ("run", run)] \
+            + [("tree", t) for _, t in compare_trees]:
         if obj is not None and model_of(name, obj):
             m = model_of(name, obj)
             models.setdefault(canonical_model(m), name)
@@ -312,7 +371,11 @@ def build(profiles=(), acceptance=None, tree=None, run=None, title="treeopt repo
     if tree:
         body.append(search_section(tree, search_report))
         body.append(tree_section(tree))
-    if run:
+    batch_trees = [(n, t) for n, t in [("tree", tree), *compare_trees]
+                   if t and (t.get("meta") or {}).get("batch")]
+    if run and run.get("kind") == "batch-bench" or batch_trees:
+        body.append(batch_section(run, batch_trees))
+    if run and run.get("kind") != "batch-bench":
         body.append(run_section(run, tree))
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>"
             f"{_esc(title)}</title><style>{CSS}</style></head><body>{''.join(body)}"

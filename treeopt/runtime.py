@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
+from . import prompts
 from .device import sync
 from .errors import BadInput
 from .models import Loaded, dtype_name, load, upcast
@@ -81,11 +82,14 @@ def attention_masks(config, allowed: torch.Tensor, q_pos: torch.Tensor, k_pos: t
 def model_call(model, embeds: torch.Tensor, cache, positions: torch.Tensor, mask=None,
                head: bool = True) -> torch.Tensor:
     """[q, hidden] input embeddings → logits [q, V] in ≥ float32 (softcapped as the model
-    defines), or the last hidden states with head=False."""
-    out = model.get_decoder()(inputs_embeds=embeds[None], attention_mask=mask,
-                              position_ids=positions[None], past_key_values=cache,
-                              use_cache=True)
-    h = out.last_hidden_state[0]
+    defines), or the last hidden states with head=False. A batch ([B, q, hidden]
+    embeddings, [B, q] positions) gives [B, q, ·]."""
+    one = embeds.dim() == 2
+    out = model.get_decoder()(inputs_embeds=embeds[None] if one else embeds,
+                              attention_mask=mask,
+                              position_ids=positions[None] if one else positions,
+                              past_key_values=cache, use_cache=True)
+    h = out.last_hidden_state[0] if one else out.last_hidden_state
     return logits_of(model, h) if head else h
 
 
@@ -314,6 +318,20 @@ class Decoder:
         limit = self.lm.max_context
         if len(input_ids) + 1 >= limit:
             raise BadInput(f"prompt is {len(input_ids)} tokens, the model's context is {limit}")
+
+    def encode_prompts(self, texts: list[str], max_new_tokens: int, raw: bool = False,
+                       label: str = "prompt") -> list[list[int]]:
+        """Encode every text (chat template unless raw) and check it fits; the error names
+        the prompt."""
+        out = []
+        for i, text in enumerate(texts):
+            ids = prompts.encode(self.lm.tokenizer, text, raw=raw)
+            try:
+                self.check_prompt(ids, max_new_tokens)
+            except BadInput as e:
+                raise BadInput(f"{label} {i}: {e}") from e
+            out.append(ids)
+        return out
 
     # ---- shared by PPD and the plain loop ---------------------------------------------
     def prefill(self, input_ids: list[int], extra: torch.Tensor | None = None):

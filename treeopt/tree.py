@@ -53,6 +53,9 @@ class Tree:
     meta: dict = dataclasses.field(default_factory=dict)
     # hybrid trees: prompt lookup's chain per state (m, n = match length), see Lookup
     lookup: "Lookup | None" = None
+    # batch-aware trees: batch size → the tree for that many live sequences (None = plain
+    # decoding, no tree); empty = this tree at every batch size
+    by_batch: dict[int, "Tree | None"] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         self.states = {int(m): sorted(nodes, key=_node_key) for m, nodes in self.states.items()}
@@ -140,6 +143,12 @@ class Tree:
                 seen.add(p)
         if self.lookup is not None:
             self.lookup.validate(self)
+        for b, t in self.by_batch.items():
+            if not _count(b) or b < 1:
+                raise BadInput(f"tree by_batch: batch size {b!r} is not an integer ≥ 1")
+            if t is not None and (t.by_batch or t.num_prompt_tokens != k):
+                raise BadInput(f"tree by_batch {b}: a nested tree must use the same "
+                               f"{k} prompt tokens and have no table of its own")
 
     # ---- JSON ---------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -152,6 +161,9 @@ class Tree:
                                 for n in nodes] for m, nodes in sorted(self.states.items())},
             "input_lengths": {str(m): self.input_length(m) for m in sorted(self.states)},
             **({"lookup": self.lookup.to_json()} if self.lookup else {}),
+            **({"by_batch": {str(b): t.to_json() if t else None
+                             for b, t in sorted(self.by_batch.items())}}
+               if self.by_batch else {}),
             **({"meta": self.meta} if self.meta else {}),
         }
 
@@ -172,8 +184,17 @@ class Tree:
                 raise BadInput(f"{where}: field 'meta' must be an object")
             lookup = Lookup.from_json(obj["lookup"], f"{where} lookup") \
                 if obj.get("lookup") is not None else None
+            table = obj.get("by_batch") or {}
+            if not isinstance(table, dict):
+                raise BadInput(f"{where}: field 'by_batch' must be an object")
+            by_batch = {}
+            for key, sub in table.items():
+                if not str(key).isdigit() or str(int(key)) != str(key):
+                    raise BadInput(f"{where}: by_batch key {key!r} is not a plain integer")
+                by_batch[int(key)] = None if sub is None else \
+                    cls.from_json(sub, f"{where} by_batch {key}")
             return cls(k, obj.get("root_prompt_tokens", k), states, obj.get("topk", 10), meta,
-                       lookup)
+                       lookup, by_batch)
         except KeyError as e:
             raise BadInput(f"{where}: missing field {e.args[0]!r}") from e
         except (TypeError, AttributeError) as e:

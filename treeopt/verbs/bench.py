@@ -4,12 +4,12 @@ from __future__ import annotations
 from .. import paths, prompts
 from ..artefact import check_out, write_json
 from ..device import device_slug
-from ..errors import BadInput
-from ..evaluation import predicted_vs_measured, run_bench, speed_vs_profile, speed_warning
+from ..evaluation import (batch_bench, predicted_vs_measured, run_bench, speed_vs_profile,
+                          speed_warning)
 from ..inputs import resolve_inputs
 from ..runtime import open_decoder
-from .common import (add_model_args, add_prompt_args, model_flag, nonneg_int, positive_int,
-                     say)
+from .common import (add_model_args, add_prompt_args, int_list, model_flag, nonneg_int,
+                     positive_int, say)
 
 HELP = "benchmark PPD against HF generate over a prompt set"
 
@@ -23,6 +23,10 @@ def add_arguments(p) -> None:
     p.add_argument("--hf-lookup", type=nonneg_int, default=0, metavar="K",
                    help="also run HF generate(prompt_lookup_num_tokens=K), the prompt-lookup "
                    "decoding users already have (0 = off)")
+    p.add_argument("--batch", type=int_list, metavar="B,..",
+                   help="benchmark batched decoding instead: per batch size, the tree's "
+                   "per-batch configuration vs the plain batched loop, HF generate batched "
+                   "and one-at-a-time PPD, interleaved")
     p.add_argument("--profile", help="latency profile for the predicted figures (default: the "
                    "measured profile for this device and dtype)")
     p.add_argument("--acceptance", help="acceptance file for the predicted figures (default: "
@@ -40,13 +44,10 @@ def main(args) -> dict:
     if args.out:
         check_out(args.out, inp.paths())
     dec, info = open_decoder(inp, args.model, args.dtype, args.device, args.threads)
-    encoded = [prompts.encode(dec.lm.tokenizer, t, raw=args.raw) for t in texts]
-    for i, ids in enumerate(encoded):
-        try:
-            dec.check_prompt(ids, args.max_new_tokens)
-        except BadInput as e:
-            raise BadInput(f"prompt {i}: {e}") from e
+    encoded = dec.encode_prompts(texts, args.max_new_tokens, args.raw)
     human = not args.json
+    if args.batch:
+        return _batch(args, dec, info, inp, encoded, human)
     if human:
         say(f"bench: {len(encoded)} prompts, {args.max_new_tokens} new tokens, model "
             f"{info['model']} ({info['dtype']}), tree {info['tree']}")
@@ -70,6 +71,38 @@ def main(args) -> dict:
         _print(out, path)
         if warning:
             say(warning)
+    return out
+
+
+def _batch(args, dec, info, inp, encoded, human) -> dict:
+    if human:
+        say(f"batch bench: {len(encoded)} prompts, {args.max_new_tokens} new tokens, batch "
+            f"sizes {', '.join(map(str, args.batch))}, tree {info['tree']}")
+    rows = batch_bench(dec.lm, dec.prompt_tokens, dec.tree, encoded, args.batch,
+                       args.max_new_tokens, inp.profile, quiet=not human,
+                       acceptance=inp.acceptance)
+    out = {"schema": "treeopt.run/1", "kind": "batch-bench", **info,
+           "prompt_file": args.prompts or "built-in", "prompts": len(encoded),
+           "max_new_tokens": args.max_new_tokens, "profile": inp.profile_src, "batch": rows}
+    path = args.out or paths.user_reports() / paths.run_name(
+        device_slug(dec.device.type), info["model"]).replace(".run.json", ".batch.run.json")
+    write_json(path, out)
+    if human:
+        say(f"{'B':>3} {'chosen':>8} {'plain':>8} {'HF':>8} {'one-by-one':>10} {'vs plain':>8} "
+            f"{'vs HF':>6} {'tok/step':>8} {'predicted':>10}  (tokens/s)")
+        for r in rows:
+            p = r.get("predicted")
+            pred = f"{p['tokens_per_second']:.1f} ({100 * p['error']:+.0f}%" + (
+                f", {100 * p['error_at_run_speed']:+.0f}% at run speed" if
+                "error_at_run_speed" in p else "") + ")" if p else "-"
+            say(f"{r['batch']:>3} {r['chosen_tokens_per_second']:>8.1f} "
+                f"{r['plain_tokens_per_second']:>8.1f} {r['hf_tokens_per_second']:>8.1f} "
+                f"{r['single_tokens_per_second']:>10.1f} {r['speedup_vs_plain']:>7.2f}x "
+                f"{r['speedup_vs_hf']:>5.2f}x {r['tokens_per_step']:>8.2f} {pred:>10}")
+        say("chosen and plain: continuous batching (at most B live); HF: static groups of B; "
+            "interleaved in chunks of 2B prompts. predicted: the search's figure for full "
+            "batches at each step's cache length, vs the steps where all B were live")
+        say(f"wrote {path}")
     return out
 
 

@@ -32,12 +32,17 @@ def add_arguments(p) -> None:
                    "(default: dense small sizes)")
     p.add_argument("--contexts", type=int_list, help="comma list of context lengths (default "
                    "64,128,512,2048 on a CPU, 128,512,2048 on a GPU)")
-    p.add_argument("--repeats", type=positive_int, default=30, help="max timed runs per point")
-    p.add_argument("--rounds", type=positive_int, default=3,
-                   help="sweeps over the grid; each point's median spans them all, so a "
-                   "drifting machine shifts every point alike")
-    p.add_argument("--budget-seconds", type=finite_float(0, open_lo=True), default=6.0,
-                   help="time budget per point (after burn-in)")
+    p.add_argument("--batch", type=int_list, metavar="B,..",
+                   help="batch sizes: B sequences × L new tokens over per-sequence caches "
+                   "(default 1; with --batch: sizes up to 48 with B·L ≤ 256, contexts "
+                   "64,192,512, one round: 1,2,4,8,16 takes about 5 minutes on a CPU)")
+    p.add_argument("--repeats", type=positive_int,
+                   help="max timed runs per point (default 30; 12 with --batch)")
+    p.add_argument("--rounds", type=positive_int,
+                   help="sweeps over the grid (default 3; 1 with --batch); each point's "
+                   "median spans them all, so a drifting machine shifts every point alike")
+    p.add_argument("--budget-seconds", type=finite_float(0, open_lo=True),
+                   help="time budget per point after burn-in (default 6; 2 with --batch)")
     p.add_argument("--resume", action="store_true", help="reuse points already in --out")
     p.add_argument("--no-overhead", action="store_true",
                    help="skip measuring the runtime's per-step overhead")
@@ -48,6 +53,10 @@ def add_arguments(p) -> None:
 def main(args) -> dict:
     if args.calibration and not args.simulate:
         raise BadInput("--calibration goes with --simulate")
+    batched = args.batch is not None and args.batch != [1]
+    args.repeats = args.repeats or (12 if batched else 30)
+    args.rounds = args.rounds or (1 if batched else 3)
+    args.budget_seconds = args.budget_seconds or (2.0 if batched else 6.0)
     if args.simulate:
         return _simulate(args)
     if args.gpu:
@@ -63,8 +72,10 @@ def main(args) -> dict:
         check_out(args.out)
     dec, info = open_decoder(inp, args.model, args.dtype, device, args.threads)
     gpu = dec.device.type == "cuda"
-    sizes = args.sizes or (latency.GPU_SIZES if gpu else latency.CPU_SIZES)
-    contexts = args.contexts or (latency.CONTEXTS if gpu else latency.CPU_CONTEXTS)
+    sizes = args.sizes or (latency.BATCH_SIZES if batched else
+                           latency.GPU_SIZES if gpu else latency.CPU_SIZES)
+    contexts = args.contexts or (latency.BATCH_CONTEXTS if batched else
+                                 latency.CONTEXTS if gpu else latency.CPU_CONTEXTS)
     out = args.out or paths.user_profiles() / paths.profile_name(
         device_slug(dec.device.type), info["model"], info["dtype"])
     capped = [c for c in contexts if c + max(sizes) <= dec.lm.max_context]
@@ -75,9 +86,13 @@ def main(args) -> dict:
     human = not args.json
     if human:
         say(f"profiling {info['model']} ({info['dtype']}) on {dec.device}: "
-            f"{len(sizes)} sizes × {len(capped)} contexts")
+            f"{len(sizes)} sizes × {len(capped)} contexts × {len({1, *(args.batch or [])})} "
+            "batch sizes")
     prof = measure_profile(dec, sizes, capped, args.repeats, args.budget_seconds, args.rounds,
-                           reuse, not args.no_overhead, quiet=not human)
+                           reuse, not args.no_overhead, quiet=not human,
+                           batch_sizes=tuple(sorted({1, *(args.batch or [])})),
+                           max_rows=latency.BATCH_MAX_ROWS if batched and not args.sizes
+                           else None)
     write_json(out, prof)
     return _report(prof, out, human)
 
@@ -93,7 +108,7 @@ def _simulate(args) -> dict:
     sizes = args.sizes or latency.GPU_SIZES
     prof = latency.simulate(args.simulate, args.model, args.dtype, sizes,
                             args.contexts or latency.CONTEXTS, args.peak_tflops,
-                            args.bandwidth_gbs, factors)
+                            args.bandwidth_gbs, factors, sorted({1, *(args.batch or [])}))
     out = args.out or paths.user_profiles() / paths.profile_name(prof["device_id"],
                                                                  prof["model"], prof["dtype"])
     check_out(out, [args.calibration])
@@ -127,4 +142,7 @@ def _report(prof: dict, out, human: bool) -> dict:
                 "profile carry that error — profile again on a quiet machine")
     say("knee (largest L with t(L) ≤ 1.1·t(1)): " +
         ", ".join(f"C={c}: {k}" for c, k in summary["knee"].items()))
+    for b, t in summary.get("t_ms_by_batch", {}).items():
+        say(f"batch {b}: t(L=1) {t['1']:.1f} ms, t(L=8) {t['8']:.1f} ms per step "
+            f"(plain decoding: {1000 * int(b) / t['1']:.0f} tokens/s)")
     return summary

@@ -19,7 +19,11 @@ def add_arguments(p) -> None:
     p.add_argument("--acceptance", help="acceptance.json")
     p.add_argument("--tree", help="tree.json (from search; its search report beside it is "
                    "read too)")
-    p.add_argument("--run", help="run.json (from run or bench)")
+    p.add_argument("--run", help="run.json (from run or bench; a `bench --batch` run gives "
+                   "the batch panel)")
+    p.add_argument("--compare-tree", action="append", default=[], metavar="TREE",
+                   help="another tree whose per-batch table joins the batch panel, e.g. one "
+                   "searched on a simulated GPU (repeatable)")
     p.add_argument("--out", help="report path (default: $TREEOPT_HOME/reports/<name>.html)")
     p.add_argument("--title", default="treeopt report")
     p.add_argument("--allow-mixed", action="store_true",
@@ -43,6 +47,7 @@ def main(args) -> dict:
     profiles = [(p, latency.load(p)) for p in args.profile]
     acc = acceptance.load(args.acceptance) if args.acceptance else None
     tree, search_report = tree_and_report(args.tree) if args.tree else (None, None)
+    compare = [(p, load_tree(p).to_json()) for p in args.compare_tree]
     run = None
     if args.run:
         run = read_json(args.run, "run file")
@@ -51,12 +56,13 @@ def main(args) -> dict:
                         (args.profile[0] if args.profile else "report")).name
     out = pathlib.Path(args.out or paths.user_reports() /
                        (paths.name_part(name.split(".")[0]) + ".html"))
-    check_out(out, [*args.profile, args.acceptance, args.tree, args.run])
-    text = report.build(profiles, acc, tree, run, args.title, args.allow_mixed, search_report)
+    check_out(out, [*args.profile, args.acceptance, args.tree, args.run, *args.compare_tree])
+    text = report.build(profiles, acc, tree, run, args.title, args.allow_mixed, search_report,
+                        compare)
     write_atomic(out, text)
     if args.open:
         webbrowser.open(out.resolve().as_uri())
-    sections = [s for s in ("latency", "acceptance", "search", "tree", "run")
+    sections = [s for s in ("latency", "acceptance", "search", "tree", "batch", "run")
                 if f"<section id='{s}'>" in text]
     if not args.json:
         say(f"wrote {out} ({len(text) // 1024} KB; sections: {', '.join(sections)})")

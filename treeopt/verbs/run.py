@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 
 from .. import prompts
+from ..batch import BatchDecoder, schedule_of
 from ..errors import BadInput
 from ..evaluation import speed_vs_profile, speed_warning
 from ..inputs import resolve_inputs
@@ -19,6 +20,10 @@ def add_arguments(p) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompt", help=f"prompt text (default: {SAMPLE_PROMPT!r})")
     g.add_argument("--prompt-file", help="read the prompt from a text file")
+    g.add_argument("--batch-file", metavar="PROMPTS",
+                   help="decode every prompt of a JSONL prompt file (or a shipped set) as one "
+                   "batch, greedy; the tree follows the number of live sequences (its "
+                   "per-batch table from `search --batch`)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--temperature", type=finite_float(0.0), default=0.0,
@@ -47,6 +52,8 @@ class _Streamer:
 
 
 def main(args) -> dict:
+    if args.batch_file:
+        return _batch(args)
     if args.prompt_file:
         text = prompts.read_text(prompts.resolve_file(args.prompt_file, "--prompt-file"))
     else:
@@ -95,4 +102,32 @@ def main(args) -> dict:
                 f"{out['identical']}")
     if warning:
         say(warning)
+    return out
+
+
+def _batch(args) -> dict:
+    if args.temperature > 0 or args.baseline:
+        raise BadInput("--batch-file decodes greedily; drop --temperature and --baseline")
+    texts = prompts.load(args.batch_file)
+    inp = resolve_inputs(args.model, tree=args.tree, prompt_tokens=args.prompt_tokens,
+                         device=args.device, dtype=args.dtype, want=("tree",))
+    dec, info = open_decoder(inp, args.model, args.dtype, args.device, args.threads)
+    encoded = dec.encode_prompts(texts, args.max_new_tokens, args.raw, "--batch-file prompt")
+    res = BatchDecoder(dec.lm, dec.prompt_tokens, schedule_of(dec.tree)).generate(
+        encoded, args.max_new_tokens)
+    rows = [{"prompt": t, **r.summary(),
+             "text": dec.lm.tokenizer.decode(r.output_ids, skip_special_tokens=True)}
+            for t, r in zip(texts, res.results)]
+    out = {"schema": "treeopt.run/1", "kind": "batch-run", **info, "prompts": len(rows),
+           "new_tokens": res.new_tokens, "seconds": round(res.seconds, 4),
+           "tokens_per_second": round(res.tokens_per_second, 3),
+           "tokens_per_step": round(res.tokens_per_step, 4), "results": rows}
+    if not args.json:
+        say(f"model {info['model']} on {info['device']} ({info['dtype']}), tree {info['tree']}")
+        for i, r in enumerate(rows):
+            say(f"--- {i}: {r['new_tokens']} tokens, {r['finish_reason']}")
+            sys.stdout.write(r["text"] + "\n")
+        say(f"batch of {len(rows)}: {res.new_tokens} tokens in {res.seconds:.2f} s = "
+            f"{res.tokens_per_second:.1f} tok/s, {res.tokens_per_step:.2f} tokens per "
+            "sequence-step")
     return out

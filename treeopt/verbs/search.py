@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import pathlib
 
-from .. import paths
+from .. import latency, paths
 from ..artefact import check_out, stamp, write_json
 from ..export import FORMATS, load_tree
 from ..errors import BadInput
 from ..inputs import resolve_inputs
 from ..models import context_of
 from ..acceptance import unpack_records
-from ..search import Options, evaluate_tree, for_engine, search, with_lookup
-from .common import positive_int, say
+from ..search import Options, evaluate_tree, for_engine, per_batch, search, with_lookup
+from .common import int_list, positive_int, say
 
 HELP = "find the tree with the most expected tokens per second for a model on a device"
 
@@ -47,6 +47,10 @@ def add_arguments(p) -> None:
                    help="candidate sources: the prompt tokens' guesses alone, or with prompt "
                    "lookup (a chain per state and match length, searched by replaying the "
                    "acceptance file's measured positions; kept only when it predicts faster)")
+    p.add_argument("--batch", type=int_list, metavar="B,..",
+                   help="also find the best configuration for each batch size (a tree, or "
+                   "plain decoding where none is faster), from the profile's batch points; "
+                   "the tree file then carries one entry per B")
     p.add_argument("--trials", type=int, default=0,
                    help="optuna trials over K used, width cap and probability model")
     p.add_argument("--storage", help="optuna storage URL (default: SQLite in the user cache)")
@@ -62,10 +66,12 @@ def main(args) -> dict:
                    args.storage)
     given = load_tree(args.evaluate) if args.evaluate else None
     inp = resolve_inputs(args.model, args.profile, args.acceptance,
-                         need=("profile", "acceptance"), simulate=True)
+                         need=("profile", "acceptance"), simulate=True, batch=args.batch)
     if given is not None:
         return _evaluate(given, inp, opts, args)
     prof = inp.profile
+    if args.batch:
+        latency.require_batches(prof, args.batch)
     out = pathlib.Path(args.out) if args.out else \
         paths.user_profiles() / paths.tree_name(prof.get("device_id") or "device", inp.model_id)
     check_out(out, inp.paths())
@@ -85,6 +91,15 @@ def main(args) -> dict:
     if rec is not None:
         meta["sources"] = args.sources
         meta["replayed"] = with_lookup(found, rec, args.max_input)
+    batch_rows = None
+    if args.batch:
+        if args.static:
+            raise BadInput("--batch searches dynamic trees; drop --static")
+        r = meta.get("replayed")
+        table, batch_rows = per_batch(found, prof, args.batch, args.max_input,
+                                      r["hybrid"] if r and r["lookup_kept"] else None, rec)
+        tree.by_batch = table
+        meta["batch"] = found["report"]["batch"] = batch_rows
     tree.meta = {"model": inp.model_id, "profile": inp.profile_src,
                  "acceptance": inp.acceptance_src, "device": prof["device"].get("name"),
                  "simulated": bool(prof.get("simulated")), **meta, **stamp(),
@@ -100,7 +115,7 @@ def main(args) -> dict:
               "config": meta["config"], "tree": tree.to_json()["states"],
               "root_prompt_tokens": tree.root_prompt_tokens, **found["report"]}
     if args.export:
-        exp = for_engine(args.export, found, args.max_input)
+        exp = for_engine(args.export, found, args.max_input, batch_rows)
         exp_path = pathlib.Path(str(out).removesuffix(".json") + f".{args.export}.json")
         check_out(exp_path, inp.paths(), "export")
         write_json(exp_path, exp)
@@ -116,6 +131,8 @@ def main(args) -> dict:
         say(f"model {inp.model_id}; profile: {inp.profile_src}; acceptance: "
             f"{inp.acceptance_src}")
         _print(tree, sol, pred, meta, found["report"].get("per_input_length"), out, report_path)
+        if batch_rows:
+            _print_batch(batch_rows)
         if "replayed" in meta:
             r = meta["replayed"]
             say(f"replayed over the acceptance file's positions: PPD alone "
@@ -145,6 +162,17 @@ def _evaluate(tree, inp, opts, args) -> dict:
             f"{b['tokens_per_second']:.1f} tokens/s "
             f"({b['tokens_per_second'] / g['tokens_per_second']:.3f}x the given tree)")
     return res
+
+
+def _print_batch(rows) -> None:
+    say("per batch size (tokens/s over all sequences; plain = no tree):")
+    say(f"{'B':>4} {'input':>6} {'tok/step':>9} {'ms/step':>8} {'tok/s':>9} {'plain tok/s':>12}"
+        f" {'speedup':>8}")
+    for r in rows:
+        say(f"{r['batch']:>4} {'plain' if r['plain'] else r['input_length']:>6} "
+            f"{r['tokens_per_step']:>9.3f} {1000 * r['step_seconds']:>8.2f} "
+            f"{r['tokens_per_second']:>9.1f} {r['plain_tokens_per_second']:>12.1f} "
+            f"{r['speedup_vs_plain']:>7.3f}x")
 
 
 def _print(tree, sol, pred, meta, rows, out, report_path) -> None:

@@ -1,0 +1,304 @@
+"""Batched PPD: every sequence of a batch decodes exactly as it would alone (greedy), over
+ragged caches, per-sequence states, EOS and max_new_tokens, and schedules that switch
+trees (or to no tree) as sequences finish."""
+import random
+
+import pytest
+import torch
+
+from treeopt.batch import BatchDecoder, hf_generate_batch, schedule_of
+from treeopt.runtime import Decoder, new_cache
+from treeopt.tree import Tree
+
+from conftest import random_prompt_tokens, random_tree, tiny_loaded
+from test_architectures import WINDOW, tiny_model
+from test_runtime import random_lookup
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_loaded(vocab=8)
+
+
+def random_schedule(rng, k, hybrid=False):
+    """Batch size → random tree (some hybrid) or None (plain)."""
+    out = {}
+    for b in sorted(rng.sample(range(1, 7), rng.randint(1, 3))):
+        if rng.random() < 0.25:
+            out[b] = None
+            continue
+        tree = random_tree(rng, k, rng.randint(1, 8), max_nodes=15)
+        if hybrid:
+            tree.lookup = random_lookup(rng, tree)
+            tree.validate()
+        out[b] = tree
+    return out
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_every_sequence_of_a_batch_is_lossless_tiny(tiny, hybrid):
+    rng = random.Random(21 if hybrid else 20)
+    pt = random_prompt_tokens(tiny, 4)
+    plain = Decoder(tiny, None, None)
+    switched = deep = 0
+    for trial in range(25):
+        bd = BatchDecoder(tiny, pt, random_schedule(rng, 4, hybrid))
+        prompts = [[rng.randrange(8) for _ in range(rng.randint(1, 24))]
+                   for _ in range(rng.randint(1, 6))]
+        limits = [rng.choice([1, rng.randint(2, 50)]) for _ in prompts]
+        res = bd.generate(prompts, limits)
+        for p, n, r in zip(prompts, limits, res.results):
+            assert r.output_ids == plain.baseline(p, n).output_ids, (trial, p, n)
+            assert len(r.output_ids) == n
+        switched += len(set(res.live)) > 1
+        deep = max(deep, max((a for r in res.results for a in r.accepted), default=0))
+    assert switched and deep >= 3
+
+
+def test_continuous_batching_refills_free_slots(tiny):
+    """With max_batch, waiting prompts join as others finish; outputs stay lossless and
+    never more than max_batch sequences decode at once."""
+    rng = random.Random(31)
+    pt = random_prompt_tokens(tiny, 3)
+    plain = Decoder(tiny, None, None)
+    prompts = [[rng.randrange(8) for _ in range(rng.randint(1, 20))] for _ in range(9)]
+    limits = [rng.randint(1, 30) for _ in prompts]
+    for schedule in ({1: random_tree(rng, 3, 6, 12), 2: None, 3: random_tree(rng, 3, 4, 6)},
+                     {1: None}):
+        res = BatchDecoder(tiny, pt, schedule).generate(prompts, limits, max_batch=3)
+        assert [r.output_ids for r in res.results] == [
+            plain.baseline(p, n).output_ids for p, n in zip(prompts, limits)]
+        assert max(res.live) == 3 and res.live.count(3) > len(res.live) // 2
+
+
+def test_eos_and_max_new_tokens_one(tiny):
+    """One sequence stops at EOS early, one has max_new_tokens 1; the rest carry on."""
+    pt = random_prompt_tokens(tiny, 3)
+    prompts = [[1, 2, 3], [4] * 17, [5, 6], [7, 1, 2, 0, 3, 3, 1]]
+    plain = Decoder(tiny, None, None)
+    ref = plain.baseline(prompts[0], 30).output_ids
+    eos = ref[4]
+    bd = BatchDecoder(tiny, pt, {1: random_tree(random.Random(3), 3, 6)})
+    for d in bd.schedule.values():
+        d.eos = {eos}
+    plain.eos = {eos}
+    res = bd.generate(prompts, [30, 30, 1, 30])
+    for p, n, r in zip(prompts, [30, 30, 1, 30], res.results):
+        assert r.output_ids == plain.baseline(p, n).output_ids
+    assert res.results[0].finish_reason == "eos" and len(res.results[0].output_ids) <= 5
+    assert len(res.results[2].output_ids) == 1
+    # max_new_tokens 1 finished at the prefill; the others left the batch as they ended
+    assert res.live[0] == 3 and res.live[-1] < 3
+    assert len(res.step_seconds) == len(res.step_tokens) == len(res.live)
+    assert sum(res.step_tokens) + 4 == res.new_tokens  # + the prefill's first tokens
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma3", "gemma2", "qwen2"])
+def test_batch_lossless_across_architectures(name):
+    """Sliding windows (prompts and outputs cross them) and softcaps, ragged batches."""
+    lm = tiny_model(name)
+    rng = random.Random(8)
+    pt = random_prompt_tokens(lm, 3)
+    plain = Decoder(lm, None, None)
+    for _ in range(2):
+        bd = BatchDecoder(lm, pt, {1: random_tree(rng, 3, 6, 10), 3: random_tree(rng, 3, 6, 6)})
+        prompts = [[rng.randrange(32) for _ in range(n)] for n in (3, 3 * WINDOW, 7, WINDOW)]
+        res = bd.generate(prompts, 2 * WINDOW)
+        for p, r in zip(prompts, res.results):
+            assert r.output_ids == plain.baseline(p, 2 * WINDOW).output_ids, name
+
+
+@torch.inference_mode()
+def test_masks_positions_and_cache_against_a_per_sequence_recompute():
+    """One batched step over a ragged cache: each sequence's mask rows, positions and
+    logits equal its own unbatched tree step; after the step each sequence's valid cache
+    slots equal a fresh forward of its accepted text (float64)."""
+    lm = tiny_loaded(vocab=24, seed=2)
+    rng = random.Random(9)
+    pt = random_prompt_tokens(lm, 3)
+    tree = random_tree(rng, 3, 6, 12)
+    bd = BatchDecoder(lm, pt, {1: tree})
+    dec = bd.schedule[1]
+    from treeopt.batch import Seq
+    from treeopt.runtime import Result
+
+    seqs = [Seq(i, [rng.randrange(24) for _ in range(n)], 50) for i, n in enumerate((4, 19, 9))]
+    cache = bd.prefill(seqs, dec)
+    for s in seqs:
+        s.result = Result([], 1, 0.0, 0.0)
+    cached = cache.layers[0].keys.shape[2]
+    plans = [bd.plan(dec, s) for s in seqs]
+    bufs = [p[0] for p in plans]
+    x, pos, mask = bd.batch_inputs(seqs, bufs, [p[2] for p in plans], cached)
+    logits = bd.forward(x, pos, mask, cache, [b.length for b in bufs])
+    for i, (s, (buf, tok, emb)) in enumerate(zip(seqs, plans)):
+        n = buf.length
+        assert pos[i, :n].tolist() == (s.ctx + buf.positions).tolist()
+        own = dec.tree_mask(s.ctx, buf)[0, 0]
+        cols = list(range(s.ctx)) + list(range(cached, cached + n))
+        assert torch.equal(mask[i, 0, :n][:, cols] == 0, own == 0)
+        hidden = [j for j in range(cached + x.shape[1]) if j not in cols]
+        assert (mask[i, 0, :n][:, hidden] != 0).all()  # padding and other slots hidden
+        alone = new_cache()
+        dec.call(dec.embed(torch.tensor(s.ids)), alone, torch.arange(s.ctx), head=False)
+        ref = dec.call(emb, alone, s.ctx + buf.positions, own[None, None])
+        torch.testing.assert_close(logits[i], ref, rtol=1e-9, atol=1e-9)
+    # commit the deepest path each sequence's step accepts; compare the cache
+    paths = []
+    for (buf, tok, _), lg in zip(plans, logits):
+        from treeopt.runtime import verify_greedy
+
+        score, _ = verify_greedy(lg[: buf.n_nodes + 1], tok, buf)
+        paths.append(buf.path_pos[int(score.argmax())])
+    bd.commit(cache, seqs, paths, cached)
+    for i, (s, (buf, tok, _), path) in enumerate(zip(seqs, plans, paths)):
+        text = s.ids + tok[path].tolist()
+        fresh = new_cache()
+        dec.call(dec.embed(torch.tensor(text)), fresh, torch.arange(len(text)), head=False)
+        for a, b in zip(cache.layers, fresh.layers):
+            torch.testing.assert_close(a.keys[i, :, :len(text)], b.keys[0], rtol=1e-9,
+                                       atol=1e-9)
+            torch.testing.assert_close(a.values[i, :, :len(text)], b.values[0], rtol=1e-9,
+                                       atol=1e-9)
+
+
+def test_schedule_picks_the_largest_batch_size_not_above_live(tiny):
+    t1, t4 = Tree.chain(2, 2), Tree.chain(1, 2)
+    bd = BatchDecoder(tiny, random_prompt_tokens(tiny, 2), {1: t1, 4: t4, 8: None})
+    assert [bd.pick(n).tree for n in (1, 3, 4, 7, 8, 20)] == [t1, t1, t4, t4, None, None]
+    assert schedule_of(None) == {1: None}
+    assert schedule_of(t1) == {1: t1}
+
+
+def test_hf_batched_generate_matches(tiny):
+    plain = Decoder(tiny, None, None)
+    prompts = [[1, 2, 3], [4] * 9, [5]]
+    res = hf_generate_batch(plain, prompts, 12)
+    for p, r in zip(prompts, res.results):
+        assert r.output_ids == plain.baseline(p, 12).output_ids
+
+
+@pytest.mark.slow
+def test_batched_ppd_lossless_smollm_fp32(smollm):
+    """The real model, fp32: a batch of prompts of very different lengths, random trees,
+    one sequence with max_new_tokens 1 and one that meets EOS early."""
+    from treeopt import prompts as P
+    from treeopt.inputs import resolve_inputs
+    from treeopt.prompt_tokens import PromptTokens
+
+    inp = resolve_inputs(smollm.model_id, device="cpu", dtype="float32", want=("tree",))
+    pt = PromptTokens.load(inp.prompt_tokens)
+    texts = list(P.BUILTIN[:3]) + ["Say only the word yes.", " ".join(P.BUILTIN) * 2]
+    ids = [P.encode(smollm.tokenizer, t) for t in texts]
+    limits = [48, 48, 1, 48, 40]
+    plain = Decoder(smollm, None, None)
+    refs = [plain.baseline(p, n).output_ids for p, n in zip(ids, limits)]
+    assert any(len(r) < n for r, n in zip(refs, limits))  # one met EOS early
+    rng = random.Random(5)
+    for schedule in ({1: inp.tree, 3: random_tree(rng, 3, 4, 8), 5: None},
+                     {1: random_tree(rng, 3, 10, 20)}):
+        res = BatchDecoder(smollm, pt, schedule).generate(ids, limits)
+        assert [r.output_ids for r in res.results] == refs
+
+
+# ---- latency with a batch axis, the per-batch search and its artefacts ---------------
+import json  # noqa: E402
+
+from treeopt import latency, search  # noqa: E402
+from treeopt.errors import BadInput  # noqa: E402
+from treeopt.inputs import resolve_inputs  # noqa: E402
+
+from test_cli import assert_bad, treeopt  # noqa: E402
+
+
+def test_old_profiles_read_as_batch_one_and_missing_batches_are_refused():
+    shipped = resolve_inputs(None, need=("profile",)).profile
+    assert latency.batches(shipped) == [1, 2, 4, 8, 16]
+    with pytest.raises(BadInput, match="no points at batch size 3"):
+        latency.require_batches(shipped, [1, 3, 4])
+    # a profile from before the batch axis: points without `batch` are B = 1
+    prof = dict(shipped, points=[{k: v for k, v in p.items() if k != "batch"}
+                                 for p in shipped["points"] if p["batch"] == 1])
+    latency.validate(prof)
+    assert latency.batches(prof) == [1]
+    one = latency.Latency(prof)
+    assert one([1, 8], 128).tolist() == latency.Latency(prof, batch=1)([1, 8], 128).tolist()
+    with pytest.raises(BadInput, match="no points at batch size 8"):
+        latency.Latency(prof, batch=8)
+    bad = dict(prof, points=[dict(prof["points"][0], batch=0)])
+    with pytest.raises(BadInput, match="batch must be an integer"):
+        latency.validate(bad)
+
+
+def test_roofline_batches_share_the_weights():
+    shape = latency.model_shape("vicuna-7b")[1]
+    t = {b: latency.roofline(shape, 1, 512, 2.0, 312, 2039, 0.75, 0.55, 4e-5, batch=b)["seconds"]
+         for b in (1, 8, 64)}
+    assert t[1] < t[8] < t[64] and t[8] < 2 * t[1]  # memory-bound: batching is nearly free
+    sim = latency.simulate("a100-80gb", "vicuna-7b", "float16", [1, 8], [512],
+                           batch_sizes=[1, 4])
+    assert {(p["batch"], p["size"]) for p in sim["points"]} == {(1, 1), (1, 8), (4, 1), (4, 8)}
+    assert latency.Latency(sim, batch=4)([8], 512)[0] > latency.Latency(sim, batch=1)([8], 512)[0]
+
+
+def test_per_batch_search_b1_is_todays_search_and_trees_shrink_with_b():
+    inp = resolve_inputs("vicuna-7b", need=("profile", "acceptance"), simulate=True,
+                         batch=[1, 2, 8, 32, 128])
+    found = search.search(inp.acceptance, inp.profile, search.Options(max_input=256))
+    table, rows = search.per_batch(found, inp.profile, [1, 2, 8, 32, 128], 256)
+    sol = found["solution"]
+    assert table[1].states == sol.tree.states and not table[1].by_batch
+    assert rows[0]["tokens_per_second"] == pytest.approx(sol.tokens_per_second, rel=1e-6)
+    lengths = [r["input_length"] for r in rows]
+    assert lengths == sorted(lengths, reverse=True) and lengths[-1] < lengths[0]
+    assert all(r["speedup_vs_plain"] >= 1.0 for r in rows)
+    for r in rows[1:]:
+        t = table[r["batch"]]
+        assert (t is None) == r["plain"]
+        if t is not None:
+            assert t.max_input_length <= r["input_length"]
+    # the tree artefact carries one entry per B (None = plain) and reads back
+    tree = sol.tree
+    tree.by_batch = table
+    back = Tree.from_json(json.loads(json.dumps(tree.to_json())))
+    assert set(back.by_batch) == set(table)
+    assert all((back.by_batch[b] is None) == (table[b] is None) for b in table)
+    with pytest.raises(BadInput, match="by_batch key"):
+        Tree.from_json({**tree.to_json(), "by_batch": {"x": None}})
+
+
+def test_search_batch_cli(tmp_path):
+    out = tmp_path / "v13.tree.json"
+    p = treeopt("search", "--model", "vicuna-13b", "--batch", "1,8,32,64", "--export", "ppd",
+                "--json", "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert [r["batch"] for r in res["batch"]] == [1, 8, 32, 64]
+    tree = Tree.load(out)
+    assert set(tree.by_batch) == {1, 8, 32, 64}
+    assert set(res["export"]["by_batch"]) == {"1", "8", "32", "64"}
+    # a profile without the asked batch points: a clear error, never a silent guess
+    assert_bad(treeopt("search", "--batch", "1,3", "--out", str(tmp_path / "t.json")),
+               "no points at batch size 3")
+
+
+def test_report_batch_panel():
+    from treeopt import report
+
+    inp = resolve_inputs("vicuna-7b", need=("profile", "acceptance"), simulate=True,
+                         batch=[1, 4])
+    found = search.search(inp.acceptance, inp.profile, search.Options(max_input=128))
+    table, rows = search.per_batch(found, inp.profile, [1, 4], 128)
+    tree = found["solution"].tree
+    tree.by_batch, tree.meta = table, {"batch": rows, "model": "vicuna-7b-v1.3",
+                                       "device": "<script>x</script>"}
+    row = {"batch": 4, "groups": 1, **{f"{k}_tokens_per_second": 10.0 for k in
+                                       ("chosen", "plain", "hf", "single")},
+           "speedup_vs_plain": 1.0, "speedup_vs_hf": 1.0, "speedup_vs_single": 1.0,
+           "tokens_per_step": 1.5, "identical_to_plain_fraction": 1.0,
+           "predicted": {"tokens_per_second": 11.0, "error": 0.1}}
+    run = {"schema": "treeopt.run/1", "kind": "batch-bench", "model": "vicuna-7b-v1.3",
+           "batch": [row]}
+    text = report.build(tree=tree.to_json(), run=run)
+    assert "<section id='batch'>" in text and "<section id='run'>" not in text
+    assert "<script>" not in text and "fig-batch" in text
