@@ -71,6 +71,8 @@ def main(args) -> dict:
         return _evaluate(given, inp, opts, args)
     prof = inp.profile
     if args.batch:
+        if args.static:
+            raise BadInput("--batch searches dynamic trees; drop --static")
         latency.require_batches(prof, args.batch)
     out = pathlib.Path(args.out) if args.out else \
         paths.user_profiles() / paths.tree_name(prof.get("device_id") or "device", inp.model_id)
@@ -93,8 +95,6 @@ def main(args) -> dict:
         meta["replayed"] = with_lookup(found, rec, args.max_input)
     batch_rows = None
     if args.batch:
-        if args.static:
-            raise BadInput("--batch searches dynamic trees; drop --static")
         r = meta.get("replayed")
         table, batch_rows = per_batch(found, prof, args.batch, args.max_input,
                                       r["hybrid"] if r and r["lookup_kept"] else None, rec)
