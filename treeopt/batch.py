@@ -350,13 +350,10 @@ class BatchDecoder:
         self.drop(cache, [pos[id(s)] for s in live], max(s.ctx for s in live))
         return cache
 
-    def _finish(self, s: Seq, out: BatchResult, dec: Decoder, t_start: float,
+    @staticmethod
+    def _finish(s: Seq, out: BatchResult, dec: Decoder, t_start: float,
                 why: str | None) -> None:
-        r = s.result
-        r.seconds = time.perf_counter() - t_start
-        r.finish_reason = why or ("eos" if r.output_ids and r.output_ids[-1] in dec.eos
-                                  else "length")
-        out.results[s.index] = r
+        out.results[s.index] = dec._finish(s.result, t_start, why)
 
 
 def _append_rows(cache, more) -> None:
@@ -387,9 +384,7 @@ class _Causal:
 def hf_generate_batch(dec: Decoder, prompts: list[list[int]], max_new_tokens: int
                       ) -> BatchResult:
     """HF `generate(do_sample=False)` on the batch, left-padded (the peer baseline)."""
-    eos = sorted(dec.eos) or None
-    pad = getattr(dec.model.generation_config, "pad_token_id", None)
-    pad = pad if pad is not None else (eos[0] if eos else 0)
+    eos, pad = dec.eos_and_pad()
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=dec.device)
     att = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],

@@ -281,6 +281,9 @@ def batch_bench(lm, prompt_tokens, tree: Tree | None, encoded: list[list[int]],
                 lambda: hf_generate_batch(single, encoded[:2], 8), lambda: solo(encoded[0], 8)):
         run()  # burn-in: allocator warm-up and lazy init
     predicted = {r["batch"]: r for r in ((tree.meta or {}).get("batch") or [])} if tree else {}
+    one = single.tree  # B = 1: a hybrid tree is predicted by replay, as the search does
+    rec = unpack_records(acceptance) if acceptance and one is not None and \
+        one.lookup is not None else None
     rows = []
     for b in batch_sizes:
         runs: dict[str, list] = {"chosen": [], "plain": [], "hf": [], "single": []}
@@ -318,9 +321,7 @@ def batch_bench(lm, prompt_tokens, tree: Tree | None, encoded: list[list[int]],
             ctxs = [c for r in runs["chosen"] for c, n in zip(r.contexts, r.live) if n == b]
             ctx = round(float(np.mean(ctxs)))
             t = float(np.mean([lat([p["input_length"]], c)[0] for c in ctxs]))
-            rec = unpack_records(acceptance) if acceptance else None
-            one = chosen.pick(1).tree
-            if b == 1 and one is not None and one.lookup is not None and rec is not None:
+            if b == 1 and rec is not None:
                 r1 = replay_predict(one, rec, lambda L: lat(L, ctx))
                 p = dict(p, tokens_per_step=r1["tokens_per_step"])
                 t = r1["step_seconds"]

@@ -161,10 +161,16 @@ def measure_points(dec: Decoder, sizes: list[int], contexts: list[int], repeats:
     return points, {(c if b == 1 else (b, c)): s for (b, c), s in max_fit.items()}
 
 
+def _probe_prompt(dec) -> list[int]:
+    """The one real prompt the overhead measurements decode."""
+    return prompts.encode(dec.lm.tokenizer, prompts.BUILTIN[0]) if dec.lm.tokenizer \
+        else [1] * 16
+
+
 def measure_overhead(dec, sizes=(4, 16, 32), new_tokens: int = 48, quiet: bool = False) -> dict:
     """Runtime per-step overhead: full PPD step time minus its forward time (trees of a few
     sizes, one real prompt)."""
-    ids = prompts.encode(dec.lm.tokenizer, prompts.BUILTIN[0]) if dec.lm.tokenizer else [1] * 16
+    ids = _probe_prompt(dec)
     saved = (dec.tree, dec.prompt_tokens)
     rows = []
     k = dec.prompt_tokens.num
@@ -189,7 +195,7 @@ def measure_batch_overhead(dec, batch: int = 8, new_tokens: int = 24,
     """The batched runtime's per-step overhead per live sequence (step time minus forward
     time, over the live count), for plain steps and for tree steps: the part of a batched
     step a forward profile does not see, and which grows with B."""
-    ids = prompts.encode(dec.lm.tokenizer, prompts.BUILTIN[0]) if dec.lm.tokenizer else [1] * 16
+    ids = _probe_prompt(dec)
     k = dec.prompt_tokens.num
     out = {}
     for name, tree in progress([("plain", None), ("tree", Tree.static([[0], [1]], k))],

@@ -482,6 +482,13 @@ class Decoder:
             t_prev = self._log_step(res, added, 1, t_prev)
         return self._finish(res, t_start, None)
 
+    def eos_and_pad(self) -> tuple[list[int] | None, int]:
+        """(EOS ids or None, pad id) for HF `generate`: the model's pad token, else the
+        first EOS, else 0."""
+        eos = sorted(self.eos) or None
+        pad = getattr(self.model.generation_config, "pad_token_id", None)
+        return eos, pad if pad is not None else (eos[0] if eos else 0)
+
     @torch.inference_mode()
     def hf_generate(self, input_ids: list[int], max_new_tokens: int = 128,
                     prompt_lookup: int | None = None) -> Result:
@@ -489,10 +496,7 @@ class Decoder:
         `prompt_lookup` = k, HF's own prompt-lookup decoding (the peer users have)."""
         self.check_prompt(input_ids, max_new_tokens)
         ids = torch.tensor([input_ids], device=self.device)
-        eos = sorted(self.eos) or None
-        pad = getattr(self.model.generation_config, "pad_token_id", None)
-        if pad is None:
-            pad = eos[0] if eos else 0
+        eos, pad = self.eos_and_pad()
         sync(self.device)
         t0 = time.perf_counter()
         seq = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),

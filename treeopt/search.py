@@ -596,6 +596,11 @@ BATCH_CAPS = [*range(2, 33), *range(36, 65, 4), *range(72, 129, 8), 160, 192, 25
               512]
 
 
+def _flat(L) -> np.ndarray:
+    """A step time of 1 at every input length: a batch pays its cap whatever it holds."""
+    return np.ones(np.shape(np.atleast_1d(L)))
+
+
 def frontier(acc: np.ndarray, k: int, caps: list[int], path_prob: dict | None = None
              ) -> dict[int, tuple[float, Tree | None]]:
     """Most tokens/step with every state's input ≤ F, for each cap F (F = 1: no tree).
@@ -603,11 +608,10 @@ def frontier(acc: np.ndarray, k: int, caps: list[int], path_prob: dict | None = 
     In a batch the step costs t(B, L_max): the longest input sets it, and the shorter ones
     are padded anyway — so under a cap F every state's tree may as well fill F, and the
     best policy maximises tokens/step alone: :func:`optimise` with a flat step time."""
-    flat = lambda L: np.ones(np.shape(np.atleast_1d(L)))  # noqa: E731
     out: dict[int, tuple[float, Tree | None]] = {1: (1.0, None)}
     for cap in caps:
         if cap >= 2:
-            sol = optimise(acc, flat, k, max_input=cap, path_prob=path_prob)
+            sol = optimise(acc, _flat, k, max_input=cap, path_prob=path_prob)
             out[cap] = (sol.tokens_per_step, sol.tree)
     return out
 
@@ -625,14 +629,12 @@ def hybrid_frontier(front: dict[int, tuple[float, Tree | None]], rec: dict, caps
     """Most replayed tokens/step with every step's input ≤ F, for each cap F: the PPD
     frontier tree of some cap F' ≤ F whose lookup chains fill each state up to F
     (:func:`fill_policy`), replayed over the acceptance file's measured positions."""
-    replays = {f: Replay.build(t, rec) for f, (_, t) in front.items()
-               if t is not None and f <= max(caps)}
-    tau = np.ones(max(caps) + 2 * rec["max_tokens"] * (1 + max(
-        (t.num_prompt_tokens for _, t in front.values() if t is not None), default=1)))
+    replays = {f: (Replay.build(t, rec), _tau(t, rec, _flat, max(caps)))
+               for f, (_, t) in front.items() if t is not None and f <= max(caps)}
     out = {}
     for cap in caps:
         best = None
-        for f, rp in replays.items():
+        for f, (rp, tau) in replays.items():
             if f <= cap:
                 policy = fill_policy(rp.tree, rec["max_tokens"], rec["max_ngram"], cap)
                 tok, _, steps = rp.run(policy, tau)
@@ -674,9 +676,9 @@ def per_batch(found: dict, profile: dict, batch_sizes: list[int], max_input: int
     sequences): B·E(F) / t(B, F, C) over the caps F of :func:`frontier` — and, with
     lookup records `rec`, of :func:`hybrid_frontier`, whose winner's policy is then
     refined by :func:`hybrid` under the cap — or plain decoding B / t(B, 1, C) where no
-    tree beats it by BATCH_MIN_GAIN. C is :func:`batch_context`. B = 1 keeps the searched tree (`single`: its predicted tokens_per_step
-    and step_seconds, e.g. the hybrid replay), whose states need not pad. Returns
-    {B: tree or None} and one row per B."""
+    tree beats it by BATCH_MIN_GAIN; C is :func:`batch_context`. B = 1 keeps the searched
+    tree (`single`: its predicted tokens_per_step and step_seconds, e.g. the hybrid
+    replay), whose states need not pad. Returns {B: tree or None} and one row per B."""
     context, k = found["meta"]["context"], found["meta"]["config"]["k"]
     sol = found["solution"]
     single = single or {"tokens_per_step": sol.tokens_per_step,
@@ -685,7 +687,6 @@ def per_batch(found: dict, profile: dict, batch_sizes: list[int], max_input: int
                      found["path_prob"]) if any(b > 1 for b in batch_sizes) else {}
     hyb = hybrid_frontier(front, rec, [c for c in HYBRID_CAPS if c <= max_input]) \
         if rec is not None and front else {}
-    flat = lambda L: np.ones(np.shape(np.atleast_1d(L)))  # noqa: E731
     table, rows = {}, []
     for b in batch_sizes:
         lat, ctx = Latency(profile, batch=b), batch_context(context, b)
@@ -701,11 +702,11 @@ def per_batch(found: dict, profile: dict, batch_sizes: list[int], max_input: int
             if hyb:
                 Eh, th, th_tree, Lh = best_cap({1: (1.0, None), **hyb}, lambda x: lat(x, ctx))
                 if th_tree is not None and Eh / th > E / t:
-                    h = hybrid(dataclasses.replace(th_tree, lookup=None), rec, flat, Lh)
+                    h = hybrid(dataclasses.replace(th_tree, lookup=None), rec, _flat, Lh)
                     if h["policy"] and h["hybrid"]["tokens_per_step"] > Eh:
                         Eh = h["hybrid"]["tokens_per_step"]
-                        th_tree.lookup = Lookup(rec["max_ngram"], rec["max_tokens"],
-                                                h["policy"])
+                        th_tree = dataclasses.replace(th_tree, lookup=Lookup(
+                            rec["max_ngram"], rec["max_tokens"], h["policy"]))
                     E, t, tree, L = Eh, th, th_tree, Lh
             if E * t_plain / t < 1 + BATCH_MIN_GAIN:
                 E, t, tree, L = 1.0, t_plain, None, 1
@@ -736,7 +737,7 @@ def for_engine(fmt: str, found: dict, max_input: int, batch_rows: list[dict] | N
         tab = found["solution"].tree.by_batch
         out["by_batch"] = {str(r["batch"]): None if r["plain"] else _export(
             fmt, tab[r["batch"]], found, found["latency"] if r["batch"] == 1 else
-            (lambda L, t=r["step_seconds"]: np.full(np.shape(np.atleast_1d(L)), t)),
+            (lambda L, t=r["step_seconds"]: t * _flat(L)),
             max_input if r["batch"] == 1 else r["input_length"]) for r in batch_rows}
     return out
 
