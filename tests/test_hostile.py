@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -257,13 +258,13 @@ def test_10_interrupts_are_one_line_and_leave_no_running_trial(box, sig, code, w
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                             cwd=box.dir)
     deadline = time.time() + 60
-    while time.time() < deadline:  # wait until a trial has started
-        time.sleep(0.5)
+    while time.time() < deadline:  # wait until a trial has started (read-only: optuna
+        time.sleep(0.5)             # itself would race treeopt to create the tables)
         try:
-            names = optuna.study.get_all_study_names(db)
-            if names and optuna.load_study(study_name=names[0], storage=db).trials:
-                break
-        except Exception:  # noqa: BLE001 - the database may not exist yet
+            with sqlite3.connect(f"file:{box.dir / 's.db'}?mode=ro", uri=True) as con:
+                if con.execute("SELECT count(*) FROM trials").fetchone()[0]:
+                    break
+        except sqlite3.Error:  # the database or its tables do not exist yet
             continue
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
@@ -273,6 +274,25 @@ def test_10_interrupts_are_one_line_and_leave_no_running_trial(box, sig, code, w
     study = optuna.load_study(study_name=optuna.study.get_all_study_names(db)[0], storage=db)
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     assert not list(box.home.rglob("*.json"))  # nothing half-written
+
+
+def test_10_signals_are_held_inside_library_calls_then_delivered():
+    from treeopt.errors import deferred_signals
+
+    def outside(signum, frame):  # the CLI's handler (other tests may have changed it)
+        raise KeyboardInterrupt
+
+    reached, before = False, signal.signal(signal.SIGINT, outside)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with deferred_signals() as stopped:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # a raising handler would have raised by now
+                reached = True
+                assert stopped == [signal.SIGINT]
+        assert reached and signal.getsignal(signal.SIGINT) is outside
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 # 11 --------------------------------------------------------------------------------------

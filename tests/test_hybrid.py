@@ -3,11 +3,13 @@ force, and losslessness on the real model."""
 import itertools
 import json
 import random
+import re
 
 import numpy as np
 import pytest
 
 from treeopt import acceptance, search
+from treeopt.errors import BadInput
 from treeopt.distill import Sample, lookup_offers
 from treeopt.sources import PromptLookup
 from treeopt.tree import Lookup, Node, Tree
@@ -102,6 +104,81 @@ def test_ppd_sources_reproduce_the_ppd_tree(tmp_path):
     assert a["states"] == shipped["states"] and "lookup" not in a
 
 
+def _shipped():
+    from treeopt.artefact import read_json
+    from treeopt.paths import SHIPPED
+
+    return (read_json(SHIPPED / "SmolLM2-135M-Instruct.acceptance.json"),
+            read_json(SHIPPED / "cpu-amd-epyc-2c__SmolLM2-135M-Instruct__bfloat16.json"))
+
+
+def test_lookup_chain_cap_is_a_cut_of_the_measured_chains():
+    acc, _ = _shipped()
+    full = acceptance.unpack_records(acc)
+    cut = acceptance.unpack_records(acc, 3)
+    assert cut["max_tokens"] == 3 and (cut["won"] == np.minimum(full["won"], 3)).all()
+    assert (cut["match"] == full["match"]).all()
+    with pytest.raises(BadInput, match=f"measured chains of 1..{full['max_tokens']} "):
+        acceptance.unpack_records(acc, full["max_tokens"] + 1)
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda lk: lk.update(max_tokens=0), "max_ngram and max_tokens must be integers ≥ 1"),
+    (lambda lk: lk["by_match"]["1"].update(share="x"), "share='x' outside [0, 1]"),
+    (lambda lk: lk["by_match"]["2"].update(mean_accepted=-1), "mean_accepted must be"),
+    (lambda lk: lk["by_match"]["3"]["accepted_at_least"].append(2), "accepted_at_least"),
+    (lambda lk: lk["by_match"].update(x={}), "not a match length"),
+])
+def test_bad_lookup_blocks_are_refused(tmp_path, mutate, needle):
+    from test_cli import assert_bad, treeopt
+
+    acc, _ = _shipped()
+    mutate(acc["lookup"])
+    (tmp_path / "a.json").write_text(json.dumps(acc))
+    with pytest.raises(BadInput, match=re.escape(needle)):
+        acceptance.validate(acc)
+    assert_bad(treeopt("report", "--acceptance", tmp_path / "a.json", "--out",
+                       tmp_path / "r.html"), needle)
+
+
+def test_joint_ppd_part_is_the_best_of_the_searched_candidates():
+    """with_lookup screens smaller PPD parts and searches the lookup policy of the searched
+    tree and the best other one: its choice is the better of those two full searches, never
+    worse than the searched tree's own hybrid, and the solution it leaves is consistent."""
+    acc, prof = _shipped()
+    rec = acceptance.unpack_records(acc, 4)
+    found = search.search(acc, prof, search.Options(), "t")
+    cands = search.ppd_candidates(found, 512)
+    assert cands[0] is found["solution"] and len(cands) > 1
+    assert all(max(c.input_lengths.values()) < max(cands[0].input_lengths.values())
+               for c in cands[1:])
+    lat = found["latency"]
+    alone = search.hybrid(cands[0].tree, rec, lat, 512)
+    got = search.with_lookup(found, rec, 512)
+    assert got["ppd_part"]["screened"] == len(cands) and got["ppd_part"]["searched"] == 2
+    assert got["hybrid"]["tokens_per_second"] >= alone["hybrid"]["tokens_per_second"]
+    assert got["ppd_only"] == alone["ppd_only"]
+    sol = found["solution"]
+    assert {str(m): L for m, L in sol.input_lengths.items()} == \
+        got["ppd_part"]["input_lengths"] == found["meta"]["predicted"]["input_lengths"]
+    assert sol.tree.lookup is not None and sol.tree.lookup.max_tokens == 4
+    again = search.replay_predict(sol.tree, rec, lat)
+    assert again["tokens_per_second"] == pytest.approx(got["hybrid"]["tokens_per_second"])
+    best_other = max((search.hybrid(c.tree, rec, lat, 512)["hybrid"]["tokens_per_second"]
+                      for c in cands[1:]))
+    assert got["hybrid"]["tokens_per_second"] >= 0.97 * best_other
+
+
+def test_lookup_flags_are_checked():
+    from test_cli import assert_bad, treeopt
+
+    assert_bad(treeopt("search", "--lookup-chain", "4"), "--lookup-chain needs --sources")
+    assert_bad(treeopt("search", "--sources", "ppd,lookup", "--lookup-chain", "99"),
+               "measured chains of 1..")
+    assert_bad(treeopt("accept", "--lookup-chain", "0"), "--lookup-chain")
+    assert_bad(treeopt("accept", "--lookup-ngram", "9"), "--lookup-ngram")
+
+
 @pytest.mark.slow
 def test_hybrid_lossless_on_the_real_model(smollm):
     """Real model, float32: long lookup chains on input-grounded and chat prompts (where
@@ -128,3 +205,52 @@ def test_hybrid_lossless_on_the_real_model(smollm):
         assert res.output_ids == ref, text[:40]
         long_steps += sum(a > 1 + tree.max_depth for a in res.accepted)
     assert long_steps > 0 and dec._hybrid
+
+
+def test_bench_per_family_and_the_families_panel(tmp_path):
+    """`bench --prompts A --prompts B` benches each set as a family in one run (hybrid, PPD
+    alone, HF generate, HF prompt lookup); `report` shows them with the acceptance per
+    source of each family's acceptance file."""
+    from test_cli import treeopt
+
+    from treeopt.paths import SHIPPED
+
+    a, b = tmp_path / "copy.jsonl", tmp_path / "chat.jsonl"
+    a.write_text(json.dumps({"prompt": "Repeat exactly: the red fox ran far, the red fox "
+                                       "ran far, the red fox ran far."}) + "\n")
+    b.write_text(json.dumps({"turns": ["Name two colours."]}) + "\n")
+    run = tmp_path / "fam.run.json"
+    p = treeopt("bench", "--json", "--prompts", str(a), "--prompts", str(b),
+                "--max-new-tokens", "12", "--hf-lookup", "4", "--no-baseline", "--out", run)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["kind"] == "bench-families" and json.loads(run.read_text()) == out
+    assert [r["family"] for r in out["families"]] == ["copy", "chat"]
+    for r in out["families"]:
+        assert r["prompts"] == 1 and r["unexplained_divergences"] == 0
+        for key in ("tokens_per_step", "ppd_alone_tokens_per_step", "speedup_vs_hf",
+                    "speedup_vs_hf_lookup", "speedup_vs_ppd_alone", "predicted"):
+            assert key in r, key
+    acc = SHIPPED / "SmolLM2-135M-Instruct.acceptance.json"
+    other = json.loads(acc.read_text())
+    other["prompt_file"] = "<b>other-family</b>"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    html = tmp_path / "fam.html"
+    p = treeopt("report", "--json", "--run", run, "--acceptance", acc, "--acceptance",
+                tmp_path / "other.json", "--out", html)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["sections"] == ["acceptance", "families"]
+    text = html.read_text()
+    assert "id='fig-families'" in text and "Acceptance per source" in text
+    assert "&lt;b&gt;other-family&lt;/b&gt;" in text and "<b>other" not in text
+    assert f"n ≤ 3, chain ≤ {other['lookup']['max_tokens']}" in text
+    assert ">copy<" in text and ">chat<" in text
+
+
+def test_bench_families_refuse_batch():
+    from test_cli import assert_bad, treeopt
+
+    assert_bad(treeopt("bench", "--prompts", "mt-bench", "--prompts", "gsm8k-train",
+                       "--batch", "2"), "--batch benches one prompt set")
+    assert_bad(treeopt("bench", "--prompts", "mt-bench", "--prompts", "mt-bench"),
+               "given twice")

@@ -64,6 +64,34 @@ def validate(obj: dict, where: str = "acceptance") -> None:
     mc = obj.get("mean_context")
     if mc is not None and (not isinstance(mc, int) or isinstance(mc, bool) or mc < 0):
         raise BadInput(f"{where}: mean_context={mc!r} is not an integer ≥ 0")
+    if obj.get("lookup") is not None:
+        _validate_lookup(obj["lookup"], f"{where}: lookup")
+
+
+def _validate_lookup(lk, where: str) -> None:
+    """The summary of prompt lookup's acceptance (the records are checked where they are
+    unpacked)."""
+    if not isinstance(lk, dict):
+        raise BadInput(f"{where} must be an object")
+    if not all(isinstance(lk.get(f), int) and not isinstance(lk.get(f), bool) and lk[f] >= 1
+               for f in ("max_ngram", "max_tokens")):
+        raise BadInput(f"{where}: max_ngram and max_tokens must be integers ≥ 1")
+    by = lk.get("by_match", {})
+    if not isinstance(by, dict):
+        raise BadInput(f"{where}: by_match must be an object")
+    for n, row in by.items():
+        if not str(n).isdigit() or not isinstance(row, dict):
+            raise BadInput(f"{where}: by_match[{n!r}] is not a match length with an object")
+        for key in ("share", "longer_than_rank0_guesses"):
+            if key in row and not _prob(row[key]):
+                raise BadInput(f"{where}: by_match[{n!r}].{key}={row[key]!r} outside [0, 1]")
+        if "mean_accepted" in row and not (_number(row["mean_accepted"])
+                                           and row["mean_accepted"] >= 0):
+            raise BadInput(f"{where}: by_match[{n!r}].mean_accepted must be a number ≥ 0")
+        ala = row.get("accepted_at_least", [])
+        if not isinstance(ala, list) or not all(_prob(v) for v in ala):
+            raise BadInput(f"{where}: by_match[{n!r}].accepted_at_least must be "
+                           "probabilities in [0, 1]")
 
 
 def _number(v) -> bool:
@@ -248,8 +276,10 @@ def _pack(a: np.ndarray) -> str:
     return base64.b64encode(np.asarray(a, dtype=np.int16).tobytes()).decode()
 
 
-def unpack_records(obj: dict) -> dict | None:
-    """The lookup records of an acceptance file as arrays (None where it has none)."""
+def unpack_records(obj: dict, max_chain: int | None = None) -> dict | None:
+    """The lookup records of an acceptance file as arrays (None where it has none); with
+    `max_chain`, as if chains had been cut to that many tokens (a run within the first C
+    proposed tokens is the same run)."""
     lk = obj.get("lookup")
     if not isinstance(lk, dict) or "records" not in lk:
         return None
@@ -266,6 +296,13 @@ def unpack_records(obj: dict) -> dict | None:
         raise BadInput("acceptance lookup records have inconsistent lengths")
     arr["lengths"] = lengths
     arr["max_ngram"], arr["max_tokens"] = int(lk["max_ngram"]), int(lk["max_tokens"])
+    if max_chain is not None:
+        if not 1 <= max_chain <= arr["max_tokens"]:
+            raise BadInput(f"lookup chain {max_chain}: the acceptance file measured chains "
+                           f"of 1..{arr['max_tokens']} tokens (measure longer ones with "
+                           "`treeopt accept --lookup-chain`)")
+        arr["won"] = np.minimum(arr["won"], max_chain)
+        arr["max_tokens"] = max_chain
     return arr
 
 

@@ -47,7 +47,15 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _on_sigterm(signum, frame):
+# the signal that stopped this run: a library's clean-up may replace our exception with
+# its own on the way out (optuna's trial bookkeeping does), so main reports the signal
+_stopped_by: list[int] = []
+
+
+def _on_signal(signum, frame):
+    _stopped_by.append(signum)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: let the cleanup run
     raise Terminated()
 
@@ -56,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     verb = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(verb if verb in VERBS else None).parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    _stopped_by.clear()
     code, result = 0, None
     try:
         result = args._main(args)
@@ -70,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         code, line = 1, f"failed: {e.__class__.__name__}: {msg}"
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if _stopped_by:
+        code, line = (130, "interrupted") if _stopped_by[0] == signal.SIGINT else \
+            (143, "terminated")
     if code:
         if args.debug:
             traceback.print_exc()

@@ -25,7 +25,7 @@ from .models import Loaded, cache_dir, dtype_name
 from .progress import progress
 from .prompts import encode
 from .runtime import attention_masks, model_call, new_cache
-from .sources import PromptLookup
+from .sources import LOOKUP_CHAIN, LOOKUP_NGRAM, PromptLookup
 
 
 @dataclasses.dataclass
@@ -183,7 +183,8 @@ def measure_ranks(lm: Loaded, samples: list[Sample], table: torch.Tensor, topk: 
 
 def measure_acceptance(lm: Loaded, table: torch.Tensor, texts: list[str], topk: int = 10,
                        max_new_tokens: int = 160, min_support: int = 40,
-                       quiet: bool = False, lookup: tuple[int, int] | None = (3, 8)) -> dict:
+                       quiet: bool = False,
+                       lookup: tuple[int, int] | None = (LOOKUP_NGRAM, LOOKUP_CHAIN)) -> dict:
     """Teacher-forced acceptance over the model's own greedy continuations: the rank of
     the true token x_{t+1+i} among prompt token i's top-k at every position, and every
     estimate the acceptance file holds (:func:`acceptance.estimate`)."""

@@ -1,5 +1,35 @@
-"""Error kinds the CLI maps to exit codes: BadInput → 2, anything else → 1."""
+"""Error kinds the CLI maps to exit codes: BadInput → 2, anything else → 1; and signals
+held back while a library must not be interrupted mid-call."""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
 
 
 class BadInput(ValueError):
     """The user's input is wrong (missing file, malformed JSON, impossible option)."""
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """While active, SIGINT and SIGTERM only set the returned flag (`flag[0]` = the first
+    signal) instead of raising wherever the program is — inside a database driver, a
+    library's clean-up then runs half-way. The work polls the flag and stops at a safe
+    point; on exit the signal is delivered again to the handlers outside."""
+    flag: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def hold(signum, frame):
+        flag.append(signum)
+
+    previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if flag:
+            signal.raise_signal(flag[0])

@@ -23,7 +23,7 @@ from .latency import Latency
 from .batch import BatchDecoder, BatchResult, hf_generate_batch, schedule_of
 from .progress import progress
 from .runtime import Decoder, Result, full_steps
-from .search import predict, replay_predict
+from .search import flat_step, predict, replay_predict
 from .tree import Tree
 
 # Largest logit margin a reduction-order difference can explain, per dtype. Measured by
@@ -230,13 +230,19 @@ def predicted_vs_measured(tree: Tree, res: dict, profile: dict | None, profile_s
 def check_trees(dec: Decoder, trees: dict[str, Tree], obj: dict, texts: list[str],
                 max_new_tokens: int, quiet: bool = False) -> list[dict]:
     """Predicted (product-only and fitted) vs measured tokens per decode step, counted
-    over full steps as the bench counts them."""
+    over full steps as the bench counts them. A hybrid tree's prediction is the replay
+    over the measured positions (both figures: the replay needs neither model)."""
     acc_p, _ = search_inputs(obj, conditional=False)
     acc_f, pp = search_inputs(obj, conditional=True)
+    rec = unpack_records(obj)
     rows = []
     for name, tree in trees.items():
-        pred_p = predict(tree, acc_p)["tokens_per_step"]
-        pred_f = predict(tree, acc_f, path_prob=pp)["tokens_per_step"]
+        method = "replay" if tree.lookup is not None and rec is not None else "stationary"
+        if method == "replay":
+            pred_p = pred_f = replay_predict(tree, rec, flat_step)["tokens_per_step"]
+        else:
+            pred_p = predict(tree, acc_p)["tokens_per_step"]
+            pred_f = predict(tree, acc_f, path_prob=pp)["tokens_per_step"]
         dec.set_tree(tree, dec.prompt_tokens)
         runs = [(0, dec.ppd(prompts.encode(dec.lm.tokenizer, text), max_new_tokens))
                 for text in progress(texts, f"check {name}", quiet=quiet)]
@@ -244,6 +250,7 @@ def check_trees(dec: Decoder, trees: dict[str, Tree], obj: dict, texts: list[str
         measured = phase.get("tokens_per_step", 0.0)
         rows.append({"tree": name, "input_lengths": {str(m): tree.input_length(m)
                                                      for m in tree.states},
+                     "method": method,
                      "measured_tokens_per_step": measured, "steps": phase["steps"],
                      "predicted_product": round(pred_p, 4), "predicted_fitted": round(pred_f, 4),
                      "error_product": round(pred_p / measured - 1, 4) if measured else None,

@@ -76,6 +76,15 @@ def load(path: str | None, limit: int | None = None, offset: int = 0,
     return out
 
 
+def family_name(name: str | None) -> str:
+    """A prompt set's short name: the shipped set's name, a file's stem, or "built-in"."""
+    if name is None:
+        return "built-in"
+    if name in SETS:
+        return name
+    return pathlib.Path(name).name.removesuffix(".gz").removesuffix(".jsonl")
+
+
 def resolve(name: str) -> pathlib.Path:
     """A shipped set's file for its name, else the path itself (which must exist)."""
     if name in SETS:

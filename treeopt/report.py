@@ -320,6 +320,97 @@ def batch_section(run: dict | None, trees: list[tuple[str, dict]]) -> str:
                       "fig-batch") + (_batch_table(rows) if rows else "") + "</section>")
 
 
+def _table(head: list[str], rows: list[list]) -> str:
+    return ("<table><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in head) + "</tr>" + "".join(
+        "<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+        + "</table>")
+
+
+def _acceptance_row(obj: dict) -> list:
+    """One prompt family's acceptance per source: the guesses' top-1 by depth, and
+    prompt lookup's share of positions, mean accepted run and how often its run is
+    longer than the rank-0 guesses', per match length n."""
+    acc = accuracy_array(obj)
+    lk = obj.get("lookup") or {}
+    by = lk.get("by_match") or {}
+    ns = sorted((int(n) for n in by if int(n) > 0))
+
+    def per_n(key, fmt):
+        return " / ".join(fmt.format(by[str(n)][key]) if key in by[str(n)] else "—"
+                          for n in ns) or "—"
+    matched = 1 - by["0"]["share"] if "0" in by else None
+    return [obj.get("prompt_file", "?"), obj.get("prompts"), (obj.get("positions") or ["?"])[0],
+            " / ".join(f"{row[0]:.2f}" for row in acc),
+            f"{matched:.2f}" if matched is not None else "—", per_n("share", "{:.2f}"),
+            per_n("mean_accepted", "{:.2f}"), per_n("longer_than_rank0_guesses", "{:.2f}"),
+            f"n ≤ {lk['max_ngram']}, chain ≤ {lk['max_tokens']}" if lk else "not measured"]
+
+
+def families_section(accs: list[dict], run: dict | None) -> str:
+    """Per prompt family: acceptance per source (one acceptance file per family) and the
+    bench of `bench --prompts A --prompts B ...` (hybrid, PPD alone, HF generate and HF
+    prompt lookup, interleaved per prompt within each family)."""
+    import matplotlib.pyplot as plt
+
+    parts = []
+    if accs:
+        parts.append("<h3>Acceptance per source</h3>" + _table(
+            ["prompt family", "prompts", "positions", "guesses top-1 by depth",
+             "lookup matched", "share by n = 1 / 2 / ..", "lookup mean run by n",
+             "lookup run > rank-0 guesses' by n", "lookup settings"],
+            [_acceptance_row(a) for a in accs]))
+    rows = (run or {}).get("families") or []
+    if rows:
+        fams = [r["family"] for r in rows]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.5, 3.4))
+        x = np.arange(len(rows))
+        bars = [("hybrid", [r["speedup_vs_hf"] for r in rows])]
+        if all("ppd_alone_tokens_per_second" in r for r in rows):
+            bars.append(("PPD alone", [r["ppd_alone_tokens_per_second"]
+                                       / r["hf_tokens_per_second"] for r in rows]))
+        if all("hf_lookup_tokens_per_second" in r for r in rows):
+            bars.append((f"HF prompt lookup (k={run.get('hf_lookup')})",
+                         [r["hf_lookup_tokens_per_second"] / r["hf_tokens_per_second"]
+                          for r in rows]))
+        w = 0.8 / len(bars)
+        for i, (label, ys) in enumerate(bars):
+            a1.bar(x + (i - (len(bars) - 1) / 2) * w, ys, w, label=label)
+        a1.axhline(1.0, color="k", lw=0.8)
+        a1.set_xticks(x, fams)
+        a1.set_ylabel("speedup vs HF generate")
+        a1.legend(fontsize=7)
+        a2.bar(x - 0.2, [r["tokens_per_step"] for r in rows], 0.4, label="hybrid")
+        a2.bar(x + 0.2, [r.get("ppd_alone_tokens_per_step", np.nan) for r in rows], 0.4,
+               label="PPD alone")
+        pred = [(i, r["predicted"]["tokens_per_step"]) for i, r in enumerate(rows)
+                if r.get("predicted")]
+        if pred:
+            a2.plot(*zip(*pred), "r*", ms=9, label="predicted (acceptance file's replay)")
+        a2.set_xticks(x, fams)
+        a2.set_ylabel("tokens per step")
+        a2.legend(fontsize=7)
+        parts.append(_figure(_svg(fig), "per prompt family: speedup over HF generate (left) "
+                             "and tokens per step (right)", "fig-families"))
+
+        def cell(r, key, fmt="{:.2f}x"):
+            return fmt.format(r[key]) if key in r else "—"
+        parts.append("<h3>Bench per prompt family</h3>" + _table(
+            ["family", "prompts", "tok/step", "PPD alone tok/step", "tok/s", "HF tok/s",
+             "HF lookup tok/s", "vs HF", "vs PPD alone", "vs HF lookup", "identical",
+             "unexplained", "predicted tok/step"],
+            [[r["family"], r["prompts"], r["tokens_per_step"],
+              r.get("ppd_alone_tokens_per_step", "—"), r["tokens_per_second"],
+              r["hf_tokens_per_second"], r.get("hf_lookup_tokens_per_second", "—"),
+              cell(r, "speedup_vs_hf"), cell(r, "speedup_vs_ppd_alone"),
+              cell(r, "speedup_vs_hf_lookup"), f"{100 * r['identical_fraction']:.0f}%",
+              r["unexplained_divergences"],
+              (f"{r['predicted']['tokens_per_step']} "
+               f"({100 * r['predicted']['error']['tokens_per_step']:+.1f}%)")
+              if r.get("predicted") else "—"] for r in rows]))
+    return ("<section id='families'><h2>Prompt families</h2>" + "".join(parts)
+            + "</section>")
+
+
 CSS = """body{font:14px/1.45 system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;margin-top:2em}table{border-collapse:
 collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;
@@ -335,15 +426,18 @@ def model_of(name: str, obj: dict) -> str | None:
 
 def build(profiles=(), acceptance=None, tree=None, run=None, title="treeopt report",
           allow_mixed=False, search_report: dict | None = None,
-          compare_trees: list[tuple[str, dict]] = ()) -> str:
+          compare_trees: list[tuple[str, dict]] = (), more_acceptance: list[dict] = ()
+          ) -> str:
     """The report's HTML from already-loaded artefacts (every string escaped);
-    `compare_trees` are more trees whose per-batch tables join the batch panel."""
+    `compare_trees` are more trees whose per-batch tables join the batch panel;
+    `more_acceptance`, acceptance files of other prompt families for the families panel."""
     if not (profiles or acceptance or tree or run):
         raise BadInput("report needs at least one of --profile, --acceptance, --tree, --run")
     models = {}
     for name, obj in [("profile", p) for _, p in profiles] + [("acceptance", acceptance),
                                                                ("tree", tree), ("run", run)] \
-            + [("tree", t) for _, t in compare_trees]:
+            + [("tree", t) for _, t in compare_trees] \
+            + [("acceptance", a) for a in more_acceptance]:
         if obj is not None and model_of(name, obj):
             m = model_of(name, obj)
             models.setdefault(canonical_model(m), name)
@@ -375,7 +469,10 @@ def build(profiles=(), acceptance=None, tree=None, run=None, title="treeopt repo
                    if t and (t.get("meta") or {}).get("batch")]
     if run and run.get("kind") == "batch-bench" or batch_trees:
         body.append(batch_section(run, batch_trees))
-    if run and run.get("kind") != "batch-bench":
+    accs = [a for a in [acceptance, *more_acceptance] if a and a.get("lookup")]
+    if accs or run and run.get("kind") == "bench-families":
+        body.append(families_section(accs, run))
+    if run and run.get("kind") not in ("batch-bench", "bench-families"):
         body.append(run_section(run, tree))
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>"
             f"{_esc(title)}</title><style>{CSS}</style></head><body>{''.join(body)}"

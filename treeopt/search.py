@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
+import json
 import logging
 import math
 import re
@@ -41,7 +42,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from .acceptance import search_inputs
 from .artefact import mask_secrets
-from .errors import BadInput
+from .errors import BadInput, deferred_signals
 from .export import ENGINE_TOPK, constraints, to_medusa, to_ppd
 from .latency import Latency
 from .models import cache_dir
@@ -575,19 +576,24 @@ def search(acc_obj: dict, profile: dict, opts: Options, name: str = "search") ->
                        width_cap=config["width_cap"])
         rows = per_input_length(sol, acc, lat, opts.max_input, use_pp)
     seconds = time.perf_counter() - t0
-    pred = {"tokens_per_step": round(sol.tokens_per_step, 6),
+    pred = _prediction(sol, t1)
+    report = {"greedy_curve": greedy_curve(acc, lat, config["k"], opts.max_input, use_pp)}
+    if rows:
+        report["per_input_length"] = rows
+    meta = {"context": context, "max_input": opts.max_input, "config": config,
+            "static": opts.static, "predicted": pred, "search_seconds": round(seconds, 3)}
+    return {"solution": sol, "acc": acc, "path_prob": use_pp, "latency": lat, "t1": t1,
+            "meta": meta, "report": report}
+
+
+def _prediction(sol: "Solution", t1: float) -> dict:
+    """What a solution predicts, as the tree file's meta holds it."""
+    return {"tokens_per_step": round(sol.tokens_per_step, 6),
             "tokens_per_second": round(sol.tokens_per_second, 6),
             "step_seconds": round(sol.step_seconds, 8),
             "speedup_vs_t1": round(sol.tokens_per_second * t1, 6),
             "input_lengths": {str(m): L for m, L in sol.input_lengths.items()},
             "stationary": {str(m): round(p, 6) for m, p in sol.pi.items()}}
-    report = {"greedy_curve": greedy_curve(acc, lat, config["k"], opts.max_input, use_pp)}
-    if rows:
-        report["per_input_length"] = rows
-    meta = {"context": context, "max_input": opts.max_input, "config": config,
-            "predicted": pred, "search_seconds": round(seconds, 3)}
-    return {"solution": sol, "acc": acc, "path_prob": use_pp, "latency": lat,
-            "meta": meta, "report": report}
 
 
 HYBRID_CAPS = [*range(2, 33), 40, 48, 64]  # caps the hybrid per-batch frontier replays
@@ -596,7 +602,7 @@ BATCH_CAPS = [*range(2, 33), *range(36, 65, 4), *range(72, 129, 8), 160, 192, 25
               512]
 
 
-def _flat(L) -> np.ndarray:
+def flat_step(L) -> np.ndarray:
     """A step time of 1 at every input length: a batch pays its cap whatever it holds."""
     return np.ones(np.shape(np.atleast_1d(L)))
 
@@ -611,7 +617,7 @@ def frontier(acc: np.ndarray, k: int, caps: list[int], path_prob: dict | None = 
     out: dict[int, tuple[float, Tree | None]] = {1: (1.0, None)}
     for cap in caps:
         if cap >= 2:
-            sol = optimise(acc, _flat, k, max_input=cap, path_prob=path_prob)
+            sol = optimise(acc, flat_step, k, max_input=cap, path_prob=path_prob)
             out[cap] = (sol.tokens_per_step, sol.tree)
     return out
 
@@ -629,15 +635,18 @@ def hybrid_frontier(front: dict[int, tuple[float, Tree | None]], rec: dict, caps
     """Most replayed tokens/step with every step's input ≤ F, for each cap F: the PPD
     frontier tree of some cap F' ≤ F whose lookup chains fill each state up to F
     (:func:`fill_policy`), replayed over the acceptance file's measured positions."""
-    replays = {f: (Replay.build(t, rec), _tau(t, rec, _flat, max(caps)))
+    replays = {f: (Replay.build(t, rec), _tau(t, rec, flat_step, max(caps)))
                for f, (_, t) in front.items() if t is not None and f <= max(caps)}
-    out = {}
+    out, memo = {}, {}
     for cap in caps:
         best = None
         for f, (rp, tau) in replays.items():
             if f <= cap:
                 policy = fill_policy(rp.tree, rec["max_tokens"], rec["max_ngram"], cap)
-                tok, _, steps = rp.run(policy, tau)
+                key = (f, tuple(sorted(policy.items())))  # chains stop growing at C
+                if key not in memo:
+                    memo[key] = rp.run(policy, tau)
+                tok, _, steps = memo[key]
                 if steps and (best is None or tok / steps > best[0]):
                     best = (tok / steps, rp.tree, policy)
         if best is not None:
@@ -702,7 +711,7 @@ def per_batch(found: dict, profile: dict, batch_sizes: list[int], max_input: int
             if hyb:
                 Eh, th, th_tree, Lh = best_cap({1: (1.0, None), **hyb}, lambda x: lat(x, ctx))
                 if th_tree is not None and Eh / th > E / t:
-                    h = hybrid(dataclasses.replace(th_tree, lookup=None), rec, _flat, Lh)
+                    h = hybrid(dataclasses.replace(th_tree, lookup=None), rec, flat_step, Lh)
                     if h["policy"] and h["hybrid"]["tokens_per_step"] > Eh:
                         Eh = h["hybrid"]["tokens_per_step"]
                         th_tree = dataclasses.replace(th_tree, lookup=Lookup(
@@ -737,7 +746,7 @@ def for_engine(fmt: str, found: dict, max_input: int, batch_rows: list[dict] | N
         tab = found["solution"].tree.by_batch
         out["by_batch"] = {str(r["batch"]): None if r["plain"] else _export(
             fmt, tab[r["batch"]], found, found["latency"] if r["batch"] == 1 else
-            (lambda L, t=r["step_seconds"]: t * _flat(L)),
+            (lambda L, t=r["step_seconds"]: t * flat_step(L)),
             max_input if r["batch"] == 1 else r["input_length"]) for r in batch_rows}
     return out
 
@@ -773,6 +782,20 @@ def evaluate_tree(tree: Tree, acc_obj: dict, profile: dict, opts: Options) -> di
             "context": best["meta"]["context"]}
 
 
+def _open_study(optuna, storage: str, name: str):
+    for attempt in range(3):  # another process creating the same storage's tables races
+        try:
+            return optuna.create_study(direction="maximize", study_name=f"treeopt-{name}",
+                                       storage=storage, load_if_exists=True,
+                                       sampler=optuna.samplers.TPESampler(seed=0))
+        except Exception as e:  # noqa: BLE001 - unknown dialect, unreachable server, bad path
+            if attempt == 2 or e.__class__.__name__ not in ("IntegrityError",
+                                                            "OperationalError"):
+                raise BadInput(f"--storage {mask_secrets(storage)}: cannot open it "
+                               f"({e.__class__.__name__})") from e
+            time.sleep(0.2 * (attempt + 1))
+
+
 def tune(acc_prod, acc_fit, pp, lat, max_input, trials, storage, static, name) -> dict:
     """optuna TPE over what the exact optimiser takes as given."""
     import optuna  # heavy and optional: loaded only when trials are asked for
@@ -781,39 +804,26 @@ def tune(acc_prod, acc_fit, pp, lat, max_input, trials, storage, static, name) -
     if storage is None:
         cache_dir().mkdir(parents=True, exist_ok=True)
         storage = f"sqlite:///{cache_dir() / 'search.db'}"
-    try:
-        study = optuna.create_study(direction="maximize", study_name=f"treeopt-{name}",
-                                    storage=storage, load_if_exists=True,
-                                    sampler=optuna.samplers.TPESampler(seed=0))
-    except Exception as e:  # noqa: BLE001 - unknown dialect, unreachable server, bad path
-        raise BadInput(f"--storage {mask_secrets(storage)}: cannot open it "
-                       f"({e.__class__.__name__})") from e
+    # a signal mid-trial would raise inside optuna's or SQLAlchemy's bookkeeping: hold it,
+    # stop after the running trial, then let it through
+    with deferred_signals() as stopped:
+        study = _open_study(optuna, storage, name)
 
-    def objective(trial):
-        k = trial.suggest_int("k", 1, acc_prod.shape[0])
-        cap = trial.suggest_int("width_cap", 1, acc_prod.shape[1])
-        cond = trial.suggest_categorical("conditional", [True, False]) if pp else False
-        acc, use = (acc_fit, pp) if cond else (acc_prod, None)
-        if static:
-            return optimise_static(acc, lat, k, max_input, use).tokens_per_second
-        return optimise(acc, lat, k, max_input, use, width_cap=cap).tokens_per_second
+        def objective(trial):
+            k = trial.suggest_int("k", 1, acc_prod.shape[0])
+            cap = trial.suggest_int("width_cap", 1, acc_prod.shape[1])
+            cond = trial.suggest_categorical("conditional", [True, False]) if pp else False
+            acc, use = (acc_fit, pp) if cond else (acc_prod, None)
+            if static:
+                return optimise_static(acc, lat, k, max_input, use).tokens_per_second
+            return optimise(acc, lat, k, max_input, use, width_cap=cap).tokens_per_second
 
-    # the exact optimiser's own setting first: tuning can then only match or improve it
-    study.enqueue_trial({"k": acc_prod.shape[0], "width_cap": acc_prod.shape[1],
-                         **({"conditional": True} if pp else {})}, skip_if_exists=True)
-    try:
-        study.optimize(objective, n_trials=trials, catch=())
-    except BaseException as stop:  # Ctrl-C, SIGTERM, a failed trial: none left RUNNING
-        for attempt in range(3):  # a fresh handle: the interrupted one may hold a lock
-            try:
-                fresh = optuna.load_study(study_name=study.study_name, storage=storage)
-                for t in fresh.get_trials(deepcopy=False,
-                                          states=(optuna.trial.TrialState.RUNNING,)):
-                    fresh.tell(t.number, state=optuna.trial.TrialState.FAIL)
-                break
-            except Exception:  # noqa: BLE001 - locked mid-transaction: try again
-                time.sleep(0.2 * (attempt + 1))
-        raise stop
+        # the exact optimiser's own setting first: tuning can then only match or improve it
+        study.enqueue_trial({"k": acc_prod.shape[0], "width_cap": acc_prod.shape[1],
+                             **({"conditional": True} if pp else {})}, skip_if_exists=True)
+        if not stopped:
+            study.optimize(objective, n_trials=trials, catch=(),
+                           callbacks=[lambda st, _: st.stop() if stopped else None])
     bp = study.best_params
     return {"k": bp["k"], "width_cap": bp["width_cap"],
             "conditional": bool(bp.get("conditional", False)), "trials": len(study.trials),
@@ -858,14 +868,20 @@ class Replay:
                    {m: v.tolist() for m, v in nxt.items()}, rec["match"].tolist(),
                    rec["won"].tolist())
 
-    def run(self, policy: dict, tau: np.ndarray) -> tuple[float, float, int]:
+    def run(self, policy: dict, tau: np.ndarray, seen: set | None = None
+            ) -> tuple[float, float, int]:
         """(tokens, seconds, steps) of greedy decoding replayed over the positions with
         this lookup policy: a step in state (m, n) accepts max(tree depth, lookup run
         within c) + 1 tokens; its input grows by (1 + q) per lookup token not already a
-        tree node (the accepted ones are when the tree has them too)."""
+        tree node (the accepted ones are when the tree has them too). `seen` collects the
+        states (m, n ≥ 1) the walk visits."""
         rec, tree = self.rec, self.tree
         match, won, depth, nxt = self.match, self.won, self.depth, self.next_state
         base = {m: tree.input_length(m) for m in [0, *tree.states]}
+        none = (0, 1, 1)
+        # the policy as a table [m][n] (n = 0: no match, no chain)
+        table = [[policy.get((m, n), none) if n else none for n in range(rec["max_ngram"] + 1)]
+                 for m in range(tree.num_prompt_tokens + 1)]
         tokens = steps = 0
         seconds = 0.0
         start = 0
@@ -873,7 +889,9 @@ class Replay:
             i, m = 0, tree.root_prompt_tokens
             while i < length:
                 j = start + i
-                c, q, keep = policy.get((m, match[j]), (0, 1, 1)) if match[j] else (0, 1, 1)
+                c, q, keep = table[m][match[j]]
+                if seen is not None and match[j]:
+                    seen.add((m, match[j]))
                 dp = depth[m][j] if keep else 0
                 dl = min(won[j], c)
                 a = 1 + max(dp, dl)
@@ -894,30 +912,16 @@ def hybrid(tree: Tree, rec: dict, latency: LatencyFn, max_input: int,
     chain length c, prompt-token count q and keeping or dropping the guess nodes that fits
     max_input), started from the best uniform policy. Returns the policy and
     the replayed figures with and without it."""
-    replay = Replay.build(tree, rec)
-    tau = _tau(tree, rec, latency, max_input)
-
-    def value(policy):
-        tok, sec, steps = replay.run(policy, tau)
-        return (tok / sec if sec else 0.0), tok, sec, steps
-
+    value = _replay_value(tree, rec, latency, max_input)
     plain = value({})
-    policy: dict = {}
-    best = plain
-    # start from the best uniform policy (one setting for every state), so that settings
-    # which pay only together (q = 0 and state 0's own chain) are within reach
-    entries = [(m, n) for m in [*sorted(tree.states), 0] for n in range(1, rec["max_ngram"] + 1)]
-    for c, q, keep in itertools.product(range(1, rec["max_tokens"] + 1),
-                                        [0, *sorted(tree.states)], (1, 0)):
-        trial = {(m, n): (c, q, keep) for m, n in entries
-                 if tree.input_length(m if keep else 0) + c * (1 + q) <= max_input}
-        v = value(trial)
-        if v[0] > best[0] * (1 + 1e-9):
-            best, policy = v, trial
+    best, policy = _best_uniform(tree, rec, max_input, value, plain)
     for _ in range(sweeps):
         changed = False
+        seen = value(policy, visits=True)[4]
         for m in [*sorted(tree.states), 0]:
             for n in range(1, rec["max_ngram"] + 1):
+                if (m, n) not in seen:  # no step of this walk is in (m, n): no trial moves
+                    continue
                 current = policy.get((m, n))
                 for c in range(0, rec["max_tokens"] + 1):
                     for q, keep in (itertools.product([0, *sorted(tree.states)], (1, 0))
@@ -934,10 +938,39 @@ def hybrid(tree: Tree, rec: dict, latency: LatencyFn, max_input: int,
                         v = value(trial)
                         if v[0] > best[0] * (1 + 1e-9):
                             best, policy, current, changed = v, trial, trial.get((m, n)), True
+                            seen = value(policy, visits=True)[4]
         if not changed:
             break
 
     return {"policy": policy, "hybrid": _replay_figures(best), "ppd_only": _replay_figures(plain)}
+
+
+def _replay_value(tree: Tree, rec: dict, latency: LatencyFn, max_input: int):
+    """policy → (tokens/s, tokens, seconds, steps) replayed over the measured positions."""
+    replay = Replay.build(tree, rec)
+    tau = _tau(tree, rec, latency, max_input)
+
+    def value(policy, visits=False):
+        seen: set | None = set() if visits else None
+        tok, sec, steps = replay.run(policy, tau, seen)
+        return (tok / sec if sec else 0.0), tok, sec, steps, seen
+    return value
+
+
+def _best_uniform(tree: Tree, rec: dict, max_input: int, value, start) -> tuple:
+    """The best policy with one setting (c, q, keep) for every state (m, n) — settings
+    which pay only together (q = 0 and state 0's own chain) are within its reach — or
+    none where `start` (no lookup) is better: ((tokens/s, ...), policy)."""
+    best, policy = start, {}
+    entries = [(m, n) for m in [*sorted(tree.states), 0] for n in range(1, rec["max_ngram"] + 1)]
+    for c, q, keep in itertools.product(range(1, rec["max_tokens"] + 1),
+                                        [0, *sorted(tree.states)], (1, 0)):
+        trial = {(m, n): (c, q, keep) for m, n in entries
+                 if tree.input_length(m if keep else 0) + c * (1 + q) <= max_input}
+        v = value(trial)
+        if v[0] > best[0] * (1 + 1e-9):
+            best, policy = v, trial
+    return best, policy
 
 
 def _tau(tree: Tree, rec: dict, latency: LatencyFn, max_input: int = 0) -> np.ndarray:
@@ -962,13 +995,53 @@ def replay_predict(tree: Tree, rec: dict, latency: LatencyFn) -> dict:
     return _replay_figures(((tok / sec) if sec else 0.0, tok, sec, steps))
 
 
+def ppd_candidates(found: dict, max_input: int) -> list[Solution]:
+    """PPD parts for a hybrid tree: the searched tree first, then the PPD optima under
+    smaller input caps (every cap up to 8, and a quarter, half and three quarters of the
+    searched tree's input): a smaller tree leaves room and time for the lookup chain.
+    A static search keeps its tree."""
+    sol = found["solution"]
+    if found["meta"].get("static"):
+        return [sol]
+    top = min(sol.tree.max_input_length, max_input)
+    caps = sorted({*range(2, min(top, 9)), top // 4, top // 2, 3 * top // 4} - {0, 1, top})
+    out, seen = [sol], {json.dumps(sol.tree.to_json()["states"])}
+    for cap in caps:
+        s = optimise(found["acc"], found["latency"], found["meta"]["config"]["k"], cap,
+                     found["path_prob"], found["meta"]["config"]["width_cap"])
+        key = json.dumps(s.tree.to_json()["states"])
+        if key not in seen:
+            seen.add(key)
+            out.append(s)
+    return out
+
+
 def with_lookup(found: dict, rec: dict, max_input: int) -> dict:
-    """Give the searched tree (`found`, from :func:`search`) the lookup policy
-    :func:`hybrid` finds, where it predicts faster; returns the replayed figures."""
-    tree = found["solution"].tree
-    h = hybrid(tree, rec, found["latency"], max_input)
+    """Give the searched tree (`found`, from :func:`search`) a lookup policy where it
+    predicts faster, choosing the PPD part jointly with the lookup: each of
+    :func:`ppd_candidates` is screened by its best uniform lookup policy, and the searched
+    tree and the best other candidate get the full per-state search (:func:`hybrid`).
+    When another PPD part wins, found's solution and predicted figures become its.
+    Returns the replayed figures (PPD alone: the searched tree without lookup)."""
+    lat = found["latency"]
+    sol, *others = ppd_candidates(found, max_input)
+    screened = 1 + len(others)
+    if others:
+        def screen(s):
+            value = _replay_value(s.tree, rec, lat, max_input)
+            return _best_uniform(s.tree, rec, max_input, value, value({}))[0][0]
+        others = [max(others, key=screen)]
+    runs = [(s, hybrid(s.tree, rec, lat, max_input)) for s in [sol, *others]]
+    best, h = max(runs, key=lambda r: r[1]["hybrid"]["tokens_per_second"])  # first on ties
+    ppd_only = runs[0][1]["ppd_only"]
     kept = bool(h["policy"]) and \
-        bool(h["hybrid"]["tokens_per_second"] > h["ppd_only"]["tokens_per_second"])
+        bool(h["hybrid"]["tokens_per_second"] > ppd_only["tokens_per_second"])
     if kept:
-        tree.lookup = Lookup(rec["max_ngram"], rec["max_tokens"], h["policy"])
-    return {"hybrid": h["hybrid"], "ppd_only": h["ppd_only"], "lookup_kept": kept}
+        best.tree.lookup = Lookup(rec["max_ngram"], rec["max_tokens"], h["policy"])
+        if best is not sol:
+            found["solution"] = best
+            found["meta"]["predicted"] = _prediction(best, found["t1"])
+    return {"hybrid": h["hybrid"], "ppd_only": ppd_only, "lookup_kept": kept,
+            "ppd_part": {"input_lengths": {str(m): L for m, L in
+                                           found["solution"].input_lengths.items()},
+                         "screened": screened, "searched": len(runs)}}

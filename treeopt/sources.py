@@ -11,11 +11,16 @@ from __future__ import annotations
 from .errors import BadInput
 
 
+# defaults: the longest n-gram matched and the longest chain measured (the search picks
+# each state's chain length up to it; `treeopt accept --lookup-ngram/--lookup-chain`)
+LOOKUP_NGRAM, LOOKUP_CHAIN = 3, 16
+
+
 class PromptLookup:
     """An n-gram index over one sequence. `offer()` → (n, continuation): the match length
     n (0 = none) and up to `max_tokens` tokens that followed the most recent match."""
 
-    def __init__(self, max_ngram: int = 3, max_tokens: int = 8):
+    def __init__(self, max_ngram: int = LOOKUP_NGRAM, max_tokens: int = LOOKUP_CHAIN):
         if not isinstance(max_ngram, int) or max_ngram < 1:
             raise BadInput(f"lookup n-gram length must be an integer ≥ 1, got {max_ngram!r}")
         if not isinstance(max_tokens, int) or max_tokens < 1:

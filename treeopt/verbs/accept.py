@@ -16,6 +16,7 @@ from ..evaluation import check_trees
 from ..export import load_tree
 from ..inputs import find_tree, resolve_inputs
 from ..runtime import open_decoder
+from ..sources import LOOKUP_CHAIN, LOOKUP_NGRAM
 from ..tree import Tree
 from .common import add_model_args, add_prompt_args, int_in, positive_int, say
 
@@ -31,6 +32,12 @@ def add_arguments(p) -> None:
                    help="length of the greedy continuations measured (≥ 2)")
     p.add_argument("--min-support", type=positive_int, default=40,
                    help="parent-path count from which a path's empirical probability is used")
+    p.add_argument("--lookup-ngram", type=int_in(1, 8), default=LOOKUP_NGRAM, metavar="N",
+                   help="prompt lookup records: match the last N..1 tokens (default "
+                   f"{LOOKUP_NGRAM})")
+    p.add_argument("--lookup-chain", type=int_in(1, 64), default=LOOKUP_CHAIN, metavar="C",
+                   help="prompt lookup records: chains of up to C proposed tokens; the "
+                   f"search picks each state's length up to C (default {LOOKUP_CHAIN})")
     p.add_argument("--check-tree", action="append", metavar="TREE",
                    help="predict tokens/step for this tree and measure it by decoding "
                    "(repeatable; 'default' = the runtime's default tree, 'chain', 'wide')")
@@ -75,7 +82,8 @@ def main(args) -> dict:
     dec, info = open_decoder(inp, args.model, args.dtype, args.device, args.threads)
     human = not args.json
     est = measure_acceptance(dec.lm, dec.table, texts, args.topk, args.max_new_tokens,
-                             args.min_support, quiet=not human)
+                             args.min_support, quiet=not human,
+                             lookup=(args.lookup_ngram, args.lookup_chain))
     table = dec.prompt_tokens.embeddings
     obj = {"schema": SCHEMA, "model": info["model"], "source": "measured",
            "prompt_tokens": {"path": info["prompt_tokens"],
@@ -112,6 +120,11 @@ def _print(obj: dict, est: dict, out) -> None:
     for c in obj.get("check", {}).get("trees", []):
         if c["error_product"] is None:
             say(f"check {c['tree']}: no full decode step measured")
+            continue
+        if c.get("method") == "replay":
+            say(f"check {c['tree']}: measured {c['measured_tokens_per_step']:.3f} tokens/step; "
+                f"predicted (replayed, hybrid) {c['predicted_fitted']:.3f} "
+                f"({100 * c['error_fitted']:+.1f}%)")
             continue
         say(f"check {c['tree']}: measured {c['measured_tokens_per_step']:.3f} tokens/step; "
             f"predicted product {c['predicted_product']:.3f} ({100 * c['error_product']:+.1f}%),"

@@ -4,6 +4,7 @@ from __future__ import annotations
 from .. import paths, prompts
 from ..artefact import check_out, write_json
 from ..device import device_slug
+from ..errors import BadInput
 from ..evaluation import (batch_bench, predicted_vs_measured, run_bench, speed_vs_profile,
                           speed_warning)
 from ..inputs import resolve_inputs
@@ -16,7 +17,8 @@ HELP = "benchmark PPD against HF generate over a prompt set"
 
 def add_arguments(p) -> None:
     add_model_args(p)
-    add_prompt_args(p)
+    add_prompt_args(p, repeat="repeat it to bench each set as a prompt family (limit, "
+                    "offset and stride apply to each)")
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--no-baseline", action="store_true", help="skip the plain greedy loop")
@@ -36,8 +38,14 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> dict:
-    texts = prompts.load(args.prompts, args.limit, args.offset, args.stride)
+    sets = args.prompts or [None]
+    if len(sets) > 1 and args.batch:
+        raise BadInput("--batch benches one prompt set; give --prompts once")
+    if len(set(sets)) < len(sets):
+        raise BadInput("--prompts: a prompt set is given twice")
     # every input is read before the model loads, so a bad file fails in seconds
+    families = {s: prompts.load(s, args.limit, args.offset, args.stride) for s in sets}
+    texts = families[sets[0]]
     inp = resolve_inputs(args.model, args.profile, args.acceptance, args.tree,
                          args.prompt_tokens, args.device, args.dtype,
                          want=("tree", "profile", "acceptance"))
@@ -48,27 +56,78 @@ def main(args) -> dict:
     human = not args.json
     if args.batch:
         return _batch(args, dec, info, inp, encoded, human)
+    if len(sets) > 1:
+        return _families(args, dec, info, inp, families, human)
     if human:
         say(f"bench: {len(encoded)} prompts, {args.max_new_tokens} new tokens, model "
             f"{info['model']} ({info['dtype']}), tree {info['tree']}")
     res, runs = run_bench(dec, encoded, args.max_new_tokens, info["dtype"],
                           not args.no_baseline, quiet=not human, hf_lookup=args.hf_lookup)
     out = {"schema": "treeopt.run/1", "kind": "bench", **info,
-           "prompt_file": args.prompts or "built-in", "offset": args.offset,
+           "prompt_file": sets[0] or "built-in", "offset": args.offset,
            "stride": args.stride, **res}
-    warning = None
     pred = predicted_vs_measured(dec.tree, res, inp.profile, inp.profile_src, inp.acceptance,
                                  inp.acceptance_src)
     if pred:
         out["predicted"] = pred
-    if inp.profile:
-        speed = speed_vs_profile(runs, inp.profile)
-        warning = speed_warning(speed, inp.profile_src, model_flag(args.model))
+    warning = _warning(runs, inp, args)
     path = args.out or paths.user_reports() / paths.run_name(device_slug(dec.device.type),
                                                              info["model"])
     write_json(path, out)
     if human:
         _print(out, path)
+        if warning:
+            say(warning)
+    return out
+
+
+def _warning(runs, inp, args) -> str | None:
+    if not inp.profile:
+        return None
+    return speed_warning(speed_vs_profile(runs, inp.profile), inp.profile_src,
+                         model_flag(args.model))
+
+
+def _families(args, dec, info, inp, families: dict, human) -> dict:
+    """One bench per prompt set (each interleaved per prompt), in one run."""
+    rows, all_runs = [], []
+    for name, texts in families.items():
+        if human:
+            say(f"bench family {prompts.family_name(name)}: {len(texts)} prompts, "
+                f"{args.max_new_tokens} new tokens, tree {info['tree']}")
+        encoded = dec.encode_prompts(texts, args.max_new_tokens, args.raw)
+        res, runs = run_bench(dec, encoded, args.max_new_tokens, info["dtype"],
+                              not args.no_baseline, quiet=not human, hf_lookup=args.hf_lookup)
+        all_runs += runs
+        row = {"family": prompts.family_name(name), "prompt_file": name, **res}
+        pred = predicted_vs_measured(dec.tree, res, inp.profile, inp.profile_src,
+                                     inp.acceptance, inp.acceptance_src)
+        if pred:
+            row["predicted"] = pred
+        rows.append(row)
+    out = {"schema": "treeopt.run/1", "kind": "bench-families", **info,
+           "offset": args.offset, "stride": args.stride, "max_new_tokens": args.max_new_tokens,
+           "hf_lookup": args.hf_lookup, "families": rows}
+    warning = _warning(all_runs, inp, args)
+    path = args.out or paths.user_reports() / paths.run_name(
+        device_slug(dec.device.type), info["model"]).replace(".run.json", ".families.run.json")
+    write_json(path, out)
+    if human:
+        say(f"{'family':>16} {'tok/step':>8} {'alone':>6} {'tok/s':>7} {'HF':>7} "
+            f"{'vs HF':>6} {'vs alone':>8} {'vs HF lookup':>12} {'identical':>9} "
+            f"{'predicted tok/step':>18}")
+        for r in rows:
+            p = r.get("predicted")
+            say(f"{r['family']:>16} {r['tokens_per_step']:>8.2f} "
+                f"{r.get('ppd_alone_tokens_per_step', r['tokens_per_step']):>6.2f} "
+                f"{r['tokens_per_second']:>7.1f} {r['hf_tokens_per_second']:>7.1f} "
+                f"{r['speedup_vs_hf']:>5.2f}x {r.get('speedup_vs_ppd_alone', 1.0):>7.2f}x "
+                + (f"{r['speedup_vs_hf_lookup']:>11.2f}x " if "speedup_vs_hf_lookup" in r
+                   else f"{'-':>12} ")
+                + f"{100 * r['identical_fraction']:>8.0f}% "
+                + (f"{p['tokens_per_step']:>10.3f} ({100 * p['error']['tokens_per_step']:+.1f}%)"
+                   if p and "tokens_per_step" in p.get("error", {}) else f"{'-':>18}"))
+        say(f"wrote {path}")
         if warning:
             say(warning)
     return out
@@ -82,7 +141,7 @@ def _batch(args, dec, info, inp, encoded, human) -> dict:
                        args.max_new_tokens, inp.profile, quiet=not human,
                        acceptance=inp.acceptance)
     out = {"schema": "treeopt.run/1", "kind": "batch-bench", **info,
-           "prompt_file": args.prompts or "built-in", "prompts": len(encoded),
+           "prompt_file": (args.prompts or ["built-in"])[0], "prompts": len(encoded),
            "max_new_tokens": args.max_new_tokens, "profile": inp.profile_src, "batch": rows}
     path = args.out or paths.user_reports() / paths.run_name(
         device_slug(dec.device.type), info["model"]).replace(".run.json", ".batch.run.json")

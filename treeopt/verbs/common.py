@@ -95,11 +95,15 @@ def add_model_args(p, tree: bool = True) -> None:
                    "shipped tokens)")
 
 
-def add_prompt_args(p, flag: str = "prompts", default_help: str = "built-in set") -> None:
-    """--prompts NAME|FILE with --limit/--offset/--stride (under a prefix for `check-`)."""
+def add_prompt_args(p, flag: str = "prompts", default_help: str = "built-in set",
+                    repeat: str = "") -> None:
+    """--prompts NAME|FILE with --limit/--offset/--stride (under a prefix for `check-`);
+    `repeat` (its help text) makes --prompts repeatable."""
     pre = "" if flag == "prompts" else flag.split("-")[0] + "-"
-    p.add_argument(f"--{flag}", help="a shipped set (mt-bench, vicuna-bench, alpaca-seed, "
-                   f"gsm8k-train, input-grounded) or a JSONL file (default: {default_help})")
+    p.add_argument(f"--{flag}", action="append" if repeat else "store",
+                   help="a shipped set (mt-bench, vicuna-bench, alpaca-seed, "
+                   f"gsm8k-train, input-grounded) or a JSONL file (default: {default_help})"
+                   + (f"; {repeat}" if repeat else ""))
     p.add_argument(f"--{pre}limit", type=positive_int, help="at most N prompts")
     p.add_argument(f"--{pre}offset", type=nonneg_int, default=0, help="skip the first N prompts")
     p.add_argument(f"--{pre}stride", type=positive_int, default=1,

@@ -72,11 +72,12 @@ def main(args) -> dict:
         f"{row[0]:.2f}" for row in acc["accuracy"]) + ")"
     step(2, f"acceptance: {heads['acceptance']}")
     found = search(acc, prof, Options(), f"demo-{mid}")
-    tree, meta = found["solution"].tree, found["meta"]
+    meta = found["meta"]
     rec = unpack_records(acc)
     if rec is not None:  # prompt lookup beside the guesses where it predicts faster
         meta["sources"] = "ppd,lookup"
         meta["replayed"] = with_lookup(found, rec, Options().max_input)
+    tree = found["solution"].tree
     tree_path = folder / paths.tree_name(dev_id, mid)
     report_path = paths.search_report_path(tree_path)
     tree.meta = {"model": mid, "profile": paths.display_path(prof_path),

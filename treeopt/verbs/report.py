@@ -16,11 +16,13 @@ HELP = "write an HTML report from profiles, acceptance, tree and run artefacts"
 
 def add_arguments(p) -> None:
     p.add_argument("--profile", action="append", default=[], help="profile.json (repeatable)")
-    p.add_argument("--acceptance", help="acceptance.json")
+    p.add_argument("--acceptance", action="append", default=[],
+                   help="acceptance.json (repeatable: one per prompt family; the first gets "
+                   "the acceptance section, all join the prompt-families panel)")
     p.add_argument("--tree", help="tree.json (from search; its search report beside it is "
                    "read too)")
     p.add_argument("--run", help="run.json (from run or bench; a `bench --batch` run gives "
-                   "the batch panel)")
+                   "the batch panel, a bench of several --prompts sets the families panel)")
     p.add_argument("--compare-tree", action="append", default=[], metavar="TREE",
                    help="another tree whose per-batch table joins the batch panel, e.g. one "
                    "searched on a simulated GPU (repeatable)")
@@ -45,24 +47,25 @@ def tree_and_report(path) -> tuple[dict, dict | None]:
 
 def main(args) -> dict:
     profiles = [(p, latency.load(p)) for p in args.profile]
-    acc = acceptance.load(args.acceptance) if args.acceptance else None
+    accs = [acceptance.load(a) for a in args.acceptance]
     tree, search_report = tree_and_report(args.tree) if args.tree else (None, None)
     compare = [(p, load_tree(p).to_json()) for p in args.compare_tree]
     run = None
     if args.run:
         run = read_json(args.run, "run file")
         check_schema(run, "treeopt.run/1", f"run file {args.run}")
-    name = pathlib.Path(args.run or args.tree or args.acceptance or
+    name = pathlib.Path(args.run or args.tree or (args.acceptance or [None])[0] or
                         (args.profile[0] if args.profile else "report")).name
     out = pathlib.Path(args.out or paths.user_reports() /
                        (paths.name_part(name.split(".")[0]) + ".html"))
-    check_out(out, [*args.profile, args.acceptance, args.tree, args.run, *args.compare_tree])
-    text = report.build(profiles, acc, tree, run, args.title, args.allow_mixed, search_report,
-                        compare)
+    check_out(out, [*args.profile, *args.acceptance, args.tree, args.run, *args.compare_tree])
+    text = report.build(profiles, accs[0] if accs else None, tree, run, args.title,
+                        args.allow_mixed, search_report, compare, accs[1:])
     write_atomic(out, text)
     if args.open:
         webbrowser.open(out.resolve().as_uri())
-    sections = [s for s in ("latency", "acceptance", "search", "tree", "batch", "run")
+    sections = [s for s in ("latency", "acceptance", "search", "tree", "batch", "families",
+                            "run")
                 if f"<section id='{s}'>" in text]
     if not args.json:
         say(f"wrote {out} ({len(text) // 1024} KB; sections: {', '.join(sections)})")

@@ -47,6 +47,9 @@ def add_arguments(p) -> None:
                    help="candidate sources: the prompt tokens' guesses alone, or with prompt "
                    "lookup (a chain per state and match length, searched by replaying the "
                    "acceptance file's measured positions; kept only when it predicts faster)")
+    p.add_argument("--lookup-chain", type=positive_int, metavar="C",
+                   help="with lookup: the longest chain a step may verify (default: the "
+                   "longest the acceptance file measured, `treeopt accept --lookup-chain`)")
     p.add_argument("--batch", type=int_list, metavar="B,..",
                    help="also find the best configuration for each batch size (a tree, or "
                    "plain decoding where none is faster), from the profile's batch points; "
@@ -81,18 +84,21 @@ def main(args) -> dict:
     check_out(report_path, inp.paths(), "search report")
     human = not args.json
     rec = None
+    if args.lookup_chain is not None and "lookup" not in args.sources:
+        raise BadInput("--lookup-chain needs --sources ppd,lookup")
     if "lookup" in args.sources:
-        rec = unpack_records(inp.acceptance)
+        rec = unpack_records(inp.acceptance, args.lookup_chain)
         if rec is None:
             raise BadInput(f"--sources {args.sources}: the acceptance file "
                            f"{inp.acceptance_src} has no prompt-lookup records (measure them "
                            "with `treeopt accept`)")
     found = search(inp.acceptance, prof, opts, f"{inp.model_id}-{prof.get('device_id', 'dev')}")
-    sol, meta = found["solution"], found["meta"]
-    tree = sol.tree
+    meta = found["meta"]
     if rec is not None:
         meta["sources"] = args.sources
         meta["replayed"] = with_lookup(found, rec, args.max_input)
+    sol = found["solution"]  # with lookup, the PPD part is chosen jointly
+    tree = sol.tree
     batch_rows = None
     if args.batch:
         r = meta.get("replayed")
