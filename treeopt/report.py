@@ -39,6 +39,13 @@ def _kv(rows: dict) -> str:
         if v is not None) + "</table>"
 
 
+def _table(head: list[str], rows: list[list]) -> str:
+    """A table with a header row (every cell escaped)."""
+    return ("<table><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in head) + "</tr>" + "".join(
+        "<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+        + "</table>")
+
+
 def _figure(svg: str, caption: str, fid: str) -> str:
     return (f"<figure id='{fid}' class='plot'>{svg}<figcaption>{_esc(caption)}</figcaption>"
             "</figure>")
@@ -128,14 +135,11 @@ def acceptance_section(obj: dict) -> str:
             "correlation factors": (obj.get("fit") or {}).get("correlation"),
             "created": obj.get("created"), "command": obj.get("command")}
     check = obj.get("check", {}).get("trees")
-    table = ""
-    if check:
-        table = "<table><tr><th>tree</th><th>measured tok/step</th><th>product</th>" \
-                "<th>fitted</th></tr>" + "".join(
-                    f"<tr><td>{_esc(c['tree'])}</td><td>{c['measured_tokens_per_step']:.3f}</td>"
-                    f"<td>{c['predicted_product']:.3f} ({100 * c['error_product']:+.1f}%)</td>"
-                    f"<td>{c['predicted_fitted']:.3f} ({100 * c['error_fitted']:+.1f}%)</td></tr>"
-                    for c in check) + "</table>"
+    table = _table(["tree", "measured tok/step", "product", "fitted"], [
+        [c["tree"], f"{c['measured_tokens_per_step']:.3f}",
+         f"{c['predicted_product']:.3f} ({100 * c['error_product']:+.1f}%)",
+         f"{c['predicted_fitted']:.3f} ({100 * c['error_fitted']:+.1f}%)"]
+        for c in check]) if check else ""
     return ("<section id='acceptance'><h2>Acceptance</h2>" + _kv(info) + "".join(parts)
             + table + "</section>")
 
@@ -270,16 +274,12 @@ def run_section(run: dict, tree_obj: dict | None) -> str:
 def _batch_table(rows: list[dict]) -> str:
     head = ["B", "chosen tok/s", "plain batched", "HF batched", "PPD one at a time",
             "vs plain", "vs HF", "tokens/step", "predicted tok/s (full batches)"]
-    out = ["<table><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in head) + "</tr>"]
-    for r in rows:
-        p = r.get("predicted")
-        cells = [r["batch"], r["chosen_tokens_per_second"], r["plain_tokens_per_second"],
-                 r["hf_tokens_per_second"], r["single_tokens_per_second"],
-                 f"{r['speedup_vs_plain']:.2f}x", f"{r['speedup_vs_hf']:.2f}x",
-                 r["tokens_per_step"],
-                 f"{p['tokens_per_second']} ({100 * p['error']:+.1f}%)" if p else "-"]
-        out.append("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>")
-    return "".join(out) + "</table>"
+    return _table(head, [
+        [r["batch"], r["chosen_tokens_per_second"], r["plain_tokens_per_second"],
+         r["hf_tokens_per_second"], r["single_tokens_per_second"],
+         f"{r['speedup_vs_plain']:.2f}x", f"{r['speedup_vs_hf']:.2f}x", r["tokens_per_step"],
+         f"{p['tokens_per_second']} ({100 * p['error']:+.1f}%)" if (p := r.get("predicted"))
+         else "-"] for r in rows])
 
 
 def batch_section(run: dict | None, trees: list[tuple[str, dict]]) -> str:
@@ -318,12 +318,6 @@ def batch_section(run: dict | None, trees: list[tuple[str, dict]]) -> str:
             + _figure(_svg(fig), "left: measured throughput per batch size; right: the tree "
                       "size each per-batch table chooses (it shrinks as the batch grows)",
                       "fig-batch") + (_batch_table(rows) if rows else "") + "</section>")
-
-
-def _table(head: list[str], rows: list[list]) -> str:
-    return ("<table><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in head) + "</tr>" + "".join(
-        "<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>" for row in rows)
-        + "</table>")
 
 
 def _acceptance_row(obj: dict) -> list:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
-import json
 import logging
 import math
 import re
@@ -906,15 +905,14 @@ class Replay:
 
 
 def hybrid(tree: Tree, rec: dict, latency: LatencyFn, max_input: int,
-           sweeps: int = 3) -> dict:
+           sweeps: int = 3, start: tuple | None = None) -> dict:
     """The lookup policy per state (m, n) for a tree's PPD part, by coordinate ascent on
     the replayed tokens per second over the measured positions (each entry tries every
     chain length c, prompt-token count q and keeping or dropping the guess nodes that fits
-    max_input), started from the best uniform policy. Returns the policy and
-    the replayed figures with and without it."""
-    value = _replay_value(tree, rec, latency, max_input)
-    plain = value({})
-    best, policy = _best_uniform(tree, rec, max_input, value, plain)
+    max_input), started from the best uniform policy (`start`, from :func:`uniform_start`,
+    where the caller has it). Returns the policy and the replayed figures with and without
+    it."""
+    value, plain, best, policy = start or uniform_start(tree, rec, latency, max_input)
     for _ in range(sweeps):
         changed = False
         seen = value(policy, visits=True)[4]
@@ -957,11 +955,14 @@ def _replay_value(tree: Tree, rec: dict, latency: LatencyFn, max_input: int):
     return value
 
 
-def _best_uniform(tree: Tree, rec: dict, max_input: int, value, start) -> tuple:
+def uniform_start(tree: Tree, rec: dict, latency: LatencyFn, max_input: int) -> tuple:
     """The best policy with one setting (c, q, keep) for every state (m, n) — settings
     which pay only together (q = 0 and state 0's own chain) are within its reach — or
-    none where `start` (no lookup) is better: ((tokens/s, ...), policy)."""
-    best, policy = start, {}
+    none where no lookup is better: (the replay's value function, the figures without
+    lookup, the best figures, the policy); :func:`hybrid` climbs from it."""
+    value = _replay_value(tree, rec, latency, max_input)
+    plain = value({})
+    best, policy = plain, {}
     entries = [(m, n) for m in [*sorted(tree.states), 0] for n in range(1, rec["max_ngram"] + 1)]
     for c, q, keep in itertools.product(range(1, rec["max_tokens"] + 1),
                                         [0, *sorted(tree.states)], (1, 0)):
@@ -970,7 +971,7 @@ def _best_uniform(tree: Tree, rec: dict, max_input: int, value, start) -> tuple:
         v = value(trial)
         if v[0] > best[0] * (1 + 1e-9):
             best, policy = v, trial
-    return best, policy
+    return value, plain, best, policy
 
 
 def _tau(tree: Tree, rec: dict, latency: LatencyFn, max_input: int = 0) -> np.ndarray:
@@ -1005,13 +1006,15 @@ def ppd_candidates(found: dict, max_input: int) -> list[Solution]:
         return [sol]
     top = min(sol.tree.max_input_length, max_input)
     caps = sorted({*range(2, min(top, 9)), top // 4, top // 2, 3 * top // 4} - {0, 1, top})
-    out, seen = [sol], {json.dumps(sol.tree.to_json()["states"])}
+
+    def shape(t: Tree):
+        return t.root_prompt_tokens, tuple((m, tuple(ns)) for m, ns in sorted(t.states.items()))
+    out, seen = [sol], {shape(sol.tree)}
     for cap in caps:
         s = optimise(found["acc"], found["latency"], found["meta"]["config"]["k"], cap,
                      found["path_prob"], found["meta"]["config"]["width_cap"])
-        key = json.dumps(s.tree.to_json()["states"])
-        if key not in seen:
-            seen.add(key)
+        if shape(s.tree) not in seen:
+            seen.add(shape(s.tree))
             out.append(s)
     return out
 
@@ -1026,12 +1029,11 @@ def with_lookup(found: dict, rec: dict, max_input: int) -> dict:
     lat = found["latency"]
     sol, *others = ppd_candidates(found, max_input)
     screened = 1 + len(others)
+    runs = [(sol, hybrid(sol.tree, rec, lat, max_input))]
     if others:
-        def screen(s):
-            value = _replay_value(s.tree, rec, lat, max_input)
-            return _best_uniform(s.tree, rec, max_input, value, value({}))[0][0]
-        others = [max(others, key=screen)]
-    runs = [(s, hybrid(s.tree, rec, lat, max_input)) for s in [sol, *others]]
+        starts = [(s, uniform_start(s.tree, rec, lat, max_input)) for s in others]
+        s, start = max(starts, key=lambda st: st[1][2][0])  # by tokens/s; first on ties
+        runs.append((s, hybrid(s.tree, rec, lat, max_input, start=start)))
     best, h = max(runs, key=lambda r: r[1]["hybrid"]["tokens_per_second"])  # first on ties
     ppd_only = runs[0][1]["ppd_only"]
     kept = bool(h["policy"]) and \

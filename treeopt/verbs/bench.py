@@ -45,31 +45,27 @@ def main(args) -> dict:
         raise BadInput("--prompts: a prompt set is given twice")
     # every input is read before the model loads, so a bad file fails in seconds
     families = {s: prompts.load(s, args.limit, args.offset, args.stride) for s in sets}
-    texts = families[sets[0]]
     inp = resolve_inputs(args.model, args.profile, args.acceptance, args.tree,
                          args.prompt_tokens, args.device, args.dtype,
                          want=("tree", "profile", "acceptance"))
     if args.out:
         check_out(args.out, inp.paths())
     dec, info = open_decoder(inp, args.model, args.dtype, args.device, args.threads)
-    encoded = dec.encode_prompts(texts, args.max_new_tokens, args.raw)
+    # every set's prompts encoded and length-checked before any benching
+    encoded = {s: dec.encode_prompts(t, args.max_new_tokens, args.raw)
+               for s, t in families.items()}
     human = not args.json
     if args.batch:
-        return _batch(args, dec, info, inp, encoded, human)
+        return _batch(args, dec, info, inp, encoded[sets[0]], human)
     if len(sets) > 1:
-        return _families(args, dec, info, inp, families, human)
+        return _families(args, dec, info, inp, encoded, human)
     if human:
-        say(f"bench: {len(encoded)} prompts, {args.max_new_tokens} new tokens, model "
-            f"{info['model']} ({info['dtype']}), tree {info['tree']}")
-    res, runs = run_bench(dec, encoded, args.max_new_tokens, info["dtype"],
-                          not args.no_baseline, quiet=not human, hf_lookup=args.hf_lookup)
+        say(f"bench: {len(encoded[sets[0]])} prompts, {args.max_new_tokens} new tokens, "
+            f"model {info['model']} ({info['dtype']}), tree {info['tree']}")
+    res, runs = _bench_one(args, dec, info, inp, encoded[sets[0]], human)
     out = {"schema": "treeopt.run/1", "kind": "bench", **info,
            "prompt_file": sets[0] or "built-in", "offset": args.offset,
            "stride": args.stride, **res}
-    pred = predicted_vs_measured(dec.tree, res, inp.profile, inp.profile_src, inp.acceptance,
-                                 inp.acceptance_src)
-    if pred:
-        out["predicted"] = pred
     warning = _warning(runs, inp, args)
     path = args.out or paths.user_reports() / paths.run_name(device_slug(dec.device.type),
                                                              info["model"])
@@ -81,6 +77,15 @@ def main(args) -> dict:
     return out
 
 
+def _bench_one(args, dec, info, inp, encoded, human) -> tuple[dict, list]:
+    """The interleaved bench of one prompt set, with the search's prediction beside it."""
+    res, runs = run_bench(dec, encoded, args.max_new_tokens, info["dtype"],
+                          not args.no_baseline, quiet=not human, hf_lookup=args.hf_lookup)
+    pred = predicted_vs_measured(dec.tree, res, inp.profile, inp.profile_src, inp.acceptance,
+                                 inp.acceptance_src)
+    return ({**res, "predicted": pred} if pred else res), runs
+
+
 def _warning(runs, inp, args) -> str | None:
     if not inp.profile:
         return None
@@ -88,23 +93,16 @@ def _warning(runs, inp, args) -> str | None:
                          model_flag(args.model))
 
 
-def _families(args, dec, info, inp, families: dict, human) -> dict:
+def _families(args, dec, info, inp, encoded: dict, human) -> dict:
     """One bench per prompt set (each interleaved per prompt), in one run."""
     rows, all_runs = [], []
-    for name, texts in families.items():
+    for name, ids in encoded.items():
         if human:
-            say(f"bench family {prompts.family_name(name)}: {len(texts)} prompts, "
+            say(f"bench family {prompts.family_name(name)}: {len(ids)} prompts, "
                 f"{args.max_new_tokens} new tokens, tree {info['tree']}")
-        encoded = dec.encode_prompts(texts, args.max_new_tokens, args.raw)
-        res, runs = run_bench(dec, encoded, args.max_new_tokens, info["dtype"],
-                              not args.no_baseline, quiet=not human, hf_lookup=args.hf_lookup)
+        res, runs = _bench_one(args, dec, info, inp, ids, human)
         all_runs += runs
-        row = {"family": prompts.family_name(name), "prompt_file": name, **res}
-        pred = predicted_vs_measured(dec.tree, res, inp.profile, inp.profile_src,
-                                     inp.acceptance, inp.acceptance_src)
-        if pred:
-            row["predicted"] = pred
-        rows.append(row)
+        rows.append({"family": prompts.family_name(name), "prompt_file": name, **res})
     out = {"schema": "treeopt.run/1", "kind": "bench-families", **info,
            "offset": args.offset, "stride": args.stride, "max_new_tokens": args.max_new_tokens,
            "hf_lookup": args.hf_lookup, "families": rows}
