@@ -14,7 +14,8 @@ best greedy tree, and its predicted vs measured tokens/s.
 import argparse
 import json
 
-from treeopt import evaluation, prompts, search
+from treeopt import evaluation, prompts
+from treeopt.search import exact
 from treeopt.acceptance import search_inputs
 from treeopt.inputs import resolve_inputs
 from treeopt.runtime import open_decoder
@@ -34,7 +35,7 @@ def main():
     acc, _ = search_inputs(inp.acceptance, conditional=False)
     trees = {"searched": inp.tree}
     for L in [int(x) for x in args.sizes.split(",")]:
-        g = search.greedy_tree(acc, L)
+        g = exact.greedy_tree(acc, L)
         if g is not None:
             trees[f"greedy L={g.input_length(g.num_prompt_tokens)}"] = g
     texts = prompts.load(args.prompts, args.limit, args.offset, args.stride)

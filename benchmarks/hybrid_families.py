@@ -30,7 +30,8 @@ from treeopt.evaluation import predicted_vs_measured, run_bench
 from treeopt.inputs import resolve_inputs
 from treeopt.latency import Latency
 from treeopt.runtime import open_decoder
-from treeopt.search import Options, replay_predict, search, with_lookup
+from treeopt.search import Options, search
+from treeopt.search.hybrid import replay_predict, with_lookup
 
 COMMAND = "benchmarks/hybrid_families.py " + shlex.join(sys.argv[1:])
 FAMILIES = {"chat": ("mt-bench", 0), "math": ("gsm8k-train", 1000),

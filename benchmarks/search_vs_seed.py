@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from treeopt import acceptance as accept
-from treeopt import search
+from treeopt.search import curves, exact
 from treeopt.tree import Node, Tree
 
 FLAT = staticmethod(lambda L: np.ones_like(np.asarray(L, dtype=float)))
@@ -29,7 +29,7 @@ def seed_tree(acc: np.ndarray, L: int) -> Tree:
     """The seed's dynamic tree for budget L (|C| + Σ n_u ≤ L per key; root carries N)."""
     n = acc.shape[0]
     a = np.nan_to_num(acc, nan=0.0)
-    ranked = {d: search.universe(a, d, L) for d in range(1, n + 1)}
+    ranked = {d: exact.universe(a, d, L) for d in range(1, n + 1)}
     V = {d: np.concatenate([[0.0], np.cumsum(ranked[d].prob)]) for d in ranked}
 
     def key_tree(d, m):
@@ -111,17 +111,17 @@ def main():
         obj = accept.load(f"profiles/reference/{model}.acceptance.json")
         acc = accept.accuracy_array(obj)
         t0 = time.perf_counter()
-        sol = search.optimise(acc, flat, max_input=max(lengths))
-        rows = {r["input_length"]: r for r in search.per_input_length(sol, acc, flat, max(lengths))}
+        sol = exact.optimise(acc, flat, max_input=max(lengths))
+        rows = {r["input_length"]: r for r in curves.per_input_length(sol, acc, flat, max(lengths))}
         t_ours = time.perf_counter() - t0
         res = []
         for F in lengths:
             t = time.perf_counter()
             tree = seed_tree(acc, F - 1 - acc.shape[0])
             t_seed = time.perf_counter() - t
-            seed = search.predict(tree, np.nan_to_num(acc, nan=0.0))["tokens_per_step"]
+            seed = exact.predict(tree, np.nan_to_num(acc, nan=0.0))["tokens_per_step"]
             t = time.perf_counter()  # what `treeopt search --max-input F` returns
-            ours = search.optimise(acc, flat, max_input=F).tokens_per_step
+            ours = exact.optimise(acc, flat, max_input=F).tokens_per_step
             t_exact = time.perf_counter() - t
             table = rows[F]["tokens_per_step"]
             res.append({"input_length": F, "ours": round(ours, 4), "seed": round(seed, 4),

@@ -1,5 +1,4 @@
 import os
-import random
 import tempfile
 
 import pytest
@@ -11,8 +10,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["TREEOPT_HOME"] = tempfile.mkdtemp(prefix="treeopt-test-home-")
 
 from treeopt.models import Loaded  # noqa: E402
-from treeopt.prompt_tokens import PromptTokens  # noqa: E402
-from treeopt.tree import Node, Tree  # noqa: E402
+from treeopt.paths import SHIPPED  # noqa: E402
+
+
+# the shipped CPU artefacts, named where a test means them (this machine's CPU may differ
+# from the one that measured them, so they are not found as "this device's" by default)
+SHIPPED_CPU_PROFILE = SHIPPED / "cpu-amd-epyc-2c__SmolLM2-135M-Instruct__bfloat16.json"
+SHIPPED_CPU_TREE = SHIPPED / "cpu-amd-epyc-2c__SmolLM2-135M-Instruct.tree.json"
 
 
 def tiny_loaded(vocab: int = 24, seed: int = 0, dtype=torch.float64, layers: int = 2) -> Loaded:
@@ -28,28 +32,6 @@ def tiny_loaded(vocab: int = 24, seed: int = 0, dtype=torch.float64, layers: int
     model.generation_config.eos_token_id = None
     model.requires_grad_(False)
     return Loaded(model, None, "tiny-llama", "", torch.device("cpu"), dtype)
-
-
-def random_prompt_tokens(lm: Loaded, k: int, seed: int = 0) -> PromptTokens:
-    g = torch.Generator().manual_seed(seed)
-    hidden = lm.model.config.hidden_size
-    return PromptTokens(torch.randn(k, hidden, generator=g) * 0.5)
-
-
-def random_tree(rng: random.Random, k: int, topk: int, max_nodes: int = 12) -> Tree:
-    """A random valid dynamic tree: every state 1..k, prefix-closed, random counts."""
-    states = {}
-    for m in range(1, k + 1):
-        paths = set()
-        for _ in range(rng.randint(0, max_nodes)):
-            parents = [()] + [p for p in paths if len(p) < m]
-            parent = rng.choice(parents)
-            used = {p[-1] for p in paths if len(p) == len(parent) + 1 and p[:-1] == parent}
-            free = [r for r in range(topk) if r not in used]
-            if free:
-                paths.add(parent + (rng.choice(free),))
-        states[m] = [Node(p, rng.randint(1, k)) for p in paths]
-    return Tree(k, rng.randint(1, k), states, topk)
 
 
 @pytest.fixture(scope="session")

@@ -7,35 +7,9 @@ import pytest
 import torch
 import transformers as T
 
-from treeopt.models import Loaded
 from treeopt.runtime import Decoder
-
-from conftest import random_prompt_tokens, random_tree
-
-SMALL = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=512, bos_token_id=None,
-             eos_token_id=None, pad_token_id=None)
-WINDOW = 16
-CONFIGS = {
-    "llama": lambda: T.LlamaConfig(num_hidden_layers=2, **SMALL),
-    "qwen2": lambda: T.Qwen2Config(num_hidden_layers=2, **SMALL),
-    "mistral": lambda: T.MistralConfig(num_hidden_layers=2, sliding_window=WINDOW, **SMALL),
-    "gemma3": lambda: T.Gemma3TextConfig(
-        num_hidden_layers=4, head_dim=8, sliding_window=WINDOW,
-        layer_types=["sliding_attention", "full_attention"] * 2, **SMALL),
-    "gemma2": lambda: T.Gemma2Config(num_hidden_layers=2, head_dim=8, sliding_window=WINDOW,
-                                     final_logit_softcapping=5.0, **SMALL),
-    "phi3": lambda: T.Phi3Config(num_hidden_layers=2, **SMALL),
-}
-
-
-def tiny_model(name: str, dtype=torch.float32) -> Loaded:
-    torch.manual_seed(0)
-    model = T.AutoModelForCausalLM.from_config(CONFIGS[name]()).to(dtype).eval()
-    model.generation_config.eos_token_id = None
-    model.requires_grad_(False)
-    return Loaded(model, None, f"tiny-{name}", "", torch.device("cpu"), dtype)
-
+from treeopt.tiny import (CONFIGS, WINDOW, lossless_check, random_prompt_tokens, random_tree,
+                          tiny_model)
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_lossless_across_architectures(name):
@@ -50,6 +24,14 @@ def test_lossless_across_architectures(name):
             ref = dec.hf_generate(ids, 2 * WINDOW).output_ids
             assert dec.baseline(ids, 2 * WINDOW).output_ids == ref
             assert dec.ppd(ids, 2 * WINDOW).output_ids == ref, (name, prompt_len)
+
+
+def test_the_lossless_check_passes_and_counts_every_decode():
+    """The check `benchmarks/gpu_check.py` runs on a GPU, here on the CPU: every
+    architecture, single and batched, hybrid trees among them."""
+    rows = lossless_check("cpu", names=("llama", "gemma2"), trees=2, new_tokens=12)
+    assert [r["architecture"] for r in rows] == ["llama", "gemma2"]
+    assert all(r["decodes_checked"] == 12 and r["mismatches"] == 0 for r in rows)
 
 
 def test_sliding_masks_hide_what_the_window_excludes():
@@ -75,3 +57,45 @@ def test_sliding_masks_hide_what_the_window_excludes():
     one = attention_masks(T.LlamaConfig(), torch.ones(2, 3, dtype=torch.bool),
                           torch.tensor([5, 6]), torch.tensor([4, 5, 6]), torch.float32)
     assert torch.is_tensor(one) and one.shape == (1, 1, 2, 3) and (one == 0).all()
+
+
+def test_no_deprecation_warning_from_treeopt_calls():
+    """treeopt calls transformers with today's argument names: decoding (single, batched,
+    hybrid) and the distillation pass draw no FutureWarning or DeprecationWarning, and
+    transformers logs no deprecation (run under the pinned and the newest 5.x release)."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from treeopt.batch import BatchDecoder
+    from treeopt.distill import prefix_pass
+    from treeopt.tiny import random_lookup
+
+    lm = tiny_model("gemma2")
+    rng = random.Random(5)
+    tree = random_tree(rng, 3, 6)
+    tree.lookup = random_lookup(rng, tree)
+    dec = Decoder(lm, random_prompt_tokens(lm, 3), tree)
+    ids = [rng.randrange(32) for _ in range(20)]
+    logged: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: logged.append(record.getMessage())
+    hf_root = logging.getLogger("transformers")  # it does not propagate to the root logger
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()
+    hf_root.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dec.ppd(ids, 12)
+            dec.baseline(ids, 12)
+            BatchDecoder(lm, dec.prompt_tokens, {1: tree}).generate([ids, ids[:7]], 12)
+            prefix_pass(lm, ids)
+    finally:
+        hf_root.removeHandler(handler)
+        hf_logging.set_verbosity(level)
+    bad = [f"{w.category.__name__}: {w.message}" for w in caught
+           if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not bad, bad
+    assert not [m for m in logged if "deprecat" in m.lower()], logged

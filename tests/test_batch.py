@@ -10,9 +10,9 @@ from treeopt.batch import BatchDecoder, hf_generate_batch, schedule_of
 from treeopt.runtime import Decoder, new_cache
 from treeopt.tree import Tree
 
-from conftest import random_prompt_tokens, random_tree, tiny_loaded
-from test_architectures import WINDOW, tiny_model
-from test_runtime import random_lookup
+from conftest import SHIPPED_CPU_PROFILE, tiny_loaded
+from treeopt.tiny import (WINDOW, random_lookup, random_prompt_tokens, random_tree,
+                          tiny_model)
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +205,7 @@ def test_batched_ppd_lossless_smollm_fp32(smollm):
 import json  # noqa: E402
 
 from treeopt import latency, search  # noqa: E402
+from treeopt.search import batch  # noqa: E402
 from treeopt.errors import BadInput  # noqa: E402
 from treeopt.inputs import resolve_inputs  # noqa: E402
 
@@ -212,7 +213,7 @@ from test_cli import assert_bad, treeopt  # noqa: E402
 
 
 def test_old_profiles_read_as_batch_one_and_missing_batches_are_refused():
-    shipped = resolve_inputs(None, need=("profile",)).profile
+    shipped = resolve_inputs(None, str(SHIPPED_CPU_PROFILE), need=("profile",)).profile
     assert latency.batches(shipped) == [1, 2, 4, 8, 16]
     with pytest.raises(BadInput, match="no points at batch size 3"):
         latency.require_batches(shipped, [1, 3, 4])
@@ -245,7 +246,7 @@ def test_per_batch_search_b1_is_todays_search_and_trees_shrink_with_b():
     inp = resolve_inputs("vicuna-7b", need=("profile", "acceptance"), simulate=True,
                          batch=[1, 2, 8, 32, 128])
     found = search.search(inp.acceptance, inp.profile, search.Options(max_input=256))
-    table, rows = search.per_batch(found, inp.profile, [1, 2, 8, 32, 128], 256)
+    table, rows = batch.per_batch(found, inp.profile, [1, 2, 8, 32, 128], 256)
     sol = found["solution"]
     assert table[1].states == sol.tree.states and not table[1].by_batch
     assert rows[0]["tokens_per_second"] == pytest.approx(sol.tokens_per_second, rel=1e-6)
@@ -278,7 +279,8 @@ def test_search_batch_cli(tmp_path):
     assert set(tree.by_batch) == {1, 8, 32, 64}
     assert set(res["export"]["by_batch"]) == {"1", "8", "32", "64"}
     # a profile without the asked batch points: a clear error, never a silent guess
-    assert_bad(treeopt("search", "--batch", "1,3", "--out", str(tmp_path / "t.json")),
+    assert_bad(treeopt("search", "--batch", "1,3", "--profile", SHIPPED_CPU_PROFILE,
+                       "--out", str(tmp_path / "t.json")),
                "no points at batch size 3")
 
 
@@ -288,7 +290,7 @@ def test_report_batch_panel():
     inp = resolve_inputs("vicuna-7b", need=("profile", "acceptance"), simulate=True,
                          batch=[1, 4])
     found = search.search(inp.acceptance, inp.profile, search.Options(max_input=128))
-    table, rows = search.per_batch(found, inp.profile, [1, 4], 128)
+    table, rows = batch.per_batch(found, inp.profile, [1, 4], 128)
     tree = found["solution"].tree
     tree.by_batch, tree.meta = table, {"batch": rows, "model": "vicuna-7b-v1.3",
                                        "device": "<script>x</script>"}

@@ -7,7 +7,7 @@ from treeopt import acceptance as accept
 from treeopt import evaluation as bench
 from treeopt import latency as prof_mod
 from treeopt import paths as shipped
-from treeopt import search
+from treeopt.search import exact
 from treeopt.artefact import write_json
 from treeopt.errors import BadInput
 from treeopt.inputs import resolve_inputs
@@ -79,7 +79,7 @@ def test_predicted_vs_measured(tmp_path):
     tree = Tree.static([[0], [1], [0, 0]], 3, 10)
     acc = accept.search_inputs(accept.load(acc_path), conditional=False)[0]
     lat = prof_mod.Latency(synthetic_profile())
-    want = search.predict(tree, acc, lambda L: lat(L, 96))
+    want = exact.predict(tree, acc, lambda L: lat(L, 96))
     # a run that matches the prediction exactly, and a plain loop 10 % slower than t(1)
     t1 = float(prof_mod.Latency(synthetic_profile(), with_overhead=False)([1], 96)[0])
     res = {"decode": {"steps": 50, "tokens_per_step": want["tokens_per_step"],

@@ -1,9 +1,12 @@
 """Hostile-but-realistic input, through the CLI: every bad input is one line on stderr,
 exit 2 (130/143 for Ctrl-C/SIGTERM), no traceback, and no file outside the command's
 --out changes. One class of cause per test (numbers as in the issue that found them)."""
+import base64
+import gzip
 import json
 import os
 import pathlib
+import resource
 import signal
 import sqlite3
 import stat
@@ -17,6 +20,8 @@ import torch
 from treeopt.artefact import stamp, write_json
 from treeopt.errors import BadInput
 from treeopt.paths import SHIPPED
+
+from conftest import SHIPPED_CPU_PROFILE, SHIPPED_CPU_TREE
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 REF = SHIPPED / "reference" / "vicuna-7b-v1.3.acceptance.json"
@@ -45,16 +50,21 @@ class Sandbox:
         self.home = tmp_path / "home"
         self.home.mkdir()
 
-    def cli(self, *args, timeout=300):
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore",
-                   TREEOPT_HOME=str(self.home))
+    def cli(self, *args, timeout=300, memory_gib=None, env=None):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
+               "TREEOPT_HOME": str(self.home), **(env or {})}
+
+        def limit():  # a hostile file must fail within bounded memory
+            if memory_gib:
+                cap = int(memory_gib * 2**30)
+                resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
         return subprocess.run([sys.executable, "-m", "treeopt.cli", *map(str, args)],
                               capture_output=True, text=True, timeout=timeout, env=env,
-                              cwd=self.dir)
+                              cwd=self.dir, preexec_fn=limit)
 
-    def bad(self, *args, needle="", code=2):
+    def bad(self, *args, needle="", code=2, timeout=300, memory_gib=None, env=None):
         before, repo = snapshot(self.dir), repo_state()
-        p = self.cli(*args)
+        p = self.cli(*args, timeout=timeout, memory_gib=memory_gib, env=env)
         lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
         assert p.returncode == code, (args, p.stderr)
         assert len(lines) == 1 and "Traceback" not in p.stderr, (args, p.stderr)
@@ -325,4 +335,258 @@ def test_12_minor_causes(box):
         {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 8,
          "num_hidden_layers": 1, "num_attention_heads": 1, "intermediate_size": 8,
          "vocab_size": 16}))
+    box.bad("run", "--model", folder, needle="no weights here, only its shape")
+    (folder / "model.safetensors").write_bytes(b"not weights")
     box.bad("run", "--model", folder, needle="no usable tokenizer files")
+
+
+# ---- round 2: the surfaces hybrid trees, batches, trees in/out and families added ------
+# Each test: the CLI, exit code, one stderr line, no traceback, no file changed outside
+# --out, within bounded time and memory (`quick`).
+SHIPPED_ACC = SHIPPED / "SmolLM2-135M-Instruct.acceptance.json"
+QUICK = {"timeout": 120, "memory_gib": 3}
+
+
+def _acc(**lookup) -> dict:
+    acc = json.loads(SHIPPED_ACC.read_text())
+    acc["lookup"].update(lookup)
+    return acc
+
+
+def _records(acc, **arrays) -> dict:
+    rec = acc["lookup"]["records"]
+    for key, values in arrays.items():
+        rec[key] = base64.b64encode(__import__("numpy").asarray(values, dtype="int16")
+                                    .tobytes()).decode() if key != "lengths" else values
+    return acc
+
+
+def test_r2_01_lookup_sizes_are_bounded(box):
+    """max_tokens / max_ngram of 1e9 in acceptance files, tree files and trees nested in
+    by_batch, named or found under $TREEOPT_HOME, are refused before any work."""
+    write_json(box.dir / "a.json", _acc(max_tokens=10**9))
+    box.bad("search", "--sources", "ppd,lookup", "--profile", SHIPPED_CPU_PROFILE,
+            "--acceptance", box.dir / "a.json", needle="lookup chain length 1000000000 "
+            "outside 1..64", **QUICK)
+    tree = json.loads(SHIPPED_CPU_TREE.read_text())
+    write_json(box.dir / "t.json", dict(tree, lookup=dict(tree["lookup"], max_ngram=10**9)))
+    for verb in (("run", "--tree"), ("bench", "--tree"),
+                 ("search", "--profile", SHIPPED_CPU_PROFILE, "--evaluate")):
+        box.bad(*verb, box.dir / "t.json", needle="n-gram length 1000000000 outside 1..8",
+                **QUICK)
+    nested = dict(tree, by_batch={"1": dict(tree, lookup=dict(tree["lookup"],
+                                                              max_tokens=10**9))})
+    write_json(box.dir / "n.json", nested)
+    box.bad("run", "--tree", box.dir / "n.json", needle="outside 1..64", **QUICK)
+    # a user file under $TREEOPT_HOME, picked up without being named
+    (box.home / "profiles").mkdir()
+    write_json(box.home / "profiles" / "SmolLM2-135M-Instruct.acceptance.json",
+               _acc(max_ngram=10**9))
+    box.bad("search", "--sources", "ppd,lookup", "--profile", SHIPPED_CPU_PROFILE,
+            needle="n-gram length 1000000000", **QUICK)
+
+
+def test_r2_02_every_input_is_protected_from_out(box):
+    """Prompt files, the search report `report` reads beside --tree, and the tree that
+    `accept --check-tree default` resolves are inputs: an --out naming one is refused."""
+    prompts_file = box.dir / "p.jsonl"
+    prompts_file.write_text(json.dumps({"prompt": "Say hi."}) + "\n")
+    box.bad("bench", "--prompts", prompts_file, "--out", prompts_file, needle="also an input",
+            **QUICK)
+    assert prompts_file.read_text().startswith('{"prompt"')
+    tree = box.dir / "t.tree.json"
+    tree.write_text(SHIPPED_CPU_TREE.read_text())
+    side = box.dir / json.loads(SHIPPED_CPU_TREE.read_text())["meta"]["search_report"]
+    side.write_text((SHIPPED / side.name).read_text())
+    box.bad("report", "--tree", tree, "--out", side, needle="also an input", **QUICK)
+    from treeopt.device import device_slug
+    from treeopt.paths import tree_name
+
+    (box.home / "profiles").mkdir()
+    mine = box.home / "profiles" / tree_name(device_slug("cpu"), "SmolLM2-135M-Instruct")
+    mine.write_text(SHIPPED_CPU_TREE.read_text())
+    box.bad("accept", "--check-tree", "default", "--device", "cpu", "--prompts", "mt-bench",
+            "--limit", "2", "--out", mine,
+            needle="also an input", **QUICK)
+
+
+def test_r2_03_batch_file_prompts_are_capped(box):
+    many = box.dir / "many.jsonl"
+    many.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(300)))
+    box.bad("run", "--batch-file", many, needle="300 prompts, at most 256", **QUICK)
+
+
+def test_r2_04_and_11_gzip_is_bounded_and_checked(box):
+    bomb = box.dir / "bomb.jsonl.gz"
+    with gzip.open(bomb, "wb", compresslevel=9) as f:
+        chunk = b" " * (1 << 20)
+        for _ in range(200):  # 200 MiB of text in ~200 KB
+            f.write(chunk)
+    assert bomb.stat().st_size < 1 << 20
+    box.bad("bench", "--prompts", bomb, needle="more than 64 MiB", **QUICK)
+    (box.dir / "bad.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00" + b"garbage" * 50)
+    box.bad("bench", "--prompts", box.dir / "bad.jsonl.gz", needle="corrupt gzip", **QUICK)
+    whole = gzip.compress(b'{"prompt": "hi"}\n' * 50)
+    (box.dir / "cut.jsonl.gz").write_bytes(whole[:len(whole) // 2])
+    box.bad("bench", "--prompts", box.dir / "cut.jsonl.gz", needle="gzip", **QUICK)
+
+
+@pytest.mark.parametrize("arrays,needle", [
+    ({"match": "9"}, "a match value 9 outside 0..3"),
+    ({"won": "-1"}, "a won value -1 outside 0..16"),
+    ({"won": "17"}, "a won value 17 outside 0..16"),
+    ({"lengths": "true"}, "lengths must be a list of integers"),
+    ({"lengths": "2000000"}, "measured positions"),
+])
+def test_r2_05_and_12_lookup_record_values_are_checked(box, arrays, needle):
+    acc = json.loads(SHIPPED_ACC.read_text())
+    rec = acc["lookup"]["records"]
+    n = sum(rec["lengths"])
+    for key, v in arrays.items():
+        if key == "lengths":
+            rec["lengths"] = [True] * len(rec["lengths"]) if v == "true" else [int(v)]
+            if v != "true":  # 2M positions of zeros: refused by count, never replayed
+                for k, width in (("match", 1), ("won", 1), ("ranks", 3)):
+                    rec[k] = base64.b64encode(bytes(2 * width * int(v))).decode()
+        else:
+            arr = __import__("numpy").frombuffer(base64.b64decode(rec[key]), dtype="int16")
+            arr = arr.copy()
+            arr[n // 2] = int(v)
+            rec[key] = base64.b64encode(arr.tobytes()).decode()
+    write_json(box.dir / "a.json", acc)
+    box.bad("search", "--sources", "ppd,lookup", "--profile", SHIPPED_CPU_PROFILE,
+            "--acceptance", box.dir / "a.json", needle=needle, **QUICK)
+    box.bad("bench", "--acceptance", box.dir / "a.json", needle=needle, **QUICK)
+
+
+def test_r2_06_integer_keys_are_plain_digits(box):
+    tree = json.loads(SHIPPED_CPU_TREE.read_text())
+    states = dict(tree["states"])
+    states["²"] = states.pop("3")
+    cases = {"state": dict(tree, states=states),
+             "by_batch": dict(tree, by_batch={"²": None}),
+             "policy": dict(tree, lookup=dict(tree["lookup"], policy={"3,²": [1, 0, 1]}))}
+    for name, obj in cases.items():
+        write_json(box.dir / f"{name}.json", obj)
+        box.bad("run", "--tree", box.dir / f"{name}.json", needle="not", **QUICK)
+    acc = json.loads(SHIPPED_ACC.read_text())
+    acc["path_probs"] = {"0,²": 0.1}
+    write_json(box.dir / "pp.json", acc)
+    box.bad("search", "--profile", SHIPPED_CPU_PROFILE, "--acceptance", box.dir / "pp.json",
+            needle="path_probs", **QUICK)
+    write_json(box.dir / "ppd.json", {"¹": [[[0], 0.1, 1]]})
+    box.bad("search", "--profile", SHIPPED_CPU_PROFILE, "--evaluate", box.dir / "ppd.json",
+            needle="not a treeopt tree", **QUICK)
+
+
+def test_r2_07_and_14_run_rows_and_tree_tables_are_validated(box):
+    run = json.loads((REPO / "reports" / "batch.run.json").read_text())
+    for row, needle in ((dict(run["batch"][0], batch=0), "batch size 0 outside 1..256"),
+                        (dict(run["batch"][0], batch=-3), "batch size -3"),
+                        ({k: v for k, v in run["batch"][0].items() if k != "plain_tokens_per_second"},
+                         "plain_tokens_per_second"),
+                        (dict(run["batch"][0], tokens_per_step="2"), "finite number")):
+        write_json(box.dir / "r.json", dict(run, batch=[row]))
+        box.bad("report", "--run", box.dir / "r.json", "--out", box.dir / "r.html",
+                needle=needle, **QUICK)
+    fam = json.loads((REPO / "reports" / "families.run.json").read_text())
+    write_json(box.dir / "f.json", dict(fam, families=[dict(fam["families"][0], prompts="3")]))
+    box.bad("report", "--run", box.dir / "f.json", needle="'prompts'", **QUICK)
+    tree = json.loads(SHIPPED_CPU_TREE.read_text())
+    for bad, needle in ((dict(tree, by_batch=0), "by_batch' must be an object"),
+                        (dict(tree, meta=dict(tree["meta"], batch=[{"batch": 2}])), "plain"),
+                        (dict(tree, meta=dict(tree["meta"], batch=[
+                            dict(tree["meta"]["batch"][0], input_length="8")])), "input_length")):
+        write_json(box.dir / "t.json", bad)
+        box.bad("report", "--tree", box.dir / "t.json", needle=needle, **QUICK)
+        box.bad("bench", "--batch", "2", "--tree", box.dir / "t.json", needle=needle, **QUICK)
+    write_json(box.dir / "ppd.json", {"format": "ppd", "tree": {"1": [[[0], "x", 1]]}})
+    box.bad("run", "--tree", box.dir / "ppd.json", needle="p_end in [0, 1]", **QUICK)
+
+
+def test_r2_08_dollar_signs_are_text_in_report_figures(box):
+    fam = json.loads((REPO / "reports" / "families.run.json").read_text())
+    fam["families"][0]["family"] = "$\\frac{1}{0"
+    fam["device"] = "cost $5 and $"
+    write_json(box.dir / "f.json", fam)
+    tree = json.loads((SHIPPED / "sim-a100-80gb__SmolLM2-135M-Instruct.tree.json").read_text())
+    tree["meta"]["device"] = "$\\sqrt{x$"
+    write_json(box.dir / "t.json", tree)
+    p = box.cli("report", "--run", box.dir / "f.json", "--compare-tree", box.dir / "t.json",
+                "--out", box.dir / "r.html", "--allow-mixed", **QUICK)
+    assert p.returncode == 0, p.stderr
+    assert "frac{1}{0" in (box.dir / "r.html").read_text()
+
+
+def test_r2_09_hybrid_trees_keep_their_lookup_in_evaluate_and_export(box):
+    p = box.cli("search", "--profile", SHIPPED_CPU_PROFILE, "--evaluate", SHIPPED_CPU_TREE,
+                "--json", **QUICK)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    meta = json.loads(SHIPPED_CPU_TREE.read_text())["meta"]
+    assert res["given"]["method"] == "replay"
+    assert abs(res["given"]["tokens_per_step"] - meta["replayed"]["hybrid"]["tokens_per_step"]) \
+        < 1e-6
+    assert res["given_ppd_only"]["tokens_per_step"] < res["given"]["tokens_per_step"]
+    out = box.dir / "s.json"
+    p = box.cli("search", "--profile", SHIPPED_CPU_PROFILE, "--static", "--sources",
+                "ppd,lookup", "--export", "ppd", "--out", out, "--json", **QUICK)
+    assert p.returncode == 0, p.stderr
+    exp = json.loads((box.dir / "s.ppd.json").read_text())
+    assert exp["exact"] is False and "prompt-lookup" in exp["not_expressible"][-1]
+    assert exp["chosen_tree_predicted"]["tokens_per_step"] > exp["predicted"]["tokens_per_step"]
+    # a hybrid tree with an acceptance file that has no lookup records: refused
+    write_json(box.dir / "a.json", {k: v for k, v in json.loads(SHIPPED_ACC.read_text()).items()
+                                    if k != "lookup"})
+    box.bad("search", "--profile", SHIPPED_CPU_PROFILE, "--acceptance", box.dir / "a.json",
+            "--evaluate", SHIPPED_CPU_TREE, needle="no lookup records", **QUICK)
+
+
+def test_r2_10_batch_sizes_are_bounded(box):
+    box.bad("profile", "--batch", "9" * 400, needle="values must be integers in 1..256",
+            **QUICK)
+    box.bad("profile", "--batch", "100000", needle="1..256", **QUICK)
+    box.bad("search", "--batch", "1,100000", needle="1..256", **QUICK)
+    box.bad("bench", "--batch", "0", needle="1..256", **QUICK)
+    from treeopt.errors import is_oom
+
+    assert is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: "
+                               "can't allocate memory: you tried to allocate 9 bytes"))
+    assert is_oom(MemoryError()) and not is_oom(RuntimeError("shape mismatch"))
+
+
+def test_r2_13_no_output_is_written_before_every_output_is_checked(box):
+    (box.dir / "t.ppd.json").mkdir()
+    box.bad("search", "--profile", SHIPPED_CPU_PROFILE, "--export", "ppd", "--out",
+            box.dir / "t.json", needle="export", **QUICK)
+    assert not (box.dir / "t.json").exists() and not (box.dir / "t.search.json").exists()
+
+
+def test_r2_15_environment_folders(box):
+    (box.dir / "file").write_text("x")
+    box.bad("search", "--model", "vicuna-7b", "--trials", "1",
+            env={"TREEOPT_CACHE": str(box.dir / "file")}, needle="is not a folder", **QUICK)
+    box.bad("search", "--model", "vicuna-7b", "--trials", "1",
+            env={"TREEOPT_CACHE": str(box.dir / "file" / "sub")}, needle="cannot create folder",
+            **QUICK)
+    box.bad("search", "--model", "vicuna-7b",
+            env={"TREEOPT_HOME": "~nosuchuser-treeopt/x"}, needle="no such user", **QUICK)
+
+
+def test_r2_16_flags_that_cannot_apply_are_refused(box):
+    box.bad("search", "--model", "vicuna-7b", "--context", "99999999999999",
+            needle="must be in 1..1048576", **QUICK)
+    for extra in (("--batch", "1,2"), ("--export", "ppd"), ("--out", box.dir / "x.json")):
+        box.bad("search", "--profile", SHIPPED_CPU_PROFILE, "--evaluate", SHIPPED_CPU_TREE,
+                *extra, needle="--evaluate predicts one tree and writes nothing", **QUICK)
+    p = box.dir / "p.jsonl"
+    p.write_text(json.dumps({"prompt": "Hi."}) + "\n")
+    (box.dir / "sub").mkdir()
+    box.bad("bench", "--prompts", p, "--prompts", box.dir / "sub" / ".." / "p.jsonl",
+            needle="given twice", **QUICK)
+
+
+def test_r2_17_human_output_is_on_stdout(box):
+    p = box.cli("search", "--model", "vicuna-7b", "--out", box.dir / "t.json", **QUICK)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    assert "predicted" in p.stdout and "wrote" in p.stdout

@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 
 from treeopt import acceptance, search
+from treeopt.search import hybrid
 from treeopt.errors import BadInput
 from treeopt.distill import Sample, lookup_offers
 from treeopt.sources import PromptLookup
 from treeopt.tree import Lookup, Node, Tree
+
+from conftest import SHIPPED_CPU_PROFILE
 
 
 def test_lookup_offers_match_a_direct_walk():
@@ -38,7 +41,7 @@ def test_replay_by_hand():
     # positions of one prompt: (ranks of the true tokens, match length, lookup run)
     rec = records([[0, 0], [5, 0], [0, 5], [0, 0], [9, 9], [0, 0], [1, 1], [0, 0]],
                   [0, 2, 1, 0, 2, 0, 0, 0], [0, 3, 0, 0, 1, 0, 0, 0], [8])
-    rp = search.Replay.build(tree, rec)
+    rp = hybrid.Replay.build(tree, rec)
     tau = np.ones(64)
     # no lookup: i=0 state 2 → [0,0] accepted, 3 tokens, next n=1 → i=3 state 1 → [0]: 2
     # tokens, next 2 → i=5 state 2: 3 tokens → i=8 end
@@ -49,7 +52,7 @@ def test_replay_by_hand():
     # in state (1, 2): start at i=1? Build a second prompt where it fires
     rec2 = records([[5, 5], [0, 0], [0, 0], [0, 0], [0, 0], [0, 0]],
                    [2, 0, 0, 0, 0, 0], [4, 0, 0, 0, 0, 0], [6])
-    rp2 = search.Replay.build(tree, rec2)
+    rp2 = hybrid.Replay.build(tree, rec2)
     # state 2 at i=0: tree accepts nothing (rank 5), lookup run 4 within chain 4 → 5 tokens,
     # next state q=1 → i=5: state 1, [0] accepted → 2 tokens, but 5 + 2 > 6: cut, not counted
     tok, sec, steps = rp2.run({(2, 2): (4, 1, 1)}, tau)
@@ -74,9 +77,9 @@ def test_hybrid_search_matches_brute_force_on_one_entry():
     def lat(L):
         return 1.0 + 0.08 * np.asarray(L, dtype=float)
 
-    got = search.hybrid(tree, rec, lat, 512)
-    rp = search.Replay.build(tree, rec)
-    tau = search._tau(tree, rec, lat)
+    got = hybrid.hybrid(tree, rec, lat, 512)
+    rp = hybrid.Replay.build(tree, rec)
+    tau = hybrid._tau(tree, rec, lat)
     options = [None] + [(c, q, keep) for c in range(1, 6) for q in (0, 1) for keep in (0, 1)]
     rates = []
     for a, b in itertools.product(options, options):  # entries (1, 1) and (0, 1)
@@ -123,11 +126,15 @@ def test_lookup_chain_cap_is_a_cut_of_the_measured_chains():
 
 
 @pytest.mark.parametrize("mutate,needle", [
-    (lambda lk: lk.update(max_tokens=0), "max_ngram and max_tokens must be integers ≥ 1"),
+    (lambda lk: lk.update(max_tokens=0), "lookup chain length 0 outside 1..64"),
+    (lambda lk: lk.update(max_ngram=10**9), "n-gram length 1000000000 outside 1..8"),
+    (lambda lk: lk.update(max_tokens=True), "True is not an integer"),
     (lambda lk: lk["by_match"]["1"].update(share="x"), "share='x' outside [0, 1]"),
     (lambda lk: lk["by_match"]["2"].update(mean_accepted=-1), "mean_accepted must be"),
     (lambda lk: lk["by_match"]["3"]["accepted_at_least"].append(2), "accepted_at_least"),
     (lambda lk: lk["by_match"].update(x={}), "not a match length"),
+    (lambda lk: lk["by_match"].update({"²": {}}), "not a match length"),
+    (lambda lk: lk["by_match"].update({"9": {}}), "not a match length 0..3"),
 ])
 def test_bad_lookup_blocks_are_refused(tmp_path, mutate, needle):
     from test_cli import assert_bad, treeopt
@@ -148,13 +155,13 @@ def test_joint_ppd_part_is_the_best_of_the_searched_candidates():
     acc, prof = _shipped()
     rec = acceptance.unpack_records(acc, 4)
     found = search.search(acc, prof, search.Options(), "t")
-    cands = search.ppd_candidates(found, 512)
+    cands = hybrid.ppd_candidates(found, 512)
     assert cands[0] is found["solution"] and len(cands) > 1
     assert all(max(c.input_lengths.values()) < max(cands[0].input_lengths.values())
                for c in cands[1:])
     lat = found["latency"]
-    alone = search.hybrid(cands[0].tree, rec, lat, 512)
-    got = search.with_lookup(found, rec, 512)
+    alone = hybrid.hybrid(cands[0].tree, rec, lat, 512)
+    got = hybrid.with_lookup(found, rec, 512)
     assert got["ppd_part"]["screened"] == len(cands) and got["ppd_part"]["searched"] == 2
     assert got["hybrid"]["tokens_per_second"] >= alone["hybrid"]["tokens_per_second"]
     assert got["ppd_only"] == alone["ppd_only"]
@@ -162,9 +169,9 @@ def test_joint_ppd_part_is_the_best_of_the_searched_candidates():
     assert {str(m): L for m, L in sol.input_lengths.items()} == \
         got["ppd_part"]["input_lengths"] == found["meta"]["predicted"]["input_lengths"]
     assert sol.tree.lookup is not None and sol.tree.lookup.max_tokens == 4
-    again = search.replay_predict(sol.tree, rec, lat)
+    again = hybrid.replay_predict(sol.tree, rec, lat)
     assert again["tokens_per_second"] == pytest.approx(got["hybrid"]["tokens_per_second"])
-    best_other = max((search.hybrid(c.tree, rec, lat, 512)["hybrid"]["tokens_per_second"]
+    best_other = max((hybrid.hybrid(c.tree, rec, lat, 512)["hybrid"]["tokens_per_second"]
                       for c in cands[1:]))
     assert got["hybrid"]["tokens_per_second"] >= 0.97 * best_other
 
@@ -173,8 +180,10 @@ def test_lookup_flags_are_checked():
     from test_cli import assert_bad, treeopt
 
     assert_bad(treeopt("search", "--lookup-chain", "4"), "--lookup-chain needs --sources")
+    assert_bad(treeopt("search", "--sources", "ppd,lookup", "--lookup-chain", "32",
+                       "--profile", SHIPPED_CPU_PROFILE), "measured chains of 1..")
     assert_bad(treeopt("search", "--sources", "ppd,lookup", "--lookup-chain", "99"),
-               "measured chains of 1..")
+               "must be in 1..64")
     assert_bad(treeopt("accept", "--lookup-chain", "0"), "--lookup-chain")
     assert_bad(treeopt("accept", "--lookup-ngram", "9"), "--lookup-ngram")
 
@@ -221,6 +230,8 @@ def test_bench_per_family_and_the_families_panel(tmp_path):
     b.write_text(json.dumps({"turns": ["Name two colours."]}) + "\n")
     run = tmp_path / "fam.run.json"
     p = treeopt("bench", "--json", "--prompts", str(a), "--prompts", str(b),
+                "--tree", SHIPPED / "cpu-amd-epyc-2c__SmolLM2-135M-Instruct.tree.json",
+                "--profile", SHIPPED / "cpu-amd-epyc-2c__SmolLM2-135M-Instruct__bfloat16.json",
                 "--max-new-tokens", "12", "--hf-lookup", "4", "--no-baseline", "--out", run)
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)

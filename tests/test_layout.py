@@ -45,8 +45,8 @@ def test_no_import_cycles():
 
 
 def test_library_modules_are_pure():
-    for p in PKG.glob("*.py"):
-        if p.name == "cli.py":
+    for p in PKG.rglob("*.py"):
+        if p.name == "cli.py" or p.parent.name == "verbs":
             continue
         text = p.read_text()
         assert "import argparse" not in text, p.name
@@ -74,3 +74,23 @@ def test_default_outputs_go_to_treeopt_home():
     # artefact names are built from sanitised parts only
     assert "/" not in paths.tree_name("../../../../tmp/x", "a/../b")
     assert ".." not in paths.tree_name("../../../../tmp/x", "a/../b")
+
+
+def test_the_search_is_a_package_read_top_down():
+    """One concern a module, none over ~400 lines, and within each module a function calls
+    only what is defined above it (a reader never scrolls up to follow a call)."""
+    for p in sorted((PKG / "search").glob("*.py")):
+        tree = ast.parse(p.read_text())
+        assert len(p.read_text().splitlines()) <= 400, p.name
+        defined: dict[str, int] = {}
+        for i, node in enumerate(tree.body):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                defined[node.name] = i
+        for i, node in enumerate(tree.body):
+            if not isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                continue
+            for call in ast.walk(node):
+                if isinstance(call, ast.Call) and isinstance(call.func, ast.Name):
+                    j = defined.get(call.func.id)
+                    assert j is None or j <= i, f"{p.name}: {node.name} calls {call.func.id} " \
+                        "defined below it"

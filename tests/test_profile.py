@@ -11,7 +11,9 @@ from treeopt.errors import BadInput
 from treeopt.runtime import Decoder
 from treeopt.tree import Tree
 
-from conftest import random_prompt_tokens, tiny_loaded
+from treeopt.tiny import random_prompt_tokens
+
+from conftest import tiny_loaded
 from test_cli import assert_bad, treeopt
 
 

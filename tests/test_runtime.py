@@ -7,7 +7,9 @@ import torch
 from treeopt.runtime import Decoder, new_cache
 from treeopt.tree import Tree
 
-from conftest import random_prompt_tokens, random_tree, tiny_loaded
+from treeopt.tiny import random_lookup, random_prompt_tokens, random_tree
+
+from conftest import tiny_loaded
 
 
 @pytest.fixture(scope="module")
@@ -132,16 +134,6 @@ def test_lossless_smollm_fp32(smollm, kind):
         ids = prompts.encode(smollm.tokenizer, text)
         ref = dec.hf_generate(ids, 64).output_ids
         assert dec.ppd(ids, 64).output_ids == ref, text
-
-
-def random_lookup(rng, tree, max_ngram=3, max_tokens=6):
-    from treeopt.tree import Lookup
-
-    policy = {(m, n): (rng.randint(0, max_tokens), rng.choice([0, *sorted(tree.states)]),
-                       rng.randint(0, 1))
-              for m in [0, *tree.states] for n in range(1, max_ngram + 1)
-              if rng.random() < 0.8}
-    return Lookup(max_ngram, max_tokens, policy)
 
 
 def test_merge_lookup_is_a_trie_walk():

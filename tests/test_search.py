@@ -1,13 +1,12 @@
 import itertools
-import json
 import random
 
 import numpy as np
 import pytest
 
 from treeopt import acceptance as accept
-from treeopt import search
-from treeopt.tree import Node, Tree
+from treeopt.search import batch, curves, exact
+from treeopt.tree import Node
 
 
 def random_acc(rng, k, topk):
@@ -50,7 +49,7 @@ def brute_force(acc, latency, k, max_input):
             for nodes in all_trees(m, topk, (max_input - 2) // 2):
                 for alloc in itertools.product(range(1, k + 1), repeat=len(nodes)):
                     tree = [Node(p, n) for p, n in zip(nodes, alloc)]
-                    st = search.tree_stats(tree, r, k, prob)
+                    st = exact.tree_stats(tree, r, k, prob)
                     if st.L <= max_input:
                         opts.append((st.E, st.p, float(latency([st.L])[0])))
             options[m] = opts
@@ -75,18 +74,18 @@ def test_matches_brute_force(seed):
     acc = random_acc(rng, k, 3)
     lat = random_latency(rng)
     max_input = int(rng.integers(6, 11))
-    sol = search.optimise(acc, lat, k=k, max_input=max_input)
+    sol = exact.optimise(acc, lat, k=k, max_input=max_input)
     bf = brute_force(acc, lat, k, max_input)
     assert sol.tokens_per_second == pytest.approx(bf, rel=1e-9)
     assert max(sol.input_lengths.values()) <= max_input
     # the reported prediction is the tree's own
-    pred = search.predict(sol.tree, acc, lat)
+    pred = exact.predict(sol.tree, acc, lat)
     assert pred["tokens_per_second"] == pytest.approx(sol.tokens_per_second, rel=1e-9)
 
 
 def test_expected_tokens_formula_against_monte_carlo():
     """Stationary tokens/step of random dynamic trees vs simulating the Markov chain."""
-    from conftest import random_tree
+    from treeopt.tiny import random_tree
 
     rng = np.random.default_rng(0)
     prng = random.Random(0)
@@ -94,7 +93,7 @@ def test_expected_tokens_formula_against_monte_carlo():
         k = prng.randint(1, 3)
         acc = random_acc(rng, k, 4)
         tree = random_tree(prng, k, 4, max_nodes=8)
-        pred = search.predict(tree, acc)["tokens_per_step"]
+        pred = exact.predict(tree, acc)["tokens_per_step"]
         # simulate: each depth's true rank drawn from acc (miss with the rest)
         state, total, steps = tree.root_prompt_tokens, 0, 20000
         for _ in range(steps):
@@ -117,8 +116,8 @@ def test_faster_profile_never_worse():
     acc = random_acc(rng, 3, 6)
     slow = lambda L: 0.02 + 0.001 * np.asarray(L, float)  # noqa: E731
     fast = lambda L: 0.02 + 0.0005 * np.asarray(L, float)  # noqa: E731
-    a = search.optimise(acc, slow, max_input=64)
-    b = search.optimise(acc, fast, max_input=64)
+    a = exact.optimise(acc, slow, max_input=64)
+    b = exact.optimise(acc, fast, max_input=64)
     assert b.tokens_per_second >= a.tokens_per_second - 1e-12
 
 
@@ -126,7 +125,7 @@ def test_one_state_case_is_greedy_top_n():
     """A static tree (all counts K, flat latency, fixed length) scores like greedy top-N."""
     acc = accept.accuracy_array(accept.load("profiles/reference/vicuna-7b-v1.3.acceptance.json"))
     for L in (4, 20, 60):
-        g = search.greedy_tree(acc, L)
+        g = exact.greedy_tree(acc, L)
         n = len(g.states[3])
         assert n == (L - 4) // 4
         # greedy's nodes are the n most probable paths of depth ≤ 3
@@ -140,13 +139,13 @@ def test_one_state_case_is_greedy_top_n():
 def test_never_worse_than_greedy_per_length():
     acc = accept.accuracy_array(accept.load("profiles/reference/MobileLLaMA-1.4B-Chat.acceptance.json"))
     lat = lambda L: 0.01 + 0.0002 * np.asarray(L, float)  # noqa: E731
-    sol = search.optimise(acc, lat, max_input=48)
-    rows = search.per_input_length(sol, acc, lat, 48)
+    sol = exact.optimise(acc, lat, max_input=48)
+    rows = curves.per_input_length(sol, acc, lat, 48)
     assert [r["input_length"] for r in rows] == list(range(1, 49))
     for row in rows:
-        g = search.greedy_tree(acc, row["input_length"])
+        g = exact.greedy_tree(acc, row["input_length"])
         if g is not None:
-            assert row["tokens_per_second"] >= search.predict(g, acc, lat)["tokens_per_second"] - 1e-6
+            assert row["tokens_per_second"] >= exact.predict(g, acc, lat)["tokens_per_second"] - 1e-6
     assert rows[-1]["tokens_per_second"] == pytest.approx(sol.tokens_per_second, rel=1e-6)
     assert all(b["tokens_per_second"] >= a["tokens_per_second"] - 1e-9
                for a, b in zip(rows, rows[1:]))
@@ -155,7 +154,7 @@ def test_never_worse_than_greedy_per_length():
 def test_missing_ranks_are_never_used():
     acc = accept.accuracy_array(accept.load("profiles/reference/vicuna-13b-v1.3.acceptance.json"))
     flat = lambda L: np.ones_like(np.asarray(L, float))  # noqa: E731
-    sol = search.optimise(acc, flat, max_input=200)
+    sol = exact.optimise(acc, flat, max_input=200)
     for nodes in sol.tree.states.values():
         for nd in nodes:
             if len(nd.path) == 3:
@@ -165,9 +164,9 @@ def test_missing_ranks_are_never_used():
 def test_static_search_is_best_greedy():
     acc = accept.accuracy_array(accept.load("profiles/reference/vicuna-7b-v1.3.acceptance.json"))
     lat = lambda L: 0.01 + 0.0004 * np.asarray(L, float)  # noqa: E731
-    sol = search.optimise_static(acc, lat, max_input=100)
-    best = max(search.predict(g, acc, lat)["tokens_per_second"]
-               for g in (search.greedy_tree(acc, L) for L in range(4, 101)) if g is not None)
+    sol = curves.optimise_static(acc, lat, max_input=100)
+    best = max(exact.predict(g, acc, lat)["tokens_per_second"]
+               for g in (exact.greedy_tree(acc, L) for L in range(4, 101)) if g is not None)
     assert sol.tokens_per_second == pytest.approx(best, rel=1e-12)
     assert sol.tree.is_static
 
@@ -186,7 +185,7 @@ def brute_force_batch(acc, latency, k, max_input):
             options[m] = []
             for nodes in all_trees(m, topk, (max_input - 2) // 2):
                 for alloc in itertools.product(range(1, k + 1), repeat=len(nodes)):
-                    st = search.tree_stats([Node(p, n) for p, n in zip(nodes, alloc)], r, k,
+                    st = exact.tree_stats([Node(p, n) for p, n in zip(nodes, alloc)], r, k,
                                            prob)
                     if st.L <= max_input:
                         options[m].append((st.E, st.p, st.L))
@@ -212,12 +211,12 @@ def test_per_batch_optimum_matches_brute_force(seed):
     k = 1 + seed % 2
     acc = random_acc(rng, k, 3)
     max_input = int(rng.integers(6, 10))
-    front = search.frontier(acc, k, list(range(2, max_input + 1)))
+    front = batch.frontier(acc, k, list(range(2, max_input + 1)))
     for b in (1, 2, 8, 32):  # t(B, L) of a batched step: weights once, rows ∝ B·L
         lat = lambda L, b=b: 0.02 + 0.0004 * np.maximum(b * np.asarray(L, float) - 16, 0)  # noqa
-        E, t, tree, F = search.best_cap(front, lat)
+        E, t, tree, F = batch.best_cap(front, lat)
         assert E / t == pytest.approx(brute_force_batch(acc, lat, k, max_input), rel=1e-9)
         assert (tree is None) == (F == 1)
         if tree is not None:
             assert tree.max_input_length <= F
-            assert search.predict(tree, acc)["tokens_per_step"] == pytest.approx(E, rel=1e-9)
+            assert exact.predict(tree, acc)["tokens_per_step"] == pytest.approx(E, rel=1e-9)

@@ -9,7 +9,9 @@ from treeopt.errors import BadInput
 from treeopt.prompt_tokens import PromptTokens
 from treeopt.training import distill_loss
 
-from conftest import random_prompt_tokens, tiny_loaded
+from treeopt.tiny import random_prompt_tokens
+
+from conftest import tiny_loaded
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +131,7 @@ def test_distillation_forward_is_the_runtimes(arch):
     """Multi-insertion logits equal the runtime's prompt-slot logits after the prefix —
     softcapped for a softcapping model (Gemma 2), window-masked for a sliding one (Gemma 3;
     the prefix crosses its window of 16)."""
-    from test_architectures import tiny_model
+    from treeopt.tiny import tiny_model
 
     from treeopt.runtime import Decoder
     from treeopt.tree import Tree

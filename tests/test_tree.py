@@ -7,7 +7,7 @@ import torch
 from treeopt.errors import BadInput
 from treeopt.tree import Node, Tree
 
-from conftest import random_tree
+from treeopt.tiny import random_tree
 
 
 def worked_example():

@@ -8,12 +8,14 @@ published table does not cover; the search never uses them.
 from __future__ import annotations
 
 import base64
+import binascii
 import math
 
 import numpy as np
 from scipy.optimize import curve_fit
 
 from .artefact import check_schema, read_json
+from .bounds import count, int_key
 from .errors import BadInput
 
 SCHEMA = "treeopt.acceptance/1"
@@ -58,7 +60,7 @@ def validate(obj: dict, where: str = "acceptance") -> None:
     if not isinstance(pp, dict):
         raise BadInput(f"{where}: path_probs must be an object")
     for key, v in pp.items():
-        if not _prob(v) or not all(x.isdigit() for x in str(key).split(",")):
+        if not _prob(v) or any(int_key(x) is None for x in str(key).split(",")):
             raise BadInput(f"{where}: path_probs[{key!r}]={v!r} is not a rank path with a "
                            "probability in [0, 1]")
     mc = obj.get("mean_context")
@@ -66,22 +68,23 @@ def validate(obj: dict, where: str = "acceptance") -> None:
         raise BadInput(f"{where}: mean_context={mc!r} is not an integer ≥ 0")
     if obj.get("lookup") is not None:
         _validate_lookup(obj["lookup"], f"{where}: lookup")
+        unpack_records(obj, where=where)  # every record value checked before any work
 
 
 def _validate_lookup(lk, where: str) -> None:
-    """The summary of prompt lookup's acceptance (the records are checked where they are
-    unpacked)."""
+    """The summary of prompt lookup's acceptance (the records are checked by
+    :func:`unpack_records`)."""
     if not isinstance(lk, dict):
         raise BadInput(f"{where} must be an object")
-    if not all(isinstance(lk.get(f), int) and not isinstance(lk.get(f), bool) and lk[f] >= 1
-               for f in ("max_ngram", "max_tokens")):
-        raise BadInput(f"{where}: max_ngram and max_tokens must be integers ≥ 1")
+    count(lk.get("max_ngram"), "lookup_ngram", f"{where}: max_ngram")
+    count(lk.get("max_tokens"), "lookup_chain", f"{where}: max_tokens")
     by = lk.get("by_match", {})
     if not isinstance(by, dict):
         raise BadInput(f"{where}: by_match must be an object")
     for n, row in by.items():
-        if not str(n).isdigit() or not isinstance(row, dict):
-            raise BadInput(f"{where}: by_match[{n!r}] is not a match length with an object")
+        if int_key(n) is None or int_key(n) > lk["max_ngram"] or not isinstance(row, dict):
+            raise BadInput(f"{where}: by_match[{n!r}] is not a match length "
+                           f"0..{lk['max_ngram']} with an object")
         for key in ("share", "longer_than_rank0_guesses"):
             if key in row and not _prob(row[key]):
                 raise BadInput(f"{where}: by_match[{n!r}].{key}={row[key]!r} outside [0, 1]")
@@ -276,24 +279,38 @@ def _pack(a: np.ndarray) -> str:
     return base64.b64encode(np.asarray(a, dtype=np.int16).tobytes()).decode()
 
 
-def unpack_records(obj: dict, max_chain: int | None = None) -> dict | None:
-    """The lookup records of an acceptance file as arrays (None where it has none); with
-    `max_chain`, as if chains had been cut to that many tokens (a run within the first C
-    proposed tokens is the same run)."""
+def unpack_records(obj: dict, max_chain: int | None = None, where: str = "acceptance"
+                   ) -> dict | None:
+    """The lookup records of an acceptance file as arrays (None where it has none), every
+    value checked: ranks in −1..topk (−1: not measurable, topk: not among the top k), match lengths in
+    0..max_ngram, accepted runs in 0..max_tokens, per-prompt lengths that add up, at most
+    BOUNDS["records"] positions. With `max_chain`, as if chains had been cut to that many
+    tokens (a run within the first C proposed tokens is the same run)."""
     lk = obj.get("lookup")
     if not isinstance(lk, dict) or "records" not in lk:
         return None
-    rec = lk["records"]
+    rec, where = lk["records"], f"{where}: lookup records"
     try:
-        arr = {k: np.frombuffer(base64.b64decode(rec[k]), dtype=np.int16).astype(np.int64)
-               for k in ("ranks", "match", "won")}
-        arr["ranks"] = arr["ranks"].reshape(-1, obj["num_prompt_tokens"])
-        lengths = [int(x) for x in rec["lengths"]]
-    except (KeyError, ValueError, TypeError) as e:
-        raise BadInput(f"acceptance lookup records are malformed ({e})") from e
-    if sum(lengths) != len(arr["match"]) or len(arr["won"]) != len(arr["match"]) or \
-            len(arr["ranks"]) != len(arr["match"]):
-        raise BadInput("acceptance lookup records have inconsistent lengths")
+        raw = {k: base64.b64decode(rec[k], validate=True) for k in ("ranks", "match", "won")}
+        lengths = rec["lengths"]
+    except (KeyError, ValueError, TypeError, binascii.Error) as e:
+        raise BadInput(f"{where} are malformed ({e})") from e
+    k = obj["num_prompt_tokens"]
+    if not isinstance(lengths, list) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in lengths):
+        raise BadInput(f"{where}: lengths must be a list of integers ≥ 0")
+    total = sum(lengths)
+    count(total, "records", f"{where}: {len(lengths)} prompts", lo=0)
+    if any(len(b) != 2 * n for b, n in ((raw["match"], total), (raw["won"], total),
+                                         (raw["ranks"], total * k))):
+        raise BadInput(f"{where} have inconsistent lengths")
+    arr = {key: np.frombuffer(b, dtype=np.int16).astype(np.int64) for key, b in raw.items()}
+    arr["ranks"] = arr["ranks"].reshape(-1, k)
+    for key, lo, hi in (("ranks", -1, obj["topk"]), ("match", 0, lk["max_ngram"]),
+                        ("won", 0, lk["max_tokens"])):
+        bad = (arr[key] < lo) | (arr[key] > hi)
+        if bad.any():
+            raise BadInput(f"{where}: a {key} value {int(arr[key][bad][0])} outside {lo}..{hi}")
     arr["lengths"] = lengths
     arr["max_ngram"], arr["max_tokens"] = int(lk["max_ngram"]), int(lk["max_tokens"])
     if max_chain is not None:

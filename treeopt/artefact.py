@@ -13,22 +13,52 @@ import stat
 import sys
 import tempfile
 
+from .bounds import count
 from .errors import BadInput
+from .paths import make_folder
+
+
+# every file this command has read (prompt files, artefacts, side files, defaults found
+# under $TREEOPT_HOME): the output rule refuses them all
+_INPUTS: set[pathlib.Path] = set()
+
+
+def note_input(path: str | os.PathLike) -> None:
+    """Register a file the command reads, so that no output of the command replaces it."""
+    try:
+        _INPUTS.add(pathlib.Path(path).resolve())
+    except (OSError, RuntimeError):
+        pass
+
+
+def forget_inputs() -> None:
+    """A new command starts with no inputs (the CLI calls this once per command)."""
+    _INPUTS.clear()
 
 
 def check_out(path: str | os.PathLike, inputs=(), what: str = "--out") -> pathlib.Path:
     """The one output rule: a regular file or a new path in an existing-or-creatable
-    folder; never a device, a folder, a symlink, or any of the command's inputs."""
+    folder; never a device, a folder, a symlink, or any of the command's inputs (those
+    given here and every file read so far, :func:`note_input`)."""
+    p = _check_target(path, what)
+    target = p.resolve()
+    for src in inputs:
+        if src and pathlib.Path(src).exists():
+            note_input(src)
+    if target in _INPUTS:
+        raise BadInput(f"{what} {p}: is also an input of this command (choose another path)")
+    return p
+
+
+def _check_target(path: str | os.PathLike, what: str = "--out") -> pathlib.Path:
+    """A path that may be written: not a symlink, a folder or a device; its folder
+    writable."""
     p = pathlib.Path(path)
     if p.is_symlink():
         raise BadInput(f"{what} {p}: is a symbolic link (give the real path)")
     if p.exists() and not p.is_file():
         kind = "a folder" if p.is_dir() else "not a regular file"
         raise BadInput(f"{what} {p}: is {kind}")
-    target = p.resolve()
-    for src in inputs:
-        if src and pathlib.Path(src).exists() and pathlib.Path(src).resolve() == target:
-            raise BadInput(f"{what} {p}: is also an input of this command (choose another path)")
     parent = p.parent
     while not parent.exists():
         parent = parent.parent
@@ -39,9 +69,10 @@ def check_out(path: str | os.PathLike, inputs=(), what: str = "--out") -> pathli
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> pathlib.Path:
     """Write to a temp file in the same folder, then rename: never half-written. Refuses
-    to replace anything but a regular file (see :func:`check_out`)."""
-    path = check_out(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    to replace anything but a regular file (see :func:`check_out`, which the verbs call on
+    every output before any work)."""
+    path = _check_target(path)
+    make_folder(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -115,6 +146,7 @@ def read_json_any(path: str | os.PathLike, what: str = "file"):
     p = pathlib.Path(path)
     if not p.is_file():
         raise BadInput(f"{what} {p}: no such file")
+    note_input(p)
     try:
         obj = json.loads(p.read_bytes().decode("utf-8"), parse_constant=_no_constants)
     except OSError as e:
@@ -130,6 +162,29 @@ def check_schema(obj: dict, schema: str, where: str) -> None:
     got = obj.get("schema")
     if got != schema:
         raise BadInput(f"{where}: field 'schema' is {got!r}, expected {schema!r}")
+
+
+def check_fields(obj, spec: dict, where: str) -> None:
+    """BadInput unless `obj` is an object whose fields have the kinds `spec` names: a key
+    maps to ``num`` (finite number), ``count`` (integer ≥ 0), ``batch`` (a batch size,
+    :mod:`treeopt.bounds`), ``bool`` or ``str``; a leading ``?`` makes the key optional
+    (absent or null)."""
+    if not isinstance(obj, dict):
+        raise BadInput(f"{where}: expected an object")
+    for key, kind in spec.items():
+        name = key.lstrip("?")
+        v = obj.get(name)
+        if v is None and key.startswith("?"):
+            continue
+        ok = {"num": finite(v), "bool": isinstance(v, bool), "str": isinstance(v, str),
+              "count": isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+              "batch": True}[kind]
+        if kind == "batch":
+            count(v, "batch", f"{where}: {name}")
+        if not ok:
+            raise BadInput(f"{where}: field {name!r} is {repr(v)[:40]}, expected a "
+                           + {"num": "finite number", "bool": "true/false", "str": "string",
+                              "count": "integer ≥ 0", "batch": "batch size"}[kind])
 
 
 def finite(v) -> bool:

@@ -30,8 +30,8 @@ from .device import sync
 from .errors import BadInput
 from .models import Loaded
 from .prompt_tokens import PromptTokens
-from .runtime import Decoder, Result, attention_masks, logits_of, model_call, new_cache, \
-    step_inputs, verify_greedy
+from .runtime import Decoder, Result, accept, attention_masks, logits_of, model_call, \
+    new_cache, next_guesses, record_step, step_inputs, verified_row, verify_greedy
 from .sources import PromptLookup
 from .tree import StateBuffers, Tree, build_buffers
 
@@ -262,29 +262,22 @@ class BatchDecoder:
         if timed:
             sync(self.device)
             out.forward_seconds.append(time.perf_counter() - t_fwd)
-        packed = []
+        verified = []
         for (buf, tok, _), lg in zip(plans, logits):
             score, pred = verify_greedy(lg[: buf.n_nodes + 1], tok, buf)
-            packed.append(torch.cat([score.argmax().view(1), tok, pred]))
-        rows = torch.cat(packed).tolist()  # one sync
+            verified.append(verified_row(score, tok, pred))
+        rows = torch.cat(verified).tolist()  # one sync
         paths, still, emitted, off = [], [], 0, 0
         for s, (buf, _, _), lg in zip(live, plans, logits):
-            n = buf.n_nodes
-            w = rows[off]
-            path = buf.path_pos[w]
-            new = [rows[off + 1 + p] for p in path[1:]] + [rows[off + 2 + n + w]]
-            off += 2 * n + 3
+            w, path, new = accept(rows[off:off + 2 * buf.n_nodes + 3], buf)
+            off += 2 * buf.n_nodes + 3
             paths.append(path)
-            slots = buf.slots_of[w]
-            s.guesses = torch.topk(lg[slots[0]:slots[-1] + 1], self.width, dim=-1).indices \
-                if slots else None
+            s.guesses = next_guesses(lg, buf, w, self.width)
             s.x0 = new[-1]
             r = s.result
             had = len(r.output_ids)
             done = self._emit(dec, s, new)
-            r.steps += 1
-            r.accepted.append(len(r.output_ids) - had)
-            r.lengths.append(buf.length)
+            record_step(r, len(r.output_ids) - had, buf.length)
             emitted += r.accepted[-1]
             still.append(not done)
             if done:

@@ -13,7 +13,8 @@ import signal
 import sys
 import traceback
 
-from .errors import BadInput
+from .artefact import forget_inputs
+from .errors import BadInput, is_oom
 
 VERBS = ["run", "bench", "train", "profile", "search", "accept", "report", "demo"]
 
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(verb if verb in VERBS else None).parse_args(argv)
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     _stopped_by.clear()
+    forget_inputs()
     code, result = 0, None
     try:
         result = args._main(args)
@@ -77,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         code, line = 143, "terminated"
     except Exception as e:  # noqa: BLE001 - one line, no traceback, unless --debug
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        code, line = 1, f"failed: {e.__class__.__name__}: {msg}"
+        code, line = 1, (f"failed: out of memory ({msg[:120]}); try a smaller --batch, "
+                         "fewer prompts or a shorter input" if is_oom(e) else
+                         f"failed: {e.__class__.__name__}: {msg}")
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -21,7 +21,8 @@ import torch
 
 from .acceptance import estimate, lookup_summary, mean_context
 from .artefact import write_atomic
-from .models import Loaded, cache_dir, dtype_name
+from .models import Loaded, dtype_name
+from .paths import cache_dir
 from .progress import progress
 from .prompts import encode
 from .runtime import attention_masks, model_call, new_cache

@@ -11,6 +11,14 @@ class BadInput(ValueError):
     """The user's input is wrong (missing file, malformed JSON, impossible option)."""
 
 
+def is_oom(e: BaseException) -> bool:
+    """An allocation failure, whoever raised it: Python's MemoryError, CUDA's
+    OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or \
+        "out of memory" in text or "can't allocate memory" in text
+
+
 @contextlib.contextmanager
 def deferred_signals():
     """While active, SIGINT and SIGTERM only set the returned flag (`flag[0]` = the first

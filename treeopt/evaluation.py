@@ -23,7 +23,9 @@ from .latency import Latency
 from .batch import BatchDecoder, BatchResult, hf_generate_batch, schedule_of
 from .progress import progress
 from .runtime import Decoder, Result, full_steps
-from .search import flat_step, predict, replay_predict
+from .search.batch import flat_step
+from .search.exact import predict
+from .search.hybrid import replay_predict
 from .tree import Tree
 
 # Largest logit margin a reduction-order difference can explain, per dtype. Measured by

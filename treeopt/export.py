@@ -11,10 +11,15 @@ cannot express; :func:`load_tree` reads any of the three (format detected).
 """
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
-from .artefact import read_json_any
+from .artefact import finite, read_json_any
+from .bounds import int_key
 from .errors import BadInput
+from .search.batch import flat_step
+from .search.curves import optimise_static
+from .search.exact import LatencyFn, figures, node_probabilities, optimise, predict
 from .tree import SCHEMA, Node, Tree
 
 ENGINE_TOPK = 10  # Medusa's TOPK and PPD's candidate pool: ranks 0..9 per row
@@ -42,6 +47,9 @@ def constraints(tree: Tree, fmt: str) -> list[str]:
         raise BadInput(f"unknown tree format {fmt!r} (known: {', '.join(FORMATS)})")
     if tree.rank_width > ENGINE_TOPK:
         out.append(f"rank {tree.rank_width - 1} ≥ the engine's top-{ENGINE_TOPK}")
+    if tree.lookup is not None:
+        out.append(f"prompt-lookup chains ({len(tree.lookup.policy)} (state, match) entries): "
+                   f"{fmt} has no lookup; dropped")
     return out
 
 
@@ -97,10 +105,7 @@ def from_medusa(choices, where: str = "medusa tree", heads: int | None = None) -
 def from_ppd(obj: dict, where: str = "ppd tree") -> Tree:
     """A PPD dynamic sparse tree {k: [[path, p_end, n], ...]} (keys 1..N); n > N counts
     as N, as PPD's runtime takes it."""
-    try:
-        keys = sorted(int(k) for k in obj)
-    except (TypeError, ValueError):
-        raise BadInput(f"{where}: keys must be the states 1..N") from None
+    keys = sorted(int_key(k) if int_key(k) is not None else -1 for k in obj)
     if not keys or keys != list(range(1, keys[-1] + 1)):
         raise BadInput(f"{where}: keys must be the states 1..N, got {keys}")
     k = keys[-1]
@@ -111,8 +116,10 @@ def from_ppd(obj: dict, where: str = "ppd tree") -> Tree:
         nodes = []
         for e in entries:
             if not (isinstance(e, list) and len(e) == 3 and isinstance(e[0], list)
+                    and finite(e[1]) and -1e-6 <= e[1] <= 1 + 1e-6
                     and isinstance(e[2], int) and not isinstance(e[2], bool) and e[2] >= 1):
-                raise BadInput(f"{where}: state {key}: {e!r} is not [path, p_end, n ≥ 1]")
+                raise BadInput(f"{where}: state {key}: {e!r} is not [path, p_end in [0, 1], "
+                               "n ≥ 1]")
             if any(not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < ENGINE_TOPK
                    for r in e[0]):
                 raise BadInput(f"{where}: state {key}: path {e[0]} has a rank outside "
@@ -133,7 +140,7 @@ def parse_tree(obj, where: str = "tree") -> Tree:
             return from_medusa(obj["choices"], f"{where} (medusa choices)", obj.get("heads"))
         if obj.get("format") == "ppd" and isinstance(obj.get("tree"), dict):
             return from_ppd(obj["tree"], f"{where} (ppd tree)")
-        if obj and all(isinstance(k, str) and k.isdigit() for k in obj):
+        if obj and all(int_key(k) is not None for k in obj):
             return from_ppd(obj, f"{where} (ppd tree)")
     raise BadInput(f"{where}: not a treeopt tree, a Medusa choices list or a PPD dynamic-tree "
                    "dict")
@@ -143,3 +150,49 @@ def load_tree(path) -> Tree:
     """A tree file in any supported format."""
     p = pathlib.Path(path)
     return parse_tree(read_json_any(p, "tree file"), f"tree file {p}")
+
+
+# ---- the searched tree in an engine's format ------------------------------------------
+def _export(fmt: str, tree: Tree, found: dict, lat: LatencyFn, max_input: int,
+            hybrid: dict | None = None) -> dict:
+    """One tree in `fmt`; `hybrid`: the tree's own figures where it has a lookup policy
+    (the PPD-only prediction would understate it)."""
+    acc, pp = found["acc"], found["path_prob"]
+    k = tree.num_prompt_tokens
+    reasons = constraints(tree, fmt)
+    ppd_part = dataclasses.replace(tree, lookup=None, by_batch={})
+    out_tree = ppd_part
+    if constraints(ppd_part, fmt) and fmt == "medusa":
+        out_tree = optimise_static(acc, lat, k, max_input, pp, width_cap=ENGINE_TOPK).tree
+    elif constraints(ppd_part, fmt):
+        out_tree = optimise(acc, lat, k, max_input, pp, width_cap=ENGINE_TOPK, roots=[k]).tree
+    pred = figures(predict(out_tree, acc, lat, pp), out_tree)
+    body = {"choices": to_medusa(out_tree), "heads": k} if fmt == "medusa" else \
+        {"tree": to_ppd(out_tree, node_probabilities(out_tree, acc, pp))}
+    out = {"format": fmt, **body, "exact": not reasons, "predicted": pred}
+    if reasons:
+        out["not_expressible"] = reasons
+        out["chosen_tree_predicted"] = {**hybrid, "input_length": tree.max_input_length} \
+            if tree.lookup is not None and hybrid else figures(predict(tree, acc, lat, pp), tree)
+    return out
+
+
+def for_engine(fmt: str, found: dict, max_input: int, batch_rows: list[dict] | None = None
+               ) -> dict:
+    """The searched tree in an engine's format (:mod:`treeopt.export`). Where the format
+    cannot express it, the best tree under the format's rules is searched again and both
+    predictions are stated — never a silent substitute; a prompt-lookup policy, which no
+    engine format carries, is dropped and named (the PPD part is written, and the chosen
+    tree's figures are its replayed hybrid ones). With `batch_rows` (from
+    :func:`per_batch`) also one export per batch size (null: plain decoding)."""
+    hybrid = (found["meta"].get("replayed") or {}).get("hybrid")
+    out = _export(fmt, found["solution"].tree, found, found["latency"], max_input, hybrid)
+    if batch_rows:
+        tab = found["solution"].tree.by_batch
+        out["by_batch"] = {str(r["batch"]): None if r["plain"] else _export(
+            fmt, tab[r["batch"]], found, found["latency"] if r["batch"] == 1 else
+            (lambda L, t=r["step_seconds"]: t * flat_step(L)),
+            max_input if r["batch"] == 1 else r["input_length"],
+            hybrid if r["batch"] == 1 else figures(r, tab[r["batch"]]))
+            for r in batch_rows}
+    return out

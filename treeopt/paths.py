@@ -13,19 +13,49 @@ import os
 import pathlib
 import re
 
+from .errors import BadInput
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "profiles"
 SHIPPED_REPORTS = REPO / "reports"
 
 
+def _env_folder(var: str, xdg: str, default: str) -> pathlib.Path:
+    """$var, else $xdg/treeopt, else ~/default/treeopt; a path that cannot be a folder
+    (an unknown ~user, an existing file) is a one-line BadInput."""
+    raw = os.environ.get(var)
+    name = var if raw else xdg
+    p = pathlib.Path(raw) if raw else pathlib.Path(
+        os.environ.get(xdg) or os.path.join(os.path.expanduser("~"), default)) / "treeopt"
+    try:
+        p = p.expanduser()
+    except RuntimeError:  # ~user of no such user
+        raise BadInput(f"${name}={p}: no such user to expand {str(p).split('/')[0]!r}") \
+            from None
+    if p.exists() and not p.is_dir():
+        raise BadInput(f"${name}={p}: is not a folder")
+    return p
+
+
 def home() -> pathlib.Path:
     """The user's output folder."""
-    root = os.environ.get("TREEOPT_HOME")
-    if root:
-        return pathlib.Path(root).expanduser()
-    xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
-                                                          "share")
-    return pathlib.Path(xdg) / "treeopt"
+    return _env_folder("TREEOPT_HOME", "XDG_DATA_HOME", os.path.join(".local", "share"))
+
+
+def cache_dir() -> pathlib.Path:
+    """User cache for converted models and other derived data ($TREEOPT_CACHE)."""
+    return _env_folder("TREEOPT_CACHE", "XDG_CACHE_HOME", ".cache")
+
+
+def make_folder(p: pathlib.Path) -> pathlib.Path:
+    """Create a cache or output folder (and its parents); failure → one-line BadInput."""
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"cannot create folder {p} ({e.strerror or e})") from e
+    if not os.access(p, os.W_OK):
+        raise BadInput(f"folder {p} is not writable")
+    return p
 
 
 def user_profiles() -> pathlib.Path:

@@ -3,10 +3,12 @@
 built-in set; chat-template encoding."""
 from __future__ import annotations
 
-import gzip
 import json
 import pathlib
+import zlib
 
+from .artefact import note_input
+from .bounds import BOUNDS
 from .errors import BadInput
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
@@ -103,12 +105,26 @@ def resolve_file(path: str, what: str) -> pathlib.Path:
 
 
 def read_text(p: pathlib.Path) -> str:
-    """A prompt file's text (gzip when it ends in .gz); unreadable or non-UTF-8 → BadInput."""
+    """A prompt file's text (gzip when it ends in .gz), at most BOUNDS["prompt_bytes"]
+    bytes after decompression; unreadable, corrupt, too large or non-UTF-8 → BadInput."""
+    limit = BOUNDS["prompt_bytes"]
+    note_input(p)
     try:
-        raw = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
+        with open(p, "rb") as f:
+            raw = f.read(limit + 1)
+        if p.suffix == ".gz":  # streamed: a small bomb never inflates past the bound
+            z = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            raw = z.decompress(raw, limit + 1)
+            if len(raw) <= limit and not z.eof:
+                raise BadInput(f"prompt file {p}: truncated gzip data")
+    except OSError as e:
+        raise BadInput(f"prompt file {p}: cannot read ({e.strerror or e})") from e
+    except zlib.error as e:
+        raise BadInput(f"prompt file {p}: corrupt gzip data ({e})") from e
+    if len(raw) > limit:
+        raise BadInput(f"prompt file {p}: more than {limit >> 20} MiB of text (the bound)")
+    try:
         return raw.decode("utf-8")
-    except (OSError, EOFError) as e:
-        raise BadInput(f"prompt file {p}: cannot read ({e})") from e
     except UnicodeDecodeError as e:
         raise BadInput(f"prompt file {p}: not UTF-8 text (byte {e.start})") from e
 

@@ -16,7 +16,7 @@ from .errors import BadInput
 from .latency import Latency, batches, sweep_spread
 from .models import canonical_model
 from .paths import display_path
-from .search import universe
+from .search.exact import universe
 
 def _svg(fig) -> str:
     import matplotlib.pyplot as plt
@@ -441,6 +441,7 @@ def build(profiles=(), acceptance=None, tree=None, run=None, title="treeopt repo
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False  # an artefact's "$x$" is text, not maths
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     head = {"models": ", ".join(models), "generated": now, "treeopt": __version__}
     for path, prof in profiles:
@@ -448,7 +449,9 @@ def build(profiles=(), acceptance=None, tree=None, run=None, title="treeopt repo
         head[f"device ({pathlib.Path(path).name})"] = ", ".join(
             f"{k}={v}" for k, v in d.items() if not isinstance(v, dict))
         head[f"dtype / made ({pathlib.Path(path).name})"] = \
-            f"{prof.get('dtype')} / {prof.get('created', '?')}: {prof.get('command', '?')}"
+            f"{prof.get('dtype')} / {prof.get('created', '?')}: {prof.get('command', '?')}" \
+            + (" (random weights: the model's shape only)" if prof.get("weights") == "random"
+               else "")
     if run:
         head["run made"] = f"{run.get('kind')} on {run.get('device')} ({run.get('dtype')})"
     body = [f"<h1>{_esc(title)}</h1><section id='header'><h2>Artefacts</h2>{_kv(head)}</section>"]

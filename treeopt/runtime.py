@@ -25,6 +25,8 @@ included); the sliding-window layers' masks hide what their window excludes.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import time
 from typing import Callable
 
@@ -85,12 +87,21 @@ def model_call(model, embeds: torch.Tensor, cache, positions: torch.Tensor, mask
     defines), or the last hidden states with head=False. A batch ([B, q, hidden]
     embeddings, [B, q] positions) gives [B, q, ·]."""
     one = embeds.dim() == 2
-    out = model.get_decoder()(inputs_embeds=embeds[None] if one else embeds,
-                              attention_mask=mask,
-                              position_ids=positions[None] if one else positions,
-                              past_key_values=cache, use_cache=True)
+    body = model.get_decoder()
+    out = body(inputs_embeds=embeds[None] if one else embeds, attention_mask=mask,
+               position_ids=positions[None] if one else positions,
+               **{cache_argument(type(body)): cache}, use_cache=True)
     h = out.last_hidden_state[0] if one else out.last_hidden_state
     return logits_of(model, h) if head else h
+
+
+@functools.cache
+def cache_argument(body_class) -> str:
+    """The name a decoder's forward takes its KV cache under: `cache` from transformers
+    5.24 on (where `past_key_values` is deprecated, to be removed in 5.40), else
+    `past_key_values`. Read from the signature, once per model class."""
+    params = inspect.signature(body_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def logits_of(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -202,6 +213,36 @@ def verify_typical(logits: torch.Tensor, tok: torch.Tensor, buf: StateBuffers,
     score = torch.cat([torch.zeros(1, device=logits.device),
                        acc.float() * (buf.depth + 0.5 * torch.exp(cum)).float()])
     return score, torch.zeros(n + 1, dtype=torch.long, device=logits.device)
+
+
+def verified_row(score: torch.Tensor, tok: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """One step's verification as one row, [winner, tokens (1 + N), predictions (1 + N)]:
+    the rows of a batch are read back together, in one device sync."""
+    return torch.cat([score.argmax().view(1), tok, pred])
+
+
+def accept(row: list[int], buf: StateBuffers) -> tuple[int, list[int], list[int]]:
+    """(winner w, the tree positions of its path root→w, the new tokens: the path's
+    tokens after the root, then the prediction at w) from a read-back verified row."""
+    w = row[0]
+    path = buf.path_pos[w]
+    return w, path, [row[1 + p] for p in path[1:]] + [row[2 + buf.n_nodes + w]]
+
+
+def next_guesses(logits: torch.Tensor, buf: StateBuffers, w: int, topk: int
+                 ) -> torch.Tensor | None:
+    """The next step's guesses: top-k of the winner's prompt-token slots (None: it has
+    none, the next step is state 0)."""
+    slots = buf.slots_of[w]
+    return torch.topk(logits[slots[0]:slots[-1] + 1], topk, dim=-1).indices if slots else None
+
+
+def record_step(res: "Result", added: int, length: int) -> None:
+    """A decode step into its sequence's Result: one forward, `added` tokens emitted, the
+    step's input length."""
+    res.steps += 1
+    res.accepted.append(added)
+    res.lengths.append(length)
 
 
 def accepted_path(buf: StateBuffers, ctx: int, w: int) -> torch.Tensor | None:
@@ -366,10 +407,8 @@ class Decoder:
     @staticmethod
     def _log_step(res: Result, added: list[int], length: int, t_prev: float) -> float:
         now = time.perf_counter()
-        res.steps += 1
+        record_step(res, len(added), length)
         res.step_seconds.append(now - t_prev)
-        res.accepted.append(len(added))
-        res.lengths.append(length)
         return now
 
     def _finish(self, res: Result, t_start: float, why: str | None) -> Result:
@@ -435,20 +474,16 @@ class Decoder:
                 score, pred = verify_greedy(logits[: n + 1], tok, buf)
             else:
                 score, pred = verify_typical(logits[: n + 1], tok, buf, temperature, eps, alpha)
-            packed = torch.cat([score.argmax().view(1), tok, pred]).tolist()  # one sync
-            w = packed[0]
-            if temperature > 0:
-                x0 = self._pick(logits[w], temperature, gen)
-                packed[2 + n + w] = int(x0)
-            else:
-                x0 = pred[w]
-            path = buf.path_pos[w]
-            new = [packed[1 + p] for p in path[1:]] + [packed[2 + n + w]]
+            row = verified_row(score, tok, pred).tolist()  # one sync
+            if temperature > 0:  # the token after the winner is sampled, not the argmax
+                row[2 + n + row[0]] = int(self._pick(logits[row[0]], temperature, gen))
+            w, path, new = accept(row, buf)
+            x0 = torch.tensor(new[-1], device=self.device)
             keep_kv(cache, ctx, accepted_path(buf, ctx, w), ctx + len(path))
             ctx += len(path)
-            slots = buf.slots_of[w]
-            guesses = torch.topk(logits[slots[0]:slots[-1] + 1], topk, dim=-1).indices \
-                if slots else torch.empty(0, topk, dtype=torch.long, device=self.device)
+            guesses = next_guesses(logits, buf, w, topk)
+            if guesses is None:
+                guesses = torch.empty(0, topk, dtype=torch.long, device=self.device)
             state = buf.next_state[w]
             added, done = self._emit(res.output_ids, new, max_new_tokens, on_tokens)
             if look is not None:
@@ -511,15 +546,22 @@ class Decoder:
 
 
 def open_decoder(inputs, model: str | None = None, dtype: str = "auto", device: str = "auto",
-                 threads: int | None = None) -> tuple[Decoder, dict]:
+                 threads: int | None = None, shape_only: bool = False
+                 ) -> tuple[Decoder, dict]:
     """Load the model and build a decoder with the resolved inputs
     (:func:`treeopt.inputs.resolve_inputs`): its prompt tokens (else untrained ones
-    initialised from text) and tree (else a rank-0 chain)."""
+    initialised from text, or from the first embedding rows of a shape-only model) and
+    tree (else a rank-0 chain). `shape_only` allows a model without weights
+    (:func:`treeopt.models.load`)."""
     pt = PromptTokens.load(inputs.prompt_tokens) if inputs.prompt_tokens else None
-    lm = load(model, dtype=dtype, device=device, threads=threads)
+    lm = load(model, dtype=dtype, device=device, threads=threads, shape_only=shape_only)
     info = {"model": lm.model_id, "device": str(lm.device), "dtype": dtype_name(lm.dtype),
-            "tree": inputs.tree_src, "prompt_tokens": inputs.prompt_tokens_src}
-    if pt is None:
+            "tree": inputs.tree_src, "prompt_tokens": inputs.prompt_tokens_src,
+            **({"weights": lm.weights} if lm.weights != "loaded" else {})}
+    if pt is None and lm.tokenizer is None:
+        pt = PromptTokens(lm.model.get_input_embeddings().weight[:3].float().cpu().clone())
+        info["prompt_tokens"] = "random (shape-only model)"
+    elif pt is None:
         pt = PromptTokens.init_from_text(lm.model, lm.tokenizer, 3)
         info["prompt_tokens"] = "untrained (initialised from text)"
     tree = inputs.tree

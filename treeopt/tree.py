@@ -20,7 +20,8 @@ import dataclasses
 import functools
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from .artefact import check_schema, read_json, write_json
+from .artefact import check_fields, check_schema, read_json, write_json
+from .bounds import count, int_key
 from .errors import BadInput
 
 if TYPE_CHECKING:  # torch loads lazily: `search` works on trees without it
@@ -144,8 +145,7 @@ class Tree:
         if self.lookup is not None:
             self.lookup.validate(self)
         for b, t in self.by_batch.items():
-            if not _count(b) or b < 1:
-                raise BadInput(f"tree by_batch: batch size {b!r} is not an integer ≥ 1")
+            count(b, "batch", "tree by_batch")
             if t is not None and (t.by_batch or t.num_prompt_tokens != k):
                 raise BadInput(f"tree by_batch {b}: a nested tree must use the same "
                                f"{k} prompt tokens and have no table of its own")
@@ -174,7 +174,7 @@ class Tree:
             k = obj["num_prompt_tokens"]
             states = {}
             for key, nodes in obj["states"].items():
-                if not str(key).isdigit() or str(int(key)) != str(key):
+                if int_key(key) is None:
                     raise BadInput(f"{where}: state key {key!r} is not a plain integer")
                 if not isinstance(nodes, list):
                     raise BadInput(f"{where}: state {key} must be a list of nodes")
@@ -182,14 +182,16 @@ class Tree:
             meta = obj.get("meta", {})
             if not isinstance(meta, dict):
                 raise BadInput(f"{where}: field 'meta' must be an object")
+            _check_meta(meta, where)
             lookup = Lookup.from_json(obj["lookup"], f"{where} lookup") \
                 if obj.get("lookup") is not None else None
-            table = obj.get("by_batch") or {}
+            table = obj.get("by_batch")
+            table = {} if table is None else table
             if not isinstance(table, dict):
                 raise BadInput(f"{where}: field 'by_batch' must be an object")
             by_batch = {}
             for key, sub in table.items():
-                if not str(key).isdigit() or str(int(key)) != str(key):
+                if int_key(key) is None:
                     raise BadInput(f"{where}: by_batch key {key!r} is not a plain integer")
                 by_batch[int(key)] = None if sub is None else \
                     cls.from_json(sub, f"{where} by_batch {key}")
@@ -246,7 +248,7 @@ class Lookup:
         policy = {}
         for key, val in obj["policy"].items():
             parts = str(key).split(",")
-            if len(parts) != 2 or not all(x.isdigit() for x in parts) or not (
+            if len(parts) != 2 or any(int_key(x) is None for x in parts) or not (
                     isinstance(val, list) and len(val) in (2, 3) and all(_count(v) for v in val)):
                 raise BadInput(f"{where}: policy entry {key!r}: {val!r} is not 'm,n': "
                                "[c, q, keep]")
@@ -255,9 +257,8 @@ class Lookup:
         return cls(obj.get("max_ngram"), obj.get("max_tokens"), policy)
 
     def validate(self, tree: "Tree") -> None:
-        if not _count(self.max_ngram) or self.max_ngram < 1 or not _count(self.max_tokens) \
-                or self.max_tokens < 1:
-            raise BadInput("tree lookup: max_ngram and max_tokens must be integers ≥ 1")
+        count(self.max_ngram, "lookup_ngram", "tree lookup: max_ngram")
+        count(self.max_tokens, "lookup_chain", "tree lookup: max_tokens")
         for (m, n), (c, q, keep) in self.policy.items():
             where = f"tree lookup policy {m},{n}"
             if (m not in tree.states and m != 0) or not 1 <= n <= self.max_ngram:
@@ -272,6 +273,28 @@ class Lookup:
         """The longest input of state (m, n): every proposed token a new node."""
         c, q, keep = self.policy.get((m, n), (0, 1, 1))
         return tree.input_length(m if keep else 0) + c * (1 + q)
+
+
+BATCH_ROW = {"batch": "batch", "plain": "bool", "input_length": "count",
+             "tokens_per_step": "num", "tokens_per_second": "num", "step_seconds": "num"}
+
+
+def _check_meta(meta: dict, where: str) -> None:
+    """The search's figures a tree carries (read by bench and report): per-batch rows and
+    the predicted input lengths."""
+    rows = meta.get("batch")
+    if rows is not None:
+        if not isinstance(rows, list):
+            raise BadInput(f"{where}: meta.batch must be a list of rows")
+        for i, row in enumerate(rows):
+            check_fields(row, BATCH_ROW, f"{where}: meta.batch[{i}]")
+    pred = meta.get("predicted")
+    if pred is not None:
+        lengths = pred.get("input_lengths", {}) if isinstance(pred, dict) else None
+        if not isinstance(lengths, dict) or not all(
+                _count(v) and v >= 0 for v in lengths.values()):
+            raise BadInput(f"{where}: meta.predicted.input_lengths must map states to "
+                           "integers ≥ 0")
 
 
 def _count(x) -> bool:

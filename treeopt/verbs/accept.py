@@ -14,11 +14,11 @@ from ..distill import measure_acceptance
 from ..errors import BadInput
 from ..evaluation import check_trees
 from ..export import load_tree
-from ..inputs import find_tree, resolve_inputs
+from ..inputs import find_tree, local_device, resolve_inputs
 from ..runtime import open_decoder
 from ..sources import LOOKUP_CHAIN, LOOKUP_NGRAM
 from ..tree import Tree
-from .common import add_model_args, add_prompt_args, int_in, positive_int, say
+from .common import add_model_args, add_prompt_args, bounded_int, int_in, positive_int, say
 
 HELP = "measure per-depth, per-rank prompt-token accuracies (and check predictions)"
 BUILT_IN_TREES = ("default", "chain", "wide")
@@ -32,10 +32,10 @@ def add_arguments(p) -> None:
                    help="length of the greedy continuations measured (≥ 2)")
     p.add_argument("--min-support", type=positive_int, default=40,
                    help="parent-path count from which a path's empirical probability is used")
-    p.add_argument("--lookup-ngram", type=int_in(1, 8), default=LOOKUP_NGRAM, metavar="N",
+    p.add_argument("--lookup-ngram", type=bounded_int("lookup_ngram"), default=LOOKUP_NGRAM, metavar="N",
                    help="prompt lookup records: match the last N..1 tokens (default "
                    f"{LOOKUP_NGRAM})")
-    p.add_argument("--lookup-chain", type=int_in(1, 64), default=LOOKUP_CHAIN, metavar="C",
+    p.add_argument("--lookup-chain", type=bounded_int("lookup_chain"), default=LOOKUP_CHAIN, metavar="C",
                    help="prompt lookup records: chains of up to C proposed tokens; the "
                    f"search picks each state's length up to C (default {LOOKUP_CHAIN})")
     p.add_argument("--check-tree", action="append", metavar="TREE",
@@ -71,14 +71,14 @@ def main(args) -> dict:
         overlap = set(check_texts) & set(texts)
         if overlap:
             raise BadInput(f"--check-prompts share {len(overlap)} prompts with the estimate")
-        for name in args.check_tree:
-            if name not in BUILT_IN_TREES:
-                load_tree(name)  # fail early on a bad file
     inp = resolve_inputs(args.model, prompt_tokens=args.prompt_tokens, device=args.device,
                          dtype=args.dtype)
-    given = [t for t in args.check_tree or [] if t not in BUILT_IN_TREES]
-    out = args.out or paths.user_profiles() / paths.acceptance_name(inp.model_id)
-    check_out(out, given)
+    for name in args.check_tree or []:  # fail early on a bad file; each one is an input
+        path = find_tree(inp.model_id, local_device(args.device, args.dtype)[0]) \
+            if name == "default" else None if name in BUILT_IN_TREES else name
+        if path is not None:
+            load_tree(path)
+    out = check_out(args.out or paths.user_profiles() / paths.acceptance_name(inp.model_id))
     dec, info = open_decoder(inp, args.model, args.dtype, args.device, args.threads)
     human = not args.json
     est = measure_acceptance(dec.lm, dec.table, texts, args.topk, args.max_new_tokens,

@@ -7,10 +7,10 @@ from ..device import device_slug
 from ..errors import BadInput
 from ..evaluation import (batch_bench, predicted_vs_measured, run_bench, speed_vs_profile,
                           speed_warning)
-from ..inputs import resolve_inputs
+from ..inputs import local_device, resolve_inputs
 from ..runtime import open_decoder
-from .common import (add_model_args, add_prompt_args, int_list, model_flag, nonneg_int,
-                     positive_int, say)
+from .common import (add_model_args, add_prompt_args, bounded_list, model_flag, nonneg_int,
+                     positive_int, say, warn)
 
 HELP = "benchmark PPD against HF generate over a prompt set"
 
@@ -25,7 +25,7 @@ def add_arguments(p) -> None:
     p.add_argument("--hf-lookup", type=nonneg_int, default=0, metavar="K",
                    help="also run HF generate(prompt_lookup_num_tokens=K), the prompt-lookup "
                    "decoding users already have (0 = off)")
-    p.add_argument("--batch", type=int_list, metavar="B,..",
+    p.add_argument("--batch", type=bounded_list("batch"), metavar="B,..",
                    help="benchmark batched decoding instead: per batch size, the tree's "
                    "per-batch configuration vs the plain batched loop, HF generate batched "
                    "and one-at-a-time PPD, interleaved")
@@ -41,39 +41,42 @@ def main(args) -> dict:
     sets = args.prompts or [None]
     if len(sets) > 1 and args.batch:
         raise BadInput("--batch benches one prompt set; give --prompts once")
-    if len(set(sets)) < len(sets):
-        raise BadInput("--prompts: a prompt set is given twice")
+    files = [s and prompts.resolve(s).resolve() for s in sets]
+    names = [prompts.family_name(s) for s in sets]
+    if len(set(files)) < len(sets) or len(set(names)) < len(sets):
+        raise BadInput("--prompts: a prompt set is given twice (or two sets share the name "
+                       f"{next(n for n in names if names.count(n) > 1)!r})")
     # every input is read before the model loads, so a bad file fails in seconds
     families = {s: prompts.load(s, args.limit, args.offset, args.stride) for s in sets}
     inp = resolve_inputs(args.model, args.profile, args.acceptance, args.tree,
                          args.prompt_tokens, args.device, args.dtype,
                          want=("tree", "profile", "acceptance"))
-    if args.out:
-        check_out(args.out, inp.paths())
+    kind = ".batch" if args.batch else ".families" if len(sets) > 1 else ""
+    out = check_out(args.out or paths.user_reports() / paths.run_name(
+        device_slug(local_device(args.device, args.dtype)[0]), inp.model_id).replace(
+        ".run.json", f"{kind}.run.json"), inp.paths())
     dec, info = open_decoder(inp, args.model, args.dtype, args.device, args.threads)
     # every set's prompts encoded and length-checked before any benching
     encoded = {s: dec.encode_prompts(t, args.max_new_tokens, args.raw)
                for s, t in families.items()}
     human = not args.json
     if args.batch:
-        return _batch(args, dec, info, inp, encoded[sets[0]], human)
+        return _batch(args, dec, info, inp, encoded[sets[0]], human, out)
     if len(sets) > 1:
-        return _families(args, dec, info, inp, encoded, human)
+        return _families(args, dec, info, inp, encoded, human, out)
     if human:
         say(f"bench: {len(encoded[sets[0]])} prompts, {args.max_new_tokens} new tokens, "
             f"model {info['model']} ({info['dtype']}), tree {info['tree']}")
     res, runs = _bench_one(args, dec, info, inp, encoded[sets[0]], human)
-    out = {"schema": "treeopt.run/1", "kind": "bench", **info,
+    path, out = out, {"schema": "treeopt.run/1", "kind": "bench", **info,
            "prompt_file": sets[0] or "built-in", "offset": args.offset,
            "stride": args.stride, **res}
     warning = _warning(runs, inp, args)
-    path = args.out or paths.user_reports() / paths.run_name(device_slug(dec.device.type),
-                                                             info["model"])
     write_json(path, out)
     if human:
         _print(out, path)
         if warning:
-            say(warning)
+            warn(warning)
     return out
 
 
@@ -93,7 +96,7 @@ def _warning(runs, inp, args) -> str | None:
                          model_flag(args.model))
 
 
-def _families(args, dec, info, inp, encoded: dict, human) -> dict:
+def _families(args, dec, info, inp, encoded: dict, human, path) -> dict:
     """One bench per prompt set (each interleaved per prompt), in one run."""
     rows, all_runs = [], []
     for name, ids in encoded.items():
@@ -107,8 +110,6 @@ def _families(args, dec, info, inp, encoded: dict, human) -> dict:
            "offset": args.offset, "stride": args.stride, "max_new_tokens": args.max_new_tokens,
            "hf_lookup": args.hf_lookup, "families": rows}
     warning = _warning(all_runs, inp, args)
-    path = args.out or paths.user_reports() / paths.run_name(
-        device_slug(dec.device.type), info["model"]).replace(".run.json", ".families.run.json")
     write_json(path, out)
     if human:
         say(f"{'family':>16} {'tok/step':>8} {'alone':>6} {'tok/s':>7} {'HF':>7} "
@@ -127,11 +128,11 @@ def _families(args, dec, info, inp, encoded: dict, human) -> dict:
                    if p and "tokens_per_step" in p.get("error", {}) else f"{'-':>18}"))
         say(f"wrote {path}")
         if warning:
-            say(warning)
+            warn(warning)
     return out
 
 
-def _batch(args, dec, info, inp, encoded, human) -> dict:
+def _batch(args, dec, info, inp, encoded, human, path) -> dict:
     if human:
         say(f"batch bench: {len(encoded)} prompts, {args.max_new_tokens} new tokens, batch "
             f"sizes {', '.join(map(str, args.batch))}, tree {info['tree']}")
@@ -141,8 +142,6 @@ def _batch(args, dec, info, inp, encoded, human) -> dict:
     out = {"schema": "treeopt.run/1", "kind": "batch-bench", **info,
            "prompt_file": (args.prompts or ["built-in"])[0], "prompts": len(encoded),
            "max_new_tokens": args.max_new_tokens, "profile": inp.profile_src, "batch": rows}
-    path = args.out or paths.user_reports() / paths.run_name(
-        device_slug(dec.device.type), info["model"]).replace(".run.json", ".batch.run.json")
     write_json(path, out)
     if human:
         say(f"{'B':>3} {'chosen':>8} {'plain':>8} {'HF':>8} {'one-by-one':>10} {'vs plain':>8} "

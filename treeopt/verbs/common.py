@@ -1,10 +1,13 @@
-"""Argument types and groups shared by the verbs, and human output on stderr."""
+"""Argument types and groups shared by the verbs; human output on stdout, warnings on
+stderr."""
 from __future__ import annotations
 
 import argparse
 import math
 import re
 import sys
+
+from ..bounds import BOUNDS
 
 
 def _int(text: str) -> int:
@@ -68,15 +71,26 @@ def device_name(text: str) -> str:
     return text
 
 
-def int_list(text: str) -> list[int]:
-    """A comma list of integers ≥ 1, sorted, without repeats."""
+def int_list(text: str, hi: int = 2**31 - 1) -> list[int]:
+    """A comma list of integers in 1..hi, sorted, without repeats."""
     try:
         vals = sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers") from None
-    if not vals or vals[0] < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: values must be integers ≥ 1")
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a comma list of integers") \
+            from None
+    if not vals or vals[0] < 1 or vals[-1] > hi:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r}: values must be integers in 1..{hi}")
     return vals
+
+
+def bounded_list(name: str):
+    """A type for a comma list of integers in 1..BOUNDS[name] (bounds.py)."""
+    return lambda text: int_list(text, BOUNDS[name])
+
+
+def bounded_int(name: str):
+    """A type for an integer in 1..BOUNDS[name] (bounds.py)."""
+    return int_in(1, BOUNDS[name])
 
 
 def add_model_args(p, tree: bool = True) -> None:
@@ -111,7 +125,14 @@ def add_prompt_args(p, flag: str = "prompts", default_help: str = "built-in set"
 
 
 def say(*parts, **kw) -> None:
-    """Human output on stderr (stdout is kept for results and --json)."""
+    """Human output (the verbs call it only without --json, whose one object owns
+    stdout)."""
+    print(*parts, **kw)
+    sys.stdout.flush()
+
+
+def warn(*parts, **kw) -> None:
+    """A warning or note: on stderr, with or without --json."""
     print(*parts, file=sys.stderr, **kw)
 
 

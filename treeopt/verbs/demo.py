@@ -9,19 +9,23 @@ from .. import latency, paths, prompts, report
 from ..artefact import stamp, write_atomic, write_json
 from ..device import device_slug
 from ..distill import measure_acceptance
+from ..errors import BadInput
 from ..evaluation import predicted_vs_measured, run_bench, speed_vs_profile, speed_warning
 from ..inputs import resolve_inputs
 from ..measure import measure_profile
 from ..runtime import open_decoder
 from ..acceptance import unpack_records
-from ..search import Options, search, with_lookup
-from .common import add_model_args, model_flag, positive_int, say
+from ..search import Options, search
+from ..search.hybrid import with_lookup
+from .common import add_model_args, model_flag, positive_int, say, warn
 
 HELP = "run the whole pipeline on a model (default: the embedded one) and write a report"
 
 
 def add_arguments(p) -> None:
     add_model_args(p, tree=False)
+    p.add_argument("--profile", help="latency profile to use (default: this device's measured "
+                   "profile, yours then shipped; measured on the spot where there is none)")
     p.add_argument("--fresh", action="store_true",
                    help="re-measure the profile and the acceptance instead of reusing them")
     p.add_argument("--limit", type=positive_int, default=4, help="bench prompts")
@@ -38,8 +42,11 @@ def main(args) -> dict:
         if human:
             say(f"{i}/5 {text}")
 
-    inp = resolve_inputs(args.model, prompt_tokens=args.prompt_tokens, device=args.device,
-                         dtype=args.dtype, want=() if args.fresh else ("profile", "acceptance"))
+    if args.fresh and args.profile:
+        raise BadInput("--fresh re-measures the profile; drop --profile")
+    inp = resolve_inputs(args.model, args.profile, prompt_tokens=args.prompt_tokens,
+                         device=args.device, dtype=args.dtype,
+                         want=() if args.fresh else ("profile", "acceptance"))
     folder = paths.home() / "demo"
     out = args.out or folder / "demo.html"
     dec, info = open_decoder(inp, args.model, args.dtype, args.device, args.threads)
@@ -116,7 +123,7 @@ def main(args) -> dict:
     warning = speed_warning(speed_vs_profile(runs, prof), paths.display_path(prof_path),
                             model_flag(args.model))
     if warning and human:
-        say(warning)
+        warn(warning)
     html = report.build([(str(prof_path), prof)], acc, tree.to_json(), run,
                         f"treeopt demo — {mid}", search_report=found["report"])
     write_atomic(out, html)

@@ -8,8 +8,9 @@ from .. import latency, paths
 from ..artefact import check_out, write_json
 from ..device import device_slug, gpu_check
 from ..errors import BadInput
-from ..inputs import resolve_inputs
-from .common import add_model_args, finite_float, int_list, positive_int, say
+from ..inputs import local_device, resolve_inputs
+from .common import (add_model_args, bounded_list, finite_float, int_list, positive_int, say,
+                     warn)
 
 HELP = "measure forward latency vs tree size on this GPU or CPU (or simulate a GPU)"
 
@@ -30,9 +31,9 @@ def add_arguments(p) -> None:
                    help="with --simulate: override GB/s")
     p.add_argument("--sizes", type=int_list, help="comma list of input lengths "
                    "(default: dense small sizes)")
-    p.add_argument("--contexts", type=int_list, help="comma list of context lengths (default "
+    p.add_argument("--contexts", type=bounded_list("context"), help="comma list of context lengths (default "
                    "64,128,512,2048 on a CPU, 128,512,2048 on a GPU)")
-    p.add_argument("--batch", type=int_list, metavar="B,..",
+    p.add_argument("--batch", type=bounded_list("batch"), metavar="B,..",
                    help="batch sizes: B sequences × L new tokens over per-sequence caches "
                    "(default 1; with --batch: sizes up to 48 with B·L ≤ 256, contexts "
                    "64,192,512, one round: 1,2,4,8,16 takes about 5 minutes on a CPU)")
@@ -68,16 +69,15 @@ def main(args) -> dict:
 
     inp = resolve_inputs(args.model, prompt_tokens=args.prompt_tokens, device=device,
                          dtype=args.dtype)
-    if args.out:
-        check_out(args.out)
-    dec, info = open_decoder(inp, args.model, args.dtype, device, args.threads)
+    dev_type, dt = local_device(device, args.dtype)
+    out = check_out(args.out or paths.user_profiles() / paths.profile_name(
+        device_slug(dev_type), inp.model_id, dt))
+    dec, info = open_decoder(inp, args.model, args.dtype, device, args.threads, shape_only=True)
     gpu = dec.device.type == "cuda"
     sizes = args.sizes or (latency.BATCH_SIZES if batched else
                            latency.GPU_SIZES if gpu else latency.CPU_SIZES)
     contexts = args.contexts or (latency.BATCH_CONTEXTS if batched else
                                  latency.CONTEXTS if gpu else latency.CPU_CONTEXTS)
-    out = args.out or paths.user_profiles() / paths.profile_name(
-        device_slug(dec.device.type), info["model"], info["dtype"])
     capped = [c for c in contexts if c + max(sizes) <= dec.lm.max_context]
     if not capped:
         raise BadInput(f"--contexts: every context + the largest size exceeds the model's "
@@ -85,7 +85,9 @@ def main(args) -> dict:
     reuse = latency.load(out) if args.resume and os.path.isfile(out) else None
     human = not args.json
     if human:
-        say(f"profiling {info['model']} ({info['dtype']}) on {dec.device}: "
+        say(f"profiling {info['model']} ({info['dtype']}"
+            + (", random weights: shape only" if info.get("weights") == "random" else "")
+            + f") on {dec.device}: "
             f"{len(sizes)} sizes × {len(capped)} contexts × {len({1, *(args.batch or [])})} "
             "batch sizes")
     prof = measure_profile(dec, sizes, capped, args.repeats, args.budget_seconds, args.rounds,
@@ -94,6 +96,10 @@ def main(args) -> dict:
                            max_rows=latency.BATCH_MAX_ROWS if batched and not args.sizes
                            else None)
     write_json(out, prof)
+    missing = sorted({1, *(args.batch or [])} - set(latency.batches(prof)))
+    if missing:
+        warn(f"warning: no point could be measured at batch size "
+             f"{', '.join(map(str, missing))} (out of memory); the profile has none there")
     return _report(prof, out, human)
 
 
@@ -137,7 +143,7 @@ def _report(prof: dict, out, human: bool) -> dict:
         say(f"drift between sweeps: a point's slowest sweep is {100 * spread:.1f} % above "
             "its fastest (median over points)")
         if spread > latency.DRIFT_WARN:
-            say(f"warning: the device's speed moved by more than {100 * latency.DRIFT_WARN:.0f}"
+            warn(f"warning: the device's speed moved by more than {100 * latency.DRIFT_WARN:.0f}"
                 " % while profiling (other load, clocks); tokens/s predicted from this "
                 "profile carry that error — profile again on a quiet machine")
     say("knee (largest L with t(L) ≤ 1.1·t(1)): " +

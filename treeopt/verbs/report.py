@@ -6,7 +6,7 @@ from __future__ import annotations
 import pathlib
 import webbrowser
 
-from .. import acceptance, latency, paths, report
+from .. import acceptance, latency, paths, report, runs
 from ..artefact import check_out, check_schema, read_json, write_atomic
 from ..export import load_tree
 from .common import say
@@ -50,10 +50,7 @@ def main(args) -> dict:
     accs = [acceptance.load(a) for a in args.acceptance]
     tree, search_report = tree_and_report(args.tree) if args.tree else (None, None)
     compare = [(p, load_tree(p).to_json()) for p in args.compare_tree]
-    run = None
-    if args.run:
-        run = read_json(args.run, "run file")
-        check_schema(run, "treeopt.run/1", f"run file {args.run}")
+    run = runs.load(args.run) if args.run else None
     name = pathlib.Path(args.run or args.tree or (args.acceptance or [None])[0] or
                         (args.profile[0] if args.profile else "report")).name
     out = pathlib.Path(args.out or paths.user_reports() /

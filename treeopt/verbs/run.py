@@ -5,11 +5,13 @@ import sys
 
 from .. import prompts
 from ..batch import BatchDecoder, schedule_of
+from ..bounds import BOUNDS
 from ..errors import BadInput
 from ..evaluation import speed_vs_profile, speed_warning
 from ..inputs import resolve_inputs
 from ..runtime import open_decoder
-from .common import add_model_args, finite_float, model_flag, positive_int, say, seed_int
+from .common import (add_model_args, finite_float, model_flag, positive_int, say, seed_int,
+                     warn)
 
 HELP = "decode one prompt with the PPD runtime"
 SAMPLE_PROMPT = "Explain in a few sentences why the sky is blue."
@@ -101,7 +103,7 @@ def main(args) -> dict:
                 f"{out['speedup_vs_baseline']:.2f}x; PPD output identical to HF greedy: "
                 f"{out['identical']}")
     if warning:
-        say(warning)
+        warn(warning)
     return out
 
 
@@ -109,6 +111,9 @@ def _batch(args) -> dict:
     if args.temperature > 0 or args.baseline:
         raise BadInput("--batch-file decodes greedily; drop --temperature and --baseline")
     texts = prompts.load(args.batch_file)
+    if len(texts) > BOUNDS["batch_prompts"]:
+        raise BadInput(f"--batch-file {args.batch_file}: {len(texts)} prompts, at most "
+                       f"{BOUNDS['batch_prompts']} in one batch (split the file)")
     inp = resolve_inputs(args.model, tree=args.tree, prompt_tokens=args.prompt_tokens,
                          device=args.device, dtype=args.dtype, want=("tree",))
     dec, info = open_decoder(inp, args.model, args.dtype, args.device, args.threads)

@@ -9,13 +9,15 @@ import pathlib
 
 from .. import latency, paths
 from ..artefact import check_out, stamp, write_json
-from ..export import FORMATS, load_tree
+from ..export import FORMATS, for_engine, load_tree
 from ..errors import BadInput
 from ..inputs import resolve_inputs
 from ..models import context_of
 from ..acceptance import unpack_records
-from ..search import Options, evaluate_tree, for_engine, per_batch, search, with_lookup
-from .common import int_list, positive_int, say
+from ..search import Options, evaluate_tree, search
+from ..search.batch import per_batch
+from ..search.hybrid import with_lookup
+from .common import bounded_int, bounded_list, positive_int, say, warn
 
 HELP = "find the tree with the most expected tokens per second for a model on a device"
 
@@ -29,7 +31,7 @@ def add_arguments(p) -> None:
     p.add_argument("--acceptance", help="acceptance.json (default: yours, else the shipped one)")
     p.add_argument("--max-input", type=positive_int, default=512,
                    help="no state's forward input may be longer (default 512)")
-    p.add_argument("--context", type=positive_int,
+    p.add_argument("--context", type=bounded_int("context"),
                    help="context length at which the profile's t(L) is read (default: the "
                    "acceptance measurement's mean context, else 512)")
     p.add_argument("--static", action="store_true", help="one-state tree (every node K tokens)")
@@ -47,10 +49,10 @@ def add_arguments(p) -> None:
                    help="candidate sources: the prompt tokens' guesses alone, or with prompt "
                    "lookup (a chain per state and match length, searched by replaying the "
                    "acceptance file's measured positions; kept only when it predicts faster)")
-    p.add_argument("--lookup-chain", type=positive_int, metavar="C",
+    p.add_argument("--lookup-chain", type=bounded_int("lookup_chain"), metavar="C",
                    help="with lookup: the longest chain a step may verify (default: the "
                    "longest the acceptance file measured, `treeopt accept --lookup-chain`)")
-    p.add_argument("--batch", type=int_list, metavar="B,..",
+    p.add_argument("--batch", type=bounded_list("batch"), metavar="B,..",
                    help="also find the best configuration for each batch size (a tree, or "
                    "plain decoding where none is faster), from the profile's batch points; "
                    "the tree file then carries one entry per B")
@@ -67,6 +69,15 @@ def main(args) -> dict:
         raise BadInput(f"--max-input {args.max_input}: the model's context is {limit}")
     opts = Options(args.max_input, args.context, args.static, args.product, args.trials,
                    args.storage)
+    if args.evaluate:
+        extra = [f for f, v in (("--batch", args.batch), ("--export", args.export),
+                                ("--out", args.out), ("--trials", args.trials),
+                                ("--lookup-chain", args.lookup_chain)) if v]
+        if extra:
+            raise BadInput(f"--evaluate predicts one tree and writes nothing: drop "
+                           f"{', '.join(extra)}")
+    if args.lookup_chain is not None and "lookup" not in args.sources:
+        raise BadInput("--lookup-chain needs --sources ppd,lookup")
     given = load_tree(args.evaluate) if args.evaluate else None
     inp = resolve_inputs(args.model, args.profile, args.acceptance,
                          need=("profile", "acceptance"), simulate=True, batch=args.batch)
@@ -82,10 +93,12 @@ def main(args) -> dict:
     check_out(out, inp.paths())
     report_path = paths.search_report_path(out)
     check_out(report_path, inp.paths(), "search report")
+    exp_path = pathlib.Path(str(out).removesuffix(".json") + f".{args.export}.json") \
+        if args.export else None
+    if exp_path is not None:  # every output checked before anything is written
+        check_out(exp_path, inp.paths(), "export")
     human = not args.json
     rec = None
-    if args.lookup_chain is not None and "lookup" not in args.sources:
-        raise BadInput("--lookup-chain needs --sources ppd,lookup")
     if "lookup" in args.sources:
         rec = unpack_records(inp.acceptance, args.lookup_chain)
         if rec is None:
@@ -112,27 +125,26 @@ def main(args) -> dict:
                  "search_report": report_path.name}
     report = {"schema": "treeopt.search/1", "tree": out.name, "model": inp.model_id,
               **found["report"]}
+    exp = for_engine(args.export, found, args.max_input, batch_rows) if args.export else None
     write_json(report_path, report)
     tree.save(out)
+    if exp is not None:
+        write_json(exp_path, exp)
     pred = meta["predicted"]
     result = {"out": str(out), "search_report": str(report_path), "model": inp.model_id,
               "profile": inp.profile_src, "acceptance": inp.acceptance_src, **pred,
               "context": meta["context"], "search_seconds": meta["search_seconds"],
               "config": meta["config"], "tree": tree.to_json()["states"],
               "root_prompt_tokens": tree.root_prompt_tokens, **found["report"]}
-    if args.export:
-        exp = for_engine(args.export, found, args.max_input, batch_rows)
-        exp_path = pathlib.Path(str(out).removesuffix(".json") + f".{args.export}.json")
-        check_out(exp_path, inp.paths(), "export")
-        write_json(exp_path, exp)
+    if exp is not None:
         result["export"] = {"path": str(exp_path), **exp}
         if not exp["exact"]:
             e, c = exp["predicted"], exp["chosen_tree_predicted"]
-            say(f"note: the chosen tree cannot be written as {args.export} ("
-                f"{'; '.join(exp['not_expressible'])}); {exp_path.name} holds the best tree "
-                f"under {args.export}'s rules instead: {e['tokens_per_step']:.3f} tokens/step, "
-                f"{e['tokens_per_second']:.1f} tokens/s vs the chosen "
-                f"{c['tokens_per_step']:.3f}, {c['tokens_per_second']:.1f}")
+            warn(f"note: the chosen tree cannot be written as {args.export} ("
+                 f"{'; '.join(exp['not_expressible'])}); {exp_path.name} holds the best tree "
+                 f"under {args.export}'s rules instead: {e['tokens_per_step']:.3f} "
+                 f"tokens/step, {e['tokens_per_second']:.1f} tokens/s vs the chosen "
+                 f"{c['tokens_per_step']:.3f}, {c['tokens_per_second']:.1f}")
     if human:
         say(f"model {inp.model_id}; profile: {inp.profile_src}; acceptance: "
             f"{inp.acceptance_src}")
@@ -162,7 +174,13 @@ def _evaluate(tree, inp, opts, args) -> dict:
         say(f"model {inp.model_id}; profile: {inp.profile_src}; acceptance: "
             f"{inp.acceptance_src}; t(L) at context {res['context']}")
         say(f"given tree (input {g['input_length']}): {g['tokens_per_step']:.3f} tokens/step, "
-            f"{1000 * g['step_seconds']:.2f} ms/step, {g['tokens_per_second']:.1f} tokens/s")
+            f"{1000 * g['step_seconds']:.2f} ms/step, {g['tokens_per_second']:.1f} tokens/s"
+            + (" (replayed over the acceptance file's positions, with its prompt lookup)"
+               if g.get("method") == "replay" else ""))
+        if "given_ppd_only" in res:
+            p = res["given_ppd_only"]
+            say(f"its PPD part alone (replayed): {p['tokens_per_step']:.3f} tokens/step, "
+                f"{p['tokens_per_second']:.1f} tokens/s")
         say(f"best tree with input ≤ {g['input_length']} (input {b['input_length']}): "
             f"{b['tokens_per_step']:.3f} tokens/step, {1000 * b['step_seconds']:.2f} ms/step, "
             f"{b['tokens_per_second']:.1f} tokens/s "

@@ -1,0 +1,203 @@
+"""One prepared GPU check: everything treeopt claims about a GPU, measured in one command
+on a fresh machine with torch, transformers, numpy, scipy, pynvml and this repository
+(no network, no weights, no optuna or matplotlib needed).
+
+    python benchmarks/gpu_check.py --out DIR          # ≤ 8 minutes on one data-centre GPU
+
+Writes into DIR: `facts.json` (pynvml facts and clocks), `profile.json` (`treeopt profile
+--gpu` of vicuna-7b's *shape*: random bf16 weights built on the GPU; input lengths
+1..256, contexts 512 and 2048, batch 1..16), simulated roofline profiles of the same grid
+(this GPU's table entry, A100-80GB, H100-SXM), the searched trees (`treeopt search
+--batch`, the published vicuna-7b acceptance) for the measured and simulated profiles, and
+`summary.json`: per batch size the chosen tree and its predicted speedup on each, how far
+the uncalibrated roofline was off per point, the chosen tree's measured step time
+against its prediction (random weights: step time only, no acceptance), and fp32
+losslessness on the device, single and batched, on tiny random models of several
+architectures.
+
+Without a GPU the same path runs on the CPU with a tiny shape (vicuna-68m, float32, a
+small grid, a minute or two): the test suite runs it, so CI keeps this script working.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from treeopt import latency  # noqa: E402
+from treeopt.artefact import write_json  # noqa: E402
+from treeopt.device import cpu_facts, gpu_clocks, gpu_facts  # noqa: E402
+from treeopt.export import load_tree  # noqa: E402
+from treeopt.models import load  # noqa: E402
+from treeopt.prompt_tokens import PromptTokens  # noqa: E402
+from treeopt.runtime import Decoder  # noqa: E402
+from treeopt.tiny import lossless_check  # noqa: E402
+
+# what runs where: the GPU plan, and the CPU stand-in that exercises the same path
+PLANS = {
+    "cuda": {"model": "vicuna-7b", "dtype": "bfloat16", "batch": "1,2,4,8,16",
+             "sizes": "1,2,4,8,12,16,24,32,48,64,96,128,192,256", "contexts": "512,2048",
+             "profile_flags": ["--repeats", "12", "--rounds", "1", "--budget-seconds", "1"],
+             "context": 512, "compare": ["a100-80gb", "h100-sxm"], "new_tokens": 64},
+    "cpu": {"model": "vicuna-68m", "dtype": "float32", "batch": "1,2",
+            "sizes": "1,2,4,8,16", "contexts": "64", "context": 64,
+            "profile_flags": ["--repeats", "3", "--rounds", "1", "--budget-seconds", "0.2",
+                              "--no-overhead"],
+            "compare": ["a100-80gb"], "new_tokens": 16},
+}
+
+
+def treeopt(out: pathlib.Path, *args) -> dict:
+    """One treeopt command through its CLI (as a user runs it), its --json result;
+    everything it writes stays under `out`."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TREEOPT_HOME=str(out / "home"),
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-m", "treeopt.cli", *map(str, args), "--json"],
+                       capture_output=True, text=True, env=env, cwd=REPO)
+    if p.returncode:
+        raise SystemExit(f"treeopt {' '.join(map(str, args))}: exit {p.returncode}: "
+                         f"{p.stderr.strip()[-500:]}")
+    return json.loads(p.stdout)
+
+
+def gpu_key(name: str) -> str | None:
+    """This GPU's entry in the roofline table, by its marketing name."""
+    low = name.lower().replace("nvidia", "").replace("-", " ")
+    for key, spec in latency.GPUS.items():
+        if spec["name"].lower().replace("nvidia", "").replace("-", " ").strip() in low:
+            return key
+    return next((k for k in latency.GPUS if k.split("-")[0] in low.split()), None)
+
+
+def roofline_error(measured: dict, simulated: dict) -> dict:
+    """Per point (B, C, L) of the measured profile: the uncalibrated roofline's time and
+    its relative error."""
+    sim = {(p.get("batch", 1), p["context"], p["size"]): p["median_s"]
+           for p in simulated["points"]}
+    rows = [{"batch": p.get("batch", 1), "context": p["context"], "size": p["size"],
+             "measured_ms": round(1000 * p["median_s"], 4),
+             "roofline_ms": round(1000 * sim[key], 4),
+             "error": round(sim[key] / p["median_s"] - 1, 4)}
+            for p in measured["points"]
+            if (key := (p.get("batch", 1), p["context"], p["size"])) in sim]
+    errs = [abs(r["error"]) for r in rows]
+    return {"points": rows, "median_abs_error": round(statistics.median(errs), 4),
+            "max_abs_error": round(max(errs), 4)}
+
+
+def per_batch(tree_json: dict) -> list[dict]:
+    return [{k: r[k] for k in ("batch", "plain", "input_length", "tokens_per_second",
+                               "speedup_vs_plain")} for r in tree_json["batch"]]
+
+
+def step_time(plan: dict, device: str, tree_path: pathlib.Path, profile: dict) -> dict:
+    """The chosen (B = 1) tree decoding on the shape-only model: each step's measured time
+    beside the profile's t(L, C) (+ its per-step overhead) for that step's input length
+    and context. Random weights: the states visited are not the real ones, the time per
+    input length is."""
+    top = load_tree(tree_path)
+    plain = bool(top.by_batch) and top.by_batch.get(1, top) is None
+    # where plain decoding wins at B = 1, the searched tree is timed all the same
+    tree = (top.by_batch.get(1) or top) if top.by_batch else top
+    lm = load(plan["model"], plan["dtype"], device, shape_only=True)
+    pt = PromptTokens(lm.model.get_input_embeddings().weight[:tree.num_prompt_tokens]
+                      .float().cpu().clone())
+    dec = Decoder(lm, pt, tree)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, lm.config.vocab_size, (plan["context"] - plan["new_tokens"] // 2,),
+                        generator=gen).tolist()
+    dec.ppd(ids, 4)  # warm-up
+    res = dec.ppd(ids, plan["new_tokens"], timed=True)
+    lat = latency.Latency(profile)
+    pred = [float(lat([L], len(ids) + i)[0]) + lat.overhead
+            for i, L in enumerate(res.lengths)]
+    meas = res.step_seconds
+    ratio = [m / p for m, p in zip(meas, pred)]
+    return {"plain_chosen_at_batch_1": plain, "steps": len(meas),
+            "input_lengths": sorted(set(res.lengths)),
+            "measured_step_ms_median": round(1000 * statistics.median(meas), 4),
+            "predicted_step_ms_median": round(1000 * statistics.median(pred), 4),
+            "measured_over_predicted_median": round(statistics.median(ratio), 4),
+            "search_step_ms": round(1000 * top.meta["predicted"]["step_seconds"], 4)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="folder for every file the check writes")
+    ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    args = ap.parse_args(argv)
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
+        "cpu" if args.device == "auto" else args.device
+    plan = PLANS[device]
+    out = pathlib.Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t0, steps = time.perf_counter(), {}
+
+    def mark(name):
+        steps[name] = round(time.perf_counter() - t0 - sum(steps.values()), 1)
+        print(f"gpu_check: {name} done ({steps[name]} s)", file=sys.stderr)
+
+    facts = {"device": device, "torch": torch.__version__,
+             **({"gpu": gpu_facts(), "clocks": gpu_clocks()} if device == "cuda" else
+                {"cpu": cpu_facts(torch.get_num_threads())})}
+    write_json(out / "facts.json", facts)
+    mark("facts")
+    m, b = plan["model"], plan["batch"]
+    prof_path = out / "profile.json"
+    treeopt(out, "profile", "--gpu" if device == "cuda" else "--cpu", "--model", m,
+            "--dtype", plan["dtype"], "--sizes", plan["sizes"], "--contexts", plan["contexts"],
+            "--batch", b, *plan["profile_flags"], "--out", prof_path)
+    measured = latency.load(prof_path)
+    mark("profile")
+    key = gpu_key(facts["gpu"]["name"] or "") if device == "cuda" else None
+    here = ["--simulate", key] if key else [  # no table entry: this device's own ceilings
+        "--simulate", "this-device", "--peak-tflops", measured["ceilings"]["peak_tflops"],
+        "--bandwidth-gbs", measured["ceilings"]["bandwidth_gbs"]]
+    sims = {"this-device": here, **{g: ["--simulate", g] for g in plan["compare"]}}
+    trees = {}
+    for name, flags in {"measured": None, **sims}.items():
+        path = prof_path
+        if flags:
+            path = out / f"sim-{name}.json"
+            treeopt(out, "profile", *flags, "--model", m, "--dtype", plan["dtype"], "--sizes",
+                    plan["sizes"], "--contexts", plan["contexts"], "--batch", b, "--out", path)
+        tree_path = out / f"{name}.tree.json"
+        res = treeopt(out, "search", "--model", m, "--profile", path, "--batch", b,
+                      "--context", plan["context"], "--max-input",
+                      max(map(int, plan["sizes"].split(","))), "--out", tree_path)
+        trees[name] = {"profile": path.name, "tree": tree_path.name, "per_batch": per_batch(res)}
+    mark("search")
+    summary = {
+        "device": device, "model": m, "dtype": plan["dtype"], "weights": "random",
+        "gpu": facts.get("gpu", {}).get("name"), "roofline_table_entry": key,
+        "trees": trees,
+        "roofline_vs_measured": roofline_error(measured,
+                                               latency.load(out / "sim-this-device.json")),
+        "fitted_roofline": {k: measured.get("roofline", {}).get(k)
+                            for k in ("factors", "median_rel_error", "max_rel_error")},
+        "step_time": step_time(plan, device, out / "measured.tree.json", measured),
+    }
+    mark("step time")
+    summary["lossless_fp32"] = lossless_check(device)
+    summary["lossless"] = all(r["mismatches"] == 0 for r in summary["lossless_fp32"])
+    mark("lossless")
+    if device == "cuda":
+        summary["clocks_after"] = gpu_clocks()
+    summary["seconds"] = steps
+    write_json(out / "summary.json", summary)
+    print(json.dumps({k: summary[k] for k in ("device", "gpu", "lossless", "seconds")}))
+    return 0 if summary["lossless"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,118 @@
+"""The search behind `treeopt search`: the tree with the most expected tokens per second
+for an acceptance file on a latency profile. One concern a module, each importing only
+those before it:
+
+- :mod:`.exact`  — the exact optimiser (candidate universe, budget DP, policy iteration,
+  prediction of any tree); the maths is in its docstring;
+- :mod:`.curves` — the best value per input-length cap and the greedy static curve;
+- :mod:`.tuning` — optuna over the optimiser's settings;
+- :mod:`.hybrid` — prompt lookup beside the guesses, by replaying measured positions;
+- :mod:`.batch`  — one configuration per batch size.
+
+Engine formats (Medusa, PPD) are :mod:`treeopt.export`'s.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+
+from ..acceptance import search_inputs, unpack_records
+from ..artefact import mask_secrets
+from ..errors import BadInput
+from ..latency import Latency
+from ..tree import Tree
+from .curves import greedy_curve, optimise_static, per_input_length
+from .exact import figures, optimise, predict, prediction
+from .hybrid import replay_predict
+from .tuning import tune
+
+DEFAULT_CONTEXT = 512  # where the acceptance file does not say what context it measured
+
+
+@dataclasses.dataclass
+class Options:
+    """What `treeopt search` takes beside its inputs (checked here, in plain words)."""
+
+    max_input: int = 512
+    context: int | None = None  # default: the acceptance file's mean context, else 512
+    static: bool = False
+    product: bool = False
+    trials: int = 0
+    storage: str | None = None
+
+    def __post_init__(self):
+        if not 2 <= self.max_input <= 65536:
+            raise BadInput(f"--max-input must be in 2..65536, got {self.max_input}")
+        if self.context is not None and self.context < 1:
+            raise BadInput(f"--context must be ≥ 1, got {self.context}")
+        if self.trials < 0:
+            raise BadInput(f"--trials must be ≥ 0, got {self.trials}")
+        if self.storage is not None and not re.fullmatch(r"[a-zA-Z][a-zA-Z0-9+.-]*://.*",
+                                                         self.storage):
+            raise BadInput(f"--storage {mask_secrets(self.storage)}: not a database URL "
+                           "(e.g. sqlite:///path/study.db)")
+
+
+def search(acc_obj: dict, profile: dict, opts: Options, name: str = "search") -> dict:
+    """The search behind `treeopt search`: the best tree for an acceptance file and a
+    latency profile. Returns the solution, the tree (its meta: how it was chosen and
+    what it predicts), and the report (per-input-length table, greedy curve)."""
+    lat_model = Latency(profile)
+    context = opts.context if opts.context is not None else \
+        int(acc_obj.get("mean_context") or DEFAULT_CONTEXT)
+    lat = lambda L: lat_model(L, context)  # noqa: E731
+    t1 = float(Latency(profile, with_overhead=False)([1], context)[0])
+    acc_prod, _ = search_inputs(acc_obj, conditional=False)
+    acc_fit, pp = search_inputs(acc_obj, conditional=not opts.product)
+    t0 = time.perf_counter()
+    config = {"k": acc_prod.shape[0], "width_cap": None, "conditional": pp is not None}
+    if opts.trials:
+        config = tune(acc_prod, acc_fit, pp, lat, opts.max_input, opts.trials, opts.storage,
+                      opts.static, name)
+    acc, use_pp = (acc_fit, pp) if config["conditional"] else (acc_prod, None)
+    if opts.static:
+        sol = optimise_static(acc, lat, config["k"], opts.max_input, use_pp)
+        rows = None
+    else:
+        sol = optimise(acc, lat, k=config["k"], max_input=opts.max_input, path_prob=use_pp,
+                       width_cap=config["width_cap"])
+        rows = per_input_length(sol, acc, lat, opts.max_input, use_pp)
+    seconds = time.perf_counter() - t0
+    pred = prediction(sol, t1)
+    report = {"greedy_curve": greedy_curve(acc, lat, config["k"], opts.max_input, use_pp)}
+    if rows:
+        report["per_input_length"] = rows
+    meta = {"context": context, "max_input": opts.max_input, "config": config,
+            "static": opts.static, "predicted": pred, "search_seconds": round(seconds, 3)}
+    return {"solution": sol, "acc": acc, "path_prob": use_pp, "latency": lat, "t1": t1,
+            "meta": meta, "report": report}
+
+
+def evaluate_tree(tree: Tree, acc_obj: dict, profile: dict, opts: Options) -> dict:
+    """A given tree's predicted figures on this profile and acceptance, beside the best
+    tree the search finds at the same input length. A tree with a prompt-lookup policy is
+    replayed over the acceptance file's measured positions (its PPD part alone beside it);
+    without lookup records it cannot be predicted and is refused."""
+    rec = unpack_records(acc_obj) if tree.lookup is not None else None
+    if tree.lookup is not None and rec is None:
+        raise BadInput("the tree has a prompt-lookup policy, and the acceptance file has no "
+                       "lookup records to replay it on (measure them with `treeopt accept`)")
+    best = search(acc_obj, profile, dataclasses.replace(opts, max_input=max(
+        2, tree.max_input_length), trials=0), "evaluate")
+    acc, pp, lat = best["acc"], best["path_prob"], best["latency"]
+    ppd = dataclasses.replace(tree, lookup=None, by_batch={})
+    given = figures(predict(ppd, acc, lat, pp), tree)
+    out = {"given": given}
+    if rec is not None:
+        if tree.lookup.max_ngram != rec["max_ngram"] or tree.lookup.max_tokens > rec["max_tokens"]:
+            raise BadInput(f"the tree's lookup (n ≤ {tree.lookup.max_ngram}, chain ≤ "
+                           f"{tree.lookup.max_tokens}) was not measured by the acceptance file "
+                           f"(n ≤ {rec['max_ngram']}, chain ≤ {rec['max_tokens']})")
+        out = {"given": {**replay_predict(tree, rec, lat), "input_length": tree.max_input_length,
+                         "method": "replay"},
+               "given_ppd_only": {**replay_predict(ppd, rec, lat),
+                                  "input_length": ppd.max_input_length}}
+    return {**out, "best_at_same_input_length": best["meta"]["predicted"] | {
+                "input_length": best["solution"].tree.max_input_length},
+            "context": best["meta"]["context"]}

@@ -1,0 +1,105 @@
+"""Tiny random models of several architectures, random trees and lookup policies, and the
+losslessness check over them: PPD greedy output (single and batched) token-identical to
+plain greedy decoding. The tests use them on the CPU; `benchmarks/gpu_check.py` runs the
+same check on a GPU, where no weights are at hand.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+import transformers as T
+
+from .batch import BatchDecoder
+from .models import Loaded
+from .prompt_tokens import PromptTokens
+from .runtime import Decoder
+from .tree import Lookup, Node, Tree
+
+SMALL = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=512, bos_token_id=None,
+             eos_token_id=None, pad_token_id=None)
+WINDOW = 16  # sliding windows small enough for prompts and outputs to cross them
+CONFIGS = {
+    "llama": lambda: T.LlamaConfig(num_hidden_layers=2, **SMALL),
+    "qwen2": lambda: T.Qwen2Config(num_hidden_layers=2, **SMALL),
+    "mistral": lambda: T.MistralConfig(num_hidden_layers=2, sliding_window=WINDOW, **SMALL),
+    "gemma3": lambda: T.Gemma3TextConfig(
+        num_hidden_layers=4, head_dim=8, sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention"] * 2, **SMALL),
+    "gemma2": lambda: T.Gemma2Config(num_hidden_layers=2, head_dim=8, sliding_window=WINDOW,
+                                     final_logit_softcapping=5.0, **SMALL),
+    "phi3": lambda: T.Phi3Config(num_hidden_layers=2, **SMALL),
+}
+
+
+def tiny_model(name: str, dtype=torch.float32, device: str = "cpu", seed: int = 0) -> Loaded:
+    """A random-init model of architecture `name` (CONFIGS), no tokenizer, EOS off."""
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(CONFIGS[name]()).to(dtype).to(device).eval()
+    model.generation_config.eos_token_id = None
+    model.requires_grad_(False)
+    return Loaded(model, None, f"tiny-{name}", "", torch.device(device), dtype)
+
+
+def random_prompt_tokens(lm: Loaded, k: int, seed: int = 0) -> PromptTokens:
+    g = torch.Generator().manual_seed(seed)
+    hidden = lm.model.config.hidden_size
+    return PromptTokens(torch.randn(k, hidden, generator=g) * 0.5)
+
+
+def random_tree(rng: random.Random, k: int, topk: int, max_nodes: int = 12) -> Tree:
+    """A random valid dynamic tree: every state 1..k, prefix-closed, random counts."""
+    states = {}
+    for m in range(1, k + 1):
+        paths = set()
+        for _ in range(rng.randint(0, max_nodes)):
+            parents = [()] + [p for p in paths if len(p) < m]
+            parent = rng.choice(parents)
+            used = {p[-1] for p in paths if len(p) == len(parent) + 1 and p[:-1] == parent}
+            free = [r for r in range(topk) if r not in used]
+            if free:
+                paths.add(parent + (rng.choice(free),))
+        states[m] = [Node(p, rng.randint(1, k)) for p in paths]
+    return Tree(k, rng.randint(1, k), states, topk)
+
+
+def random_lookup(rng: random.Random, tree: Tree, max_ngram: int = 3,
+                  max_tokens: int = 6) -> Lookup:
+    """A random prompt-lookup policy for `tree` (most (state, match) entries set)."""
+    policy = {(m, n): (rng.randint(0, max_tokens), rng.choice([0, *sorted(tree.states)]),
+                       rng.randint(0, 1))
+              for m in [0, *tree.states] for n in range(1, max_ngram + 1)
+              if rng.random() < 0.8}
+    return Lookup(max_ngram, max_tokens, policy)
+
+
+def lossless_check(device: str = "cpu", names=tuple(CONFIGS), trees: int = 3,
+                   new_tokens: int = 2 * WINDOW, seed: int = 3) -> list[dict]:
+    """For each architecture, float32 on `device`: random trees (half of them hybrid, with
+    prompts that repeat so lookup proposes), prompts shorter and longer than the window;
+    PPD single, and every sequence of one batch, against plain greedy decoding. Returns a
+    row per architecture with the mismatches found (none is the pass)."""
+    rows = []
+    for name in names:
+        lm = tiny_model(name, torch.float32, device)
+        rng = random.Random(seed)
+        pt = random_prompt_tokens(lm, 3)
+        vocab = lm.model.config.vocab_size
+        checked = mismatches = 0
+        for i in range(trees):
+            tree = random_tree(rng, 3, 6, max_nodes=10)
+            if i % 2:
+                tree.lookup = random_lookup(rng, tree)
+            dec = Decoder(lm, pt, tree)
+            prompts = [[rng.randrange(vocab) for _ in range(n)] for n in (5, 3 * WINDOW)]
+            prompts.append((prompts[0] * 4)[:12])  # a repeating prompt: lookup proposes
+            refs = [dec.baseline(ids, new_tokens).output_ids for ids in prompts]
+            singles = [dec.ppd(ids, new_tokens).output_ids for ids in prompts]
+            batched = BatchDecoder(lm, pt, {1: tree}).generate(prompts, new_tokens).results
+            for ref, one, many in zip(refs, singles, batched):
+                checked += 2
+                mismatches += (one != ref) + (many.output_ids != ref)
+        rows.append({"architecture": name, "device": device, "dtype": "float32",
+                     "decodes_checked": checked, "mismatches": mismatches})
+    return rows
