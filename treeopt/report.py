@@ -29,6 +29,17 @@ def _svg(fig) -> str:
     return text[text.index("<svg"):]
 
 
+def _log2(ax, which: str = "x") -> None:
+    """A base-2 log axis with plain tick labels: figures are drawn with maths text off (an
+    artefact's "$x$" is text), so the default "$2^{k}$" labels would show raw."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    (ax.set_xscale if which == "x" else ax.set_yscale)("log", base=2)
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def _esc(x) -> str:
     return html.escape(str(x))
 
@@ -83,7 +94,7 @@ def latency_section(profiles: list[tuple[str, dict]]) -> str:
                         if batches(prof) != [1] else "")
                      + (" — <b>simulated by roofline</b>" if prof.get("simulated") else "")
                      + f" <span class='src'>({_esc(display_path(path))})</span></li>")
-    ax.set_xscale("log", base=2)
+    _log2(ax)
     ax.set_xlabel("input length L (tokens in one forward)")
     ax.set_ylabel("ms per forward")
     ax.grid(alpha=0.3)
@@ -167,7 +178,7 @@ def search_section(tree_obj: dict, search_report: dict | None) -> str:
     a1.plot([L], [pred.get("tokens_per_step", np.nan)], "r*", ms=10, label="chosen")
     a2.plot([L], [pred.get("tokens_per_second", np.nan)], "r*", ms=10, label="chosen")
     for a, lab in ((a1, "tokens per step"), (a2, "tokens per second")):
-        a.set_xscale("log", base=2)
+        _log2(a)
         a.set_xlabel("input-length cap L")
         a.set_ylabel(lab)
         a.grid(alpha=0.3)
@@ -309,9 +320,9 @@ def batch_section(run: dict | None, trees: list[tuple[str, dict]]) -> str:
     if trees:
         a2.legend(fontsize=7)
     a2.set_ylabel("chosen input length (1 = plain)")
-    a2.set_yscale("log", base=2)
+    _log2(a2, "y")
     for a in (a1, a2):
-        a.set_xscale("log", base=2)
+        _log2(a)
         a.set_xlabel("batch size B")
         a.grid(alpha=0.3)
     return ("<section id='batch'><h2>Batches</h2>"
