@@ -483,8 +483,8 @@ def test_r2_07_and_14_run_rows_and_tree_tables_are_validated(box):
     run = json.loads((REPO / "reports" / "batch.run.json").read_text())
     for row, needle in ((dict(run["batch"][0], batch=0), "batch size 0 outside 1..256"),
                         (dict(run["batch"][0], batch=-3), "batch size -3"),
-                        ({k: v for k, v in run["batch"][0].items() if k != "plain_tokens_per_second"},
-                         "plain_tokens_per_second"),
+                        ({k: v for k, v in run["batch"][0].items()
+                          if k != "plain_tokens_per_second"}, "plain_tokens_per_second"),
                         (dict(run["batch"][0], tokens_per_step="2"), "finite number")):
         write_json(box.dir / "r.json", dict(run, batch=[row]))
         box.bad("report", "--run", box.dir / "r.json", "--out", box.dir / "r.html",

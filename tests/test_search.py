@@ -145,7 +145,8 @@ def test_never_worse_than_greedy_per_length():
     for row in rows:
         g = exact.greedy_tree(acc, row["input_length"])
         if g is not None:
-            assert row["tokens_per_second"] >= exact.predict(g, acc, lat)["tokens_per_second"] - 1e-6
+            assert row["tokens_per_second"] >= \
+                exact.predict(g, acc, lat)["tokens_per_second"] - 1e-6
     assert rows[-1]["tokens_per_second"] == pytest.approx(sol.tokens_per_second, rel=1e-6)
     assert all(b["tokens_per_second"] >= a["tokens_per_second"] - 1e-9
                for a, b in zip(rows, rows[1:]))

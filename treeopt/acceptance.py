@@ -282,8 +282,8 @@ def _pack(a: np.ndarray) -> str:
 def unpack_records(obj: dict, max_chain: int | None = None, where: str = "acceptance"
                    ) -> dict | None:
     """The lookup records of an acceptance file as arrays (None where it has none), every
-    value checked: ranks in −1..topk (−1: not measurable, topk: not among the top k), match lengths in
-    0..max_ngram, accepted runs in 0..max_tokens, per-prompt lengths that add up, at most
+    value checked: ranks in −1..topk (−1: not measurable, topk: not among the top k),
+    match lengths in 0..max_ngram, accepted runs in 0..max_tokens, per-prompt lengths that add up, at most
     BOUNDS["records"] positions. With `max_chain`, as if chains had been cut to that many
     tokens (a run within the first C proposed tokens is the same run)."""
     lk = obj.get("lookup")

@@ -93,22 +93,24 @@ def evaluate_tree(tree: Tree, acc_obj: dict, profile: dict, opts: Options) -> di
     """A given tree's predicted figures on this profile and acceptance, beside the best
     tree the search finds at the same input length. A tree with a prompt-lookup policy is
     replayed over the acceptance file's measured positions (its PPD part alone beside it);
-    without lookup records it cannot be predicted and is refused."""
-    rec = unpack_records(acc_obj) if tree.lookup is not None else None
-    if tree.lookup is not None and rec is None:
+    without lookup records that measured its lookup it cannot be predicted: refused."""
+    lk = tree.lookup
+    rec = unpack_records(acc_obj) if lk is not None else None
+    if lk is not None and rec is None:
         raise BadInput("the tree has a prompt-lookup policy, and the acceptance file has no "
                        "lookup records to replay it on (measure them with `treeopt accept`)")
+    if rec is not None and (lk.max_ngram != rec["max_ngram"] or
+                            lk.max_tokens > rec["max_tokens"]):
+        raise BadInput(f"the tree's lookup (n ≤ {lk.max_ngram}, chain ≤ {lk.max_tokens}) was "
+                       f"not measured by the acceptance file (n ≤ {rec['max_ngram']}, chain ≤ "
+                       f"{rec['max_tokens']})")
     best = search(acc_obj, profile, dataclasses.replace(opts, max_input=max(
         2, tree.max_input_length), trials=0), "evaluate")
     acc, pp, lat = best["acc"], best["path_prob"], best["latency"]
     ppd = dataclasses.replace(tree, lookup=None, by_batch={})
-    given = figures(predict(ppd, acc, lat, pp), tree)
-    out = {"given": given}
-    if rec is not None:
-        if tree.lookup.max_ngram != rec["max_ngram"] or tree.lookup.max_tokens > rec["max_tokens"]:
-            raise BadInput(f"the tree's lookup (n ≤ {tree.lookup.max_ngram}, chain ≤ "
-                           f"{tree.lookup.max_tokens}) was not measured by the acceptance file "
-                           f"(n ≤ {rec['max_ngram']}, chain ≤ {rec['max_tokens']})")
+    if rec is None:
+        out = {"given": figures(predict(ppd, acc, lat, pp), tree)}
+    else:
         out = {"given": {**replay_predict(tree, rec, lat), "input_length": tree.max_input_length,
                          "method": "replay"},
                "given_ppd_only": {**replay_predict(ppd, rec, lat),

@@ -32,10 +32,12 @@ def add_arguments(p) -> None:
                    help="length of the greedy continuations measured (≥ 2)")
     p.add_argument("--min-support", type=positive_int, default=40,
                    help="parent-path count from which a path's empirical probability is used")
-    p.add_argument("--lookup-ngram", type=bounded_int("lookup_ngram"), default=LOOKUP_NGRAM, metavar="N",
+    p.add_argument("--lookup-ngram", type=bounded_int("lookup_ngram"), default=LOOKUP_NGRAM,
+                   metavar="N",
                    help="prompt lookup records: match the last N..1 tokens (default "
                    f"{LOOKUP_NGRAM})")
-    p.add_argument("--lookup-chain", type=bounded_int("lookup_chain"), default=LOOKUP_CHAIN, metavar="C",
+    p.add_argument("--lookup-chain", type=bounded_int("lookup_chain"), default=LOOKUP_CHAIN,
+                   metavar="C",
                    help="prompt lookup records: chains of up to C proposed tokens; the "
                    f"search picks each state's length up to C (default {LOOKUP_CHAIN})")
     p.add_argument("--check-tree", action="append", metavar="TREE",

@@ -52,7 +52,7 @@ def main(args) -> dict:
                          args.prompt_tokens, args.device, args.dtype,
                          want=("tree", "profile", "acceptance"))
     kind = ".batch" if args.batch else ".families" if len(sets) > 1 else ""
-    out = check_out(args.out or paths.user_reports() / paths.run_name(
+    out_path = check_out(args.out or paths.user_reports() / paths.run_name(
         device_slug(local_device(args.device, args.dtype)[0]), inp.model_id).replace(
         ".run.json", f"{kind}.run.json"), inp.paths())
     dec, info = open_decoder(inp, args.model, args.dtype, args.device, args.threads)
@@ -61,20 +61,20 @@ def main(args) -> dict:
                for s, t in families.items()}
     human = not args.json
     if args.batch:
-        return _batch(args, dec, info, inp, encoded[sets[0]], human, out)
+        return _batch(args, dec, info, inp, encoded[sets[0]], human, out_path)
     if len(sets) > 1:
-        return _families(args, dec, info, inp, encoded, human, out)
+        return _families(args, dec, info, inp, encoded, human, out_path)
     if human:
         say(f"bench: {len(encoded[sets[0]])} prompts, {args.max_new_tokens} new tokens, "
             f"model {info['model']} ({info['dtype']}), tree {info['tree']}")
     res, runs = _bench_one(args, dec, info, inp, encoded[sets[0]], human)
-    path, out = out, {"schema": "treeopt.run/1", "kind": "bench", **info,
+    out = {"schema": "treeopt.run/1", "kind": "bench", **info,
            "prompt_file": sets[0] or "built-in", "offset": args.offset,
            "stride": args.stride, **res}
     warning = _warning(runs, inp, args)
-    write_json(path, out)
+    write_json(out_path, out)
     if human:
-        _print(out, path)
+        _print(out, out_path)
         if warning:
             warn(warning)
     return out
