@@ -9,7 +9,7 @@ from ..evaluation import (batch_bench, predicted_vs_measured, run_bench, speed_v
                           speed_warning)
 from ..inputs import local_device, resolve_inputs
 from ..runtime import open_decoder
-from .common import (add_model_args, add_prompt_args, bounded_list, model_flag, nonneg_int,
+from .common import (add_batch_arg, add_model_args, add_prompt_args, model_flag, nonneg_int,
                      positive_int, say, warn)
 
 HELP = "benchmark PPD against HF generate over a prompt set"
@@ -25,10 +25,9 @@ def add_arguments(p) -> None:
     p.add_argument("--hf-lookup", type=nonneg_int, default=0, metavar="K",
                    help="also run HF generate(prompt_lookup_num_tokens=K), the prompt-lookup "
                    "decoding users already have (0 = off)")
-    p.add_argument("--batch", type=bounded_list("batch"), metavar="B,..",
-                   help="benchmark batched decoding instead: per batch size, the tree's "
-                   "per-batch configuration vs the plain batched loop, HF generate batched "
-                   "and one-at-a-time PPD, interleaved")
+    add_batch_arg(p, "benchmark batched decoding instead: per batch size, the tree's "
+                  "per-batch configuration vs the plain batched loop, HF generate batched and "
+                  "one-at-a-time PPD, interleaved")
     p.add_argument("--profile", help="latency profile for the predicted figures (default: the "
                    "measured profile for this device and dtype)")
     p.add_argument("--acceptance", help="acceptance file for the predicted figures (default: "

@@ -93,6 +93,11 @@ def bounded_int(name: str):
     return int_in(1, BOUNDS[name])
 
 
+def add_batch_arg(p, help: str) -> None:
+    """--batch B,.. (batch sizes within their bound), as profile, search and bench take it."""
+    p.add_argument("--batch", type=bounded_list("batch"), metavar="B,..", help=help)
+
+
 def add_model_args(p, tree: bool = True) -> None:
     p.add_argument("--model", help="local HF folder or known name (default: embedded "
                    "SmolLM2-135M-Instruct)")

@@ -9,8 +9,8 @@ from ..artefact import check_out, write_json
 from ..device import device_slug, gpu_check
 from ..errors import BadInput
 from ..inputs import local_device, resolve_inputs
-from .common import (add_model_args, bounded_list, finite_float, int_list, positive_int, say,
-                     warn)
+from .common import (add_batch_arg, add_model_args, bounded_list, finite_float, int_list,
+                     positive_int, say, warn)
 
 HELP = "measure forward latency vs tree size on this GPU or CPU (or simulate a GPU)"
 
@@ -33,10 +33,9 @@ def add_arguments(p) -> None:
                    "(default: dense small sizes)")
     p.add_argument("--contexts", type=bounded_list("context"), help="comma list of context lengths (default "
                    "64,128,512,2048 on a CPU, 128,512,2048 on a GPU)")
-    p.add_argument("--batch", type=bounded_list("batch"), metavar="B,..",
-                   help="batch sizes: B sequences × L new tokens over per-sequence caches "
-                   "(default 1; with --batch: sizes up to 48 with B·L ≤ 256, contexts "
-                   "64,192,512, one round: 1,2,4,8,16 takes about 5 minutes on a CPU)")
+    add_batch_arg(p, "batch sizes: B sequences × L new tokens over per-sequence caches "
+                  "(default 1; with --batch: sizes up to 48 with B·L ≤ 256, contexts "
+                  "64,192,512, one round: 1,2,4,8,16 takes about 5 minutes on a CPU)")
     p.add_argument("--repeats", type=positive_int,
                    help="max timed runs per point (default 30; 12 with --batch)")
     p.add_argument("--rounds", type=positive_int,

@@ -17,7 +17,7 @@ from ..acceptance import unpack_records
 from ..search import Options, evaluate_tree, search
 from ..search.batch import per_batch
 from ..search.hybrid import with_lookup
-from .common import bounded_int, bounded_list, positive_int, say, warn
+from .common import add_batch_arg, bounded_int, positive_int, say, warn
 
 HELP = "find the tree with the most expected tokens per second for a model on a device"
 
@@ -52,10 +52,9 @@ def add_arguments(p) -> None:
     p.add_argument("--lookup-chain", type=bounded_int("lookup_chain"), metavar="C",
                    help="with lookup: the longest chain a step may verify (default: the "
                    "longest the acceptance file measured, `treeopt accept --lookup-chain`)")
-    p.add_argument("--batch", type=bounded_list("batch"), metavar="B,..",
-                   help="also find the best configuration for each batch size (a tree, or "
-                   "plain decoding where none is faster), from the profile's batch points; "
-                   "the tree file then carries one entry per B")
+    add_batch_arg(p, "also find the best configuration for each batch size (a tree, or plain "
+                  "decoding where none is faster), from the profile's batch points; the tree "
+                  "file then carries one entry per B")
     p.add_argument("--trials", type=int, default=0,
                    help="optuna trials over K used, width cap and probability model")
     p.add_argument("--storage", help="optuna storage URL (default: SQLite in the user cache)")
