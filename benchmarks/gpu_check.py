@@ -36,7 +36,8 @@ import torch  # noqa: E402
 
 from treeopt import latency  # noqa: E402
 from treeopt.artefact import write_json  # noqa: E402
-from treeopt.device import cpu_facts, gpu_clocks, gpu_facts  # noqa: E402
+from treeopt.device import cpu_facts, gpu_check, gpu_clocks, gpu_facts  # noqa: E402
+from treeopt.errors import BadInput  # noqa: E402
 from treeopt.export import load_tree  # noqa: E402
 from treeopt.models import load  # noqa: E402
 from treeopt.prompt_tokens import PromptTokens  # noqa: E402
@@ -138,6 +139,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
         "cpu" if args.device == "auto" else args.device
+    if device == "cuda":  # no pynvml, no driver or a CPU-only torch: one line, exit 2
+        try:
+            gpu_check()
+        except BadInput as e:
+            print(f"gpu_check: {e}", file=sys.stderr)
+            return 2
     plan = PLANS[device]
     out = pathlib.Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from treeopt import latency
 from treeopt.errors import BadInput
@@ -59,6 +60,17 @@ def test_verbs_that_need_weights_refuse_a_shape(tmp_path, shape_folder):
     assert_bad(treeopt("bench", "--model", "vicuna-13b"), needle)
     assert_bad(treeopt("train", "--model", shape_folder, "--prompts", "alpaca-seed", "--out",
                        tmp_path / "pt"), needle)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the check would run")
+def test_gpu_check_without_a_gpu_says_why_in_one_line(tmp_path):
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--out",
+                        str(tmp_path / "x"), "--device", "cuda"], capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert "Traceback" not in p.stderr and ("pynvml" in lines[0] or "CUDA" in lines[0])
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow
