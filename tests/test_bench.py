@@ -9,6 +9,7 @@ from treeopt import latency as prof_mod
 from treeopt import paths as shipped
 from treeopt.search import exact
 from treeopt.artefact import write_json
+from treeopt.drift import speed_line
 from treeopt.errors import BadInput
 from treeopt.inputs import resolve_inputs
 from treeopt.runtime import Result, full_steps
@@ -42,11 +43,11 @@ def test_speed_vs_profile_and_warning():
         ctx += a
     exact = result(acc, secs, finish="context", lengths=lengths)
     assert bench.speed_vs_profile([(64, exact)], prof) == pytest.approx(1.0)
-    assert bench.speed_warning(1.0, "p.json") is None
+    assert speed_line(1.0, "p.json") is None
     slow = result(acc, [1.5 * s for s in secs], finish="context", lengths=lengths)
     speed = bench.speed_vs_profile([(64, slow)], prof)
     assert speed == pytest.approx(1.5)
-    msg = bench.speed_warning(speed, "p.json", " --model m")
+    msg = speed_line(speed, "p.json", " --model m")
     assert "p.json" in msg and "treeopt profile --model m" in msg and "\n" not in msg
 
 

@@ -86,10 +86,15 @@ def test_prompt_longer_than_context():
 
 
 @pytest.mark.slow
-def test_run_json_schema():
-    p = treeopt("run", "--json", "--baseline", "--max-new-tokens", "16", "--dtype", "float32")
+def test_run_json_schema(tmp_path):
+    p = treeopt("run", "--json", "--baseline", "--max-new-tokens", "16", "--dtype", "float32",
+                "--out", tmp_path / "r.json")
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
+    assert json.loads((tmp_path / "r.json").read_text()) == out
+    # the records of its steps, and the tree replayed over them is what ran
+    assert out["acceptance"]["source"] == "run" and out["acceptance"]["prompts"] == 1
+    assert abs(out["drift"]["model"]["tokens_per_step"]) < 1e-3
     assert out["schema"] == "treeopt.run/1"
     for key in ["model", "device", "dtype", "tree", "new_tokens", "steps", "tokens_per_step",
                 "seconds", "tokens_per_second", "output_ids", "text", "baseline", "hf_generate",
@@ -166,6 +171,7 @@ def test_batch_run_and_bench(tmp_path):
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert out["kind"] == "batch-run" and out["prompts"] == 3
+    assert out["acceptance"]["run"] == "batch-run"  # the records of every sequence's steps
     assert all(1 <= r["new_tokens"] <= 12 and r["text"] for r in out["results"])
     p = treeopt("bench", "--batch", "1,2", "--prompts", str(prompts), "--max-new-tokens", "8",
                 "--json", "--out", str(tmp_path / "b.json"))
@@ -174,5 +180,6 @@ def test_batch_run_and_bench(tmp_path):
     assert [r["batch"] for r in rows] == [1, 2]
     assert all(r["chosen_tokens_per_second"] > 0 and r["plain_tokens_per_second"] > 0
                for r in rows)
+    assert all(r["acceptance"]["batch"] == r["batch"] for r in rows)
     assert_bad(treeopt("run", "--batch-file", str(prompts), "--temperature", "0.5"),
                "decodes greedily")

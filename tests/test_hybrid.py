@@ -242,6 +242,22 @@ def test_bench_per_family_and_the_families_panel(tmp_path):
         for key in ("tokens_per_step", "ppd_alone_tokens_per_step", "speedup_vs_hf",
                     "speedup_vs_hf_lookup", "speedup_vs_ppd_alone", "predicted"):
             assert key in r, key
+        # the family's own records: the tree replayed over them is what was measured
+        assert r["acceptance"]["source"] == "run" and r["acceptance"]["prompt_file"] == \
+            str(a if r["family"] == "copy" else b)
+        assert abs(r["drift"]["model"]["tokens_per_step"]) < 1e-3
+    # a search learns from the run (both families pooled); a bench of that tree predicts
+    # from the run it was searched with
+    tree = tmp_path / "mine.tree.json"
+    p = treeopt("search", "--json", "--acceptance", run, "--sources", "ppd,lookup",
+                "--profile", SHIPPED / "cpu-amd-epyc-2c__SmolLM2-135M-Instruct__bfloat16.json",
+                "--out", tree)
+    assert p.returncode == 0, p.stderr
+    p = treeopt("bench", "--json", "--prompts", str(b), "--tree", tree, "--no-baseline",
+                "--profile", SHIPPED / "cpu-amd-epyc-2c__SmolLM2-135M-Instruct__bfloat16.json",
+                "--max-new-tokens", "12", "--out", tmp_path / "other.run.json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["predicted"]["acceptance"].endswith("fam.run.json")
     acc = SHIPPED / "SmolLM2-135M-Instruct.acceptance.json"
     other = json.loads(acc.read_text())
     other["prompt_file"] = "<b>other-family</b>"
@@ -250,7 +266,7 @@ def test_bench_per_family_and_the_families_panel(tmp_path):
     p = treeopt("report", "--json", "--run", run, "--acceptance", acc, "--acceptance",
                 tmp_path / "other.json", "--out", html)
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout)["sections"] == ["acceptance", "families"]
+    assert json.loads(p.stdout)["sections"] == ["acceptance", "families", "drift"]
     text = html.read_text()
     assert "id='fig-families'" in text and "Acceptance per source" in text
     assert "&lt;b&gt;other-family&lt;/b&gt;" in text and "<b>other" not in text

@@ -19,6 +19,7 @@ from .bounds import count, int_key
 from .errors import BadInput
 
 SCHEMA = "treeopt.acceptance/1"
+RECORD_TOPK = 10  # the top-k a run's records rank the true token among (accept's default)
 
 
 def validate(obj: dict, where: str = "acceptance") -> None:
@@ -272,10 +273,10 @@ def lookup_summary(ranks: np.ndarray, match: np.ndarray, won: np.ndarray, owner:
     lengths = np.bincount(owner, minlength=int(owner.max()) + 1 if len(owner) else 0)
     return {"max_ngram": max_ngram, "max_tokens": max_tokens, "by_match": by_n,
             "records": {"lengths": lengths.tolist(),
-                        "ranks": _pack(ranks), "match": _pack(match), "won": _pack(won)}}
+                        "ranks": pack(ranks), "match": pack(match), "won": pack(won)}}
 
 
-def _pack(a: np.ndarray) -> str:
+def pack(a: np.ndarray) -> str:
     return base64.b64encode(np.asarray(a, dtype=np.int16).tobytes()).decode()
 
 
@@ -313,6 +314,7 @@ def unpack_records(obj: dict, max_chain: int | None = None, where: str = "accept
             raise BadInput(f"{where}: a {key} value {int(arr[key][bad][0])} outside {lo}..{hi}")
     arr["lengths"] = lengths
     arr["max_ngram"], arr["max_tokens"] = int(lk["max_ngram"]), int(lk["max_tokens"])
+    _stepwise(rec, arr, k, total, where)
     if max_chain is not None:
         if not 1 <= max_chain <= arr["max_tokens"]:
             raise BadInput(f"lookup chain {max_chain}: the acceptance file measured chains "
@@ -321,6 +323,29 @@ def unpack_records(obj: dict, max_chain: int | None = None, where: str = "accept
         arr["won"] = np.minimum(arr["won"], max_chain)
         arr["max_tokens"] = max_chain
     return arr
+
+
+def _stepwise(rec: dict, arr: dict, k: int, total: int, where: str) -> None:
+    """A run's records (:mod:`treeopt.records`): which prompts' records are one a step
+    (`stepwise`, else one a position) and each record's tree state (−1: not recorded)."""
+    flags = rec.get("stepwise", [False] * len(arr["lengths"]))
+    if not isinstance(flags, list) or len(flags) != len(arr["lengths"]) or not all(
+            isinstance(f, bool) for f in flags):
+        raise BadInput(f"{where}: stepwise must be one true/false per prompt")
+    arr["stepwise"] = flags
+    if "state" not in rec:
+        arr["state"] = np.full(total, -1, dtype=np.int64)
+        return
+    try:
+        raw = base64.b64decode(rec["state"], validate=True)
+    except (ValueError, TypeError, binascii.Error) as e:
+        raise BadInput(f"{where}: state is malformed ({e})") from e
+    if len(raw) != 2 * total:
+        raise BadInput(f"{where} have inconsistent lengths")
+    arr["state"] = np.frombuffer(raw, dtype=np.int16).astype(np.int64)
+    bad = (arr["state"] < -1) | (arr["state"] > k)
+    if bad.any():
+        raise BadInput(f"{where}: a state value {int(arr['state'][bad][0])} outside -1..{k}")
 
 
 def mean_context(samples) -> int:

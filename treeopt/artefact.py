@@ -164,11 +164,21 @@ def check_schema(obj: dict, schema: str, where: str) -> None:
         raise BadInput(f"{where}: field 'schema' is {got!r}, expected {schema!r}")
 
 
+_KINDS = {  # kind → (check, what the error says is expected)
+    "num": (lambda v: finite(v), "a finite number"),
+    "bool": (lambda v: isinstance(v, bool), "true/false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "obj": (lambda v: isinstance(v, dict), "an object"),
+    "count": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+              "an integer ≥ 0"),
+}
+
+
 def check_fields(obj, spec: dict, where: str) -> None:
     """BadInput unless `obj` is an object whose fields have the kinds `spec` names: a key
     maps to ``num`` (finite number), ``count`` (integer ≥ 0), ``batch`` (a batch size,
-    :mod:`treeopt.bounds`), ``bool`` or ``str``; a leading ``?`` makes the key optional
-    (absent or null)."""
+    :mod:`treeopt.bounds`), ``bool``, ``str`` or ``obj``; a leading ``?`` makes the key
+    optional (absent or null)."""
     if not isinstance(obj, dict):
         raise BadInput(f"{where}: expected an object")
     for key, kind in spec.items():
@@ -176,15 +186,12 @@ def check_fields(obj, spec: dict, where: str) -> None:
         v = obj.get(name)
         if v is None and key.startswith("?"):
             continue
-        ok = {"num": finite(v), "bool": isinstance(v, bool), "str": isinstance(v, str),
-              "count": isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-              "batch": True}[kind]
         if kind == "batch":
             count(v, "batch", f"{where}: {name}")
-        if not ok:
-            raise BadInput(f"{where}: field {name!r} is {repr(v)[:40]}, expected a "
-                           + {"num": "finite number", "bool": "true/false", "str": "string",
-                              "count": "integer ≥ 0", "batch": "batch size"}[kind])
+            continue
+        ok, expected = _KINDS[kind]
+        if not ok(v):
+            raise BadInput(f"{where}: field {name!r} is {repr(v)[:40]}, expected {expected}")
 
 
 def finite(v) -> bool:

@@ -30,8 +30,8 @@ from .device import sync
 from .errors import BadInput
 from .models import Loaded
 from .prompt_tokens import PromptTokens
-from .runtime import Decoder, Result, accept, attention_masks, logits_of, model_call, \
-    new_cache, next_guesses, record_step, step_inputs, verified_row, verify_greedy
+from .runtime import RECORD_TOPK, Decoder, Result, accept, attention_masks, logits_of, \
+    model_call, new_cache, next_guesses, record_step, step_inputs, verified_row, verify_greedy
 from .sources import PromptLookup
 from .tree import StateBuffers, Tree, build_buffers
 
@@ -100,7 +100,8 @@ class BatchDecoder:
         self.schedule = {b: Decoder(loaded, prompt_tokens if t else None, t)
                          for b, t in sorted(schedule.items())}
         trees = [d.tree for d in self.schedule.values() if d.tree is not None]
-        self.width = max((t.rank_width for t in trees), default=1)
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        self.width = max([t.rank_width for t in trees] + [min(RECORD_TOPK, vocab)])
         self.lookup = next((t.lookup for t in trees if t.lookup is not None), None)
         for d in self.schedule.values():
             if d.tree is not None:  # state 0: the root and its prompt slots only
@@ -118,13 +119,16 @@ class BatchDecoder:
     def plan(self, dec: Decoder, s: Seq) -> tuple[StateBuffers, torch.Tensor, torch.Tensor]:
         """(buffers, tokens [1 + N], embeddings [L]) of sequence s's step under `dec`'s tree:
         the largest state of that tree its guess rows cover (a tree switched in as the
-        batch shrank may want more rows than the last tree gave)."""
+        batch shrank may want more rows than the last tree gave). What the step is offered
+        goes into the sequence's Result (`offers`)."""
         x0 = torch.tensor(s.x0, device=self.device)
         if dec.tree is None:
+            s.result.offers.append((len(s.result.output_ids), 0, None))
             tok = x0.view(1)
             return self.plain, tok, self.embed(tok)
         rows = 0 if s.guesses is None else s.guesses.shape[0]
         m = max(b for b in dec.buffers if b <= rows)
+        s.result.offers.append((len(s.result.output_ids), m, s.guesses))
         guesses = (s.guesses[:m, :dec.tree.rank_width] if m else
                    torch.empty(0, dec.tree.rank_width, dtype=torch.long, device=self.device))
         buf, pool, src, _ = dec.step_plan(m, guesses.contiguous(),
@@ -248,6 +252,8 @@ class BatchDecoder:
         t0 = time.perf_counter()
         dec = self.pick(len(live))
         plans = [self.plan(dec, s) for s in live]
+        for s in live:  # the step's batch size beside its offer (records.of_result)
+            s.result.offers[-1] += (len(live),)
         fits = [s.ctx + p[0].length <= self.lm.max_context for s, p in zip(live, plans)]
         if not all(fits):  # out of context: those stop, the rest go on
             for s, ok in zip(live, fits):

@@ -23,12 +23,14 @@ BOUNDS = {
     "batch_prompts": 256,
     # bytes of a prompt file, after decompression
     "prompt_bytes": 64 << 20,
+    # acceptance files and run JSONs pooled by one --acceptance list
+    "acceptance_sources": 32,
 }
 
 WHAT = {"lookup_ngram": "n-gram length", "lookup_chain": "lookup chain length",
         "batch": "batch size", "context": "context length",
         "records": "measured positions", "batch_prompts": "prompts in one batch",
-        "prompt_bytes": "bytes of prompt text"}
+        "prompt_bytes": "bytes of prompt text", "acceptance_sources": "acceptance sources"}
 
 
 def count(value, name: str, where: str, lo: int = 1) -> int:

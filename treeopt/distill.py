@@ -26,7 +26,7 @@ from .paths import cache_dir
 from .progress import progress
 from .prompts import encode
 from .runtime import attention_masks, model_call, new_cache
-from .sources import LOOKUP_CHAIN, LOOKUP_NGRAM, PromptLookup
+from .sources import LOOKUP_CHAIN, LOOKUP_NGRAM, offers_along
 
 
 @dataclasses.dataclass
@@ -202,18 +202,10 @@ def measure_acceptance(lm: Loaded, table: torch.Tensor, texts: list[str], topk: 
 
 def lookup_offers(samples: list[Sample], max_ngram: int, max_tokens: int):
     """At every measured position t (the prompt tokens' insertion points), what prompt
-    lookup offers the step whose root is token t+1: the match length n (0 = none) over
-    prompt + tokens ..t+1, and how many of its proposed tokens t+2.. are right."""
+    lookup offers the step whose root is token t+1 (:func:`sources.offers_along`)."""
     match, won = [], []
     for s in samples:
-        look = PromptLookup(max_ngram, max_tokens).reset(s.ids[: s.prompt_len + 1])
-        for t in range(s.prompt_len - 1, len(s.ids) - 2):
-            n, chain = look.offer()
-            truth = s.ids[t + 2: t + 2 + len(chain)]
-            ok = 0
-            while ok < len(truth) and chain[ok] == truth[ok]:
-                ok += 1
-            match.append(n)
-            won.append(ok)
-            look.extend([s.ids[t + 2]])
+        m, w = offers_along(s.ids, s.prompt_len, max_ngram, max_tokens)
+        match += m
+        won += w
     return np.array(match, dtype=np.int64), np.array(won, dtype=np.int64)

@@ -21,6 +21,7 @@ from . import prompts
 from .acceptance import search_inputs, unpack_records
 from .latency import Latency
 from .batch import BatchDecoder, BatchResult, hf_generate_batch, schedule_of
+from .drift import batch_assess
 from .progress import progress
 from .runtime import Decoder, Result, full_steps
 from .search.batch import flat_step
@@ -35,7 +36,6 @@ from .tree import Tree
 # logits, so it can be off by twice that: bfloat16 3.5, float16 0.43. float32 gets no
 # tolerance (its outputs must be identical outright).
 MARGIN_TOLERANCE = {"float32": 0.0, "bfloat16": 3.5, "float16": 0.43}
-SPEED_WARN = 0.25  # run/bench say so when the machine runs this far from its profile
 
 
 @torch.inference_mode()
@@ -82,16 +82,6 @@ def speed_vs_profile(runs: list[tuple[int, Result]], profile: dict) -> float | N
             predicted += float(lat([length], ctx)[0])
             ctx += a
     return measured / predicted if predicted > 0 else None
-
-
-def speed_warning(speed: float | None, profile_src: str | None, model_flag: str = "") -> str | None:
-    """One line when this run's speed is more than SPEED_WARN away from the profile's."""
-    if speed is None or abs(speed - 1) <= SPEED_WARN:
-        return None
-    how = f"{speed:.2f}x the step time" if speed > 1 else f"{1 / speed:.2f}x faster than"
-    return (f"warning: this machine runs at {how} of the profile {profile_src}; its "
-            f"predictions do not hold here — re-profile this machine with "
-            f"`treeopt profile{model_flag}`")
 
 
 def run_bench(dec: Decoder, encoded: list[list[int]], max_new_tokens: int, dtype: str,
@@ -281,7 +271,8 @@ def batch_bench(lm, prompt_tokens, tree: Tree | None, encoded: list[list[int]],
     seconds, prefill included; `full_batch` counts only the steps where all B sequences
     were live — what the search predicts, read here from the profile at the cache length
     of each of those steps (at B = 1 a hybrid tree's own per-step inputs, replayed over the
-    acceptance file's positions as the search does)."""
+    acceptance file's positions as the search does). Each row keeps the records of the
+    chosen configuration's steps and their drifts (:func:`treeopt.drift.batch_assess`)."""
     chosen = BatchDecoder(lm, prompt_tokens, schedule_of(tree))
     plain = BatchDecoder(lm, None, {1: None})
     single = chosen.pick(1)
@@ -343,11 +334,14 @@ def batch_bench(lm, prompt_tokens, tree: Tree | None, encoded: list[list[int]],
                                 "searched_at_context": p.get("context"),
                                 "error": round(pred / m["tokens_per_second"] - 1, 4)}
             pl = row.get("plain_full_batch")
-            if pl and not p["plain"]:  # the machine's speed now vs when profiled
+            if pl:  # the machine's speed now vs when profiled
                 pctx = [c for r in runs["plain"] for c, n in zip(r.contexts, r.live) if n == b]
                 speed = pl["step_seconds"] / float(np.mean([lat([1], c)[0] for c in pctx]))
                 row["predicted"]["speed_vs_profile"] = round(speed, 4)
                 row["predicted"]["error_at_run_speed"] = round(
                     pred / speed / m["tokens_per_second"] - 1, 4)
+        batch_assess(row, chosen.pick(b).tree, prompt_tokens.num if prompt_tokens else 0,
+                     lm.model_id, [ids for c in chunks for ids in c],
+                     [r for br in runs["chosen"] for r in br.results], chosen.lookup, profile)
         rows.append(row)
     return rows

@@ -11,8 +11,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
-from . import acceptance as acc_mod
-from . import latency, paths
+from . import latency, paths, pooled
 from .device import device_slug
 from .errors import BadInput
 from .export import load_tree
@@ -30,7 +29,7 @@ class Inputs:
     profile_path: pathlib.Path | None = None
     profile_src: str | None = None
     acceptance: dict | None = None
-    acceptance_path: pathlib.Path | None = None
+    acceptance_paths: list[pathlib.Path] = dataclasses.field(default_factory=list)
     acceptance_src: str | None = None
     tree: Tree | None = None
     tree_src: str | None = None
@@ -39,7 +38,7 @@ class Inputs:
 
     def paths(self) -> list[pathlib.Path]:
         """Every input file (an --out must be none of them)."""
-        return [p for p in (self.profile_path, self.acceptance_path,
+        return [p for p in (self.profile_path, *self.acceptance_paths,
                             paths.stored_path(self.tree_src)) if p is not None]
 
 
@@ -66,16 +65,20 @@ def find_profile(mid: str, device: str = "auto", dtype: str = "auto") -> pathlib
     return paths.lookup(paths.profile_name(device_slug(dev_type), mid, dt))
 
 
-def find_acceptance(mid: str, tree: Tree | None = None) -> pathlib.Path | None:
-    """The user's measured acceptance, else the one the tree was searched with, else the
-    shipped one, else the published reference table of a known model."""
-    cands = [paths.lookup(paths.acceptance_name(mid))]
+def find_acceptance(mid: str, tree: Tree | None = None) -> list[pathlib.Path]:
+    """The user's measured acceptance, else what the tree was searched with (acceptance
+    files or runs, " + " between pooled ones), else the shipped one, else the published
+    reference table of a known model. [] when none is found."""
+    name = paths.acceptance_name(mid)
+    cands = [[paths.user_profiles() / name]]
     if tree is not None:
-        cands.append(paths.stored_path((tree.meta or {}).get("acceptance")))
+        src = (tree.meta or {}).get("acceptance")
+        cands.append([paths.stored_path(s) for s in str(src or "").split(" + ")])
+    cands.append([paths.SHIPPED / name])
     ref = KNOWN_MODELS.get(known_model(mid) or "", {}).get("reference")
     if ref:
-        cands.append(paths.SHIPPED / "reference" / paths.acceptance_name(ref))
-    return next((c for c in cands if c is not None and c.is_file()), None)
+        cands.append([paths.SHIPPED / "reference" / paths.acceptance_name(ref)])
+    return next((c for c in cands if all(p is not None and p.is_file() for p in c)), [])
 
 
 def find_tree(mid: str, device_type: str = "cpu") -> pathlib.Path | None:
@@ -84,7 +87,7 @@ def find_tree(mid: str, device_type: str = "cpu") -> pathlib.Path | None:
 
 
 def resolve_inputs(model: str | None = None, profile: str | None = None,
-                   acceptance: str | None = None, tree: str | None = None,
+                   acceptance: str | list[str] | None = None, tree: str | None = None,
                    prompt_tokens: str | None = None, device: str = "auto", dtype: str = "auto",
                    need: tuple[str, ...] = (), want: tuple[str, ...] = (),
                    simulate: bool = False, batch: list[int] | None = None) -> Inputs:
@@ -92,8 +95,10 @@ def resolve_inputs(model: str | None = None, profile: str | None = None,
     "acceptance"; an error when missing), `want` what to look for (None when there is
     none; "tree" is only ever wanted); `simulate` allows a simulated GPU profile for a known model
     without a measured one (at the `batch` sizes too). Given files must belong to the
-    model."""
-    given = {"acceptance": acc_mod.load(acceptance) if acceptance else None,
+    model. Several acceptance sources (files, run JSONs) are pooled
+    (:func:`treeopt.pooled.load`)."""
+    acceptance = [acceptance] if isinstance(acceptance, str) else list(acceptance or [])
+    given = {"acceptance": pooled.load(acceptance) if acceptance else None,
              "profile": latency.load(profile) if profile else None}
     mid = model_id(model)
     if model is None:  # the given files name the model
@@ -119,12 +124,13 @@ def resolve_inputs(model: str | None = None, profile: str | None = None,
         if p is not None:
             out.prompt_tokens, out.prompt_tokens_src = p, paths.display_path(p)
     if "acceptance" in need + want or acceptance:
-        path = pathlib.Path(acceptance) if acceptance else find_acceptance(mid, out.tree)
-        if path is not None:
-            out.acceptance = given["acceptance"] or acc_mod.load(path)
-            out.acceptance_path = path
-            out.acceptance_src = paths.display_path(path)
-            _same_model("acceptance", out.acceptance, path, mid, bool(acceptance))
+        found = [pathlib.Path(a) for a in acceptance] or find_acceptance(mid, out.tree)
+        if found:
+            out.acceptance = given["acceptance"] or pooled.load(found)
+            out.acceptance_paths = found
+            out.acceptance_src = " + ".join(paths.display_path(p) for p in found)
+            _same_model("acceptance", out.acceptance, out.acceptance_src, mid,
+                        bool(acceptance))
         elif "acceptance" in need:
             raise BadInput(f"no acceptance file for {mid}: run `treeopt accept` or pass "
                            "--acceptance")

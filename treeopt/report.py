@@ -416,6 +416,35 @@ def families_section(accs: list[dict], run: dict | None) -> str:
             + "</section>")
 
 
+def _drifts(run: dict) -> list[tuple[str, dict]]:
+    """(part, drift) of a run: the run's own, each family's, each batch size's."""
+    out = [("run", run["drift"])] if run.get("drift") else []
+    out += [(r["family"], r["drift"]) for r in run.get("families") or [] if r.get("drift")]
+    out += [(f"B = {r['batch']}", r["drift"]) for r in run.get("batch") or [] if r.get("drift")]
+    return out
+
+
+def drift_section(run: dict) -> str:
+    """Predicted (acceptance data) → replayed on the run's own steps → measured, and the
+    three drifts between them (:mod:`treeopt.drift`)."""
+    def pct(v):
+        return "—" if v is None else f"{100 * v:+.1f}%"
+    rows = [[part, d.get("predicted_tokens_per_step", "—"), d["replayed"]["tokens_per_step"],
+             d["measured_tokens_per_step"], pct(d.get("text")),
+             pct(d["model"].get("tokens_per_step")),
+             pct(d["model"].get("tokens_per_second_at_run_speed")), pct(d.get("speed"))]
+            for part, d in _drifts(run)]
+    return ("<section id='drift'><h2>Drift: prediction, this text, this machine</h2>"
+            "<p>Text drift: the tree replayed over this run's own recorded steps against "
+            "the acceptance data's prediction (beyond ±15 %: re-search from this run, "
+            "<code>treeopt search --acceptance RUN.json</code>). Model error: measured "
+            "against that replay (treeopt's own error). Speed drift: measured step time "
+            "against the profile's (beyond ±25 %: re-profile).</p>" + _table(
+                ["part", "predicted tok/step", "replayed on this text", "measured tok/step",
+                 "text drift", "model error tok/step", "model error tok/s at run speed",
+                 "speed drift"], rows) + "</section>")
+
+
 CSS = """body{font:14px/1.45 system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;margin-top:2em}table{border-collapse:
 collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;
@@ -482,6 +511,8 @@ def build(profiles=(), acceptance=None, tree=None, run=None, title="treeopt repo
         body.append(families_section(accs, run))
     if run and run.get("kind") not in ("batch-bench", "bench-families"):
         body.append(run_section(run, tree))
+    if run and _drifts(run):
+        body.append(drift_section(run))
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>"
             f"{_esc(title)}</title><style>{CSS}</style></head><body>{''.join(body)}"
             "</body></html>\n")

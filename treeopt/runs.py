@@ -32,6 +32,18 @@ ROWS = {
 }
 
 
+DRIFT = {"replayed": "obj", "measured_tokens_per_step": "num",
+         "?predicted_tokens_per_step": "num", "?text": "num", "model": "obj", "?speed": "num"}
+
+
+def check_drift(d, where: str) -> None:
+    """A drift block (:mod:`treeopt.drift`): the figures a report formats."""
+    check_fields(d, DRIFT, where)
+    check_fields(d["replayed"], {"tokens_per_step": "num"}, f"{where}.replayed")
+    check_fields(d["model"], {"?tokens_per_step": "num",
+                              "?tokens_per_second_at_run_speed": "num"}, f"{where}.model")
+
+
 def check_predicted(pred, where: str) -> None:
     """A prediction block: its figures numbers, its errors a number or numbers."""
     check_fields(pred, PREDICTED, where)
@@ -47,6 +59,8 @@ def validate(run: dict, where: str = "run file") -> None:
     for key in ("predicted", "decode"):
         if run.get(key) is not None:
             check_predicted(run[key], f"{where}: {key}")
+    if run.get("drift") is not None:
+        check_drift(run["drift"], f"{where}: drift")
     for key, spec in ROWS.items():
         rows = run.get(key)
         if rows is None:
@@ -59,9 +73,22 @@ def validate(run: dict, where: str = "run file") -> None:
                 check_predicted(row["predicted"], f"{where}: {key}[{i}].predicted")
             elif row.get("predicted") is not None:
                 raise BadInput(f"{where}: {key}[{i}].predicted must be an object")
+            if row.get("drift") is not None:
+                check_drift(row["drift"], f"{where}: {key}[{i}].drift")
 
 
 def load(path) -> dict:
     run = read_json(path, "run file")
     validate(run, f"run file {path}")
     return run
+
+
+def acceptance_blocks(run: dict) -> list[tuple[str, dict]]:
+    """The records a run kept of its steps (:mod:`treeopt.records`), as (where, acceptance
+    object): the run's own, each family's, each batch size's."""
+    out = [("acceptance", run["acceptance"])] if isinstance(run.get("acceptance"), dict) else []
+    for key, name in (("families", "family"), ("batch", "batch")):
+        for i, row in enumerate(run.get(key) or []):
+            if isinstance(row.get("acceptance"), dict):
+                out.append((f"{key}[{i}] ({row.get(name)})", row["acceptance"]))
+    return out

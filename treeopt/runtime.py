@@ -34,6 +34,7 @@ import torch
 from transformers import DynamicCache
 
 from . import prompts
+from .acceptance import RECORD_TOPK
 from .device import sync
 from .errors import BadInput
 from .models import Loaded, dtype_name, load, upcast
@@ -124,7 +125,10 @@ def keep_kv(cache, ctx: int, keep: torch.Tensor | None, new_len: int) -> None:
 @dataclasses.dataclass
 class Result:
     """One decode. `steps` counts forward passes, prefill included; `accepted[i]` is the
-    number of tokens decode step i emitted (after any cut by EOS or max_new_tokens)."""
+    number of tokens decode step i emitted (after any cut by EOS or max_new_tokens);
+    `offers[i]` is what step i was offered: (tokens emitted before it, its state, the guess
+    rows [m, ≥ RECORD_TOPK] it started from or None; a batched step adds how many
+    sequences it ran with) — the run's records (:mod:`treeopt.records`)."""
 
     output_ids: list[int]
     steps: int
@@ -135,6 +139,7 @@ class Result:
     accepted: list[int] = dataclasses.field(default_factory=list)
     lengths: list[int] = dataclasses.field(default_factory=list)  # input length per step
     finish_reason: str = "length"
+    offers: list[tuple] = dataclasses.field(default_factory=list, repr=False)
 
     @property
     def new_tokens(self) -> int:
@@ -442,6 +447,7 @@ class Decoder:
             raise BadInput(f"temperature must be ≥ 0, got {temperature}")
         self.check_prompt(input_ids, max_new_tokens)
         topk, gen = self.tree.rank_width, self._generator(seed)
+        width = max(topk, min(RECORD_TOPK, self.model.get_output_embeddings().weight.shape[0]))
         sync(self.device)
         t_start = time.perf_counter()
         # prefill: prompt + the root's prompt tokens, causal; their KV is dropped afterwards
@@ -449,7 +455,7 @@ class Decoder:
         cache, logits = self.prefill(input_ids, self.table[:r])
         self.cache = cache  # kept for inspection (tests, tools)
         x0 = self._pick(logits[ctx - 1], temperature, gen)
-        guesses = torch.topk(logits[ctx:ctx + r], topk, dim=-1).indices
+        guesses = torch.topk(logits[ctx:ctx + r], width, dim=-1).indices
         keep_kv(cache, ctx, None, ctx)
         state = r
         res, done = self._first(int(x0), max_new_tokens, on_tokens, t_start)
@@ -459,7 +465,8 @@ class Decoder:
             look.reset(list(input_ids) + res.output_ids)
         t_prev = t_start + res.prefill_seconds
         while not done:
-            buf, pool, src, _ = self.step_plan(state, guesses, look)
+            res.offers.append((len(res.output_ids), state, guesses))
+            buf, pool, src, _ = self.step_plan(state, guesses[:, :topk], look)
             if ctx + buf.length > self.lm.max_context:
                 return self._finish(res, t_start, "context")
             tok, embeds = step_inputs(self.embed, self.table, x0, pool, src, buf)
@@ -481,9 +488,9 @@ class Decoder:
             x0 = torch.tensor(new[-1], device=self.device)
             keep_kv(cache, ctx, accepted_path(buf, ctx, w), ctx + len(path))
             ctx += len(path)
-            guesses = next_guesses(logits, buf, w, topk)
+            guesses = next_guesses(logits, buf, w, width)
             if guesses is None:
-                guesses = torch.empty(0, topk, dtype=torch.long, device=self.device)
+                guesses = torch.empty(0, width, dtype=torch.long, device=self.device)
             state = buf.next_state[w]
             added, done = self._emit(res.output_ids, new, max_new_tokens, on_tokens)
             if look is not None:

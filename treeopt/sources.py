@@ -50,3 +50,24 @@ class PromptLookup:
             if end is not None:
                 return n, ids[end:end + self.max_tokens]
         return 0, []
+
+
+def offers_along(ids: list[int], prompt_len: int, max_ngram: int, max_tokens: int
+                 ) -> tuple[list[int], list[int]]:
+    """What prompt lookup offers along a finished sequence: at every position t from
+    prompt_len − 1 to len − 3 (the step whose root is token t + 1), the match length n
+    (0 = none) over tokens ..t + 1 and how many of its proposed tokens t + 2.. are the
+    sequence's own (the accepted run). `accept` and recorded runs read lookup's
+    acceptance from here."""
+    match, won = [], []
+    look = PromptLookup(max_ngram, max_tokens).reset(ids[:prompt_len + 1])
+    for t in range(prompt_len - 1, len(ids) - 2):
+        n, chain = look.offer()
+        truth = ids[t + 2:t + 2 + len(chain)]
+        ok = 0
+        while ok < len(truth) and chain[ok] == truth[ok]:
+            ok += 1
+        match.append(n)
+        won.append(ok)
+        look.extend([ids[t + 2]])
+    return match, won

@@ -18,7 +18,9 @@ class Replay:
     guesses, lookup's match length and accepted run, per prompt in order), and a tree's
     PPD part evaluated on them once: for state m and position i, the depth of the deepest
     accepted tree node and the state it leads to. Held as Python lists: the search
-    replays hundreds of policies over the same positions."""
+    replays hundreds of policies over the same positions. A run's records are stepwise
+    (:mod:`treeopt.records`): one record a step, so the walk takes the next record
+    whatever the step accepted."""
 
     tree: Tree
     rec: dict
@@ -26,6 +28,7 @@ class Replay:
     next_state: dict[int, list[int]]
     match: list[int]
     won: list[int]
+    state: list[int]
 
     @classmethod
     def build(cls, tree: Tree, rec: dict) -> "Replay":
@@ -47,17 +50,20 @@ class Replay:
             depth[m], nxt[m] = d, s
         return cls(tree, rec, {m: v.tolist() for m, v in depth.items()},
                    {m: v.tolist() for m, v in nxt.items()}, rec["match"].tolist(),
-                   rec["won"].tolist())
+                   rec["won"].tolist(), rec["state"].tolist() if "state" in rec else [])
 
-    def run(self, policy: dict, tau: np.ndarray, seen: set | None = None
-            ) -> tuple[float, float, int]:
+    def run(self, policy: dict, tau: np.ndarray, seen: set | None = None,
+            follow: bool = False) -> tuple[float, float, int]:
         """(tokens, seconds, steps) of greedy decoding replayed over the positions with
         this lookup policy: a step in state (m, n) accepts max(tree depth, lookup run
         within c) + 1 tokens; its input grows by (1 + q) per lookup token not already a
         tree node (the accepted ones are when the tree has them too). `seen` collects the
-        states (m, n ≥ 1) the walk visits."""
+        states (m, n ≥ 1) the walk visits. `follow`: a stepwise record's step is in the
+        state the run recorded (replaying a run's own tree over its own steps), not the
+        one the walk reached."""
         rec, tree = self.rec, self.tree
         match, won, depth, nxt = self.match, self.won, self.depth, self.next_state
+        stepwise = rec.get("stepwise") or [False] * len(rec["lengths"])
         base = {m: tree.input_length(m) for m in [0, *tree.states]}
         none = (0, 1, 1)
         # the policy as a table [m][n] (n = 0: no match, no chain)
@@ -66,22 +72,24 @@ class Replay:
         tokens = steps = 0
         seconds = 0.0
         start = 0
-        for length in rec["lengths"]:
+        for length, each in zip(rec["lengths"], stepwise):
             i, m = 0, tree.root_prompt_tokens
             while i < length:
                 j = start + i
+                if follow and each and self.state[j] in depth:
+                    m = self.state[j]
                 c, q, keep = table[m][match[j]]
                 if seen is not None and match[j]:
                     seen.add((m, match[j]))
                 dp = depth[m][j] if keep else 0
                 dl = min(won[j], c)
                 a = 1 + max(dp, dl)
-                if i + a > length:  # the data ends inside this step
+                if not each and i + a > length:  # the data ends inside this step
                     break
                 seconds += tau[base[m if keep else 0] + (c - min(dl, dp)) * (1 + q)]
                 tokens, steps = tokens + a, steps + 1
                 m = nxt[m][j] if dp >= dl else q
-                i += a
+                i += 1 if each else a
             start += length
         return tokens, seconds, steps
 
@@ -170,11 +178,11 @@ def hybrid(tree: Tree, rec: dict, latency: LatencyFn, max_input: int,
     return {"policy": policy, "hybrid": _replay_figures(best), "ppd_only": _replay_figures(plain)}
 
 
-def replay_predict(tree: Tree, rec: dict, latency: LatencyFn) -> dict:
+def replay_predict(tree: Tree, rec: dict, latency: LatencyFn, follow: bool = False) -> dict:
     """A (hybrid) tree's tokens/step, step time and tokens/s replayed over measured
-    positions (:class:`Replay`)."""
+    positions (:class:`Replay`; `follow` as there)."""
     tok, sec, steps = Replay.build(tree, rec).run(
-        tree.lookup.policy if tree.lookup else {}, _tau(tree, rec, latency))
+        tree.lookup.policy if tree.lookup else {}, _tau(tree, rec, latency), follow=follow)
     return _replay_figures(((tok / sec) if sec else 0.0, tok, sec, steps))
 
 

@@ -8,7 +8,7 @@ import hashlib
 import numpy as np
 
 from .. import paths, prompts
-from ..acceptance import SCHEMA, validate
+from ..acceptance import RECORD_TOPK, SCHEMA, validate
 from ..artefact import check_out, stamp, write_json
 from ..distill import measure_acceptance
 from ..errors import BadInput
@@ -27,7 +27,7 @@ BUILT_IN_TREES = ("default", "chain", "wide")
 def add_arguments(p) -> None:
     add_model_args(p, tree=False)
     add_prompt_args(p)
-    p.add_argument("--topk", type=positive_int, default=10)
+    p.add_argument("--topk", type=positive_int, default=RECORD_TOPK)
     p.add_argument("--max-new-tokens", type=int_in(2, 65536), default=160,
                    help="length of the greedy continuations measured (≥ 2)")
     p.add_argument("--min-support", type=positive_int, default=40,

@@ -5,12 +5,12 @@ from .. import paths, prompts
 from ..artefact import check_out, write_json
 from ..device import device_slug
 from ..errors import BadInput
-from ..evaluation import (batch_bench, predicted_vs_measured, run_bench, speed_vs_profile,
-                          speed_warning)
+from ..drift import assess, lines, speed_line
+from ..evaluation import batch_bench, predicted_vs_measured, run_bench, speed_vs_profile
 from ..inputs import local_device, resolve_inputs
 from ..runtime import open_decoder
-from .common import (add_batch_arg, add_model_args, add_prompt_args, model_flag, nonneg_int,
-                     positive_int, say, warn)
+from .common import (add_acceptance_arg, add_batch_arg, add_model_args, add_prompt_args,
+                     model_flag, nonneg_int, positive_int, say, warn)
 
 HELP = "benchmark PPD against HF generate over a prompt set"
 
@@ -30,8 +30,8 @@ def add_arguments(p) -> None:
                   "one-at-a-time PPD, interleaved")
     p.add_argument("--profile", help="latency profile for the predicted figures (default: the "
                    "measured profile for this device and dtype)")
-    p.add_argument("--acceptance", help="acceptance file for the predicted figures (default: "
-                   "yours, else the one the tree was searched with, else the shipped one)")
+    add_acceptance_arg(p, "for the predicted figures (default: yours, else what the tree "
+                       "was searched with, else the shipped one)")
     p.add_argument("--out", help="run JSON path (default: $TREEOPT_HOME/reports/"
                    "<device>__<model>.run.json)")
 
@@ -66,33 +66,33 @@ def main(args) -> dict:
     if human:
         say(f"bench: {len(encoded[sets[0]])} prompts, {args.max_new_tokens} new tokens, "
             f"model {info['model']} ({info['dtype']}), tree {info['tree']}")
-    res, runs = _bench_one(args, dec, info, inp, encoded[sets[0]], human)
+    res, _ = _bench_one(args, dec, info, inp, encoded[sets[0]], human, sets[0])
     out = {"schema": "treeopt.run/1", "kind": "bench", **info,
            "prompt_file": sets[0] or "built-in", "offset": args.offset,
            "stride": args.stride, **res}
-    warning = _warning(runs, inp, args)
     write_json(out_path, out)
     if human:
         _print(out, out_path)
-        if warning:
-            warn(warning)
+        for line in lines(out.get("drift"), out_path, inp.acceptance_src, inp.profile_src,
+                          model_flag(args.model)):
+            warn(line)
     return out
 
 
-def _bench_one(args, dec, info, inp, encoded, human) -> tuple[dict, list]:
-    """The interleaved bench of one prompt set, with the search's prediction beside it."""
+def _bench_one(args, dec, info, inp, encoded, human, prompt_file) -> tuple[dict, list]:
+    """The interleaved bench of one prompt set, with the search's prediction beside it,
+    the records of its PPD steps and their drifts (:mod:`treeopt.drift`)."""
     res, runs = run_bench(dec, encoded, args.max_new_tokens, info["dtype"],
                           not args.no_baseline, quiet=not human, hf_lookup=args.hf_lookup)
     pred = predicted_vs_measured(dec.tree, res, inp.profile, inp.profile_src, inp.acceptance,
                                  inp.acceptance_src)
-    return ({**res, "predicted": pred} if pred else res), runs
-
-
-def _warning(runs, inp, args) -> str | None:
-    if not inp.profile:
-        return None
-    return speed_warning(speed_vs_profile(runs, inp.profile), inp.profile_src,
-                         model_flag(args.model))
+    speed = speed_vs_profile(runs, inp.profile) if inp.profile else None
+    block, d = assess(dec.tree, dec.prompt_tokens.num, info["model"], encoded,
+                      [r for _, r in runs], res["decode"], pred, inp.profile, speed,
+                      run="bench", prompt_file=prompt_file or "built-in",
+                      offset=args.offset, stride=args.stride, tree_file=info["tree"])
+    extra = {"predicted": pred, "acceptance": block, "drift": d}
+    return {**res, **{k: v for k, v in extra.items() if v}}, runs
 
 
 def _families(args, dec, info, inp, encoded: dict, human, path) -> dict:
@@ -102,18 +102,18 @@ def _families(args, dec, info, inp, encoded: dict, human, path) -> dict:
         if human:
             say(f"bench family {prompts.family_name(name)}: {len(ids)} prompts, "
                 f"{args.max_new_tokens} new tokens, tree {info['tree']}")
-        res, runs = _bench_one(args, dec, info, inp, ids, human)
+        res, runs = _bench_one(args, dec, info, inp, ids, human, name)
         all_runs += runs
         rows.append({"family": prompts.family_name(name), "prompt_file": name, **res})
     out = {"schema": "treeopt.run/1", "kind": "bench-families", **info,
            "offset": args.offset, "stride": args.stride, "max_new_tokens": args.max_new_tokens,
            "hf_lookup": args.hf_lookup, "families": rows}
-    warning = _warning(all_runs, inp, args)
+    speed = speed_vs_profile(all_runs, inp.profile) if inp.profile else None
     write_json(path, out)
     if human:
         say(f"{'family':>16} {'tok/step':>8} {'alone':>6} {'tok/s':>7} {'HF':>7} "
             f"{'vs HF':>6} {'vs alone':>8} {'vs HF lookup':>12} {'identical':>9} "
-            f"{'predicted tok/step':>18}")
+            f"{'predicted tok/step':>18} {'own text':>8}")
         for r in rows:
             p = r.get("predicted")
             say(f"{r['family']:>16} {r['tokens_per_step']:>8.2f} "
@@ -124,10 +124,20 @@ def _families(args, dec, info, inp, encoded: dict, human, path) -> dict:
                    else f"{'-':>12} ")
                 + f"{100 * r['identical_fraction']:>8.0f}% "
                 + (f"{p['tokens_per_step']:>10.3f} ({100 * p['error']['tokens_per_step']:+.1f}%)"
-                   if p and "tokens_per_step" in p.get("error", {}) else f"{'-':>18}"))
+                   if p and "tokens_per_step" in p.get("error", {}) else f"{'-':>18}")
+                + (f" {r['drift']['replayed']['tokens_per_step']:>8.3f}" if "drift" in r
+                   else f" {'-':>8}"))
+        say("predicted: from the acceptance data; own text: the tree replayed over the "
+            "family's own recorded steps")
         say(f"wrote {path}")
-        if warning:
-            warn(warning)
+        for r in rows:
+            d = {k: v for k, v in (r.get("drift") or {}).items() if k != "speed"}
+            for line in lines(d, path, inp.acceptance_src, inp.profile_src,
+                              model_flag(args.model), r["family"]):
+                warn(line)
+        line = speed_line(speed, inp.profile_src, model_flag(args.model))
+        if line:
+            warn(line)
     return out
 
 

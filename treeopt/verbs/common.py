@@ -98,6 +98,13 @@ def add_batch_arg(p, help: str) -> None:
     p.add_argument("--batch", type=bounded_list("batch"), metavar="B,..", help=help)
 
 
+def add_acceptance_arg(p, help: str) -> None:
+    """--acceptance FILE, repeatable: acceptance files and run JSONs, pooled."""
+    p.add_argument("--acceptance", action="append", metavar="FILE",
+                   help="acceptance file, or a run JSON of `run`/`bench` (its recorded steps); "
+                   "repeat it to pool several, each recorded position counting once; " + help)
+
+
 def add_model_args(p, tree: bool = True) -> None:
     p.add_argument("--model", help="local HF folder or known name (default: embedded "
                    "SmolLM2-135M-Instruct)")

@@ -10,7 +10,8 @@ from ..artefact import stamp, write_atomic, write_json
 from ..device import device_slug
 from ..distill import measure_acceptance
 from ..errors import BadInput
-from ..evaluation import predicted_vs_measured, run_bench, speed_vs_profile, speed_warning
+from ..drift import assess, lines
+from ..evaluation import predicted_vs_measured, run_bench, speed_vs_profile
 from ..inputs import resolve_inputs
 from ..measure import measure_profile
 from ..runtime import open_decoder
@@ -71,10 +72,11 @@ def main(args) -> dict:
                **stamp()}
         acc_path = paths.user_profiles() / paths.acceptance_name(mid)
         write_json(acc_path, acc)
+        acc_src = paths.display_path(acc_path)
         heads["acceptance"] = "measured"
     else:
-        acc, acc_path = inp.acceptance, inp.acceptance_path
-        heads["acceptance"] = f"reused {paths.display_path(acc_path)}"
+        acc, acc_src = inp.acceptance, inp.acceptance_src
+        heads["acceptance"] = f"reused {acc_src}"
     heads["acceptance"] += " (top-1 by depth " + ", ".join(
         f"{row[0]:.2f}" for row in acc["accuracy"]) + ")"
     step(2, f"acceptance: {heads['acceptance']}")
@@ -88,7 +90,7 @@ def main(args) -> dict:
     tree_path = folder / paths.tree_name(dev_id, mid)
     report_path = paths.search_report_path(tree_path)
     tree.meta = {"model": mid, "profile": paths.display_path(prof_path),
-                 "acceptance": paths.display_path(acc_path), "device": prof["device"]["name"],
+                 "acceptance": acc_src, "device": prof["device"]["name"],
                  "simulated": False, **meta, **stamp(), "search_report": report_path.name}
     write_json(report_path, {"schema": "treeopt.search/1", "tree": tree_path.name,
                              "model": mid, **found["report"]})
@@ -110,9 +112,11 @@ def main(args) -> dict:
     run = {"schema": "treeopt.run/1", "kind": "bench", **info,
            "tree": paths.display_path(tree_path), "prompt_file": "built-in", **res}
     p = predicted_vs_measured(tree, res, prof, paths.display_path(prof_path), acc,
-                              paths.display_path(acc_path))
-    if p:
-        run["predicted"] = p
+                              acc_src)
+    block, d = assess(tree, dec.prompt_tokens.num, mid, encoded, [r for _, r in runs],
+                      res["decode"], p, prof, speed_vs_profile(runs, prof), run="demo",
+                      prompt_file="built-in", tree_file=run["tree"])
+    run.update({k: v for k, v in (("predicted", p), ("acceptance", block), ("drift", d)) if v})
     run_path = folder / "demo.run.json"
     write_json(run_path, run)
     heads["bench"] = (f"{res['tokens_per_second']:.1f} tokens/s vs HF generate "
@@ -120,10 +124,9 @@ def main(args) -> dict:
                       f"{res['tokens_per_step']:.2f} tokens/step, identical "
                       f"{100 * res['identical_fraction']:.0f}%")
     step(4, f"bench: {heads['bench']}")
-    warning = speed_warning(speed_vs_profile(runs, prof), paths.display_path(prof_path),
-                            model_flag(args.model))
-    if warning and human:
-        warn(warning)
+    for line in lines(d, run_path, acc_src,
+                      paths.display_path(prof_path), model_flag(args.model)) if human else []:
+        warn(line)
     html = report.build([(str(prof_path), prof)], acc, tree.to_json(), run,
                         f"treeopt demo — {mid}", search_report=found["report"])
     write_atomic(out, html)

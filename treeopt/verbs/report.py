@@ -62,7 +62,7 @@ def main(args) -> dict:
     if args.open:
         webbrowser.open(out.resolve().as_uri())
     sections = [s for s in ("latency", "acceptance", "search", "tree", "batch", "families",
-                            "run")
+                            "run", "drift")
                 if f"<section id='{s}'>" in text]
     if not args.json:
         say(f"wrote {out} ({len(text) // 1024} KB; sections: {', '.join(sections)})")

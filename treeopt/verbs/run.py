@@ -4,11 +4,14 @@ from __future__ import annotations
 import sys
 
 from .. import prompts
+from ..artefact import check_out, write_json
 from ..batch import BatchDecoder, schedule_of
 from ..bounds import BOUNDS
 from ..errors import BadInput
-from ..evaluation import speed_vs_profile, speed_warning
+from ..drift import assess, lines
+from ..evaluation import decode_phase, predicted_vs_measured, speed_vs_profile
 from ..inputs import resolve_inputs
+from ..records import of_run
 from ..runtime import open_decoder
 from .common import (add_model_args, finite_float, model_flag, positive_int, say, seed_int,
                      warn)
@@ -33,6 +36,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--baseline", action="store_true",
                    help="also run plain greedy and HF generate; report speedups and identity")
+    p.add_argument("--out", help="also write the run JSON here (with the records of its steps: "
+                   "`treeopt search --acceptance` learns from it)")
 
 
 class _Streamer:
@@ -63,7 +68,9 @@ def main(args) -> dict:
     if not text.strip():
         raise BadInput("empty prompt")
     inp = resolve_inputs(args.model, tree=args.tree, prompt_tokens=args.prompt_tokens,
-                         device=args.device, dtype=args.dtype, want=("tree", "profile"))
+                         device=args.device, dtype=args.dtype,
+                         want=("tree", "profile", "acceptance"))
+    out_path = check_out(args.out) if args.out else None
     dec, info = open_decoder(inp, args.model, args.dtype, args.device, args.threads)
     ids = prompts.encode(dec.lm.tokenizer, text, raw=args.raw)
     dec.check_prompt(ids, args.max_new_tokens)
@@ -78,11 +85,20 @@ def main(args) -> dict:
            "prompt_tokens_count": len(ids), "temperature": args.temperature,
            **res.summary(), "text": dec.lm.tokenizer.decode(res.output_ids,
                                                             skip_special_tokens=True)}
-    warning = None
+    speed = None
     if inp.profile:  # how fast this machine runs against the profile in use
         speed = speed_vs_profile([(len(ids), res)], inp.profile)
         out["speed_vs_profile"] = round(speed, 4) if speed else None
-        warning = speed_warning(speed, inp.profile_src, model_flag(args.model))
+    if args.temperature <= 0:  # greedy: the text is the model's own, its records hold
+        measured = {"decode": decode_phase([(len(ids), res)])}
+        pred = predicted_vs_measured(dec.tree, measured, inp.profile, inp.profile_src,
+                                     inp.acceptance, inp.acceptance_src)
+        block, d = assess(dec.tree, dec.prompt_tokens.num, info["model"], [ids], [res],
+                          measured["decode"], pred, inp.profile, speed, run="run",
+                          prompt_file=args.prompt_file or "--prompt",
+                          tree_file=info["tree"])
+        out.update({k: v for k, v in (("predicted", pred), ("acceptance", block),
+                                      ("drift", d)) if v})
     if human:
         say(f"PPD: {res.new_tokens} tokens in {res.seconds:.2f} s = "
             f"{res.tokens_per_second:.1f} tok/s, {res.tokens_per_step:.2f} tokens/step")
@@ -102,8 +118,11 @@ def main(args) -> dict:
             say(f"speedup vs HF generate {out['speedup_vs_hf']:.2f}x, vs plain loop "
                 f"{out['speedup_vs_baseline']:.2f}x; PPD output identical to HF greedy: "
                 f"{out['identical']}")
-    if warning:
-        warn(warning)
+    if out_path is not None:
+        write_json(out_path, out)
+    for line in lines(out.get("drift"), out_path or "<this run's JSON: --out>",
+                      inp.acceptance_src, inp.profile_src, model_flag(args.model)):
+        warn(line)
     return out
 
 
@@ -118,8 +137,9 @@ def _batch(args) -> dict:
                          device=args.device, dtype=args.dtype, want=("tree",))
     dec, info = open_decoder(inp, args.model, args.dtype, args.device, args.threads)
     encoded = dec.encode_prompts(texts, args.max_new_tokens, args.raw, "--batch-file prompt")
-    res = BatchDecoder(dec.lm, dec.prompt_tokens, schedule_of(dec.tree)).generate(
-        encoded, args.max_new_tokens)
+    out_path = check_out(args.out) if args.out else None
+    bd = BatchDecoder(dec.lm, dec.prompt_tokens, schedule_of(dec.tree))
+    res = bd.generate(encoded, args.max_new_tokens)
     rows = [{"prompt": t, **r.summary(),
              "text": dec.lm.tokenizer.decode(r.output_ids, skip_special_tokens=True)}
             for t, r in zip(texts, res.results)]
@@ -127,6 +147,13 @@ def _batch(args) -> dict:
            "new_tokens": res.new_tokens, "seconds": round(res.seconds, 4),
            "tokens_per_second": round(res.tokens_per_second, 3),
            "tokens_per_step": round(res.tokens_per_step, 4), "results": rows}
+    block = of_run(info["model"], dec.prompt_tokens.num, encoded, res.results, bd.lookup,
+                   run="batch-run", prompt_file=args.batch_file,
+                   tree_file=info["tree"])
+    if block:
+        out["acceptance"] = block
+    if out_path is not None:
+        write_json(out_path, out)
     if not args.json:
         say(f"model {info['model']} on {info['device']} ({info['dtype']}), tree {info['tree']}")
         for i, r in enumerate(rows):

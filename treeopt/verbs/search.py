@@ -17,7 +17,7 @@ from ..acceptance import unpack_records
 from ..search import Options, evaluate_tree, search
 from ..search.batch import per_batch
 from ..search.hybrid import with_lookup
-from .common import add_batch_arg, bounded_int, positive_int, say, warn
+from .common import add_acceptance_arg, add_batch_arg, bounded_int, positive_int, say, warn
 
 HELP = "find the tree with the most expected tokens per second for a model on a device"
 
@@ -28,7 +28,7 @@ def add_arguments(p) -> None:
                    "default: the embedded model")
     p.add_argument("--profile", help="profile.json (default: this device's measured profile, "
                    "yours then shipped; for reference models a simulated A100-80GB)")
-    p.add_argument("--acceptance", help="acceptance.json (default: yours, else the shipped one)")
+    add_acceptance_arg(p, "default: yours, else the shipped one")
     p.add_argument("--max-input", type=positive_int, default=512,
                    help="no state's forward input may be longer (default 512)")
     p.add_argument("--context", type=bounded_int("context"),

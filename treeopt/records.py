@@ -1,0 +1,75 @@
+"""A decoding run's own acceptance: what each step was offered and what the text took,
+in the record format `treeopt accept` writes — read from the steps the run already
+verified, with no extra forward.
+
+Step i of a decode starts from root token x_{t+1}, where t = prompt length + tokens
+emitted before the step − 2, with the guess rows of the last step's winner: prompt token
+d guessed x_{t+1+d}. Its record is the row `accept` measures at insertion point t:
+
+- ranks[d−1]: the rank of x_{t+1+d} among guess row d's top RECORD_TOPK (RECORD_TOPK:
+  not among them; −1: the step had no such row, or the text ends before);
+- match, won: prompt lookup's match length over the text up to the root and how many of
+  its proposed tokens the text took (:func:`treeopt.sources.offers_along`);
+- state: the tree state the step ran in (the number of guess rows it used).
+
+Only full steps are recorded (:func:`treeopt.runtime.full_steps`): the others were cut by
+EOS or max_new_tokens. A run's records are *stepwise*, one record a step in order, where
+`accept`'s hold every position of a response; the hybrid replay walks stepwise records one
+record a step (:class:`treeopt.search.hybrid.Replay`) and the marginals count both alike
+(:mod:`treeopt.pooled` makes the acceptance object, and pools sources).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .acceptance import RECORD_TOPK
+from .pooled import as_acceptance
+from .runtime import Result, full_steps
+from .sources import LOOKUP_CHAIN, LOOKUP_NGRAM, offers_along
+
+
+def of_result(prompt: list[int], res: Result, k: int, ngram: int = LOOKUP_NGRAM,
+              chain: int = LOOKUP_CHAIN) -> dict[str, np.ndarray]:
+    """One decode's records (arrays of its full steps): ranks [S, k], match, won, state,
+    context (the KV length at the step: t + 1) and live (sequences in the step)."""
+    ids = list(prompt) + res.output_ids
+    start = len(prompt) - 1  # offers_along's first position
+    match, won = offers_along(ids, len(prompt), ngram, chain)
+    steps = res.offers[:full_steps(res)]
+    out = {key: np.zeros(len(steps), dtype=np.int64)
+           for key in ("match", "won", "state", "context", "live")}
+    out["ranks"] = np.full((len(steps), k), -1, dtype=np.int64)
+    rows = [g[:k, :RECORD_TOPK] for _, _, g, *_ in steps if g is not None and len(g)]
+    tops = torch.cat(rows).tolist() if rows else []  # one read-back for the whole decode
+    for i, (emitted, state, guesses, *live) in enumerate(steps):
+        t = len(prompt) + emitted - 2
+        out["match"][i], out["won"][i] = match[t - start], won[t - start]
+        out["state"][i], out["context"][i] = state, t + 1
+        out["live"][i] = live[0] if live else 1
+        m = 0 if guesses is None else min(len(guesses), k)
+        for d, top in enumerate(tops[:m]):
+            if t + 2 + d < len(ids):
+                tok = ids[t + 2 + d]
+                out["ranks"][i, d] = top.index(tok) if tok in top else RECORD_TOPK
+        tops = tops[m:]
+    return out
+
+
+def settings(lookup) -> tuple[int, int]:
+    """(n-gram, chain) a run records prompt lookup with: its tree's lookup n-gram (the
+    policy's match lengths), chains at least as long as `accept` measures."""
+    if lookup is None:
+        return LOOKUP_NGRAM, LOOKUP_CHAIN
+    return lookup.max_ngram, max(LOOKUP_CHAIN, lookup.max_tokens)
+
+
+def of_run(model: str, k: int, prompts: list[list[int]], results: list[Result], lookup=None,
+           live: int | None = None, **about) -> dict | None:
+    """The acceptance object of a run's decodes (one per prompt; with `live`, only the
+    steps with that many sequences in the batch); `lookup` is the run's tree's."""
+    ngram, chain = settings(lookup)
+    parts = [of_result(p, r, k, ngram, chain) for p, r in zip(prompts, results)]
+    if live is not None:
+        parts = [{key: v[p["live"] == live] for key, v in p.items()} for p in parts]
+    return as_acceptance(model, k, parts, [True] * len(parts), ngram, chain, **about)
