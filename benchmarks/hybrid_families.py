@@ -26,7 +26,7 @@ from treeopt import paths, prompts
 from treeopt.acceptance import SCHEMA, unpack_records
 from treeopt.artefact import stamp, write_json
 from treeopt.distill import measure_acceptance
-from treeopt.evaluation import predicted_vs_measured, run_bench
+from treeopt.evaluation import predicted_vs_measured, run_bench, speed_vs_profile
 from treeopt.inputs import resolve_inputs
 from treeopt.latency import Latency
 from treeopt.runtime import open_decoder
@@ -70,7 +70,8 @@ def main():
                               quiet=True, hf_lookup=args.lookup_k)
         row = {"family": fam, "prompt_file": name, **res,
                "predicted": predicted_vs_measured(tree, res, inp.profile, inp.profile_src,
-                                                  acc, str(acc_path))}
+                                                  acc, str(acc_path),
+                                                  speed_vs_profile(runs, inp.profile))}
         # the same replay on the benched prompts themselves: what is model, what is sample
         same = {"num_prompt_tokens": dec.prompt_tokens.num,
                 **measure_acceptance(dec.lm, dec.table, bench, 10, args.max_new_tokens,

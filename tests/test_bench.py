@@ -81,17 +81,15 @@ def test_predicted_vs_measured(tmp_path):
     acc = accept.search_inputs(accept.load(acc_path), conditional=False)[0]
     lat = prof_mod.Latency(synthetic_profile())
     want = exact.predict(tree, acc, lambda L: lat(L, 96))
-    # a run that matches the prediction exactly, and a plain loop 10 % slower than t(1)
-    t1 = float(prof_mod.Latency(synthetic_profile(), with_overhead=False)([1], 96)[0])
+    # a run that matches the prediction exactly, on a machine whose steps take 1.1x the
+    # profile's time (speed_vs_profile)
     res = {"decode": {"steps": 50, "tokens_per_step": want["tokens_per_step"],
                       "step_seconds": want["step_seconds"],
-                      "tokens_per_second": want["tokens_per_second"], "context": 96},
-           "baseline_decode": {"steps": 80, "tokens_per_step": 1.0, "step_seconds": 1.1 * t1,
-                               "tokens_per_second": 1 / (1.1 * t1), "context": 96}}
+                      "tokens_per_second": want["tokens_per_second"], "context": 96}}
     tree.meta = {"config": {"conditional": False}}
     inputs = resolve_inputs("vicuna-7b-v1.3", str(prof_path), str(acc_path))
     out = bench.predicted_vs_measured(tree, res, inputs.profile, inputs.profile_src,
-                                      inputs.acceptance, inputs.acceptance_src)
+                                      inputs.acceptance, inputs.acceptance_src, 1.1)
     assert out["context"] == 96
     assert all(abs(e) < 1e-3 for k, e in out["error"].items()
                if k != "tokens_per_second_at_run_speed")
@@ -124,3 +122,17 @@ def test_bench_bad_profile_fails_before_benching(tmp_path):
 
     assert_bad(treeopt("bench", "--profile", str(tmp_path / "none.json"), "--limit", "1"),
                "no such file")
+
+
+def test_batch_speed_reads_each_full_step_at_its_own_length_and_context():
+    """The batch bench's speed drift: the full-batch steps' time over the profile's at
+    each step's own input length and cache length (other steps left out)."""
+    from treeopt.batch import BatchResult
+
+    prof = synthetic_profile()
+    lat = prof_mod.Latency(prof)
+    steps = [(1, 4, 64), (1, 8, 70), (2, 8, 80)]  # (live, padded input, cache length)
+    secs = [1.5 * float(lat([L], c)[0]) if live == 1 else 9.0 for live, L, c in steps]
+    r = BatchResult([], 0.0, live=[s[0] for s in steps], lengths=[s[1] for s in steps],
+                    contexts=[s[2] for s in steps], step_seconds=secs)
+    assert bench._full_speed([r], 1, prof) == pytest.approx(1.5)

@@ -55,10 +55,10 @@ def speed_line(speed: float | None, profile_src: str | None, model_flag: str = "
     """One line when the run's speed is more than SPEED_WARN away from the profile's."""
     if speed is None or abs(speed - 1) <= SPEED_WARN:
         return None
-    how = f"{speed:.2f}x the step time" if speed > 1 else f"{1 / speed:.2f}x faster than"
-    return (f"speed drift: this machine runs at {how} of the profile {profile_src}; its "
-            f"predictions do not hold here — re-profile this machine with "
-            f"`treeopt profile{model_flag}`")
+    how = f"takes {speed:.2f}x the step time of" if speed > 1 else \
+        f"runs {1 / speed:.2f}x faster than"
+    return (f"speed drift: this machine {how} the profile {profile_src}; its predictions "
+            f"do not hold here — re-profile this machine with `treeopt profile{model_flag}`")
 
 
 def lines(d: dict | None, run_path, acceptance_src: str | None, profile_src: str | None,
@@ -98,10 +98,11 @@ def assess(tree: Tree | None, k: int, model: str, prompts: list[list[int]], resu
 
 
 def batch_assess(row: dict, tree: Tree | None, k: int, model: str, prompts: list[list[int]],
-                 results: list, lookup, profile: dict | None) -> None:
+                 results: list, lookup, profile: dict | None, speed: float | None) -> None:
     """A batch bench row (one batch size B) gains the records of the chosen
     configuration's steps and, where B ran a tree, the drifts of the steps all B
-    sequences shared, against the row's prediction."""
+    sequences shared, against the row's prediction; `speed` is those steps' time over
+    the profile's (B = 1: :func:`treeopt.evaluation.speed_vs_profile`)."""
     b = row["batch"]
     block = records.of_run(model, k, prompts, results, lookup, run="bench --batch", batch=b)
     if block:
@@ -113,5 +114,4 @@ def batch_assess(row: dict, tree: Tree | None, k: int, model: str, prompts: list
     measured = {"tokens_per_step": m["tokens_per_step"], "steps": m["steps"],
                 "tokens_per_second": m["tokens_per_second"] / b,
                 "context": (p or {}).get("context")}
-    row["drift"] = drift(tree, own, measured, p, profile if p else None,
-                         (p or {}).get("speed_vs_profile"), b)
+    row["drift"] = drift(tree, own, measured, p, profile if p else None, speed, b)

@@ -180,12 +180,13 @@ def run_bench(dec: Decoder, encoded: list[list[int]], max_new_tokens: int, dtype
 
 
 def predicted_vs_measured(tree: Tree, res: dict, profile: dict | None, profile_src: str | None,
-                          acceptance: dict | None, acceptance_src: str | None) -> dict | None:
+                          acceptance: dict | None, acceptance_src: str | None,
+                          speed: float | None = None) -> dict | None:
     """The search's prediction for the benched tree at the bench's mean context, beside the
-    measured decode phase. `speed_vs_profile` is this run's plain-loop step time over the
-    profile's measured one-token forward at that context (1.0 = the machine runs as fast
-    as when profiled); the prediction scaled by it separates model error from machine
-    drift. None without a profile and an acceptance file."""
+    measured decode phase. `speed` is the run's step time over the profile's at each
+    step's own input length and context (:func:`speed_vs_profile`; 1.0 = the machine runs
+    as fast as when profiled); the prediction scaled by it separates the prediction's
+    error from the machine's drift. None without a profile and an acceptance file."""
     dec_m = res.get("decode", {})
     if profile is None or acceptance is None or not dec_m.get("steps"):
         return None
@@ -199,19 +200,13 @@ def predicted_vs_measured(tree: Tree, res: dict, profile: dict | None, profile_s
         acc, pp = search_inputs(acceptance, conditional=conditional)
         pred = predict(tree, acc, lambda L: lat(L, ctx), path_prob=pp)
     out = {"profile": profile_src, "acceptance": acceptance_src,
-           "method": "replay" if rec is not None else "stationary", "context": ctx, "tokens_per_step": round(pred["tokens_per_step"], 4),
+           "method": "replay" if rec is not None else "stationary", "context": ctx,
+           "tokens_per_step": round(pred["tokens_per_step"], 4),
            "step_seconds": round(pred["step_seconds"], 6),
            "tokens_per_second": round(pred["tokens_per_second"], 3),
            "error": {k: round(pred[k] / dec_m[k] - 1, 4)
                      for k in ("tokens_per_step", "step_seconds", "tokens_per_second")}}
-    base = res.get("baseline_decode", {})
-    ones = sorted((p["context"], p["median_s"]) for p in profile["points"]
-                  if p["size"] == 1 and p.get("batch", 1) == 1)
-    if base.get("steps") and ones:
-        # the measured one-token forward itself (not the monotone fit, which pools it with
-        # L = 2.. where a one-query attention happens to run slower than two)
-        t1 = float(np.interp(base["context"], *zip(*ones)))
-        speed = base["step_seconds"] / t1
+    if speed:
         out["speed_vs_profile"] = round(speed, 4)
         out["tokens_per_second_at_run_speed"] = round(pred["tokens_per_second"] / speed, 3)
         out["error"]["tokens_per_second_at_run_speed"] = round(
@@ -258,6 +253,20 @@ def _full(runs: list[BatchResult], b: int) -> tuple[float, float, int]:
             if live == b:
                 tok, sec, n = tok + k, sec + t, n + 1
     return tok, sec, n
+
+
+def _full_speed(runs: list[BatchResult], b: int, profile: dict) -> float | None:
+    """Measured ÷ profiled time of the steps where all b sequences were live, each read at
+    its own (padded) input length and cache length, as :func:`speed_vs_profile` does for
+    one sequence."""
+    lat = Latency(profile, batch=b)
+    measured = predicted = 0.0
+    for r in runs:
+        for live, sec, length, ctx in zip(r.live, r.step_seconds, r.lengths, r.contexts):
+            if live == b:
+                measured += sec
+                predicted += float(lat([length], ctx)[0])
+    return measured / predicted if predicted > 0 else None
 
 
 def batch_bench(lm, prompt_tokens, tree: Tree | None, encoded: list[list[int]],
@@ -333,15 +342,16 @@ def batch_bench(lm, prompt_tokens, tree: Tree | None, encoded: list[list[int]],
                                 "context": ctx,
                                 "searched_at_context": p.get("context"),
                                 "error": round(pred / m["tokens_per_second"] - 1, 4)}
-            pl = row.get("plain_full_batch")
-            if pl:  # the machine's speed now vs when profiled
-                pctx = [c for r in runs["plain"] for c, n in zip(r.contexts, r.live) if n == b]
-                speed = pl["step_seconds"] / float(np.mean([lat([1], c)[0] for c in pctx]))
+            # the machine now vs when profiled: the same steps at their own lengths
+            speed = _full_speed(runs["chosen"], b, profile)
+            if speed:
                 row["predicted"]["speed_vs_profile"] = round(speed, 4)
                 row["predicted"]["error_at_run_speed"] = round(
                     pred / speed / m["tokens_per_second"] - 1, 4)
+        speed = (row.get("predicted") or {}).get("speed_vs_profile")
         batch_assess(row, chosen.pick(b).tree, prompt_tokens.num if prompt_tokens else 0,
                      lm.model_id, [ids for c in chunks for ids in c],
-                     [r for br in runs["chosen"] for r in br.results], chosen.lookup, profile)
+                     [r for br in runs["chosen"] for r in br.results], chosen.lookup, profile,
+                     speed)
         rows.append(row)
     return rows

@@ -84,9 +84,9 @@ def _bench_one(args, dec, info, inp, encoded, human, prompt_file) -> tuple[dict,
     the records of its PPD steps and their drifts (:mod:`treeopt.drift`)."""
     res, runs = run_bench(dec, encoded, args.max_new_tokens, info["dtype"],
                           not args.no_baseline, quiet=not human, hf_lookup=args.hf_lookup)
-    pred = predicted_vs_measured(dec.tree, res, inp.profile, inp.profile_src, inp.acceptance,
-                                 inp.acceptance_src)
     speed = speed_vs_profile(runs, inp.profile) if inp.profile else None
+    pred = predicted_vs_measured(dec.tree, res, inp.profile, inp.profile_src, inp.acceptance,
+                                 inp.acceptance_src, speed)
     block, d = assess(dec.tree, dec.prompt_tokens.num, info["model"], encoded,
                       [r for _, r in runs], res["decode"], pred, inp.profile, speed,
                       run="bench", prompt_file=prompt_file or "built-in",
@@ -168,6 +168,16 @@ def _batch(args, dec, info, inp, encoded, human, path) -> dict:
             "interleaved in chunks of 2B prompts. predicted: the search's figure for full "
             "batches at each step's cache length, vs the steps where all B were live")
         say(f"wrote {path}")
+        for r in rows:
+            what, flag = f"B = {r['batch']}", model_flag(args.model)
+            if r.get("drift"):
+                found = lines(r["drift"], path, inp.acceptance_src, inp.profile_src, flag, what)
+            else:  # B decodes plainly: its plain steps tell the speed
+                line = speed_line((r.get("predicted") or {}).get("speed_vs_profile"),
+                                  inp.profile_src, flag)
+                found = [f"{line} ({what})"] if line else []
+            for line in found:
+                warn(line)
     return out
 
 
@@ -198,8 +208,8 @@ def _print(out: dict, path) -> None:
             f"tok/s vs measured {d['tokens_per_step']:.3f}, {1000 * d['step_seconds']:.2f} "
             f"ms, {d['tokens_per_second']:.1f} (error {100 * e['tokens_per_second']:+.1f}%)")
         if "speed_vs_profile" in pred:
-            say(f"this run's plain step is {pred['speed_vs_profile']:.3f}x the profile's "
-                f"t(1); at this speed predicted {pred['tokens_per_second_at_run_speed']:.1f} "
+            say(f"this run's steps took {pred['speed_vs_profile']:.3f}x the profile's time; "
+                f"at this speed predicted {pred['tokens_per_second_at_run_speed']:.1f} "
                 f"tok/s (error {100 * e['tokens_per_second_at_run_speed']:+.1f}%)")
     else:
         say("no profile or acceptance file for this device: no predicted figures")

@@ -111,10 +111,11 @@ def main(args) -> dict:
                           quiet=not human)
     run = {"schema": "treeopt.run/1", "kind": "bench", **info,
            "tree": paths.display_path(tree_path), "prompt_file": "built-in", **res}
-    p = predicted_vs_measured(tree, res, prof, paths.display_path(prof_path), acc,
-                              acc_src)
+    speed = speed_vs_profile(runs, prof)
+    p = predicted_vs_measured(tree, res, prof, paths.display_path(prof_path), acc, acc_src,
+                              speed)
     block, d = assess(tree, dec.prompt_tokens.num, mid, encoded, [r for _, r in runs],
-                      res["decode"], p, prof, speed_vs_profile(runs, prof), run="demo",
+                      res["decode"], p, prof, speed, run="demo",
                       prompt_file="built-in", tree_file=run["tree"])
     run.update({k: v for k, v in (("predicted", p), ("acceptance", block), ("drift", d)) if v})
     run_path = folder / "demo.run.json"

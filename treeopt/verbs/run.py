@@ -92,7 +92,7 @@ def main(args) -> dict:
     if args.temperature <= 0:  # greedy: the text is the model's own, its records hold
         measured = {"decode": decode_phase([(len(ids), res)])}
         pred = predicted_vs_measured(dec.tree, measured, inp.profile, inp.profile_src,
-                                     inp.acceptance, inp.acceptance_src)
+                                     inp.acceptance, inp.acceptance_src, speed)
         block, d = assess(dec.tree, dec.prompt_tokens.num, info["model"], [ids], [res],
                           measured["decode"], pred, inp.profile, speed, run="run",
                           prompt_file=args.prompt_file or "--prompt",
