@@ -111,8 +111,7 @@ def step_time(plan: dict, device: str, tree_path: pathlib.Path, profile: dict) -
     # where plain decoding wins at B = 1, the searched tree is timed all the same
     tree = (top.by_batch.get(1) or top) if top.by_batch else top
     lm = load(plan["model"], plan["dtype"], device, shape_only=True)
-    pt = PromptTokens(lm.model.get_input_embeddings().weight[:tree.num_prompt_tokens]
-                      .float().cpu().clone())
+    pt = PromptTokens.from_embeddings(lm.model, tree.num_prompt_tokens)
     dec = Decoder(lm, pt, tree)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, lm.config.vocab_size, (plan["context"] - plan["new_tokens"] // 2,),

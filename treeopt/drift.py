@@ -101,8 +101,8 @@ def batch_assess(row: dict, tree: Tree | None, k: int, model: str, prompts: list
                  results: list, lookup, profile: dict | None, speed: float | None) -> None:
     """A batch bench row (one batch size B) gains the records of the chosen
     configuration's steps and, where B ran a tree, the drifts of the steps all B
-    sequences shared, against the row's prediction; `speed` is those steps' time over
-    the profile's (B = 1: :func:`treeopt.evaluation.speed_vs_profile`)."""
+    sequences shared, against the row's prediction where it has one; `speed` is those
+    steps' time over `profile`'s (None: no profile at B)."""
     b = row["batch"]
     block = records.of_run(model, k, prompts, results, lookup, run="bench --batch", batch=b)
     if block:
@@ -114,4 +114,4 @@ def batch_assess(row: dict, tree: Tree | None, k: int, model: str, prompts: list
     measured = {"tokens_per_step": m["tokens_per_step"], "steps": m["steps"],
                 "tokens_per_second": m["tokens_per_second"] / b,
                 "context": (p or {}).get("context")}
-    row["drift"] = drift(tree, own, measured, p, profile if p else None, speed, b)
+    row["drift"] = drift(tree, own, measured, p, profile, speed, b)

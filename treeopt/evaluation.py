@@ -19,7 +19,7 @@ import torch
 
 from . import prompts
 from .acceptance import search_inputs, unpack_records
-from .latency import Latency
+from .latency import Latency, batches
 from .batch import BatchDecoder, BatchResult, hf_generate_batch, schedule_of
 from .drift import batch_assess
 from .progress import progress
@@ -323,6 +323,8 @@ def batch_bench(lm, prompt_tokens, tree: Tree | None, encoded: list[list[int]],
                 row[f"{name}_full_batch"] = {"steps": n, "tokens_per_step": round(tok / n / b, 4),
                                              "step_seconds": round(sec / n, 6),
                                              "tokens_per_second": round(tok / sec, 3)}
+        speed = _full_speed(runs["chosen"], b, profile) if profile is not None and \
+            b in batches(profile) else None
         if b in predicted and profile is not None and "chosen_full_batch" in row:
             # the search's configuration, its step time read at each full step's own
             # cache length (what the step's attention really read)
@@ -342,16 +344,13 @@ def batch_bench(lm, prompt_tokens, tree: Tree | None, encoded: list[list[int]],
                                 "context": ctx,
                                 "searched_at_context": p.get("context"),
                                 "error": round(pred / m["tokens_per_second"] - 1, 4)}
-            # the machine now vs when profiled: the same steps at their own lengths
-            speed = _full_speed(runs["chosen"], b, profile)
-            if speed:
+            if speed:  # the machine now vs when profiled: the same steps, own lengths
                 row["predicted"]["speed_vs_profile"] = round(speed, 4)
                 row["predicted"]["error_at_run_speed"] = round(
                     pred / speed / m["tokens_per_second"] - 1, 4)
-        speed = (row.get("predicted") or {}).get("speed_vs_profile")
         batch_assess(row, chosen.pick(b).tree, prompt_tokens.num if prompt_tokens else 0,
                      lm.model_id, [ids for c in chunks for ids in c],
-                     [r for br in runs["chosen"] for r in br.results], chosen.lookup, profile,
-                     speed)
+                     [r for br in runs["chosen"] for r in br.results], chosen.lookup,
+                     profile if speed else None, speed)
         rows.append(row)
     return rows

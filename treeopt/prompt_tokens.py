@@ -63,6 +63,13 @@ class PromptTokens:
         return cls(emb.float().cpu().clone(),
                    {"init": "text", "init_text": text, "init_ids": ids})
 
+    @classmethod
+    def from_embeddings(cls, model, num: int = 3) -> "PromptTokens":
+        """The model's first `num` embedding rows: stand-ins of the right shape for a model
+        without a tokenizer (a shape-only model, random weights)."""
+        emb = model.get_input_embeddings().weight.detach()[:num]
+        return cls(emb.float().cpu().clone(), {"init": "embedding rows", "rows": num})
+
     def check_model(self, model) -> None:
         hidden = model.get_input_embeddings().weight.shape[1]
         if self.hidden != hidden:

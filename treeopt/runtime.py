@@ -566,7 +566,7 @@ def open_decoder(inputs, model: str | None = None, dtype: str = "auto", device: 
             "tree": inputs.tree_src, "prompt_tokens": inputs.prompt_tokens_src,
             **({"weights": lm.weights} if lm.weights != "loaded" else {})}
     if pt is None and lm.tokenizer is None:
-        pt = PromptTokens(lm.model.get_input_embeddings().weight[:3].float().cpu().clone())
+        pt = PromptTokens.from_embeddings(lm.model, 3)
         info["prompt_tokens"] = "random (shape-only model)"
     elif pt is None:
         pt = PromptTokens.init_from_text(lm.model, lm.tokenizer, 3)
