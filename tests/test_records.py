@@ -216,3 +216,25 @@ def test_search_learns_from_a_run_and_refuses_bad_ones(tmp_path):
                "holds no records")
     many = ["--acceptance", str(run)] * 33
     assert_bad(treeopt("search", *many), "acceptance sources 33 outside 1..32")
+
+
+def test_batched_replay_charges_a_shared_step_its_longest_input():
+    """At B > 1 the records that shared a batched forward pay one step time at the
+    longest input among them (the runtime pads to it)."""
+    from treeopt.search.hybrid import replay_batch
+    from treeopt.tree import Lookup
+
+    tree = _chain_tree()
+    tree.lookup = Lookup(3, 16, {(1, 1): (2, 1, 1)})  # a 2-token chain where n = 1
+    part = _part(4, 0, 64)
+    part["match"] = np.array([1, 0, 1, 0])
+    block = pooled.as_acceptance(MODEL, 1, [part], [True])
+    rec = unpack_records(block)
+    base = tree.input_length(1)
+    lat = lambda L: np.maximum(np.asarray(L, dtype=float), 1.0)  # noqa: E731  t(L) = L
+    alone = replay_batch(tree, rec, lat, [0, 1, 2, 3])
+    assert alone["step_seconds"] == pytest.approx((2 * (base + 4) + 2 * base) / 4)
+    assert alone == replay_predict(tree, rec, lat, follow=True)
+    paired = replay_batch(tree, rec, lat, [0, 0, 1, 1])  # each pair: one long, one short
+    assert paired["step_seconds"] == pytest.approx(base + 4)
+    assert paired["tokens_per_step"] == alone["tokens_per_step"] == 1.0

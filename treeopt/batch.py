@@ -108,6 +108,7 @@ class BatchDecoder:
                 d.buffers.setdefault(0, build_buffers((), d.tree.root_prompt_tokens, 0,
                                                       d.tree.rank_width, self.device))
         self.plain = build_buffers((), 0, 0, 1, self.device)
+        self.steps_run = 0  # batched steps so far: ids the records group by
         self.embed = self.model.get_input_embeddings()
 
     def pick(self, live: int) -> Decoder:
@@ -252,8 +253,9 @@ class BatchDecoder:
         t0 = time.perf_counter()
         dec = self.pick(len(live))
         plans = [self.plan(dec, s) for s in live]
-        for s in live:  # the step's batch size beside its offer (records.of_result)
-            s.result.offers[-1] += (len(live),)
+        self.steps_run += 1  # the step's batch size and id beside each offer (records)
+        for s in live:
+            s.result.offers[-1] += (len(live), self.steps_run)
         fits = [s.ctx + p[0].length <= self.lm.max_context for s, p in zip(live, plans)]
         if not all(fits):  # out of context: those stop, the rest go on
             for s, ok in zip(live, fits):

@@ -20,7 +20,7 @@ from . import records
 from .acceptance import unpack_records
 from .latency import Latency
 from .search.batch import flat_step
-from .search.hybrid import replay_predict
+from .search.hybrid import replay_batch, replay_predict
 from .tree import Tree
 
 TEXT_WARN = 0.15  # |text drift| beyond this: the acceptance data is not this text
@@ -29,14 +29,19 @@ MODEL_WARN = 0.05  # |model error| beyond this: the replay does not model the ru
 
 
 def drift(tree: Tree, records: dict, measured: dict, predicted: dict | None,
-          profile: dict | None, speed: float | None, batch: int = 1) -> dict:
+          profile: dict | None, speed: float | None, batch: int = 1,
+          steps: list[int] | None = None) -> dict:
     """The three drifts of a run (or of one batch size's steps) of `tree`: `records` is the
     run's acceptance block, `measured` its decode figures (tokens_per_step,
-    tokens_per_second, context), `predicted` the acceptance file's prediction for the
-    same tree (tokens_per_step), `speed` the run's step time over the profile's."""
+    tokens_per_second per sequence, context), `predicted` the acceptance file's
+    prediction for the same tree (tokens_per_step), `speed` the run's step time over the
+    profile's; at B > 1, `steps` (each record's batched step) lets the replay charge a
+    shared step its longest input."""
     ctx = measured.get("context") or records.get("mean_context") or 1
     lat = (lambda L: Latency(profile, batch=batch)(L, ctx)) if profile else flat_step
-    rep = replay_predict(tree, unpack_records(records), lat, follow=True)
+    rec = unpack_records(records)
+    rep = replay_batch(tree, rec, lat, steps) if batch > 1 and steps else \
+        replay_predict(tree, rec, lat, follow=True)
     out: dict = {"replayed": rep, "measured_tokens_per_step": measured["tokens_per_step"]}
     if predicted and predicted.get("tokens_per_step"):
         out["predicted_tokens_per_step"] = predicted["tokens_per_step"]
@@ -108,10 +113,12 @@ def batch_assess(row: dict, tree: Tree | None, k: int, model: str, prompts: list
     if block:
         row["acceptance"] = block
     m, p = row.get("chosen_full_batch"), row.get("predicted")
-    own = records.of_run(model, k, prompts, results, lookup, live=b) if tree and m else None
+    steps: list[int] = []
+    own = records.of_run(model, k, prompts, results, lookup, live=b, steps=steps) \
+        if tree and m else None
     if own is None:
         return
     measured = {"tokens_per_step": m["tokens_per_step"], "steps": m["steps"],
                 "tokens_per_second": m["tokens_per_second"] / b,
                 "context": (p or {}).get("context")}
-    row["drift"] = drift(tree, own, measured, p, profile, speed, b)
+    row["drift"] = drift(tree, own, measured, p, profile, speed, b, steps)

@@ -32,21 +32,22 @@ from .sources import LOOKUP_CHAIN, LOOKUP_NGRAM, offers_along
 def of_result(prompt: list[int], res: Result, k: int, ngram: int = LOOKUP_NGRAM,
               chain: int = LOOKUP_CHAIN) -> dict[str, np.ndarray]:
     """One decode's records (arrays of its full steps): ranks [S, k], match, won, state,
-    context (the KV length at the step: t + 1) and live (sequences in the step)."""
+    context (the KV length at the step: t + 1), live (sequences in the step) and step
+    (the batched step's id; −1 unbatched)."""
     ids = list(prompt) + res.output_ids
     start = len(prompt) - 1  # offers_along's first position
     match, won = offers_along(ids, len(prompt), ngram, chain)
     steps = res.offers[:full_steps(res)]
     out = {key: np.zeros(len(steps), dtype=np.int64)
-           for key in ("match", "won", "state", "context", "live")}
+           for key in ("match", "won", "state", "context", "live", "step")}
     out["ranks"] = np.full((len(steps), k), -1, dtype=np.int64)
     rows = [g[:k, :RECORD_TOPK] for _, _, g, *_ in steps if g is not None and len(g)]
     tops = torch.cat(rows).tolist() if rows else []  # one read-back for the whole decode
-    for i, (emitted, state, guesses, *live) in enumerate(steps):
+    for i, (emitted, state, guesses, *batched) in enumerate(steps):
         t = len(prompt) + emitted - 2
         out["match"][i], out["won"][i] = match[t - start], won[t - start]
         out["state"][i], out["context"][i] = state, t + 1
-        out["live"][i] = live[0] if live else 1
+        out["live"][i], out["step"][i] = batched if batched else (1, -1)
         m = 0 if guesses is None else min(len(guesses), k)
         for d, top in enumerate(tops[:m]):
             if t + 2 + d < len(ids):
@@ -65,11 +66,14 @@ def settings(lookup) -> tuple[int, int]:
 
 
 def of_run(model: str, k: int, prompts: list[list[int]], results: list[Result], lookup=None,
-           live: int | None = None, **about) -> dict | None:
+           live: int | None = None, steps: list | None = None, **about) -> dict | None:
     """The acceptance object of a run's decodes (one per prompt; with `live`, only the
-    steps with that many sequences in the batch); `lookup` is the run's tree's."""
+    steps with that many sequences in the batch); `lookup` is the run's tree's. `steps`,
+    where given, receives each record's batched-step id, in the records' order."""
     ngram, chain = settings(lookup)
     parts = [of_result(p, r, k, ngram, chain) for p, r in zip(prompts, results)]
     if live is not None:
         parts = [{key: v[p["live"] == live] for key, v in p.items()} for p in parts]
+    if steps is not None:
+        steps += [int(x) for p in parts for x in p["step"]]
     return as_acceptance(model, k, parts, [True] * len(parts), ngram, chain, **about)

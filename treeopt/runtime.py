@@ -128,7 +128,7 @@ class Result:
     number of tokens decode step i emitted (after any cut by EOS or max_new_tokens);
     `offers[i]` is what step i was offered: (tokens emitted before it, its state, the guess
     rows [m, ≥ RECORD_TOPK] it started from or None; a batched step adds how many
-    sequences it ran with) — the run's records (:mod:`treeopt.records`)."""
+    sequences it ran with and its id) — the run's records (:mod:`treeopt.records`)."""
 
     output_ids: list[int]
     steps: int

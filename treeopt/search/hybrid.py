@@ -53,14 +53,14 @@ class Replay:
                    rec["won"].tolist(), rec["state"].tolist() if "state" in rec else [])
 
     def run(self, policy: dict, tau: np.ndarray, seen: set | None = None,
-            follow: bool = False) -> tuple[float, float, int]:
+            follow: bool = False, charged: list | None = None) -> tuple[float, float, int]:
         """(tokens, seconds, steps) of greedy decoding replayed over the positions with
         this lookup policy: a step in state (m, n) accepts max(tree depth, lookup run
         within c) + 1 tokens; its input grows by (1 + q) per lookup token not already a
         tree node (the accepted ones are when the tree has them too). `seen` collects the
         states (m, n ≥ 1) the walk visits. `follow`: a stepwise record's step is in the
         state the run recorded (replaying a run's own tree over its own steps), not the
-        one the walk reached."""
+        one the walk reached. `charged` collects (record, input length) of every step."""
         rec, tree = self.rec, self.tree
         match, won, depth, nxt = self.match, self.won, self.depth, self.next_state
         stepwise = rec.get("stepwise") or [False] * len(rec["lengths"])
@@ -86,7 +86,10 @@ class Replay:
                 a = 1 + max(dp, dl)
                 if not each and i + a > length:  # the data ends inside this step
                     break
-                seconds += tau[base[m if keep else 0] + (c - min(dl, dp)) * (1 + q)]
+                length_j = base[m if keep else 0] + (c - min(dl, dp)) * (1 + q)
+                seconds += tau[length_j]
+                if charged is not None:
+                    charged.append((j, length_j))
                 tokens, steps = tokens + a, steps + 1
                 m = nxt[m][j] if dp >= dl else q
                 i += 1 if each else a
@@ -183,6 +186,25 @@ def replay_predict(tree: Tree, rec: dict, latency: LatencyFn, follow: bool = Fal
     positions (:class:`Replay`; `follow` as there)."""
     tok, sec, steps = Replay.build(tree, rec).run(
         tree.lookup.policy if tree.lookup else {}, _tau(tree, rec, latency), follow=follow)
+    return _replay_figures(((tok / sec) if sec else 0.0, tok, sec, steps))
+
+
+def replay_batch(tree: Tree, rec: dict, latency: LatencyFn, groups: list[int]) -> dict:
+    """A run's own tree replayed over its stepwise records at a batch size B > 1, each step
+    in its recorded state: the records that shared a batched forward (`groups`, one id
+    per record) pay that step's time at the longest input among them, as the batched
+    runtime pads to it. Seconds are sequence-seconds (a shared step counts once per
+    sequence in it): tokens/s per sequence, as the search's per-batch figures."""
+    tau = _tau(tree, rec, latency)
+    charged: list = []
+    tok, _, steps = Replay.build(tree, rec).run(tree.lookup.policy if tree.lookup else {},
+                                                tau, follow=True, charged=charged)
+    longest: dict[int, int] = {}
+    size: dict[int, int] = {}
+    for j, length in charged:
+        longest[groups[j]] = max(longest.get(groups[j], 0), length)
+        size[groups[j]] = size.get(groups[j], 0) + 1
+    sec = float(sum(tau[longest[g]] * size[g] for g in longest))
     return _replay_figures(((tok / sec) if sec else 0.0, tok, sec, steps))
 
 
