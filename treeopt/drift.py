@@ -9,7 +9,8 @@
 
 The replay is the tree over the run's own recorded steps (:mod:`treeopt.records`), each
 in the state the run recorded (:func:`treeopt.search.hybrid.replay_predict`, `follow`),
-with step times read from the profile at the run's mean context. Text drift says the
+with step times read from the profile at the run's mean context; at B > 1 each batched
+step pays its longest input (:func:`treeopt.search.hybrid.replay_batch`). Text drift says the
 acceptance data is not this text (re-search from the run); speed drift says the profile
 is not this machine now (re-profile); model error is treeopt's own (the replay does not
 model the runtime). Each beyond its threshold is one line with what to run.
@@ -109,12 +110,13 @@ def batch_assess(row: dict, tree: Tree | None, k: int, model: str, prompts: list
     sequences shared, against the row's prediction where it has one; `speed` is those
     steps' time over `profile`'s (None: no profile at B)."""
     b = row["batch"]
-    block = records.of_run(model, k, prompts, results, lookup, run="bench --batch", batch=b)
+    parts = records.of_results(prompts, results, k, lookup)  # one pass, read twice
+    block = records.as_block(model, k, parts, lookup, run="bench --batch", batch=b)
     if block:
         row["acceptance"] = block
     m, p = row.get("chosen_full_batch"), row.get("predicted")
     steps: list[int] = []
-    own = records.of_run(model, k, prompts, results, lookup, live=b, steps=steps) \
+    own = records.as_block(model, k, parts, lookup, live=b, steps=steps) \
         if tree and m else None
     if own is None:
         return

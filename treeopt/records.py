@@ -66,14 +66,26 @@ def settings(lookup) -> tuple[int, int]:
 
 
 def of_run(model: str, k: int, prompts: list[list[int]], results: list[Result], lookup=None,
-           live: int | None = None, steps: list | None = None, **about) -> dict | None:
-    """The acceptance object of a run's decodes (one per prompt; with `live`, only the
-    steps with that many sequences in the batch); `lookup` is the run's tree's. `steps`,
-    where given, receives each record's batched-step id, in the records' order."""
+           **about) -> dict | None:
+    """The acceptance object of a run's decodes (one per prompt); `lookup` is the run's
+    tree's."""
+    return as_block(model, k, of_results(prompts, results, k, lookup), lookup, **about)
+
+
+def of_results(prompts: list[list[int]], results: list[Result], k: int, lookup=None
+               ) -> list[dict]:
+    """Each decode's records (:func:`of_result`), with the run's lookup settings."""
     ngram, chain = settings(lookup)
-    parts = [of_result(p, r, k, ngram, chain) for p, r in zip(prompts, results)]
+    return [of_result(p, r, k, ngram, chain) for p, r in zip(prompts, results)]
+
+
+def as_block(model: str, k: int, parts: list[dict], lookup=None, live: int | None = None,
+             steps: list | None = None, **about) -> dict | None:
+    """The acceptance object of a run's records (with `live`, only the steps with that
+    many sequences in the batch). `steps`, where given, receives each record's
+    batched-step id, in the records' order."""
     if live is not None:
         parts = [{key: v[p["live"] == live] for key, v in p.items()} for p in parts]
     if steps is not None:
         steps += [int(x) for p in parts for x in p["step"]]
-    return as_acceptance(model, k, parts, [True] * len(parts), ngram, chain, **about)
+    return as_acceptance(model, k, parts, [True] * len(parts), *settings(lookup), **about)
