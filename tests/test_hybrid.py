@@ -12,7 +12,7 @@ from treeopt import acceptance, search
 from treeopt.search import hybrid
 from treeopt.errors import BadInput
 from treeopt.distill import Sample, lookup_offers
-from treeopt.sources import PromptLookup
+from treeopt.sources import PromptLookup, SuffixCache
 from treeopt.tree import Lookup, Node, Tree
 
 from conftest import SHIPPED_CPU_PROFILE
@@ -190,8 +190,10 @@ def test_lookup_flags_are_checked():
 
 @pytest.mark.slow
 def test_hybrid_lossless_on_the_real_model(smollm):
-    """Real model, float32: long lookup chains on input-grounded and chat prompts (where
-    lookup and the guesses propose conflicting paths) stay token-identical to HF greedy."""
+    """Real model, float32: long lookup and cache chains on input-grounded and chat
+    prompts (where lookup, the cache and the guesses propose conflicting paths: the cache
+    holds each reference answer with every 6th token wrong, then the answers themselves)
+    stay token-identical to HF greedy."""
     from treeopt import prompts
     from treeopt.inputs import resolve_inputs
     from treeopt.prompt_tokens import PromptTokens
@@ -202,18 +204,24 @@ def test_hybrid_lossless_on_the_real_model(smollm):
     # long chains, some without prompt tokens (state 0 follows), some without guess nodes
     policy = {(m, n): (8, (0, base.root_prompt_tokens)[n % 2], int(n != 3))
               for m in [0, *base.states] for n in (1, 2, 3)}
+    cached = {(m, n): (6, (0, base.root_prompt_tokens)[n % 2], 1)
+              for m in [0, *base.states] for n in range(2, 9)}
     tree = Tree(base.num_prompt_tokens, base.root_prompt_tokens, base.states, base.topk,
-                lookup=Lookup(3, 8, policy))
-    dec = Decoder(smollm, PromptTokens.load(inp.prompt_tokens), tree)
+                lookup=Lookup(3, 8, policy), cache=Lookup(8, 6, cached))
+    cache = SuffixCache()
+    dec = Decoder(smollm, PromptTokens.load(inp.prompt_tokens), tree, cache)
     texts = prompts.load("input-grounded", 6) + prompts.load("mt-bench", 3, 40)
+    encoded = [prompts.encode(smollm.tokenizer, t) for t in texts]
+    refs = [dec.hf_generate(ids, 48).output_ids for ids in encoded]
+    for ref in refs:
+        cache.add([t + (i % 6 == 5) for i, t in enumerate(ref)])
     long_steps = 0
-    for text in texts:
-        ids = prompts.encode(smollm.tokenizer, text)
-        ref = dec.hf_generate(ids, 48).output_ids
+    for text, ids, ref in zip(texts, encoded, refs):
         res = dec.ppd(ids, 48)
         assert res.output_ids == ref, text[:40]
         long_steps += sum(a > 1 + tree.max_depth for a in res.accepted)
-    assert long_steps > 0 and dec._hybrid
+    two_chains = sum(len(shape) == 2 for _, shape in dec._hybrid)
+    assert long_steps > 0 and two_chains > 0
 
 
 def test_bench_per_family_and_the_families_panel(tmp_path):

@@ -1,5 +1,6 @@
 """Runs record their own acceptance (treeopt.records), searches learn from them
 (treeopt.pooled), and drift is separated and reported (treeopt.drift)."""
+import copy
 import json
 import random
 
@@ -17,6 +18,7 @@ from treeopt.paths import SHIPPED
 from treeopt.runtime import Decoder
 from treeopt.search.batch import flat_step
 from treeopt.search.hybrid import replay_predict
+from treeopt.sources import CACHE_MAX_NGRAM, SuffixCache
 from treeopt.tree import Node, Tree
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -25,7 +27,8 @@ MODEL = "SmolLM2-135M-Instruct"
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
 def test_run_records_equal_accept_records(name):
     """A greedy run's records at its steps are the rows `accept` measures at the same
-    positions (teacher-forced ranks, lookup match and run); batched runs record the
+    positions (teacher-forced ranks, lookup match and run, the cache's match, run and
+    agreement with lookup, the prompts in the same order); batched runs record the
     same; and the tree replayed over its own steps makes exactly the measured
     tokens/step."""
     lm = tiny.tiny_model(name)
@@ -33,12 +36,25 @@ def test_run_records_equal_accept_records(name):
     pt = tiny.random_prompt_tokens(lm, 3)
     for i in range(4):
         tree = tiny.random_tree(rng, 3, 6, 10)
-        if i % 2:
-            tree.lookup = tiny.random_lookup(rng, tree)
-        dec = Decoder(lm, pt, tree)
         prompts = [[rng.randrange(32) for _ in range(n)] for n in (5, 20)]
         prompts.append((prompts[0] * 4)[:12])  # lookup proposes
+        cache = None
+        if i % 2:
+            tree.lookup = tiny.random_lookup(rng, tree)
+            tree.cache = tiny.random_lookup(rng, tree, CACHE_MAX_NGRAM)
+            cache = SuffixCache(10**5)  # the references, every 5th token wrong
+            for p in prompts:
+                ref = Decoder(lm).baseline(p, 40).output_ids
+                cache.add([(t + (j % 5 == 4)) % 32 for j, t in enumerate(ref)])
+        before = copy.deepcopy(cache)
+        dec = Decoder(lm, pt, tree, cache)
         results = [dec.ppd(p, 40) for p in prompts]
+        if cache is not None:  # the cache's records, as `accept` measures them
+            samples = [distill.Sample(p + r.output_ids, len(p), None, None)
+                       for p, r in zip(prompts, results)]
+            offered = distill.cache_offers(samples, copy.deepcopy(before),
+                                           *records.settings(tree.lookup))
+            bounds = np.cumsum([0] + [len(x.ids) - x.prompt_len - 1 for x in samples])
         compared = 0
         for p, r in zip(prompts, results):
             sample = distill.Sample(p + r.output_ids, len(p), None, None)
@@ -51,17 +67,25 @@ def test_run_records_equal_accept_records(name):
             seen = part["ranks"] >= 0
             assert (ranks.numpy()[rows][seen] == part["ranks"][seen]).all()
             compared += int(seen.sum())
+            if cache is not None:
+                at = bounds[prompts.index(p)] + rows
+                for key, got in zip(("cache_match", "cache_won", "agree"), offered):
+                    assert (got[at] == part[key]).all(), key
         assert compared > 20
-        block = records.of_run(lm.model_id, 3, prompts, results, tree.lookup)
+        settings = cache.settings() if cache is not None else None
+        block = records.of_run(lm.model_id, 3, prompts, results, tree.lookup, settings)
         rec = unpack_records(block)
         assert all(rec["stepwise"]) and block["source"] == "run"
         rep = replay_predict(tree, rec, flat_step, follow=True)
         phase = decode_phase([(len(p), r) for p, r in zip(prompts, results)])
         assert rep["steps"] == phase["steps"]
         assert rep["tokens_per_step"] == pytest.approx(phase["tokens_per_step"], abs=1e-4)
-        batched = BatchDecoder(lm, pt, {1: tree}).generate(prompts, 40).results
-        brec = unpack_records(records.of_run(lm.model_id, 3, prompts, batched, tree.lookup))
-        for key in ("ranks", "match", "won", "state"):
+        batched = BatchDecoder(lm, pt, {1: tree}, copy.deepcopy(before)).generate(
+            prompts, 40, max_batch=1).results
+        brec = unpack_records(records.of_run(lm.model_id, 3, prompts, batched, tree.lookup,
+                                             settings))
+        for key in ("ranks", "match", "won", "state") + (
+                ("cache_match", "cache_won", "agree") if cache is not None else ()):
             assert np.array_equal(brec[key], rec[key]), key
 
 

@@ -148,9 +148,10 @@ def test_merge_lookup_is_a_trie_walk():
 
 
 def test_tree_forward_matches_branch_recompute(tiny):
-    """Every node of each state's tree — alone, and merged with a lookup chain under some
-    node — and every prompt slot gets the logits of a plain causal forward over its own
-    branch (context, root, ancestors, the node, its earlier prompt tokens)."""
+    """Every node of each state's tree — alone, merged with a lookup chain under some
+    node, and with a cache chain too, under a node or inside lookup's chain — and every
+    prompt slot gets the logits of a plain causal forward over its own branch (context,
+    root, ancestors, the node, its earlier prompt tokens)."""
     rng = random.Random(8)
     pt = random_prompt_tokens(tiny, 3)
     tree = random_tree(rng, 3, 6, max_nodes=8)
@@ -159,12 +160,18 @@ def test_tree_forward_matches_branch_recompute(tiny):
     ctx_ids = torch.tensor([3, 1, 4, 1, 5])
     for m in tree.states:
         unders = [()] + [nd.path for nd in tree.states[m]]
-        shapes = [((), 0)] + [(u, rng.randint(1, 3))  # ((), 0): the tree alone
-                              for u in rng.sample(unders, min(3, len(unders)))]
-        for under, new in shapes:
-            buf, src = dec.hybrid_buffers(m, under, new, rng.choice([0, *sorted(tree.states)]))
+        qs = [0, *sorted(tree.states)]
+        shapes = [()]  # the tree alone
+        for u in rng.sample(unders, min(3, len(unders))):
+            first = (u, rng.randint(1, 3), rng.choice(qs))
+            shapes.append((first,))
+            # a second chain under a tree node or under one of the first chain's nodes
+            hang = rng.choice([rng.choice(unders), u + (-1,) * rng.randint(1, first[1])])
+            shapes.append((first, (hang, rng.randint(1, 3), rng.choice(qs))))
+        for shape in shapes:
+            buf, src = dec.hybrid_buffers(m, tuple(shape))
             guesses = torch.randint(0, 8, (m, tree.rank_width))
-            chain = torch.randint(0, 8, (3,))
+            chain = torch.randint(0, 8, (6,))
             pool = torch.cat([guesses.flatten(), chain])
             tok = torch.cat([torch.tensor([6]), pool[src]])
             assert_branches_match(dec, buf, tok, table, ctx_ids)

@@ -69,12 +69,15 @@ def validate(obj: dict, where: str = "acceptance") -> None:
         raise BadInput(f"{where}: mean_context={mc!r} is not an integer ≥ 0")
     if obj.get("lookup") is not None:
         _validate_lookup(obj["lookup"], f"{where}: lookup")
+    if obj.get("cache") is not None:
+        _validate_lookup(obj["cache"], f"{where}: cache")
+    if obj.get("lookup") is not None:
         unpack_records(obj, where=where)  # every record value checked before any work
 
 
 def _validate_lookup(lk, where: str) -> None:
-    """The summary of prompt lookup's acceptance (the records are checked by
-    :func:`unpack_records`)."""
+    """The summary of a chain source's acceptance, prompt lookup's or the cache's (the
+    records are checked by :func:`unpack_records`)."""
     if not isinstance(lk, dict):
         raise BadInput(f"{where} must be an object")
     count(lk.get("max_ngram"), "lookup_ngram", f"{where}: max_ngram")
@@ -257,6 +260,30 @@ def lookup_summary(ranks: np.ndarray, match: np.ndarray, won: np.ndarray, owner:
     joint with the prompt tokens (how often lookup's accepted run is longer than the
     rank-0 guesses'), and the per-position records the hybrid search replays (ranks,
     n, lookup's accepted run; the positions of one prompt in order)."""
+    lengths = np.bincount(owner, minlength=int(owner.max()) + 1 if len(owner) else 0)
+    return {"max_ngram": max_ngram, "max_tokens": max_tokens,
+            "by_match": by_match(ranks, match, won, max_ngram, max_tokens),
+            "records": {"lengths": lengths.tolist(),
+                        "ranks": pack(ranks), "match": pack(match), "won": pack(won)}}
+
+
+def cache_summary(ranks: np.ndarray, match: np.ndarray, won: np.ndarray, agree: np.ndarray,
+                  settings: dict, **about) -> dict:
+    """The cache source's acceptance beside lookup's, at the same positions: per match
+    length n as :func:`lookup_summary`, and the records the search replays — n, the
+    cache's accepted run and how many leading tokens its chain shares with lookup's
+    (`agree`: the two chains merge there)."""
+    return {**settings, **about,
+            "by_match": by_match(ranks, match, won, settings["max_ngram"],
+                                 settings["max_tokens"]),
+            "records": {"match": pack(match), "won": pack(won), "agree": pack(agree)}}
+
+
+def by_match(ranks: np.ndarray, match: np.ndarray, won: np.ndarray, max_ngram: int,
+             max_tokens: int) -> dict:
+    """A chain source's acceptance per match length n: the share of positions with each
+    n, P(the first d proposed tokens are right | n) for d = 1..C, and how often its
+    accepted run is longer than the rank-0 guesses'."""
     total = max(len(match), 1)
     by_n = {}
     ppd0 = np.cumprod(ranks == 0, axis=1).sum(1) if len(ranks) else np.zeros(0)
@@ -270,10 +297,7 @@ def lookup_summary(ranks: np.ndarray, match: np.ndarray, won: np.ndarray, owner:
             row["mean_accepted"] = round(float(won[sel].mean()), 6)
             row["longer_than_rank0_guesses"] = round(float((won[sel] > ppd0[sel]).mean()), 6)
         by_n[str(n)] = row
-    lengths = np.bincount(owner, minlength=int(owner.max()) + 1 if len(owner) else 0)
-    return {"max_ngram": max_ngram, "max_tokens": max_tokens, "by_match": by_n,
-            "records": {"lengths": lengths.tolist(),
-                        "ranks": pack(ranks), "match": pack(match), "won": pack(won)}}
+    return by_n
 
 
 def pack(a: np.ndarray) -> str:
@@ -315,6 +339,7 @@ def unpack_records(obj: dict, max_chain: int | None = None, where: str = "accept
     arr["lengths"] = lengths
     arr["max_ngram"], arr["max_tokens"] = int(lk["max_ngram"]), int(lk["max_tokens"])
     _stepwise(rec, arr, k, total, where)
+    _cache_records(obj, arr, total, where)
     if max_chain is not None:
         if not 1 <= max_chain <= arr["max_tokens"]:
             raise BadInput(f"lookup chain {max_chain}: the acceptance file measured chains "
@@ -323,6 +348,30 @@ def unpack_records(obj: dict, max_chain: int | None = None, where: str = "accept
         arr["won"] = np.minimum(arr["won"], max_chain)
         arr["max_tokens"] = max_chain
     return arr
+
+
+def _cache_records(obj: dict, arr: dict, total: int, where: str) -> None:
+    """The cache source's records at the same positions (where the file has them):
+    cache_match, cache_won, agree and the cache's n-gram and chain bounds."""
+    ck = obj.get("cache")
+    if not isinstance(ck, dict) or "records" not in ck:
+        return
+    where = f"{where}: cache records"
+    try:
+        raw = {k: base64.b64decode(ck["records"][k], validate=True)
+               for k in ("match", "won", "agree")}
+    except (KeyError, ValueError, TypeError, binascii.Error) as e:
+        raise BadInput(f"{where} are malformed ({e})") from e
+    if any(len(b) != 2 * total for b in raw.values()):
+        raise BadInput(f"{where} have inconsistent lengths")
+    for key, b in raw.items():
+        a = np.frombuffer(b, dtype=np.int16).astype(np.int64)
+        hi = ck["max_ngram"] if key == "match" else ck["max_tokens"]
+        bad = (a < 0) | (a > hi)
+        if bad.any():
+            raise BadInput(f"{where}: a {key} value {int(a[bad][0])} outside 0..{hi}")
+        arr["agree" if key == "agree" else f"cache_{key}"] = a
+    arr["cache_max_ngram"], arr["cache_max_tokens"] = int(ck["max_ngram"]), int(ck["max_tokens"])
 
 
 def _stepwise(rec: dict, arr: dict, k: int, total: int, where: str) -> None:

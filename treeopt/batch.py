@@ -5,7 +5,7 @@ slots 0..ctx_b − 1 (slot j holds position j) and everything after them is padd
 its masks hide (a *ragged* cache). One batched step (gpt-fast's decode_one_token, per
 sequence)::
 
-    plan_b   = sequence b's tree for its state (+ its lookup chain)        (plan)
+    plan_b   = sequence b's tree for its state (+ its lookup and cache chains) (plan)
     inputs   = every plan's embeddings, right-padded to L = max_b L_b        (batch_inputs)
     mask     = [B, 1, L, T + L]: b's rows see its ctx_b cached slots and its own
                tree block; padding rows see only themselves           (batch_inputs)
@@ -32,7 +32,7 @@ from .models import Loaded
 from .prompt_tokens import PromptTokens
 from .runtime import RECORD_TOPK, Decoder, Result, accept, attention_masks, logits_of, \
     model_call, new_cache, next_guesses, record_step, step_inputs, verified_row, verify_greedy
-from .sources import PromptLookup
+from .sources import Proposals, SuffixCache
 from .tree import StateBuffers, Tree, build_buffers
 
 
@@ -46,7 +46,7 @@ class Seq:
     ctx: int = 0  # valid cache slots (= its context length)
     x0: int = 0  # the token the next step starts from (already emitted)
     guesses: torch.Tensor | None = None  # [m, width] top-k guesses of the last step
-    look: PromptLookup | None = None
+    prop: Proposals | None = None  # its chain sources (lookup, the shared cache)
     result: Result | None = None
 
 
@@ -92,12 +92,13 @@ class BatchDecoder:
     """A loaded model with a schedule: batch size → tree or None (plain decoding)."""
 
     def __init__(self, loaded: Loaded, prompt_tokens: PromptTokens | None,
-                 schedule: dict[int, Tree | None]):
+                 schedule: dict[int, Tree | None], cache: SuffixCache | None = None):
         if not schedule or any(not isinstance(b, int) or b < 1 for b in schedule):
             raise BadInput("batch schedule: needs batch sizes ≥ 1")
         self.lm, self.model = loaded, loaded.model
         self.device, self.dtype = loaded.device, loaded.dtype
-        self.schedule = {b: Decoder(loaded, prompt_tokens if t else None, t)
+        self.cache_source = cache  # shared by every sequence; finished outputs join it
+        self.schedule = {b: Decoder(loaded, prompt_tokens if t else None, t, cache)
                          for b, t in sorted(schedule.items())}
         trees = [d.tree for d in self.schedule.values() if d.tree is not None]
         vocab = self.model.get_output_embeddings().weight.shape[0]
@@ -109,6 +110,7 @@ class BatchDecoder:
                                                       d.tree.rank_width, self.device))
         self.plain = build_buffers((), 0, 0, 1, self.device)
         self.steps_run = 0  # batched steps so far: ids the records group by
+        self.learn = True
         self.embed = self.model.get_input_embeddings()
 
     def pick(self, live: int) -> Decoder:
@@ -123,6 +125,9 @@ class BatchDecoder:
         batch shrank may want more rows than the last tree gave). What the step is offered
         goes into the sequence's Result (`offers`)."""
         x0 = torch.tensor(s.x0, device=self.device)
+        offers = s.prop.offers() if s.prop is not None else None
+        if self.cache_source is not None:
+            s.result.cache_offers.append(offers[1])
         if dec.tree is None:
             s.result.offers.append((len(s.result.output_ids), 0, None))
             tok = x0.view(1)
@@ -132,8 +137,7 @@ class BatchDecoder:
         s.result.offers.append((len(s.result.output_ids), m, s.guesses))
         guesses = (s.guesses[:m, :dec.tree.rank_width] if m else
                    torch.empty(0, dec.tree.rank_width, dtype=torch.long, device=self.device))
-        buf, pool, src, _ = dec.step_plan(m, guesses.contiguous(),
-                                          s.look if dec.tree.lookup is not None else None)
+        buf, pool, src = dec.step_plan(m, guesses.contiguous(), offers)
         tok, embeds = step_inputs(dec.embed, dec.table, x0, pool, src, buf)
         return buf, tok, embeds
 
@@ -218,8 +222,8 @@ class BatchDecoder:
 
     def _emit(self, dec: Decoder, s: Seq, new: list[int]) -> bool:
         added, done = dec._emit(s.result.output_ids, new, s.limit, None)
-        if s.look is not None:
-            s.look.extend(added)
+        if s.prop is not None:
+            s.prop.extend(added)
         return done
 
     def admit(self, live: list[Seq], cache, joiners: list[Seq], out: BatchResult,
@@ -231,9 +235,10 @@ class BatchDecoder:
         kept = []
         for s in joiners:
             s.result = Result([], 1, 0.0, time.perf_counter() - t_start)
-            if self.lookup is not None:
-                s.look = PromptLookup(self.lookup.max_ngram, self.lookup.max_tokens)
-                s.look.reset(list(s.ids))
+            if self.lookup is not None or self.cache_source is not None:
+                lk = self.lookup
+                s.prop = Proposals(s.ids, (lk.max_ngram, lk.max_tokens) if lk else None,
+                                   self.cache_source)
             if self._emit(dec, s, [s.x0]):
                 self._finish(s, out, dec, t_start, None)
             else:
@@ -303,10 +308,13 @@ class BatchDecoder:
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int] = 128,
-                 max_batch: int | None = None, timed: bool = False) -> BatchResult:
+                 max_batch: int | None = None, timed: bool = False,
+                 learn: bool = True) -> BatchResult:
         """Greedy-decode every prompt; each result equals the unbatched greedy output.
         With `max_batch`, at most that many decode at once and a waiting prompt joins as
-        soon as one finishes (continuous batching); else all start together."""
+        soon as one finishes (continuous batching); else all start together. `learn`: a
+        finished output joins the cache source (the next requests may draw on it)."""
+        self.learn = learn
         if not prompts:
             raise BadInput("no prompts to decode")
         limits = max_new_tokens if isinstance(max_new_tokens, list) else \
@@ -351,10 +359,12 @@ class BatchDecoder:
         self.drop(cache, [pos[id(s)] for s in live], max(s.ctx for s in live))
         return cache
 
-    @staticmethod
-    def _finish(s: Seq, out: BatchResult, dec: Decoder, t_start: float,
+    def _finish(self, s: Seq, out: BatchResult, dec: Decoder, t_start: float,
                 why: str | None) -> None:
+        """A sequence is done: its result is final, its output joins the cache."""
         out.results[s.index] = dec._finish(s.result, t_start, why)
+        if self.cache_source is not None and self.learn:
+            self.cache_source.add(s.result.output_ids)
 
 
 def _append_rows(cache, more) -> None:

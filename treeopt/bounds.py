@@ -25,12 +25,16 @@ BOUNDS = {
     "prompt_bytes": 64 << 20,
     # acceptance files and run JSONs pooled by one --acceptance list
     "acceptance_sources": 32,
+    # tokens of a corpus file, and tokens the cache source holds (--cache-tokens)
+    "corpus_tokens": 10_000_000,
+    "cache_tokens": 10_000_000,
 }
 
 WHAT = {"lookup_ngram": "n-gram length", "lookup_chain": "lookup chain length",
         "batch": "batch size", "context": "context length",
         "records": "measured positions", "batch_prompts": "prompts in one batch",
-        "prompt_bytes": "bytes of prompt text", "acceptance_sources": "acceptance sources"}
+        "prompt_bytes": "bytes of prompt text", "acceptance_sources": "acceptance sources",
+        "corpus_tokens": "corpus tokens", "cache_tokens": "cached tokens"}
 
 
 def count(value, name: str, where: str, lo: int = 1) -> int:

@@ -16,7 +16,7 @@ import traceback
 from .artefact import forget_inputs
 from .errors import BadInput, is_oom
 
-VERBS = ["run", "bench", "train", "profile", "search", "accept", "report", "demo"]
+VERBS = ["run", "bench", "train", "profile", "search", "accept", "corpus", "report", "demo"]
 
 
 class Terminated(BaseException):

@@ -19,14 +19,14 @@ import json
 import numpy as np
 import torch
 
-from .acceptance import estimate, lookup_summary, mean_context
+from .acceptance import cache_summary, estimate, lookup_summary, mean_context
 from .artefact import write_atomic
 from .models import Loaded, dtype_name
 from .paths import cache_dir
 from .progress import progress
 from .prompts import encode
 from .runtime import attention_masks, model_call, new_cache
-from .sources import LOOKUP_CHAIN, LOOKUP_NGRAM, offers_along
+from .sources import LOOKUP_CHAIN, LOOKUP_NGRAM, SuffixCache, cache_along, offers_along
 
 
 @dataclasses.dataclass
@@ -84,29 +84,49 @@ def prefix_pass(lm: Loaded, ids: list[int]) -> tuple[list[tuple[torch.Tensor, to
     return [(layer.keys, layer.values) for layer in cache.layers], logits
 
 
-def load_samples(lm: Loaded, texts: list[str], max_new_tokens: int = 160, topk: int = 16,
-                 batch_size: int = 16, raw: bool = False, quiet: bool = False,
-                 tag: str = "data") -> list[Sample]:
-    """Generate (or load from the cache) greedy responses and teacher top-k log-probs."""
-    settings = {"max_new_tokens": max_new_tokens, "topk": topk, "raw": raw,
-                "dtype": dtype_name(lm.dtype), "format": 1}
-    path = cache_dir() / "distill" / f"{lm.model_id}-{_key(lm, texts, settings)}.pt"
-    if path.is_file():
-        blob = torch.load(path, weights_only=True)
-        return [Sample(**s) for s in blob["samples"]]
+def greedy_responses(lm: Loaded, texts: list[str], max_new_tokens: int = 160,
+                     batch_size: int = 16, raw: bool = False, quiet: bool = False,
+                     tag: str = "data") -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, greedy response ids) per text, generated once and cached on disk (the
+    model's own text: distillation data, acceptance samples, the cache source's corpus)."""
+    settings = {"max_new_tokens": max_new_tokens, "raw": raw, "dtype": dtype_name(lm.dtype),
+                "format": 1}
+    path = cache_dir() / "distill" / f"{lm.model_id}-greedy-{_key(lm, texts, settings)}.json"
     prompts = [encode(lm.tokenizer, t, raw=raw) for t in texts]
+    if path.is_file():
+        try:
+            return [(p, r) for p, r in zip(prompts, json.loads(path.read_text())["responses"])]
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged cache entry is regenerated
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
     responses: dict[int, list[int]] = {}
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for b in progress(batches, f"{tag}: greedy responses", quiet=quiet):
         for i, r in zip(b, greedy_batch(lm, [prompts[i] for i in b], max_new_tokens)):
             responses[i] = r
+    out = [responses[i] for i in range(len(prompts))]
+    write_atomic(path, json.dumps({"settings": settings, "responses": out}).encode())
+    return list(zip(prompts, out))
+
+
+def load_samples(lm: Loaded, texts: list[str], max_new_tokens: int = 160, topk: int = 16,
+                 batch_size: int = 16, raw: bool = False, quiet: bool = False,
+                 tag: str = "data") -> list[Sample]:
+    """Greedy responses (:func:`greedy_responses`) and the teacher's top-k log-probs at
+    every position, cached on disk."""
+    settings = {"max_new_tokens": max_new_tokens, "topk": topk, "raw": raw,
+                "dtype": dtype_name(lm.dtype), "format": 1}
+    path = cache_dir() / "distill" / f"{lm.model_id}-{_key(lm, texts, settings)}.pt"
+    if path.is_file():
+        blob = torch.load(path, weights_only=True)
+        return [Sample(**s) for s in blob["samples"]]
+    pairs = greedy_responses(lm, texts, max_new_tokens, batch_size, raw, quiet, tag)
     samples = []
-    for i in progress(range(len(prompts)), f"{tag}: teacher log-probs", quiet=quiet):
-        ids = prompts[i] + responses[i]
+    for prompt, response in progress(pairs, f"{tag}: teacher log-probs", quiet=quiet):
+        ids = prompt + response
         _, logits = prefix_pass(lm, ids)
         lp, idx = torch.topk(torch.log_softmax(logits, -1), topk, dim=-1)
-        samples.append(Sample(ids, len(prompts[i]), idx.int().cpu(), lp.half().cpu()))
+        samples.append(Sample(ids, len(prompt), idx.int().cpu(), lp.half().cpu()))
     buf = io.BytesIO()
     torch.save({"settings": settings, "samples": [dataclasses.asdict(s) for s in samples]}, buf)
     write_atomic(path, buf.getvalue())
@@ -185,10 +205,14 @@ def measure_ranks(lm: Loaded, samples: list[Sample], table: torch.Tensor, topk: 
 def measure_acceptance(lm: Loaded, table: torch.Tensor, texts: list[str], topk: int = 10,
                        max_new_tokens: int = 160, min_support: int = 40,
                        quiet: bool = False,
-                       lookup: tuple[int, int] | None = (LOOKUP_NGRAM, LOOKUP_CHAIN)) -> dict:
+                       lookup: tuple[int, int] | None = (LOOKUP_NGRAM, LOOKUP_CHAIN),
+                       cache: SuffixCache | None = None, corpus: dict | None = None) -> dict:
     """Teacher-forced acceptance over the model's own greedy continuations: the rank of
     the true token x_{t+1+i} among prompt token i's top-k at every position, and every
-    estimate the acceptance file holds (:func:`acceptance.estimate`)."""
+    estimate the acceptance file holds (:func:`acceptance.estimate`); with `lookup`,
+    prompt lookup's records, and with `cache` (holding a corpus, `corpus` says which) the
+    cache source's, the prompts answered in order, each answer joining the cache after
+    its own positions are measured."""
     samples = load_samples(lm, texts, max_new_tokens, quiet=quiet, tag="accept data")
     ranks, owner = measure_ranks(lm, samples, table, topk, quiet=quiet, tag="accept")
     est = estimate(ranks.numpy(), topk, owner.numpy(), min_support)
@@ -197,7 +221,24 @@ def measure_acceptance(lm: Loaded, table: torch.Tensor, texts: list[str], topk: 
     if lookup is not None:
         match, won = lookup_offers(samples, *lookup)
         est["lookup"] = lookup_summary(ranks.numpy(), match, won, owner.numpy(), *lookup)
+        if cache is not None:
+            cm, cw, agree = cache_offers(samples, cache, *lookup)
+            est["cache"] = cache_summary(ranks.numpy(), cm, cw, agree, cache.settings(),
+                                         **({"corpus": corpus} if corpus else {}))
     return est
+
+
+def cache_offers(samples: list[Sample], cache: SuffixCache, max_ngram: int, max_tokens: int):
+    """At every measured position, what the cache offers (:func:`sources.cache_along`),
+    in request order: a sample sees the cache and the answers of the samples before it."""
+    out: list[list[int]] = [[], [], []]
+    for s in samples:
+        chains: list = []
+        offers_along(s.ids, s.prompt_len, max_ngram, max_tokens, chains)
+        for acc, got in zip(out, cache_along(cache, s.ids, s.prompt_len, chains)):
+            acc += got
+        cache.add(s.ids[s.prompt_len:])
+    return tuple(np.array(a, dtype=np.int64) for a in out)
 
 
 def lookup_offers(samples: list[Sample], max_ngram: int, max_tokens: int):

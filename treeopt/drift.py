@@ -43,7 +43,8 @@ def drift(tree: Tree, records: dict, measured: dict, predicted: dict | None,
     rec = unpack_records(records)
     rep = replay_batch(tree, rec, lat, steps) if batch > 1 and steps else \
         replay_predict(tree, rec, lat, follow=True)
-    out: dict = {"replayed": rep, "measured_tokens_per_step": measured["tokens_per_step"]}
+    out: dict = {"replayed": rep, "measured_tokens_per_step": measured["tokens_per_step"],
+                 "sources": "ppd,lookup,cache" if "cache_match" in rec else "ppd,lookup"}
     if predicted and predicted.get("tokens_per_step"):
         out["predicted_tokens_per_step"] = predicted["tokens_per_step"]
         out["text"] = round(rep["tokens_per_step"] / predicted["tokens_per_step"] - 1, 4)
@@ -80,7 +81,8 @@ def lines(d: dict | None, run_path, acceptance_src: str | None, profile_src: str
                    f"{d['replayed']['tokens_per_step']:.2f} tokens/step, the acceptance data "
                    f"{acceptance_src} predicts {d['predicted_tokens_per_step']:.2f} "
                    f"({100 * d['text']:+.0f}%) — re-search from this run: `treeopt search"
-                   f"{model_flag} --acceptance {run_path} --sources ppd,lookup`")
+                   f"{model_flag} --acceptance {run_path} --sources "
+                   f"{d.get('sources', 'ppd,lookup')}`")
     worst = max(d["model"].items(), key=lambda kv: abs(kv[1]))
     if abs(worst[1]) > MODEL_WARN:
         out.append(f"model error{at}: measured {100 * worst[1]:+.0f}% against the tree "
@@ -94,29 +96,34 @@ def lines(d: dict | None, run_path, acceptance_src: str | None, profile_src: str
 
 def assess(tree: Tree | None, k: int, model: str, prompts: list[list[int]], results: list,
            measured: dict, predicted: dict | None, profile: dict | None,
-           speed: float | None, **about) -> tuple[dict | None, dict | None]:
-    """A run's acceptance block (the records of its steps, :func:`records.of_run`) and its
-    drifts (None without a tree or a full step)."""
-    block = records.of_run(model, k, prompts, results, tree.lookup if tree else None, **about)
+           speed: float | None, cache: dict | None = None,
+           **about) -> tuple[dict | None, dict | None]:
+    """A run's acceptance block (the records of its steps, :func:`records.of_run`; `cache`:
+    the settings of the decoder's cache source) and its drifts (None without a tree or a
+    full step)."""
+    block = records.of_run(model, k, prompts, results, tree.lookup if tree else None,
+                           cache, **about)
     if block is None or tree is None or not measured.get("steps"):
         return block, None
     return block, drift(tree, block, measured, predicted, profile, speed)
 
 
 def batch_assess(row: dict, tree: Tree | None, k: int, model: str, prompts: list[list[int]],
-                 results: list, lookup, profile: dict | None, speed: float | None) -> None:
+                 results: list, lookup, profile: dict | None, speed: float | None,
+                 cache: dict | None = None) -> None:
     """A batch bench row (one batch size B) gains the records of the chosen
     configuration's steps and, where B ran a tree, the drifts of the steps all B
     sequences shared, against the row's prediction where it has one; `speed` is those
     steps' time over `profile`'s (None: no profile at B)."""
     b = row["batch"]
     parts = records.of_results(prompts, results, k, lookup)  # one pass, read twice
-    block = records.as_block(model, k, parts, lookup, run="bench --batch", batch=b)
+    block = records.as_block(model, k, parts, lookup, cache=cache, run="bench --batch",
+                             batch=b)
     if block:
         row["acceptance"] = block
     m, p = row.get("chosen_full_batch"), row.get("predicted")
     steps: list[int] = []
-    own = records.as_block(model, k, parts, lookup, live=b, steps=steps) \
+    own = records.as_block(model, k, parts, lookup, live=b, steps=steps, cache=cache) \
         if tree and m else None
     if own is None:
         return

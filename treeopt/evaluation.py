@@ -10,6 +10,7 @@ and a one-token forward sum in different orders, so a near-tie can flip the argm
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import statistics
 import time
@@ -24,6 +25,7 @@ from .batch import BatchDecoder, BatchResult, hf_generate_batch, schedule_of
 from .drift import batch_assess
 from .progress import progress
 from .runtime import Decoder, Result, full_steps
+from .sources import SuffixCache
 from .search.batch import flat_step
 from .search.exact import predict
 from .search.hybrid import replay_predict
@@ -84,23 +86,32 @@ def speed_vs_profile(runs: list[tuple[int, Result]], profile: dict) -> float | N
     return measured / predicted if predicted > 0 else None
 
 
+def alone_tree(tree: Tree) -> Tree:
+    """What a bench sets a hybrid tree beside: without the cache where it has one (PPD +
+    lookup), else its PPD part."""
+    if tree.cache is not None:
+        return dataclasses.replace(tree, cache=None, by_batch={})
+    return tree.ppd_part()
+
+
 def run_bench(dec: Decoder, encoded: list[list[int]], max_new_tokens: int, dtype: str,
               plain: bool = True, quiet: bool = False,
               hf_lookup: int | None = None) -> tuple[dict, list]:
     """PPD, HF generate and (optionally) the plain loop, interleaved per prompt — and, for
-    a hybrid tree, the same tree without prompt lookup ("PPD alone") and, with
+    a hybrid tree, the same tree without its last chain source (:func:`alone_tree`: "PPD
+    alone", or PPD + lookup for a tree with the cache) and, with
     `hf_lookup` = k, HF's prompt-lookup decoding: the figures, and the PPD runs as
     (prompt length, Result) pairs."""
     tol = MARGIN_TOLERANCE.get(dtype, 0.0)
     alone = None
-    if dec.tree.lookup is not None:
-        alone = Decoder(dec.lm, dec.prompt_tokens, dataclasses.replace(dec.tree, lookup=None))
+    if dec.tree.has_chains:
+        alone = Decoder(dec.lm, dec.prompt_tokens, alone_tree(dec.tree))
     extra: dict[str, list] = {"ppd_alone": [], "hf_lookup": []}
-    # burn-in: first calls pay for allocator warm-up and lazy init
-    dec.ppd(encoded[0], 8)
+    # burn-in: first calls pay for allocator warm-up and lazy init (nothing joins the cache)
+    dec.ppd(encoded[0], 8, learn=False)
     dec.hf_generate(encoded[0], 8)
     if alone is not None:
-        alone.ppd(encoded[0], 8)
+        alone.ppd(encoded[0], 8, learn=False)
     if hf_lookup:
         dec.hf_generate(encoded[0], 8, prompt_lookup=hf_lookup)
     per_prompt, ppd_runs, base_runs = [], [], []
@@ -162,6 +173,9 @@ def run_bench(dec: Decoder, encoded: list[list[int]], max_new_tokens: int, dtype
         "margin_tolerance": tol,
         "step_overhead_fraction": round((step - fwd) / fwd, 4) if fwd else None,
         "decode": decode_phase(ppd_runs),
+        # asking the chain sources (lookup, cache) against the steps' time
+        "propose_fraction": round(sum(r.propose_seconds for _, r in ppd_runs) / max(
+            1e-12, sum(sum(r.step_seconds) for _, r in ppd_runs)), 6),
         "per_prompt": per_prompt,
     }
     for name, runs in extra.items():
@@ -170,6 +184,7 @@ def run_bench(dec: Decoder, encoded: list[list[int]], max_new_tokens: int, dtype
             out[f"{name}_tokens_per_second"] = round(tok / sec, 3)
             out[f"speedup_vs_{name}"] = round((ppd_tok / ppd_sec) / (tok / sec), 4)
             if name == "ppd_alone":
+                out["ppd_alone_is"] = "ppd+lookup" if alone.tree.lookup else "ppd"
                 out["ppd_alone_tokens_per_step"] = round(tok / sum(r.steps for _, r in runs), 4)
                 out["ppd_alone_decode"] = decode_phase(runs)
     if plain:
@@ -192,7 +207,7 @@ def predicted_vs_measured(tree: Tree, res: dict, profile: dict | None, profile_s
         return None
     lat = Latency(profile)
     ctx = dec_m["context"]
-    rec = unpack_records(acceptance) if tree.lookup is not None else None
+    rec = unpack_records(acceptance) if tree.has_chains else None
     if rec is not None:  # hybrid: replayed over the acceptance file's measured positions
         pred = replay_predict(tree, rec, lambda L: lat(L, ctx))
     else:
@@ -205,7 +220,8 @@ def predicted_vs_measured(tree: Tree, res: dict, profile: dict | None, profile_s
            "step_seconds": round(pred["step_seconds"], 6),
            "tokens_per_second": round(pred["tokens_per_second"], 3),
            "error": {k: round(pred[k] / dec_m[k] - 1, 4)
-                     for k in ("tokens_per_step", "step_seconds", "tokens_per_second")}}
+                     for k in ("tokens_per_step", "step_seconds", "tokens_per_second")},
+           **({"shares": pred["shares"]} if "shares" in pred else {})}
     if speed:
         out["speed_vs_profile"] = round(speed, 4)
         out["tokens_per_second_at_run_speed"] = round(pred["tokens_per_second"] / speed, 3)
@@ -224,7 +240,7 @@ def check_trees(dec: Decoder, trees: dict[str, Tree], obj: dict, texts: list[str
     rec = unpack_records(obj)
     rows = []
     for name, tree in trees.items():
-        method = "replay" if tree.lookup is not None and rec is not None else "stationary"
+        method = "replay" if tree.has_chains and rec is not None else "stationary"
         if method == "replay":
             pred_p = pred_f = replay_predict(tree, rec, flat_step)["tokens_per_step"]
         else:
@@ -271,7 +287,8 @@ def _full_speed(runs: list[BatchResult], b: int, profile: dict) -> float | None:
 
 def batch_bench(lm, prompt_tokens, tree: Tree | None, encoded: list[list[int]],
                 batch_sizes: list[int], max_new_tokens: int, profile: dict | None = None,
-                quiet: bool = False, acceptance: dict | None = None) -> list[dict]:
+                quiet: bool = False, acceptance: dict | None = None,
+                cache: SuffixCache | None = None) -> list[dict]:
     """Per batch size B, one configuration after the other over the same prompts: the
     chosen configuration (the tree's per-batch table) and the plain batched loop of the
     same runtime, each with at most B sequences live and a waiting prompt joining as one
@@ -281,20 +298,30 @@ def batch_bench(lm, prompt_tokens, tree: Tree | None, encoded: list[list[int]],
     were live — what the search predicts, read here from the profile at the cache length
     of each of those steps (at B = 1 a hybrid tree's own per-step inputs, replayed over the
     acceptance file's positions as the search does). Each row keeps the records of the
-    chosen configuration's steps and their drifts (:func:`treeopt.drift.batch_assess`)."""
-    chosen = BatchDecoder(lm, prompt_tokens, schedule_of(tree))
+    chosen configuration's steps and their drifts (:func:`treeopt.drift.batch_assess`).
+    With a cache source, the chosen configuration and the B = 1 runs each start every
+    batch size from their own copy of it, which learns their outputs in request order."""
+    def fresh() -> tuple[BatchDecoder, Decoder]:
+        chosen = BatchDecoder(lm, prompt_tokens, schedule_of(tree), copy.deepcopy(cache))
+        one = chosen.pick(1)
+        return chosen, Decoder(lm, prompt_tokens, one.tree, copy.deepcopy(cache)) \
+            if one.tree is not None else one
+    chosen, single = fresh()
     plain = BatchDecoder(lm, None, {1: None})
-    single = chosen.pick(1)
-    solo = single.ppd if single.tree is not None else single.baseline
-    for run in (lambda: chosen.generate(encoded[:2], 8), lambda: plain.generate(encoded[:2], 8),
-                lambda: hf_generate_batch(single, encoded[:2], 8), lambda: solo(encoded[0], 8)):
-        run()  # burn-in: allocator warm-up and lazy init
+    for run in (lambda: chosen.generate(encoded[:2], 8, learn=False),
+                lambda: plain.generate(encoded[:2], 8),
+                lambda: hf_generate_batch(single, encoded[:2], 8),
+                lambda: single.ppd(encoded[0], 8, learn=False) if single.tree is not None
+                else single.baseline(encoded[0], 8)):
+        run()  # burn-in: allocator warm-up and lazy init (nothing joins the cache)
     predicted = {r["batch"]: r for r in ((tree.meta or {}).get("batch") or [])} if tree else {}
     one = single.tree  # B = 1: a hybrid tree is predicted by replay, as the search does
     rec = unpack_records(acceptance) if acceptance and one is not None and \
-        one.lookup is not None else None
+        one.has_chains else None
     rows = []
     for b in batch_sizes:
+        chosen, single = fresh() if cache is not None else (chosen, single)
+        solo = single.ppd if single.tree is not None else single.baseline
         runs: dict[str, list] = {"chosen": [], "plain": [], "hf": [], "single": []}
         chunks = [encoded[i:i + 2 * b] for i in range(0, len(encoded), 2 * b)]
         for chunk in progress(chunks, f"batch {b}", quiet=quiet):  # interleaved per chunk
@@ -351,6 +378,7 @@ def batch_bench(lm, prompt_tokens, tree: Tree | None, encoded: list[list[int]],
         batch_assess(row, chosen.pick(b).tree, prompt_tokens.num if prompt_tokens else 0,
                      lm.model_id, [ids for c in chunks for ids in c],
                      [r for br in runs["chosen"] for r in br.results], chosen.lookup,
-                     profile if speed else None, speed)
+                     profile if speed else None, speed,
+                     cache.settings() if cache is not None else None)
         rows.append(row)
     return rows

@@ -11,7 +11,6 @@ cannot express; :func:`load_tree` reads any of the three (format detected).
 """
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 
 from .artefact import finite, read_json_any
@@ -47,9 +46,10 @@ def constraints(tree: Tree, fmt: str) -> list[str]:
         raise BadInput(f"unknown tree format {fmt!r} (known: {', '.join(FORMATS)})")
     if tree.rank_width > ENGINE_TOPK:
         out.append(f"rank {tree.rank_width - 1} ≥ the engine's top-{ENGINE_TOPK}")
-    if tree.lookup is not None:
-        out.append(f"prompt-lookup chains ({len(tree.lookup.policy)} (state, match) entries): "
-                   f"{fmt} has no lookup; dropped")
+    for name, chain in (("prompt-lookup", tree.lookup), ("cache", tree.cache)):
+        if chain is not None:
+            out.append(f"{name} chains ({len(chain.policy)} (state, match) entries): "
+                       f"{fmt} has no such source; dropped")
     return out
 
 
@@ -160,7 +160,7 @@ def _export(fmt: str, tree: Tree, found: dict, lat: LatencyFn, max_input: int,
     acc, pp = found["acc"], found["path_prob"]
     k = tree.num_prompt_tokens
     reasons = constraints(tree, fmt)
-    ppd_part = dataclasses.replace(tree, lookup=None, by_batch={})
+    ppd_part = tree.ppd_part()
     out_tree = ppd_part
     if constraints(ppd_part, fmt) and fmt == "medusa":
         out_tree = optimise_static(acc, lat, k, max_input, pp, width_cap=ENGINE_TOPK).tree
@@ -173,7 +173,7 @@ def _export(fmt: str, tree: Tree, found: dict, lat: LatencyFn, max_input: int,
     if reasons:
         out["not_expressible"] = reasons
         out["chosen_tree_predicted"] = {**hybrid, "input_length": tree.max_input_length} \
-            if tree.lookup is not None and hybrid else figures(predict(tree, acc, lat, pp), tree)
+            if tree.has_chains and hybrid else figures(predict(tree, acc, lat, pp), tree)
     return out
 
 

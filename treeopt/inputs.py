@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
+from . import corpus as corpora
 from . import latency, paths, pooled
 from .device import device_slug
 from .errors import BadInput
@@ -35,6 +36,9 @@ class Inputs:
     tree_src: str | None = None
     prompt_tokens: pathlib.Path | None = None
     prompt_tokens_src: str | None = None
+    corpus: dict | None = None  # the cache source's corpus (treeopt.corpus/1) and documents
+    corpus_docs: list[list[int]] = dataclasses.field(default_factory=list, repr=False)
+    corpus_src: str | None = None
 
     def paths(self) -> list[pathlib.Path]:
         """Every input file (an --out must be none of them)."""
@@ -90,13 +94,15 @@ def resolve_inputs(model: str | None = None, profile: str | None = None,
                    acceptance: str | list[str] | None = None, tree: str | None = None,
                    prompt_tokens: str | None = None, device: str = "auto", dtype: str = "auto",
                    need: tuple[str, ...] = (), want: tuple[str, ...] = (),
-                   simulate: bool = False, batch: list[int] | None = None) -> Inputs:
+                   simulate: bool = False, batch: list[int] | None = None,
+                   corpus: str | None = None) -> Inputs:
     """Find and load what a verb needs. `need` names what must be found ("profile",
     "acceptance"; an error when missing), `want` what to look for (None when there is
     none; "tree" is only ever wanted); `simulate` allows a simulated GPU profile for a known model
     without a measured one (at the `batch` sizes too). Given files must belong to the
     model. Several acceptance sources (files, run JSONs) are pooled
-    (:func:`treeopt.pooled.load`)."""
+    (:func:`treeopt.pooled.load`). The corpus (where "corpus" is wanted or one is given;
+    "none": no corpus) is read and checked here, its tokenizer when the model loads."""
     acceptance = [acceptance] if isinstance(acceptance, str) else list(acceptance or [])
     given = {"acceptance": pooled.load(acceptance) if acceptance else None,
              "profile": latency.load(profile) if profile else None}
@@ -123,6 +129,13 @@ def resolve_inputs(model: str | None = None, profile: str | None = None,
         p = paths.lookup(paths.prompt_tokens_name(mid))
         if p is not None:
             out.prompt_tokens, out.prompt_tokens_src = p, paths.display_path(p)
+    if "corpus" in want or corpus:
+        path = None if corpus == "none" else \
+            pathlib.Path(corpus) if corpus else paths.lookup(paths.corpus_name(mid))
+        if path is not None:
+            out.corpus, out.corpus_docs = corpora.read(path)
+            _same_model("corpus", out.corpus, path, mid, bool(corpus))
+            out.corpus_src = paths.display_path(path)
     if "acceptance" in need + want or acceptance:
         found = [pathlib.Path(a) for a in acceptance] or find_acceptance(mid, out.tree)
         if found:

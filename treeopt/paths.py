@@ -118,6 +118,10 @@ def acceptance_name(model_id: str) -> str:
     return f"{name_part(model_id)}.acceptance.json"
 
 
+def corpus_name(model_id: str) -> str:
+    return f"{name_part(model_id)}.corpus.json"
+
+
 def tree_name(device_id: str, model_id: str) -> str:
     return f"{slug(device_id)}__{name_part(model_id)}.tree.json"
 

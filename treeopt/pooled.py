@@ -9,20 +9,24 @@ from __future__ import annotations
 import numpy as np
 
 from . import runs
-from .acceptance import (RECORD_TOPK, SCHEMA, estimate, lookup_summary, pack, unpack_records,
-                         validate)
+from .acceptance import (RECORD_TOPK, SCHEMA, cache_summary, estimate, lookup_summary, pack,
+                         unpack_records, validate)
 from .artefact import read_json
 from .bounds import count
 from .errors import BadInput
 from .sources import LOOKUP_CHAIN, LOOKUP_NGRAM
 
+CACHE_KEYS = ("cache_match", "cache_won", "agree")  # the cache source's records
+
 
 def as_acceptance(model: str, k: int, parts: list[dict], stepwise: list[bool],
-                  ngram: int = LOOKUP_NGRAM, chain: int = LOOKUP_CHAIN, **about) -> dict | None:
+                  ngram: int = LOOKUP_NGRAM, chain: int = LOOKUP_CHAIN,
+                  cache: dict | None = None, **about) -> dict | None:
     """An acceptance object (schema ``treeopt.acceptance/1``) from per-sequence records:
     the marginals and fits :func:`treeopt.acceptance.estimate` makes, and the records
     themselves for the hybrid replay; `about` says what made them (run, prompt file,
-    tree). None when no full step was recorded."""
+    tree). The cache source's records are kept where `cache` (its settings) is given and
+    every part has them. None when no full step was recorded."""
     keep = [(p, s) for p, s in zip(parts, stepwise) if len(p["match"])]
     if not keep:
         return None
@@ -33,10 +37,14 @@ def as_acceptance(model: str, k: int, parts: list[dict], stepwise: list[bool],
     lk = lookup_summary(cat["ranks"], cat["match"], cat["won"], owner, ngram, chain)
     lk["records"]["stepwise"] = [bool(s) for _, s in keep]
     lk["records"]["state"] = pack(cat["state"])
+    ck = {}
+    if cache and all("cache_match" in p for p, _ in keep):
+        ck = {"cache": cache_summary(cat["ranks"], *(np.concatenate([p[key] for p, _ in keep])
+                                                     for key in CACHE_KEYS), cache)}
     return {"schema": SCHEMA, "model": model, "source": "run", **about,
             "num_prompt_tokens": k, "topk": RECORD_TOPK, **est,
             "mean_context": int(round(float(cat["context"].mean()))),
-            "prompts": len(keep), "lookup": lk}
+            "prompts": len(keep), "lookup": lk, **ck}
 
 
 def pool(objs: list[dict], names: list[str]) -> dict:
@@ -66,6 +74,7 @@ def pool(objs: list[dict], names: list[str]) -> dict:
                 raise BadInput(f"cannot pool {name} with {name0}: {what} {a} vs {b}")
     count(sum(sum(r["lengths"]) for r in recs), "records", f"{len(objs)} pooled sources")
     chain = min(r["max_tokens"] for r in recs)
+    cache = _pooled_cache(objs, recs)
     parts, stepwise = [], []
     for obj, rec in zip(objs, recs):
         ctx = obj.get("mean_context") or 0
@@ -75,9 +84,27 @@ def pool(objs: list[dict], names: list[str]) -> dict:
             parts.append({"ranks": rec["ranks"][sl], "match": rec["match"][sl],
                           "won": np.minimum(rec["won"][sl], chain), "state": rec["state"][sl],
                           "context": np.full(n, ctx)})
+            if cache:
+                parts[-1].update({key: np.minimum(rec[key][sl], cache["max_tokens"])
+                                  if key != "cache_match" else rec[key][sl]
+                                  for key in CACHE_KEYS})
             stepwise.append(rec["stepwise"][i])
     return as_acceptance(first["model"], first["num_prompt_tokens"], parts, stepwise,
-                         recs[0]["max_ngram"], chain, source="pooled", pooled=names)
+                         recs[0]["max_ngram"], chain, cache, source="pooled", pooled=names)
+
+
+def _pooled_cache(objs: list[dict], recs: list[dict]) -> dict | None:
+    """The cache settings of a pool: kept where every source has cache records with the
+    same n-grams (chains cut to the shortest); else the pool has none."""
+    if not all("cache_match" in r for r in recs):
+        return None
+    settings = [o["cache"] for o in objs]
+    if len({(s["min_ngram"], s["max_ngram"]) if "min_ngram" in s else None
+            for s in settings}) != 1:
+        return None
+    keys = ("min_ngram", "max_ngram", "sample", "cap")
+    return {**{k: settings[0][k] for k in keys if k in settings[0]},
+            "max_tokens": min(s["max_tokens"] for s in settings)}
 
 
 def load(paths: list) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import zlib
 
 from .artefact import note_input
@@ -13,6 +14,7 @@ from .errors import BadInput
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
 # --prompts NAME: the shipped sets (source and license in treeopt/data/README.md)
+SLICE = re.compile(r"^(?P<name>.+?)(?P<bracket>\[(?P<start>\d*):(?P<stop>\d*)\])?$")
 SETS = {"mt-bench": "mt-bench.jsonl", "vicuna-bench": "vicuna-bench.jsonl",
         "alpaca-seed": "alpaca-seed.jsonl", "gsm8k-train": "gsm8k-train.jsonl.gz",
         "input-grounded": "input-grounded.jsonl"}
@@ -46,32 +48,58 @@ def prompt_text(row: dict, where: str) -> str:
     raise BadInput(f"{where}: no prompt field (one of {', '.join(FIELDS)})")
 
 
+def jsonl_rows(text: str, where: str) -> list[tuple[int, dict]]:
+    """(line number, object) of every non-empty line of a JSONL text."""
+    rows = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise BadInput(f"{where} line {i}: malformed JSON") from e
+        if not isinstance(row, dict):
+            raise BadInput(f"{where} line {i}: expected a JSON object")
+        rows.append((i, row))
+    return rows
+
+
+def split_slice(spec: str) -> tuple[str, int, int | None]:
+    """NAME[START:STOP] → (name, start, stop): rows START..STOP − 1 of a set or file; a
+    name without brackets (or a file that exists under the full name) is all of it."""
+    m = SLICE.match(spec)
+    if m is None or not m["bracket"] or pathlib.Path(spec).is_file():
+        return spec, 0, None
+    start, stop = int(m["start"] or 0), int(m["stop"]) if m["stop"] else None
+    if stop is not None and stop <= start:
+        raise BadInput(f"--prompts {spec}: empty slice")
+    return m["name"], start, stop
+
+
 def load(path: str | None, limit: int | None = None, offset: int = 0,
          stride: int = 1) -> list[str]:
     """Prompts from a JSONL file (or the built-in set when path is None): rows offset,
     offset + stride, offset + 2·stride, ... (at most `limit` of them). A stride spreads a
-    small sample over a file whose rows are grouped by category, as MT-Bench's are."""
+    small sample over a file whose rows are grouped by category, as MT-Bench's are.
+    `path` may name a slice, NAME[START:STOP] (:func:`split_slice`): rows START..STOP − 1
+    first, then offset, stride and limit within them."""
     if limit is not None and limit < 1:
         raise BadInput(f"--limit must be ≥ 1, got {limit}")
     if stride < 1:
         raise BadInput(f"--stride must be ≥ 1, got {stride}")
     if offset < 0:
         raise BadInput(f"--offset must be ≥ 0, got {offset}")
+    start, stop = 0, None
+    if path is not None:
+        path, start, stop = split_slice(path)
     if path is None:
         rows, where = list(BUILTIN), "the built-in prompt set"
     else:
         p = resolve(path)
-        rows, where = [], f"prompt file {p}"
-        for i, line in enumerate(read_text(p).splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as e:
-                raise BadInput(f"prompt file {p} line {i}: malformed JSON") from e
-            if not isinstance(row, dict):
-                raise BadInput(f"prompt file {p} line {i}: expected a JSON object")
-            rows.append(prompt_text(row, f"prompt file {p} line {i}"))
+        where = f"prompt file {p}"
+        rows = [prompt_text(row, f"{where} line {i}")
+                for i, row in jsonl_rows(read_text(p), where)]
+    rows = rows[start:stop]
     out = rows[offset::stride][:limit]
     if not out:
         raise BadInput(f"{where}: no prompts at --offset {offset} (it has {len(rows)})")
@@ -82,13 +110,16 @@ def family_name(name: str | None) -> str:
     """A prompt set's short name: the shipped set's name, a file's stem, or "built-in"."""
     if name is None:
         return "built-in"
+    name = split_slice(name)[0]
     if name in SETS:
         return name
     return pathlib.Path(name).name.removesuffix(".gz").removesuffix(".jsonl")
 
 
 def resolve(name: str) -> pathlib.Path:
-    """A shipped set's file for its name, else the path itself (which must exist)."""
+    """A shipped set's file for its name, else the path itself (which must exist); a
+    slice's (:func:`split_slice`) likewise."""
+    name = split_slice(name)[0]
     if name in SETS:
         return DATA / SETS[name]
     p = pathlib.Path(name)

@@ -10,7 +10,10 @@ d guessed x_{t+1+d}. Its record is the row `accept` measures at insertion point 
   not among them; −1: the step had no such row, or the text ends before);
 - match, won: prompt lookup's match length over the text up to the root and how many of
   its proposed tokens the text took (:func:`treeopt.sources.offers_along`);
-- state: the tree state the step ran in (the number of guess rows it used).
+- state: the tree state the step ran in (the number of guess rows it used);
+- cache_match, cache_won, agree (where the decoder had a cache source): the cache's
+  offer as the step saw it — its match length, how many of its tokens the text took, and
+  how many it shared with lookup's chain (:func:`treeopt.sources.cache_along`).
 
 Only full steps are recorded (:func:`treeopt.runtime.full_steps`): the others were cut by
 EOS or max_new_tokens. A run's records are *stepwise*, one record a step in order, where
@@ -26,7 +29,7 @@ import torch
 from .acceptance import RECORD_TOPK
 from .pooled import as_acceptance
 from .runtime import Result, full_steps
-from .sources import LOOKUP_CHAIN, LOOKUP_NGRAM, offers_along
+from .sources import LOOKUP_CHAIN, LOOKUP_NGRAM, offers_along, run_length
 
 
 def of_result(prompt: list[int], res: Result, k: int, ngram: int = LOOKUP_NGRAM,
@@ -36,7 +39,8 @@ def of_result(prompt: list[int], res: Result, k: int, ngram: int = LOOKUP_NGRAM,
     (the batched step's id; −1 unbatched)."""
     ids = list(prompt) + res.output_ids
     start = len(prompt) - 1  # offers_along's first position
-    match, won = offers_along(ids, len(prompt), ngram, chain)
+    chains: list = []
+    match, won = offers_along(ids, len(prompt), ngram, chain, chains)
     steps = res.offers[:full_steps(res)]
     out = {key: np.zeros(len(steps), dtype=np.int64)
            for key in ("match", "won", "state", "context", "live", "step")}
@@ -54,6 +58,13 @@ def of_result(prompt: list[int], res: Result, k: int, ngram: int = LOOKUP_NGRAM,
                 tok = ids[t + 2 + d]
                 out["ranks"][i, d] = top.index(tok) if tok in top else RECORD_TOPK
         tops = tops[m:]
+    if len(res.cache_offers) >= len(steps):
+        cm, cw, agree = (np.zeros(len(steps), dtype=np.int64) for _ in range(3))
+        for i, ((emitted, *_), (n, proposed)) in enumerate(zip(steps, res.cache_offers)):
+            t = len(prompt) + emitted - 2
+            cm[i], agree[i] = n, run_length(proposed, chains[t - start])
+            cw[i] = run_length(proposed, ids[t + 2:t + 2 + len(proposed)])
+        out.update(cache_match=cm, cache_won=cw, agree=agree)
     return out
 
 
@@ -66,10 +77,11 @@ def settings(lookup) -> tuple[int, int]:
 
 
 def of_run(model: str, k: int, prompts: list[list[int]], results: list[Result], lookup=None,
-           **about) -> dict | None:
+           cache: dict | None = None, **about) -> dict | None:
     """The acceptance object of a run's decodes (one per prompt); `lookup` is the run's
-    tree's."""
-    return as_block(model, k, of_results(prompts, results, k, lookup), lookup, **about)
+    tree's, `cache` its cache source's settings."""
+    return as_block(model, k, of_results(prompts, results, k, lookup), lookup, cache=cache,
+                    **about)
 
 
 def of_results(prompts: list[list[int]], results: list[Result], k: int, lookup=None
@@ -80,12 +92,14 @@ def of_results(prompts: list[list[int]], results: list[Result], k: int, lookup=N
 
 
 def as_block(model: str, k: int, parts: list[dict], lookup=None, live: int | None = None,
-             steps: list | None = None, **about) -> dict | None:
+             steps: list | None = None, cache: dict | None = None, **about) -> dict | None:
     """The acceptance object of a run's records (with `live`, only the steps with that
     many sequences in the batch). `steps`, where given, receives each record's
-    batched-step id, in the records' order."""
+    batched-step id, in the records' order; `cache`: the settings of the run's cache
+    source (its records are kept where every decode has them)."""
     if live is not None:
         parts = [{key: v[p["live"] == live] for key, v in p.items()} for p in parts]
     if steps is not None:
         steps += [int(x) for p in parts for x in p["step"]]
-    return as_acceptance(model, k, parts, [True] * len(parts), *settings(lookup), **about)
+    return as_acceptance(model, k, parts, [True] * len(parts), *settings(lookup),
+                         cache=cache, **about)

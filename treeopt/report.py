@@ -370,8 +370,9 @@ def families_section(accs: list[dict], run: dict | None) -> str:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.5, 3.4))
         x = np.arange(len(rows))
         bars = [("hybrid", [r["speedup_vs_hf"] for r in rows])]
+        alone = "PPD + lookup" if rows[0].get("ppd_alone_is") == "ppd+lookup" else "PPD alone"
         if all("ppd_alone_tokens_per_second" in r for r in rows):
-            bars.append(("PPD alone", [r["ppd_alone_tokens_per_second"]
+            bars.append((alone, [r["ppd_alone_tokens_per_second"]
                                        / r["hf_tokens_per_second"] for r in rows]))
         if all("hf_lookup_tokens_per_second" in r for r in rows):
             bars.append((f"HF prompt lookup (k={run.get('hf_lookup')})",
@@ -386,7 +387,7 @@ def families_section(accs: list[dict], run: dict | None) -> str:
         a1.legend(fontsize=7)
         a2.bar(x - 0.2, [r["tokens_per_step"] for r in rows], 0.4, label="hybrid")
         a2.bar(x + 0.2, [r.get("ppd_alone_tokens_per_step", np.nan) for r in rows], 0.4,
-               label="PPD alone")
+               label=alone)
         pred = [(i, r["predicted"]["tokens_per_step"]) for i, r in enumerate(rows)
                 if r.get("predicted")]
         if pred:
@@ -399,10 +400,15 @@ def families_section(accs: list[dict], run: dict | None) -> str:
 
         def cell(r, key, fmt="{:.2f}x"):
             return fmt.format(r[key]) if key in r else "—"
+
+        def shares(r):  # each source's share of the tokens won beyond the root's
+            s = ((r.get("drift") or {}).get("replayed") or {}).get("shares")
+            return " / ".join(f"{100 * s[k]:.0f}%" for k in ("ppd", "lookup", "cache")) \
+                if s else "—"
         parts.append("<h3>Bench per prompt family</h3>" + _table(
-            ["family", "prompts", "tok/step", "PPD alone tok/step", "tok/s", "HF tok/s",
-             "HF lookup tok/s", "vs HF", "vs PPD alone", "vs HF lookup", "identical",
-             "unexplained", "predicted tok/step"],
+            ["family", "prompts", "tok/step", f"{alone} tok/step", "tok/s", "HF tok/s",
+             "HF lookup tok/s", "vs HF", f"vs {alone}", "vs HF lookup", "identical",
+             "unexplained", "predicted tok/step", "tokens won: guesses / lookup / cache"],
             [[r["family"], r["prompts"], r["tokens_per_step"],
               r.get("ppd_alone_tokens_per_step", "—"), r["tokens_per_second"],
               r["hf_tokens_per_second"], r.get("hf_lookup_tokens_per_second", "—"),
@@ -411,7 +417,7 @@ def families_section(accs: list[dict], run: dict | None) -> str:
               r["unexplained_divergences"],
               (f"{r['predicted']['tokens_per_step']} "
                f"({100 * r['predicted']['error']['tokens_per_step']:+.1f}%)")
-              if r.get("predicted") else "—"] for r in rows]))
+              if r.get("predicted") else "—", shares(r)] for r in rows]))
     return ("<section id='families'><h2>Prompt families</h2>" + "".join(parts)
             + "</section>")
 

@@ -33,13 +33,14 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
+from . import corpus as corpora
 from . import prompts
 from .acceptance import RECORD_TOPK
 from .device import sync
 from .errors import BadInput
 from .models import Loaded, dtype_name, load, upcast
 from .prompt_tokens import PromptTokens
-from .sources import PromptLookup
+from .sources import CACHE_TOKENS, Proposals, SuffixCache
 from .tree import Node, StateBuffers, Tree, build_buffers
 
 OnTokens = Callable[[list[int]], None]
@@ -140,6 +141,9 @@ class Result:
     lengths: list[int] = dataclasses.field(default_factory=list)  # input length per step
     finish_reason: str = "length"
     offers: list[tuple] = dataclasses.field(default_factory=list, repr=False)
+    # the cache source's offer (n, chain) at each step, where the decoder had a cache
+    cache_offers: list[tuple] = dataclasses.field(default_factory=list, repr=False)
+    propose_seconds: float = 0.0  # time spent asking the chain sources (lookup, cache)
 
     @property
     def new_tokens(self) -> int:
@@ -180,9 +184,9 @@ def step_inputs(embed, table: torch.Tensor, x0: torch.Tensor, pool: torch.Tensor
 
 def merge_lookup(children: dict[tuple, list[tuple]], token_of: dict[tuple, int],
                  chain: list[int]) -> tuple[tuple, list[int]]:
-    """Merge a lookup chain into a tree as a trie: walk it down from the root while each
-    proposed token equals a child's guess; returns (the tree path the chain coincides with
-    so far, the rest of the chain, which becomes new nodes under that path)."""
+    """Merge a chain into a tree as a trie: walk it down from the root while each proposed
+    token equals a child's token; returns (the path the chain coincides with so far, the
+    rest of the chain, which becomes new nodes under that path)."""
     path: tuple = ()
     for i, t in enumerate(chain):
         nxt = next((c for c in children.get(path, ()) if token_of[c] == t), None)
@@ -260,8 +264,9 @@ class Decoder:
     """Owns a loaded model, its prompt tokens and a tree's precomputed buffers."""
 
     def __init__(self, loaded: Loaded, prompt_tokens: PromptTokens | None = None,
-                 tree: Tree | None = None):
+                 tree: Tree | None = None, cache: SuffixCache | None = None):
         self.lm = loaded
+        self.cache_source = cache  # the model's earlier text; each PPD decode's output joins it
         self.model = loaded.model
         self.device, self.dtype = loaded.device, loaded.dtype
         self.embed = self.model.get_input_embeddings()
@@ -287,7 +292,7 @@ class Decoder:
         self.check_length(tree.max_input_length)
         self.table = prompt_tokens.to(self.device, self.dtype)
         self.buffers = tree.buffers(self.device)
-        if tree.lookup is not None:  # state 0: no guess rows (a q = 0 lookup node won)
+        if tree.has_chains:  # state 0: no guess rows (a q = 0 chain node won)
             self.buffers[0] = build_buffers((), tree.root_prompt_tokens, 0, tree.rank_width,
                                             self.device)
         self.children = {m: {} for m in [0, *tree.states]}
@@ -296,45 +301,83 @@ class Decoder:
                 self.children[m].setdefault(nd.path[:-1], []).append(nd.path)
         self._hybrid: dict[tuple, tuple[StateBuffers, torch.Tensor]] = {}
 
-    def hybrid_buffers(self, m: int, under: tuple, new: int, q: int):
-        """State m's tree with a chain of `new` lookup nodes (q prompt tokens each) under
-        the tree path `under` (cached per shape). Lookup nodes have paths under + (−1, …);
-        returns the buffers and each node's index into the candidate pool."""
-        key = (m, under, new, q)
+    def hybrid_buffers(self, m: int, shape: tuple):
+        """State m's tree with chain nodes (cached per shape): shape holds, per chain in
+        order, (the path it hangs under, its number of new nodes, their prompt tokens q).
+        Chain i's nodes have paths under + (−(i + 1), …); returns the buffers and each
+        node's index into the candidate pool (m guess rows of `width`, then each chain's
+        new tokens)."""
+        key = (m, shape)
         if key not in self._hybrid:
             width = self.tree.rank_width
-            nodes = sorted(list(self.tree.states.get(m, [])) +
-                           [Node(under + (-1,) * i, q) for i in range(1, new + 1)],
-                           key=lambda nd: (len(nd.path), nd.path))
+            nodes = list(self.tree.states.get(m, []))
+            src = {nd.path: (len(nd.path) - 1) * width + nd.path[-1] for nd in nodes}
+            offset = m * width
+            for i, (under, new, q) in enumerate(shape):
+                for j in range(1, new + 1):
+                    nodes.append(Node(under + (-(i + 1),) * j, q))
+                    src[nodes[-1].path] = offset + j - 1
+                offset += new
+            nodes.sort(key=lambda nd: (len(nd.path), nd.path))
             buf = build_buffers(tuple(nodes), self.tree.root_prompt_tokens, m, width,
                                 self.device)
-            src = [m * width + len(nd.path) - len(under) - 1 if nd.path[-1] < 0 else
-                   (len(nd.path) - 1) * width + nd.path[-1] for nd in nodes]
-            self._hybrid[key] = buf, torch.tensor(src, dtype=torch.long, device=self.device)
+            self._hybrid[key] = buf, torch.tensor([src[nd.path] for nd in nodes],
+                                                  dtype=torch.long, device=self.device)
         return self._hybrid[key]
 
-    def step_plan(self, m: int, guesses: torch.Tensor, look: PromptLookup | None):
+    def step_plan(self, m: int, guesses: torch.Tensor, offers: list | None):
         """This step's buffers, candidate pool and node sources: state m's tree, plus the
-        lookup chain merged in where the policy offers one for (m, match length)."""
+        chains the policies offer for (m, match length) — prompt lookup's, then the
+        cache's — merged in as a trie (a proposed token equal to a node's token at the
+        same place is that node). A chain whose entry says keep = 0 drops the guess
+        nodes."""
         buf = self.buffers[m]
         pool = guesses.flatten()
-        if look is None:
-            return buf, pool, buf.node_src, 0
-        n, chain = look.offer()
-        c, q, keep = self.tree.lookup.policy.get((m, n), (0, 1, 1))
-        if not c or not chain:
-            return buf, pool, buf.node_src, n
-        chain = chain[:c]
-        if not keep:  # the chain alone: no guess nodes this step
-            hbuf, src = self.hybrid_buffers(0, (), len(chain), q)
-            return hbuf, torch.tensor(chain, device=pool.device), src, n
-        nodes = self.tree.states.get(m, [])
-        token_of = dict(zip((nd.path for nd in nodes), pool[buf.node_src].tolist()))
-        under, rest = merge_lookup(self.children[m], token_of, chain)
-        if not rest:  # the whole chain is already in the tree
-            return buf, pool, buf.node_src, n
-        hbuf, src = self.hybrid_buffers(m, under, len(rest), q)
-        return hbuf, torch.cat([pool, torch.tensor(rest, device=pool.device)]), src, n
+        chains, keep = [], 1
+        for policy, (n, chain) in zip(self.tree.chains, offers or ()):
+            c, q, k = policy.policy.get((m, n), (0, 1, 1)) if policy else (0, 1, 1)
+            if c and chain:
+                chains.append((chain[:c], q))
+                keep *= k
+        if not chains:
+            return buf, pool, buf.node_src
+        base = m if keep else 0
+        children = {p: list(v) for p, v in self.children[m].items()} if keep else {}
+        token_of = dict(zip((nd.path for nd in self.tree.states.get(m, [])),
+                            pool[buf.node_src].tolist())) if keep else {}
+        shape, extra = [], []
+        for i, (chain, q) in enumerate(chains):
+            under, rest = merge_lookup(children, token_of, chain)
+            shape.append((under, len(rest), q))
+            for j, t in enumerate(rest):  # the next chain may merge into these nodes
+                path = under + (-(i + 1),) * (j + 1)
+                children.setdefault(path[:-1], []).append(path)
+                token_of[path] = t
+            extra += rest
+        if not extra:  # every chain is already in the tree
+            return buf, pool, buf.node_src
+        hbuf, src = self.hybrid_buffers(base, tuple(shape))
+        pool = torch.cat([pool if keep else pool[:0], torch.tensor(extra, device=pool.device)])
+        return hbuf, pool, src
+
+    def proposals(self, ids: list[int]) -> Proposals | None:
+        """A sequence's chain sources: lookup where the tree has a policy for it, the
+        cache wherever the decoder has one (its offers are recorded even where the tree
+        does not use them: the run's records learn from them)."""
+        lk = self.tree.lookup
+        if lk is None and self.cache_source is None:
+            return None
+        return Proposals(ids, (lk.max_ngram, lk.max_tokens) if lk else None, self.cache_source)
+
+    @property
+    def cache_settings(self) -> dict | None:
+        """The cache source's settings (what a run's records say of it), or None."""
+        return self.cache_source.settings() if self.cache_source is not None else None
+
+    def remember(self, output_ids: list[int]) -> None:
+        """A finished request's output joins the cache for the next ones."""
+        if self.cache_source is not None:
+            self.cache_source.add(output_ids)
 
     # ---- model calls --------------------------------------------------------------
     def call(self, embeds: torch.Tensor, cache, positions: torch.Tensor, mask=None,
@@ -438,9 +481,10 @@ class Decoder:
     @torch.inference_mode()
     def ppd(self, input_ids: list[int], max_new_tokens: int = 128, temperature: float = 0.0,
             eps: float = 0.09, alpha: float = 0.3, seed: int | None = None,
-            on_tokens: OnTokens | None = None, timed: bool = False) -> Result:
+            on_tokens: OnTokens | None = None, timed: bool = False,
+            learn: bool = True) -> Result:
         """Decode with the tree. `timed` also records each step's forward time (one more
-        device sync per step)."""
+        device sync per step); `learn`: the output joins the cache source afterwards."""
         if self.tree is None:
             raise BadInput("no tree loaded")
         if temperature < 0:
@@ -459,15 +503,19 @@ class Decoder:
         keep_kv(cache, ctx, None, ctx)
         state = r
         res, done = self._first(int(x0), max_new_tokens, on_tokens, t_start)
-        look = None
-        if self.tree.lookup is not None:
-            look = PromptLookup(self.tree.lookup.max_ngram, self.tree.lookup.max_tokens)
-            look.reset(list(input_ids) + res.output_ids)
+        prop = self.proposals(list(input_ids) + res.output_ids)
         t_prev = t_start + res.prefill_seconds
         while not done:
             res.offers.append((len(res.output_ids), state, guesses))
-            buf, pool, src, _ = self.step_plan(state, guesses[:, :topk], look)
+            t_offer = time.perf_counter()
+            offers = prop.offers() if prop is not None else None
+            res.propose_seconds += time.perf_counter() - t_offer
+            if self.cache_source is not None:
+                res.cache_offers.append(offers[1])
+            buf, pool, src = self.step_plan(state, guesses[:, :topk], offers)
             if ctx + buf.length > self.lm.max_context:
+                if learn:
+                    self.remember(res.output_ids)
                 return self._finish(res, t_start, "context")
             tok, embeds = step_inputs(self.embed, self.table, x0, pool, src, buf)
             t_fwd = time.perf_counter()
@@ -493,9 +541,11 @@ class Decoder:
                 guesses = torch.empty(0, width, dtype=torch.long, device=self.device)
             state = buf.next_state[w]
             added, done = self._emit(res.output_ids, new, max_new_tokens, on_tokens)
-            if look is not None:
-                look.extend(added)
+            if prop is not None:
+                prop.extend(added)
             t_prev = self._log_step(res, added, buf.length, t_prev)
+        if learn:
+            self.remember(res.output_ids)
         return self._finish(res, t_start, None)
 
     # ---- baselines ------------------------------------------------------------------
@@ -553,13 +603,15 @@ class Decoder:
 
 
 def open_decoder(inputs, model: str | None = None, dtype: str = "auto", device: str = "auto",
-                 threads: int | None = None, shape_only: bool = False
-                 ) -> tuple[Decoder, dict]:
+                 threads: int | None = None, shape_only: bool = False,
+                 cache_tokens: int = CACHE_TOKENS) -> tuple[Decoder, dict]:
     """Load the model and build a decoder with the resolved inputs
     (:func:`treeopt.inputs.resolve_inputs`): its prompt tokens (else untrained ones
     initialised from text, or from the first embedding rows of a shape-only model) and
     tree (else a rank-0 chain). `shape_only` allows a model without weights
-    (:func:`treeopt.models.load`)."""
+    (:func:`treeopt.models.load`). With a corpus (or a tree that uses the cache source),
+    the decoder holds a cache of at most `cache_tokens` tokens: the corpus, then each
+    decode's output."""
     pt = PromptTokens.load(inputs.prompt_tokens) if inputs.prompt_tokens else None
     lm = load(model, dtype=dtype, device=device, threads=threads, shape_only=shape_only)
     info = {"model": lm.model_id, "device": str(lm.device), "dtype": dtype_name(lm.dtype),
@@ -575,4 +627,14 @@ def open_decoder(inputs, model: str | None = None, dtype: str = "auto", device: 
     if tree is None:
         tree = Tree.chain(pt.num, pt.num)
         info["tree"] = f"chain of depth {pt.num}"
-    return Decoder(lm, pt, tree), info
+    cache = None
+    if inputs.corpus is not None and lm.tokenizer is not None:
+        corpora.check_tokenizer(inputs.corpus, lm.tokenizer, f"corpus {inputs.corpus_src}")
+        cache = corpora.cache_of(inputs.corpus_docs, cache_tokens)
+        info["corpus"] = corpora.about(inputs.corpus, inputs.corpus_src)
+    elif tree.cache is not None:
+        cache = SuffixCache(cache_tokens)
+        info["corpus"] = None  # the cache holds this process's outputs alone
+    if cache is not None:
+        info["cache"] = cache.settings()
+    return Decoder(lm, pt, tree, cache), info

@@ -14,6 +14,7 @@ from .batch import BatchDecoder
 from .models import Loaded
 from .prompt_tokens import PromptTokens
 from .runtime import Decoder
+from .sources import CACHE_MAX_NGRAM, SuffixCache
 from .tree import Lookup, Node, Tree
 
 SMALL = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_attention_heads=4,
@@ -66,7 +67,8 @@ def random_tree(rng: random.Random, k: int, topk: int, max_nodes: int = 12) -> T
 
 def random_lookup(rng: random.Random, tree: Tree, max_ngram: int = 3,
                   max_tokens: int = 6) -> Lookup:
-    """A random prompt-lookup policy for `tree` (most (state, match) entries set)."""
+    """A random chain policy for `tree` (prompt lookup's or the cache's; most (state,
+    match) entries set)."""
     policy = {(m, n): (rng.randint(0, max_tokens), rng.choice([0, *sorted(tree.states)]),
                        rng.randint(0, 1))
               for m in [0, *tree.states] for n in range(1, max_ngram + 1)
@@ -76,8 +78,9 @@ def random_lookup(rng: random.Random, tree: Tree, max_ngram: int = 3,
 
 def lossless_check(device: str = "cpu", names=tuple(CONFIGS), trees: int = 3,
                    new_tokens: int = 2 * WINDOW, seed: int = 3) -> list[dict]:
-    """For each architecture, float32 on `device`: random trees (half of them hybrid, with
-    prompts that repeat so lookup proposes), prompts shorter and longer than the window;
+    """For each architecture, float32 on `device`: random trees (half of them hybrid: prompt
+    lookup on prompts that repeat, and a cache holding each reference output with every
+    7th token wrong, then the outputs themselves), prompts shorter and longer than the window;
     PPD single, and every sequence of one batch, against plain greedy decoding. Returns a
     row per architecture with the mismatches found (none is the pass)."""
     rows = []
@@ -89,14 +92,19 @@ def lossless_check(device: str = "cpu", names=tuple(CONFIGS), trees: int = 3,
         checked = mismatches = 0
         for i in range(trees):
             tree = random_tree(rng, 3, 6, max_nodes=10)
-            if i % 2:
+            cache = None
+            if i % 2:  # hybrid: lookup, and a cache that proposes right and wrong chains
                 tree.lookup = random_lookup(rng, tree)
-            dec = Decoder(lm, pt, tree)
+                tree.cache = random_lookup(rng, tree, CACHE_MAX_NGRAM)
+                cache = SuffixCache(4000)
+            dec = Decoder(lm, pt, tree, cache)
             prompts = [[rng.randrange(vocab) for _ in range(n)] for n in (5, 3 * WINDOW)]
             prompts.append((prompts[0] * 4)[:12])  # a repeating prompt: lookup proposes
             refs = [dec.baseline(ids, new_tokens).output_ids for ids in prompts]
+            for ref in refs if cache else []:  # each reference, with every 7th token wrong
+                cache.add([(t + (j % 7 == 6)) % vocab for j, t in enumerate(ref)])
             singles = [dec.ppd(ids, new_tokens).output_ids for ids in prompts]
-            batched = BatchDecoder(lm, pt, {1: tree}).generate(prompts, new_tokens).results
+            batched = BatchDecoder(lm, pt, {1: tree}, cache).generate(prompts, new_tokens).results
             for ref, one, many in zip(refs, singles, batched):
                 checked += 2
                 mismatches += (one != ref) + (many.output_ids != ref)

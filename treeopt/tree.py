@@ -57,6 +57,9 @@ class Tree:
     # batch-aware trees: batch size → the tree for that many live sequences (None = plain
     # decoding, no tree); empty = this tree at every batch size
     by_batch: dict[int, "Tree | None"] = dataclasses.field(default_factory=dict)
+    # the cache source's chain per state (m, n = its match length): the same form as lookup's
+    # (a chain of the model's own earlier text, :class:`treeopt.sources.SuffixCache`)
+    cache: "Lookup | None" = None
 
     def __post_init__(self):
         self.states = {int(m): sorted(nodes, key=_node_key) for m, nodes in self.states.items()}
@@ -89,10 +92,33 @@ class Tree:
                             sum(n.prompt_tokens for n in nodes))
 
     @property
+    def chains(self) -> list["Lookup | None"]:
+        """The chain sources' policies: prompt lookup's, the cache's."""
+        return [self.lookup, self.cache]
+
+    @property
+    def has_chains(self) -> bool:
+        return self.lookup is not None or self.cache is not None
+
+    def ppd_part(self) -> "Tree":
+        """The tree without its chain sources (and without a per-batch table)."""
+        return dataclasses.replace(self, lookup=None, cache=None, by_batch={})
+
+    def chains_length(self, m: int, ns: tuple[int, int]) -> int:
+        """The longest input of state m with chain match lengths ns = (lookup's, cache's):
+        every proposed token a new node; the guess nodes go when a chain says so."""
+        keep, extra = 1, 0
+        for lk, n in zip(self.chains, ns):
+            c, q, k = lk.policy.get((m, n), (0, 1, 1)) if lk is not None else (0, 1, 1)
+            keep, extra = keep * (k if c else 1), extra + c * (1 + q)
+        return self.input_length(m if keep else 0) + extra
+
+    @property
     def max_input_length(self) -> int:
-        if self.lookup is not None:
-            return max(self.lookup.input_length(self, m, n) for m in [0, *self.states]
-                       for n in range(self.lookup.max_ngram + 1))
+        if self.has_chains:
+            nl, nc = (lk.max_ngram if lk else 0 for lk in self.chains)
+            return max(self.chains_length(m, (a, b)) for m in [0, *self.states]
+                       for a in range(nl + 1) for b in range(nc + 1))
         return max(self.input_length(m) for m in self.states)
 
     @property
@@ -144,6 +170,8 @@ class Tree:
                 seen.add(p)
         if self.lookup is not None:
             self.lookup.validate(self)
+        if self.cache is not None:
+            self.cache.validate(self, "cache")
         for b, t in self.by_batch.items():
             count(b, "batch", "tree by_batch")
             if t is not None and (t.by_batch or t.num_prompt_tokens != k):
@@ -161,6 +189,7 @@ class Tree:
                                 for n in nodes] for m, nodes in sorted(self.states.items())},
             "input_lengths": {str(m): self.input_length(m) for m in sorted(self.states)},
             **({"lookup": self.lookup.to_json()} if self.lookup else {}),
+            **({"cache": self.cache.to_json()} if self.cache else {}),
             **({"by_batch": {str(b): t.to_json() if t else None
                              for b, t in sorted(self.by_batch.items())}}
                if self.by_batch else {}),
@@ -185,6 +214,8 @@ class Tree:
             _check_meta(meta, where)
             lookup = Lookup.from_json(obj["lookup"], f"{where} lookup") \
                 if obj.get("lookup") is not None else None
+            cache = Lookup.from_json(obj["cache"], f"{where} cache") \
+                if obj.get("cache") is not None else None
             table = obj.get("by_batch")
             table = {} if table is None else table
             if not isinstance(table, dict):
@@ -196,7 +227,7 @@ class Tree:
                 by_batch[int(key)] = None if sub is None else \
                     cls.from_json(sub, f"{where} by_batch {key}")
             return cls(k, obj.get("root_prompt_tokens", k), states, obj.get("topk", 10), meta,
-                       lookup, by_batch)
+                       lookup, by_batch, cache)
         except KeyError as e:
             raise BadInput(f"{where}: missing field {e.args[0]!r}") from e
         except (TypeError, AttributeError) as e:
@@ -256,11 +287,11 @@ class Lookup:
                                                       val[2] if len(val) == 3 else 1)
         return cls(obj.get("max_ngram"), obj.get("max_tokens"), policy)
 
-    def validate(self, tree: "Tree") -> None:
-        count(self.max_ngram, "lookup_ngram", "tree lookup: max_ngram")
-        count(self.max_tokens, "lookup_chain", "tree lookup: max_tokens")
+    def validate(self, tree: "Tree", name: str = "lookup") -> None:
+        count(self.max_ngram, "lookup_ngram", f"tree {name}: max_ngram")
+        count(self.max_tokens, "lookup_chain", f"tree {name}: max_tokens")
         for (m, n), (c, q, keep) in self.policy.items():
-            where = f"tree lookup policy {m},{n}"
+            where = f"tree {name} policy {m},{n}"
             if (m not in tree.states and m != 0) or not 1 <= n <= self.max_ngram:
                 raise BadInput(f"{where}: no state {m} or match length outside 1..{self.max_ngram}")
             if keep not in (0, 1):
@@ -268,11 +299,6 @@ class Lookup:
             if not 0 <= c <= self.max_tokens or (q not in tree.states and q != 0):
                 raise BadInput(f"{where}: chain {c} outside 0..{self.max_tokens} or {q} prompt "
                                "tokens without a state")
-
-    def input_length(self, tree: "Tree", m: int, n: int) -> int:
-        """The longest input of state (m, n): every proposed token a new node."""
-        c, q, keep = self.policy.get((m, n), (0, 1, 1))
-        return tree.input_length(m if keep else 0) + c * (1 + q)
 
 
 BATCH_ROW = {"batch": "batch", "plain": "bool", "input_length": "count",

@@ -95,11 +95,16 @@ def evaluate_tree(tree: Tree, acc_obj: dict, profile: dict, opts: Options) -> di
     replayed over the acceptance file's measured positions (its PPD part alone beside it);
     without lookup records that measured its lookup it cannot be predicted: refused."""
     lk = tree.lookup
-    rec = unpack_records(acc_obj) if lk is not None else None
-    if lk is not None and rec is None:
-        raise BadInput("the tree has a prompt-lookup policy, and the acceptance file has no "
-                       "lookup records to replay it on (measure them with `treeopt accept`)")
-    if rec is not None and (lk.max_ngram != rec["max_ngram"] or
+    rec = unpack_records(acc_obj) if tree.has_chains else None
+    if tree.has_chains and rec is None:
+        raise BadInput("the tree has a prompt-lookup or cache policy, and the acceptance file "
+                       "has no lookup records to replay it on (measure them with `treeopt "
+                       "accept`)")
+    if tree.cache is not None and "cache_match" not in rec:
+        raise BadInput("the tree has a cache policy, and the acceptance file has no cache "
+                       "records to replay it on (measure them with `treeopt accept`, which "
+                       "uses your corpus)")
+    if lk is not None and (lk.max_ngram != rec["max_ngram"] or
                             lk.max_tokens > rec["max_tokens"]):
         raise BadInput(f"the tree's lookup (n ≤ {lk.max_ngram}, chain ≤ {lk.max_tokens}) was "
                        f"not measured by the acceptance file (n ≤ {rec['max_ngram']}, chain ≤ "
@@ -107,7 +112,7 @@ def evaluate_tree(tree: Tree, acc_obj: dict, profile: dict, opts: Options) -> di
     best = search(acc_obj, profile, dataclasses.replace(opts, max_input=max(
         2, tree.max_input_length), trials=0), "evaluate")
     acc, pp, lat = best["acc"], best["path_prob"], best["latency"]
-    ppd = dataclasses.replace(tree, lookup=None, by_batch={})
+    ppd = tree.ppd_part()
     if rec is None:
         out = {"given": figures(predict(ppd, acc, lat, pp), tree)}
     else:

@@ -10,7 +10,7 @@ import numpy as np
 from ..latency import Latency
 from ..tree import Lookup, Tree
 from .exact import LatencyFn, optimise
-from .hybrid import Replay, _tau, hybrid
+from .hybrid import Replay, Source, _tau, hybrid
 
 HYBRID_CAPS = [*range(2, 33), 40, 48, 64]  # caps the hybrid per-batch frontier replays
 
@@ -96,13 +96,26 @@ def batch_context(context: int, batch: int) -> int:
     return round(2 * context * batch / (batch + 1))
 
 
+def _with_cache(tree: Tree, rec: dict, E: float, cap: int) -> tuple[float, Tree]:
+    """A batch size's tree with the cache's chains within its cap (the padding up to it is
+    paid anyway: tokens per step alone count), its lookup policy held: (tokens/step, tree)."""
+    look = tree.lookup.policy if tree.lookup else {}
+    h = hybrid(tree, rec, flat_step, cap, source=Source(1, look))
+    gain = h["hybrid"]["tokens_per_step"] / max(h["ppd_only"]["tokens_per_step"], 1e-9)
+    if not h["policy"] or gain <= 1:
+        return E, tree
+    return E * gain, dataclasses.replace(tree, cache=Lookup(
+        rec["cache_max_ngram"], rec["cache_max_tokens"], h["policy"]))
+
+
 def per_batch(found: dict, profile: dict, batch_sizes: list[int], max_input: int,
-              single: dict | None = None, rec: dict | None = None
-              ) -> tuple[dict[int, Tree | None], list[dict]]:
+              single: dict | None = None, rec: dict | None = None,
+              sources: tuple = ("ppd", "lookup")) -> tuple[dict[int, Tree | None], list[dict]]:
     """For each batch size B the configuration with the most throughput (tokens/s over all
     sequences): B·E(F) / t(B, F, C) over the caps F of :func:`frontier` — and, with
     lookup records `rec`, of :func:`hybrid_frontier`, whose winner's policy is then
-    refined by :func:`hybrid` under the cap — or plain decoding B / t(B, 1, C) where no
+    refined by :func:`hybrid` under the cap, and with "cache" in `sources` the chosen
+    tree's cache chains climbed under the same cap — or plain decoding B / t(B, 1, C) where no
     tree beats it by BATCH_MIN_GAIN; C is :func:`batch_context`. B = 1 keeps the searched
     tree (`single`: its predicted tokens_per_step and step_seconds, e.g. the hybrid
     replay), whose states need not pad. Returns {B: tree or None} and one row per B."""
@@ -113,7 +126,7 @@ def per_batch(found: dict, profile: dict, batch_sizes: list[int], max_input: int
     front = frontier(found["acc"], k, [c for c in BATCH_CAPS if c <= max_input],
                      found["path_prob"]) if any(b > 1 for b in batch_sizes) else {}
     hyb = hybrid_frontier(front, rec, [c for c in HYBRID_CAPS if c <= max_input]) \
-        if rec is not None and front else {}
+        if rec is not None and "lookup" in sources and front else {}
     table, rows = {}, []
     for b in batch_sizes:
         lat, ctx = Latency(profile, batch=b), batch_context(context, b)
@@ -135,6 +148,8 @@ def per_batch(found: dict, profile: dict, batch_sizes: list[int], max_input: int
                         th_tree = dataclasses.replace(th_tree, lookup=Lookup(
                             rec["max_ngram"], rec["max_tokens"], h["policy"]))
                     E, t, tree, L = Eh, th, th_tree, Lh
+            if tree is not None and rec is not None and "cache" in sources:
+                E, tree = _with_cache(tree, rec, E, L)
             if E * t_plain / t < 1 + BATCH_MIN_GAIN:
                 E, t, tree, L = 1.0, t_plain, None, 1
         table[b] = tree

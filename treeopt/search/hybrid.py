@@ -1,6 +1,7 @@
-"""Hybrid trees: prompt-lookup chains beside the prompt tokens' guesses, searched by
-replaying an acceptance file's measured positions (:class:`Replay`): the lookup policy per
-state and match length, and the PPD part chosen jointly with it."""
+"""Hybrid trees: chains beside the prompt tokens' guesses — prompt lookup's (the request's
+own text) and the cache's (the model's earlier text, :class:`treeopt.sources.SuffixCache`)
+— searched by replaying an acceptance file's measured positions (:class:`Replay`): each
+source's policy per state and match length, and the PPD part chosen jointly with lookup."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +12,15 @@ import numpy as np
 from ..tree import Lookup, Tree
 from .exact import LatencyFn, Solution, optimise, prediction
 
-# ---- hybrid trees: prompt lookup beside the prompt tokens ------------------------------------
+
+# ---- hybrid trees: chains beside the prompt tokens -------------------------------------------
+def _table(policy: dict, tree: Tree, max_ngram: int) -> list[list[tuple]]:
+    """A chain policy as a table [m][n] (n = 0: no match, no chain)."""
+    none = (0, 1, 1)
+    return [[policy.get((m, n), none) if n else none for n in range(max_ngram + 1)]
+            for m in range(tree.num_prompt_tokens + 1)]
+
+
 @dataclasses.dataclass
 class Replay:
     """The measured positions of an acceptance file (ranks of the true tokens among the
@@ -29,6 +38,9 @@ class Replay:
     match: list[int]
     won: list[int]
     state: list[int]
+    cache_match: list[int] | None = None  # the cache source's records, where measured
+    cache_won: list[int] | None = None
+    agree: list[int] | None = None
 
     @classmethod
     def build(cls, tree: Tree, rec: dict) -> "Replay":
@@ -48,58 +60,83 @@ class Replay:
                 if path:
                     d[i], s[i] = len(path), count[path]
             depth[m], nxt[m] = d, s
+        cache = [rec[key].tolist() if key in rec else None
+                 for key in ("cache_match", "cache_won", "agree")]
         return cls(tree, rec, {m: v.tolist() for m, v in depth.items()},
                    {m: v.tolist() for m, v in nxt.items()}, rec["match"].tolist(),
-                   rec["won"].tolist(), rec["state"].tolist() if "state" in rec else [])
+                   rec["won"].tolist(), rec["state"].tolist() if "state" in rec else [],
+                   *cache)
 
     def run(self, policy: dict, tau: np.ndarray, seen: set | None = None,
-            follow: bool = False, charged: list | None = None) -> tuple[float, float, int]:
+            follow: bool = False, charged: list | None = None,
+            cache_policy: dict | None = None,
+            shares: list | None = None) -> tuple[float, float, int]:
         """(tokens, seconds, steps) of greedy decoding replayed over the positions with
-        this lookup policy: a step in state (m, n) accepts max(tree depth, lookup run
-        within c) + 1 tokens; its input grows by (1 + q) per lookup token not already a
-        tree node (the accepted ones are when the tree has them too). `seen` collects the
-        states (m, n ≥ 1) the walk visits. `follow`: a stepwise record's step is in the
-        state the run recorded (replaying a run's own tree over its own steps), not the
-        one the walk reached. `charged` collects (record, input length) of every step."""
+        these chain policies (prompt lookup's `policy`, the cache's `cache_policy`, each
+        (m, n) → (c, q, keep)): a step in state m with match lengths (n, n') accepts
+        max(tree depth, lookup's run within c, the cache's run within c') + 1 tokens. Its
+        input grows by (1 + q) per lookup token not already a tree node (the accepted
+        ones are, when the tree has them too) and by (1 + q') per cache token in neither
+        the tree nor lookup's chain (the recorded agreement of the two chains); a chain
+        entry with keep = 0 drops the guess nodes. The next state is the deepest accepted
+        node's: the tree's first, then lookup's, then the cache's. `seen` collects the
+        chain states (source 0 lookup / 1 cache, m, n ≥ 1) the walk visits. `follow`: a
+        stepwise record's step is in the state the run recorded (replaying a run's own
+        tree over its own steps), not the one the walk reached. `charged` collects
+        (record, input length) of every step; `shares` [3] adds up the tokens each
+        source won beyond the root's (the guesses', lookup's, the cache's)."""
         rec, tree = self.rec, self.tree
         match, won, depth, nxt = self.match, self.won, self.depth, self.next_state
+        cached = bool(cache_policy) and self.cache_match is not None
+        cmatch, cwon, agree = (self.cache_match, self.cache_won, self.agree) if cached else \
+            ([0] * len(match), [0] * len(match), [0] * len(match))
         stepwise = rec.get("stepwise") or [False] * len(rec["lengths"])
         base = {m: tree.input_length(m) for m in [0, *tree.states]}
-        none = (0, 1, 1)
-        # the policy as a table [m][n] (n = 0: no match, no chain)
-        table = [[policy.get((m, n), none) if n else none for n in range(rec["max_ngram"] + 1)]
-                 for m in range(tree.num_prompt_tokens + 1)]
+        root = tree.root_prompt_tokens
+        table, ctable = (_table(p, tree, ngram) for p, ngram in (
+            (policy, rec["max_ngram"]), (cache_policy if cached else {},
+                                         rec.get("cache_max_ngram", 0))))
         tokens = steps = 0
         seconds = 0.0
         start = 0
         for length, each in zip(rec["lengths"], stepwise):
-            i, m = 0, tree.root_prompt_tokens
+            i, m = 0, root
             while i < length:
                 j = start + i
                 if follow and each and self.state[j] in depth:
                     m = self.state[j]
                 c, q, keep = table[m][match[j]]
-                if seen is not None and match[j]:
-                    seen.add((m, match[j]))
+                cc, qc, kc = ctable[m][cmatch[j]]
+                if seen is not None:
+                    if match[j]:
+                        seen.add((0, m, match[j]))
+                    if cmatch[j]:
+                        seen.add((1, m, cmatch[j]))
+                keep = (keep or not c) and (kc or not cc)
                 dp = depth[m][j] if keep else 0
-                dl = min(won[j], c)
-                a = 1 + max(dp, dl)
+                dl, dc = min(won[j], c), min(cwon[j], cc)
+                a = 1 + max(dp, dl, dc)
                 if not each and i + a > length:  # the data ends inside this step
                     break
-                length_j = base[m if keep else 0] + (c - min(dl, dp)) * (1 + q)
+                shared = max(min(dc, dp), min(agree[j], c, cc))
+                length_j = base[m if keep else 0] + (c - min(dl, dp)) * (1 + q) + \
+                    (cc - shared) * (1 + qc)
                 seconds += tau[length_j]
                 if charged is not None:
                     charged.append((j, length_j))
                 tokens, steps = tokens + a, steps + 1
-                m = nxt[m][j] if dp >= dl else q
+                if shares is not None:
+                    shares[0 if dp >= max(dl, dc) else 1 if dl >= dc else 2] += a - 1
+                m = (nxt[m][j] if dp else root) if dp >= max(dl, dc) else \
+                    q if dl >= dc else qc
                 i += 1 if each else a
             start += length
         return tokens, seconds, steps
 
 
 def _tau(tree: Tree, rec: dict, latency: LatencyFn, max_input: int = 0) -> np.ndarray:
-    big = max(tree.max_input_length, max_input) + rec["max_tokens"] * (
-        1 + tree.num_prompt_tokens) + 2
+    big = max(tree.max_input_length, max_input) + (
+        rec["max_tokens"] + rec.get("cache_max_tokens", 0)) * (1 + tree.num_prompt_tokens) + 2
     tau = np.asarray(latency(np.arange(big)), dtype=float)
     tau[0] = tau[1]
     return tau
@@ -111,31 +148,63 @@ def _replay_figures(v) -> dict:
             "tokens_per_second": round(float(v[0]), 6), "steps": int(v[3])}
 
 
-def _replay_value(tree: Tree, rec: dict, latency: LatencyFn, max_input: int):
-    """policy → (tokens/s, tokens, seconds, steps) replayed over the measured positions."""
+@dataclasses.dataclass
+class Source:
+    """The chain source a search climbs — 0: prompt lookup, 1: the cache — with the other
+    source's policy held fixed (`other`)."""
+
+    index: int = 0
+    other: dict = dataclasses.field(default_factory=dict)
+
+    def ngrams(self, rec: dict) -> range:
+        return range(1, rec["max_ngram" if self.index == 0 else "cache_max_ngram"] + 1)
+
+    def chain(self, rec: dict) -> int:
+        return rec["max_tokens" if self.index == 0 else "cache_max_tokens"]
+
+    def keeps(self) -> tuple:
+        return (1, 0) if self.index == 0 else (1,)  # the cache's chain keeps the guesses
+
+    def room(self, tree: Tree, m: int, max_input: int) -> int:
+        """max_input less the other source's longest chain in state m."""
+        return max_input - max((c * (1 + q) for (mm, _), (c, q, _) in self.other.items()
+                                if mm == m), default=0)
+
+    def policies(self, policy: dict) -> tuple[dict, dict]:
+        """(lookup's, the cache's)."""
+        return (policy, self.other) if self.index == 0 else (self.other, policy)
+
+
+def _replay_value(tree: Tree, rec: dict, latency: LatencyFn, max_input: int,
+                  source: Source):
+    """policy → (tokens/s, tokens, seconds, steps, states seen) replayed over the measured
+    positions, for the source climbed."""
     replay = Replay.build(tree, rec)
     tau = _tau(tree, rec, latency, max_input)
 
     def value(policy, visits=False):
         seen: set | None = set() if visits else None
-        tok, sec, steps = replay.run(policy, tau, seen)
+        look, cache = source.policies(policy)
+        tok, sec, steps = replay.run(look, tau, seen, cache_policy=cache)
         return (tok / sec if sec else 0.0), tok, sec, steps, seen
     return value
 
 
-def uniform_start(tree: Tree, rec: dict, latency: LatencyFn, max_input: int) -> tuple:
+def uniform_start(tree: Tree, rec: dict, latency: LatencyFn, max_input: int,
+                  source: Source | None = None) -> tuple:
     """The best policy with one setting (c, q, keep) for every state (m, n) — settings
     which pay only together (q = 0 and state 0's own chain) are within its reach — or
-    none where no lookup is better: (the replay's value function, the figures without
-    lookup, the best figures, the policy); :func:`hybrid` climbs from it."""
-    value = _replay_value(tree, rec, latency, max_input)
+    none where no chain is better: (the replay's value function, the figures without
+    this source, the best figures, the policy); :func:`hybrid` climbs from it."""
+    source = source or Source()
+    value = _replay_value(tree, rec, latency, max_input, source)
     plain = value({})
     best, policy = plain, {}
-    entries = [(m, n) for m in [*sorted(tree.states), 0] for n in range(1, rec["max_ngram"] + 1)]
-    for c, q, keep in itertools.product(range(1, rec["max_tokens"] + 1),
-                                        [0, *sorted(tree.states)], (1, 0)):
-        trial = {(m, n): (c, q, keep) for m, n in entries
-                 if tree.input_length(m if keep else 0) + c * (1 + q) <= max_input}
+    entries = [(m, n) for m in [*sorted(tree.states), 0] for n in source.ngrams(rec)]
+    for c, q, keep in itertools.product(range(1, source.chain(rec) + 1),
+                                        [0, *sorted(tree.states)], source.keeps()):
+        trial = {(m, n): (c, q, keep) for m, n in entries if tree.input_length(
+            m if keep else 0) + c * (1 + q) <= source.room(tree, m, max_input)}
         v = value(trial)
         if v[0] > best[0] * (1 + 1e-9):
             best, policy = v, trial
@@ -143,28 +212,31 @@ def uniform_start(tree: Tree, rec: dict, latency: LatencyFn, max_input: int) -> 
 
 
 def hybrid(tree: Tree, rec: dict, latency: LatencyFn, max_input: int,
-           sweeps: int = 3, start: tuple | None = None) -> dict:
-    """The lookup policy per state (m, n) for a tree's PPD part, by coordinate ascent on
-    the replayed tokens per second over the measured positions (each entry tries every
-    chain length c, prompt-token count q and keeping or dropping the guess nodes that fits
-    max_input), started from the best uniform policy (`start`, from :func:`uniform_start`,
-    where the caller has it). Returns the policy and the replayed figures with and without
-    it."""
-    value, plain, best, policy = start or uniform_start(tree, rec, latency, max_input)
+           sweeps: int = 3, start: tuple | None = None, source: Source | None = None) -> dict:
+    """A chain source's policy per state (m, n) for a tree's PPD part (prompt lookup's by
+    default; `source` picks the cache's, the other's policy held fixed), by coordinate
+    ascent on the replayed tokens per second over the measured positions (each entry
+    tries every chain length c, prompt-token count q and keeping or dropping the guess
+    nodes that fits max_input), started from the best uniform policy (`start`, from
+    :func:`uniform_start`, where the caller has it). Returns the policy and the replayed
+    figures with and without it."""
+    source = source or Source()
+    value, plain, best, policy = start or uniform_start(tree, rec, latency, max_input, source)
     for _ in range(sweeps):
         changed = False
         seen = value(policy, visits=True)[4]
         for m in [*sorted(tree.states), 0]:
-            for n in range(1, rec["max_ngram"] + 1):
-                if (m, n) not in seen:  # no step of this walk is in (m, n): no trial moves
+            room = source.room(tree, m, max_input)
+            for n in source.ngrams(rec):
+                if (source.index, m, n) not in seen:  # no step of this walk is in (m, n)
                     continue
                 current = policy.get((m, n))
-                for c in range(0, rec["max_tokens"] + 1):
-                    for q, keep in (itertools.product([0, *sorted(tree.states)], (1, 0))
+                for c in range(0, source.chain(rec) + 1):
+                    for q, keep in (itertools.product([0, *sorted(tree.states)], source.keeps())
                                     if c else [(1, 1)]):
                         if (c and (c, q, keep) == current) or (not c and current is None):
                             continue
-                        if tree.input_length(m if keep else 0) + c * (1 + q) > max_input:
+                        if tree.input_length(m if keep else 0) + c * (1 + q) > room:
                             continue
                         trial = dict(policy)
                         if c:
@@ -181,12 +253,27 @@ def hybrid(tree: Tree, rec: dict, latency: LatencyFn, max_input: int,
     return {"policy": policy, "hybrid": _replay_figures(best), "ppd_only": _replay_figures(plain)}
 
 
+def _shares(won: list) -> dict:
+    """Each source's share of the tokens won beyond the root's."""
+    total = max(sum(won), 1)
+    return {k: round(v / total, 4) for k, v in zip(("ppd", "lookup", "cache"), won)}
+
+
+def _policies(tree: Tree) -> tuple[dict, dict]:
+    """A tree's chain policies: (lookup's, the cache's)."""
+    return tuple(lk.policy if lk else {} for lk in tree.chains)
+
+
 def replay_predict(tree: Tree, rec: dict, latency: LatencyFn, follow: bool = False) -> dict:
     """A (hybrid) tree's tokens/step, step time and tokens/s replayed over measured
-    positions (:class:`Replay`; `follow` as there)."""
+    positions (:class:`Replay`; `follow` as there), and each source's share of the tokens
+    won beyond the root's."""
+    shares = [0, 0, 0]
     tok, sec, steps = Replay.build(tree, rec).run(
-        tree.lookup.policy if tree.lookup else {}, _tau(tree, rec, latency), follow=follow)
-    return _replay_figures(((tok / sec) if sec else 0.0, tok, sec, steps))
+        *_policies(tree)[:1], _tau(tree, rec, latency), follow=follow,
+        cache_policy=_policies(tree)[1], shares=shares)
+    return {**_replay_figures(((tok / sec) if sec else 0.0, tok, sec, steps)),
+            "shares": _shares(shares)}
 
 
 def replay_batch(tree: Tree, rec: dict, latency: LatencyFn, groups: list[int]) -> dict:
@@ -197,15 +284,18 @@ def replay_batch(tree: Tree, rec: dict, latency: LatencyFn, groups: list[int]) -
     sequence in it): tokens/s per sequence, as the search's per-batch figures."""
     tau = _tau(tree, rec, latency)
     charged: list = []
-    tok, _, steps = Replay.build(tree, rec).run(tree.lookup.policy if tree.lookup else {},
-                                                tau, follow=True, charged=charged)
+    shares = [0, 0, 0]
+    tok, _, steps = Replay.build(tree, rec).run(_policies(tree)[0], tau, follow=True,
+                                                charged=charged, cache_policy=_policies(tree)[1],
+                                                shares=shares)
     longest: dict[int, int] = {}
     size: dict[int, int] = {}
     for j, length in charged:
         longest[groups[j]] = max(longest.get(groups[j], 0), length)
         size[groups[j]] = size.get(groups[j], 0) + 1
     sec = float(sum(tau[longest[g]] * size[g] for g in longest))
-    return _replay_figures(((tok / sec) if sec else 0.0, tok, sec, steps))
+    return {**_replay_figures(((tok / sec) if sec else 0.0, tok, sec, steps)),
+            "shares": _shares(shares)}
 
 
 def ppd_candidates(found: dict, max_input: int) -> list[Solution]:
@@ -259,3 +349,28 @@ def with_lookup(found: dict, rec: dict, max_input: int) -> dict:
             "ppd_part": {"input_lengths": {str(m): L for m, L in
                                            found["solution"].input_lengths.items()},
                          "screened": screened, "searched": len(runs)}}
+
+
+def with_cache(tree: Tree, rec: dict, latency: LatencyFn, max_input: int) -> dict:
+    """Give a (hybrid) tree the cache source's chains where it predicts faster: the cache
+    policy per state (m, n') by :func:`hybrid` with the tree's lookup policy held fixed,
+    then lookup's policy climbed once more beside the cache's (each source's chain pays
+    differently once the other proposes too). Sets `tree.cache` (and `tree.lookup`) when
+    kept. Returns the replayed figures with and without the cache."""
+    look = tree.lookup.policy if tree.lookup else {}
+    h = hybrid(tree, rec, latency, max_input, source=Source(1, look))
+    kept = bool(h["policy"]) and \
+        h["hybrid"]["tokens_per_second"] > h["ppd_only"]["tokens_per_second"]
+    figures = h["hybrid"]
+    if kept:
+        tree.cache = Lookup(rec["cache_max_ngram"], rec["cache_max_tokens"], h["policy"])
+        if look:
+            value = _replay_value(tree, rec, latency, max_input, Source(0, h["policy"]))
+            again = hybrid(tree, rec, latency, max_input, sweeps=1,
+                           start=(value, value({}), value(look), look),
+                           source=Source(0, h["policy"]))
+            tree.lookup = Lookup(rec["max_ngram"], rec["max_tokens"], again["policy"]) \
+                if again["policy"] else None
+            figures = again["hybrid"]
+    return {"hybrid": figures, "without_cache": h["ppd_only"], "cache_kept": kept,
+            "policy_entries": len(h["policy"]) if kept else 0}

@@ -3,11 +3,12 @@ over the model's own greedy continuations), and check the predictions for given 
 decoding held-out prompts."""
 from __future__ import annotations
 
+import copy
 import hashlib
 
 import numpy as np
 
-from .. import paths, prompts
+from .. import corpus, paths, prompts
 from ..acceptance import RECORD_TOPK, SCHEMA, validate
 from ..artefact import check_out, stamp, write_json
 from ..distill import measure_acceptance
@@ -18,7 +19,7 @@ from ..inputs import find_tree, local_device, resolve_inputs
 from ..runtime import open_decoder
 from ..sources import LOOKUP_CHAIN, LOOKUP_NGRAM
 from ..tree import Tree
-from .common import add_model_args, add_prompt_args, bounded_int, int_in, positive_int, say
+from .common import add_cache_args, add_model_args, add_prompt_args, bounded_int, int_in, positive_int, say
 
 HELP = "measure per-depth, per-rank prompt-token accuracies (and check predictions)"
 BUILT_IN_TREES = ("default", "chain", "wide")
@@ -43,6 +44,7 @@ def add_arguments(p) -> None:
     p.add_argument("--check-tree", action="append", metavar="TREE",
                    help="predict tokens/step for this tree and measure it by decoding "
                    "(repeatable; 'default' = the runtime's default tree, 'chain', 'wide')")
+    add_cache_args(p)
     add_prompt_args(p, "check-prompts", "built-in set")
     p.set_defaults(check_limit=20)
     p.add_argument("--out", help="acceptance path (default: $TREEOPT_HOME/profiles/"
@@ -74,6 +76,7 @@ def main(args) -> dict:
         if overlap:
             raise BadInput(f"--check-prompts share {len(overlap)} prompts with the estimate")
     inp = resolve_inputs(args.model, prompt_tokens=args.prompt_tokens, device=args.device,
+                         want=("corpus",), corpus=args.corpus,
                          dtype=args.dtype)
     for name in args.check_tree or []:  # fail early on a bad file; each one is an input
         path = find_tree(inp.model_id, local_device(args.device, args.dtype)[0]) \
@@ -81,11 +84,19 @@ def main(args) -> dict:
         if path is not None:
             load_tree(path)
     out = check_out(args.out or paths.user_profiles() / paths.acceptance_name(inp.model_id))
-    dec, info = open_decoder(inp, args.model, args.dtype, args.device, args.threads)
+    if inp.corpus and corpus.answered(inp.corpus, texts):
+        raise BadInput(f"the corpus {inp.corpus_src} holds the answers to "
+                       f"{corpus.answered(inp.corpus, texts)} of these prompts: the cache "
+                       "would be measured on its own answers (measure other prompts, or "
+                       "--corpus none)")
+    dec, info = open_decoder(inp, args.model, args.dtype, args.device, args.threads,
+                             cache_tokens=args.cache_tokens)
     human = not args.json
+    # the cache is measured on a copy: the check decodes below start from the corpus too
     est = measure_acceptance(dec.lm, dec.table, texts, args.topk, args.max_new_tokens,
                              args.min_support, quiet=not human,
-                             lookup=(args.lookup_ngram, args.lookup_chain))
+                             lookup=(args.lookup_ngram, args.lookup_chain),
+                             cache=copy.deepcopy(dec.cache_source), corpus=info.get("corpus"))
     table = dec.prompt_tokens.embeddings
     obj = {"schema": SCHEMA, "model": info["model"], "source": "measured",
            "prompt_tokens": {"path": info["prompt_tokens"],

@@ -1,7 +1,7 @@
 """PPD vs HF greedy `generate` (and the plain loop), interleaved, over a prompt set."""
 from __future__ import annotations
 
-from .. import paths, prompts
+from .. import corpus, paths, prompts
 from ..artefact import check_out, write_json
 from ..device import device_slug
 from ..errors import BadInput
@@ -9,8 +9,8 @@ from ..drift import assess, lines, speed_line
 from ..evaluation import batch_bench, predicted_vs_measured, run_bench, speed_vs_profile
 from ..inputs import local_device, resolve_inputs
 from ..runtime import open_decoder
-from .common import (add_acceptance_arg, add_batch_arg, add_model_args, add_prompt_args,
-                     model_flag, nonneg_int, positive_int, say, warn)
+from .common import (add_acceptance_arg, add_batch_arg, add_cache_args, add_model_args,
+                     add_prompt_args, model_flag, nonneg_int, positive_int, say, warn)
 
 HELP = "benchmark PPD against HF generate over a prompt set"
 
@@ -32,6 +32,7 @@ def add_arguments(p) -> None:
                    "measured profile for this device and dtype)")
     add_acceptance_arg(p, "for the predicted figures (default: yours, else what the tree "
                        "was searched with, else the shipped one)")
+    add_cache_args(p)
     p.add_argument("--out", help="run JSON path (default: $TREEOPT_HOME/reports/"
                    "<device>__<model>.run.json)")
 
@@ -49,12 +50,21 @@ def main(args) -> dict:
     families = {s: prompts.load(s, args.limit, args.offset, args.stride) for s in sets}
     inp = resolve_inputs(args.model, args.profile, args.acceptance, args.tree,
                          args.prompt_tokens, args.device, args.dtype,
-                         want=("tree", "profile", "acceptance"))
+                         want=("tree", "profile", "acceptance", "corpus"), corpus=args.corpus)
+    held = corpus.answered(inp.corpus, [t for ts in families.values() for t in ts]) \
+        if inp.corpus else 0
+    if held:  # the cache would propose the model's own answers to these very prompts
+        warn(f"note: the corpus {inp.corpus_src} holds the answers to {held} of the benched "
+             "prompts: the cache source's figures are not held out (bench other prompts, "
+             "or --corpus none)")
     kind = ".batch" if args.batch else ".families" if len(sets) > 1 else ""
     out_path = check_out(args.out or paths.user_reports() / paths.run_name(
         device_slug(local_device(args.device, args.dtype)[0]), inp.model_id).replace(
         ".run.json", f"{kind}.run.json"), inp.paths())
-    dec, info = open_decoder(inp, args.model, args.dtype, args.device, args.threads)
+    dec, info = open_decoder(inp, args.model, args.dtype, args.device, args.threads,
+                             cache_tokens=args.cache_tokens)
+    if "corpus" in info:
+        info["corpus_answers_benched_prompts"] = held
     # every set's prompts encoded and length-checked before any benching
     encoded = {s: dec.encode_prompts(t, args.max_new_tokens, args.raw)
                for s, t in families.items()}
@@ -89,9 +99,10 @@ def _bench_one(args, dec, info, inp, encoded, human, prompt_file) -> tuple[dict,
                                  inp.acceptance_src, speed)
     block, d = assess(dec.tree, dec.prompt_tokens.num, info["model"], encoded,
                       [r for _, r in runs], res["decode"], pred, inp.profile, speed,
-                      run="bench", prompt_file=prompt_file or "built-in",
+                      dec.cache_settings, run="bench", prompt_file=prompt_file or "built-in",
                       offset=args.offset, stride=args.stride, tree_file=info["tree"])
-    extra = {"predicted": pred, "acceptance": block, "drift": d}
+    extra = {"predicted": pred, "acceptance": block, "drift": d,
+             "cache_memory": dec.cache_source.memory() if dec.cache_source else None}
     return {**res, **{k: v for k, v in extra.items() if v}}, runs
 
 
@@ -147,7 +158,7 @@ def _batch(args, dec, info, inp, encoded, human, path) -> dict:
             f"sizes {', '.join(map(str, args.batch))}, tree {info['tree']}")
     rows = batch_bench(dec.lm, dec.prompt_tokens, dec.tree, encoded, args.batch,
                        args.max_new_tokens, inp.profile, quiet=not human,
-                       acceptance=inp.acceptance)
+                       acceptance=inp.acceptance, cache=dec.cache_source)
     out = {"schema": "treeopt.run/1", "kind": "batch-bench", **info,
            "prompt_file": (args.prompts or ["built-in"])[0], "prompts": len(encoded),
            "max_new_tokens": args.max_new_tokens, "profile": inp.profile_src, "batch": rows}
@@ -186,7 +197,9 @@ def _print(out: dict, path) -> None:
         f"{out['hf_tokens_per_second']:.1f} tok/s: speedup {out['speedup_vs_hf']:.2f}x "
         f"(median per prompt {out['median_speedup_vs_hf']:.2f}x)")
     if "ppd_alone_tokens_per_second" in out:
-        say(f"the same tree without prompt lookup (PPD alone): "
+        what = "without the cache (PPD + lookup)" if out.get("ppd_alone_is") == "ppd+lookup" \
+            else "without prompt lookup (PPD alone)"
+        say(f"the same tree {what}: "
             f"{out['ppd_alone_tokens_per_second']:.1f} tok/s, "
             f"{out['ppd_alone_tokens_per_step']:.2f} tokens/step (hybrid "
             f"{out['speedup_vs_ppd_alone']:.2f}x)")
@@ -196,6 +209,11 @@ def _print(out: dict, path) -> None:
     if "baseline_vs_hf" in out:
         say(f"plain greedy loop {out['baseline_tokens_per_second']:.1f} tok/s "
             f"({out['baseline_vs_hf']:.2f}x HF generate)")
+    if out.get("cache_memory"):
+        m = out["cache_memory"]
+        say(f"cache: {m['tokens']} tokens in {m['documents']} documents, ~{m['bytes'] / 2**20:.1f}"
+            f" MiB ({m['bytes_per_token']:.0f} bytes/token); asking the chain sources took "
+            f"{100 * out['propose_fraction']:.2f}% of the steps' time")
     say(f"tokens/step {out['tokens_per_step']:.2f}; per-step overhead "
         f"{100 * (out['step_overhead_fraction'] or 0):.1f}% of the forward; identical outputs "
         f"{100 * out['identical_fraction']:.0f}%; unexplained divergences "

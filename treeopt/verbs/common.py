@@ -8,6 +8,7 @@ import re
 import sys
 
 from ..bounds import BOUNDS
+from ..sources import CACHE_TOKENS
 
 
 def _int(text: str) -> int:
@@ -103,6 +104,16 @@ def add_acceptance_arg(p, help: str) -> None:
     p.add_argument("--acceptance", action="append", metavar="FILE",
                    help="acceptance file, or a run JSON of `run`/`bench` (its recorded steps); "
                    "repeat it to pool several, each recorded position counting once; " + help)
+
+
+def add_cache_args(p) -> None:
+    """--corpus FILE|none and --cache-tokens N: the cache source's corpus and size."""
+    p.add_argument("--corpus", metavar="FILE",
+                   help="corpus for the cache source (`treeopt corpus`; default: yours, else "
+                   "the shipped one; 'none': start empty)")
+    p.add_argument("--cache-tokens", type=bounded_int("cache_tokens"), default=CACHE_TOKENS,
+                   metavar="N", help="the cache holds at most N tokens: the corpus, then "
+                   f"each answer; the oldest leave first (default {CACHE_TOKENS})")
 
 
 def add_model_args(p, tree: bool = True) -> None:

@@ -13,7 +13,7 @@ from ..evaluation import decode_phase, predicted_vs_measured, speed_vs_profile
 from ..inputs import resolve_inputs
 from ..records import of_run
 from ..runtime import open_decoder
-from .common import (add_model_args, finite_float, model_flag, positive_int, say, seed_int,
+from .common import (add_cache_args, add_model_args, finite_float, model_flag, positive_int, say, seed_int,
                      warn)
 
 HELP = "decode one prompt with the PPD runtime"
@@ -22,6 +22,7 @@ SAMPLE_PROMPT = "Explain in a few sentences why the sky is blue."
 
 def add_arguments(p) -> None:
     add_model_args(p)
+    add_cache_args(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompt", help=f"prompt text (default: {SAMPLE_PROMPT!r})")
     g.add_argument("--prompt-file", help="read the prompt from a text file")
@@ -69,9 +70,10 @@ def main(args) -> dict:
         raise BadInput("empty prompt")
     inp = resolve_inputs(args.model, tree=args.tree, prompt_tokens=args.prompt_tokens,
                          device=args.device, dtype=args.dtype,
-                         want=("tree", "profile", "acceptance"))
+                         want=("tree", "profile", "acceptance", "corpus"), corpus=args.corpus)
     out_path = check_out(args.out) if args.out else None
-    dec, info = open_decoder(inp, args.model, args.dtype, args.device, args.threads)
+    dec, info = open_decoder(inp, args.model, args.dtype, args.device, args.threads,
+                             cache_tokens=args.cache_tokens)
     ids = prompts.encode(dec.lm.tokenizer, text, raw=args.raw)
     dec.check_prompt(ids, args.max_new_tokens)
     human = not args.json
@@ -94,7 +96,8 @@ def main(args) -> dict:
         pred = predicted_vs_measured(dec.tree, measured, inp.profile, inp.profile_src,
                                      inp.acceptance, inp.acceptance_src, speed)
         block, d = assess(dec.tree, dec.prompt_tokens.num, info["model"], [ids], [res],
-                          measured["decode"], pred, inp.profile, speed, run="run",
+                          measured["decode"], pred, inp.profile, speed, dec.cache_settings,
+                          run="run",
                           prompt_file=args.prompt_file or "--prompt",
                           tree_file=info["tree"])
         out.update({k: v for k, v in (("predicted", pred), ("acceptance", block),
@@ -134,11 +137,13 @@ def _batch(args) -> dict:
         raise BadInput(f"--batch-file {args.batch_file}: {len(texts)} prompts, at most "
                        f"{BOUNDS['batch_prompts']} in one batch (split the file)")
     inp = resolve_inputs(args.model, tree=args.tree, prompt_tokens=args.prompt_tokens,
-                         device=args.device, dtype=args.dtype, want=("tree",))
-    dec, info = open_decoder(inp, args.model, args.dtype, args.device, args.threads)
+                         device=args.device, dtype=args.dtype, want=("tree", "corpus"),
+                         corpus=args.corpus)
+    dec, info = open_decoder(inp, args.model, args.dtype, args.device, args.threads,
+                             cache_tokens=args.cache_tokens)
     encoded = dec.encode_prompts(texts, args.max_new_tokens, args.raw, "--batch-file prompt")
     out_path = check_out(args.out) if args.out else None
-    bd = BatchDecoder(dec.lm, dec.prompt_tokens, schedule_of(dec.tree))
+    bd = BatchDecoder(dec.lm, dec.prompt_tokens, schedule_of(dec.tree), dec.cache_source)
     res = bd.generate(encoded, args.max_new_tokens)
     rows = [{"prompt": t, **r.summary(),
              "text": dec.lm.tokenizer.decode(r.output_ids, skip_special_tokens=True)}
@@ -148,7 +153,7 @@ def _batch(args) -> dict:
            "tokens_per_second": round(res.tokens_per_second, 3),
            "tokens_per_step": round(res.tokens_per_step, 4), "results": rows}
     block = of_run(info["model"], dec.prompt_tokens.num, encoded, res.results, bd.lookup,
-                   run="batch-run", prompt_file=args.batch_file,
+                   dec.cache_settings, run="batch-run", prompt_file=args.batch_file,
                    tree_file=info["tree"])
     if block:
         out["acceptance"] = block

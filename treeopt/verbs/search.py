@@ -5,6 +5,7 @@ report (`*.search.json`: best value per input-length cap, the greedy curve).
 """
 from __future__ import annotations
 
+import argparse
 import pathlib
 
 from .. import latency, paths
@@ -16,10 +17,11 @@ from ..models import context_of
 from ..acceptance import unpack_records
 from ..search import Options, evaluate_tree, search
 from ..search.batch import per_batch
-from ..search.hybrid import with_lookup
+from ..search.hybrid import with_cache, with_lookup
 from .common import add_acceptance_arg, add_batch_arg, bounded_int, positive_int, say, warn
 
 HELP = "find the tree with the most expected tokens per second for a model on a device"
+SOURCES = ("ppd", "lookup", "cache")  # candidate sources, in the order a step merges them
 
 
 def add_arguments(p) -> None:
@@ -45,10 +47,12 @@ def add_arguments(p) -> None:
                    help="predict a given tree (treeopt, Medusa choices or PPD dynamic tree) "
                    "on this profile and acceptance, beside the best tree of the same input "
                    "length; writes nothing")
-    p.add_argument("--sources", default="ppd", choices=["ppd", "ppd,lookup"],
-                   help="candidate sources: the prompt tokens' guesses alone, or with prompt "
-                   "lookup (a chain per state and match length, searched by replaying the "
-                   "acceptance file's measured positions; kept only when it predicts faster)")
+    p.add_argument("--sources", default="ppd", type=sources_list,
+                   help="candidate sources, comma-separated: ppd (the prompt tokens' guesses, "
+                   "always), lookup (prompt lookup's chain), cache (the model's own earlier "
+                   "text, `treeopt corpus`); a chain per state and match length, searched "
+                   "by replaying the acceptance file's measured positions, kept only where "
+                   "it predicts faster (default: ppd)")
     p.add_argument("--lookup-chain", type=bounded_int("lookup_chain"), metavar="C",
                    help="with lookup: the longest chain a step may verify (default: the "
                    "longest the acceptance file measured, `treeopt accept --lookup-chain`)")
@@ -98,24 +102,40 @@ def main(args) -> dict:
         check_out(exp_path, inp.paths(), "export")
     human = not args.json
     rec = None
-    if "lookup" in args.sources:
+    if args.sources != ["ppd"]:
         rec = unpack_records(inp.acceptance, args.lookup_chain)
         if rec is None:
-            raise BadInput(f"--sources {args.sources}: the acceptance file "
-                           f"{inp.acceptance_src} has no prompt-lookup records (measure them "
+            raise BadInput(f"--sources {','.join(args.sources)}: the acceptance file "
+                           f"{inp.acceptance_src} has no per-position records (measure them "
                            "with `treeopt accept`)")
+        if "cache" in args.sources and "cache_match" not in rec:
+            raise BadInput(f"--sources {','.join(args.sources)}: the acceptance file "
+                           f"{inp.acceptance_src} has no cache records (measure them with "
+                           "`treeopt accept`, which uses your corpus, `treeopt corpus`)")
     found = search(inp.acceptance, prof, opts, f"{inp.model_id}-{prof.get('device_id', 'dev')}")
     meta = found["meta"]
     if rec is not None:
-        meta["sources"] = args.sources
-        meta["replayed"] = with_lookup(found, rec, args.max_input)
+        meta["sources"] = ",".join(args.sources)
+        meta["replayed"] = with_lookup(found, rec, args.max_input) if "lookup" in \
+            args.sources else {"lookup_kept": False}
+        if "cache" in args.sources:
+            r = meta["replayed"]
+            c = with_cache(found["solution"].tree, rec, found["latency"], args.max_input)
+            r["cache"] = c
+            r.setdefault("ppd_only", c["without_cache"])
+            if "hybrid" in r:
+                r["with_lookup"] = r["hybrid"]  # before the cache
+            r["hybrid"] = c["hybrid"] if c["cache_kept"] else r.get("hybrid", c["without_cache"])
+            r["lookup_kept"] = found["solution"].tree.lookup is not None
     sol = found["solution"]  # with lookup, the PPD part is chosen jointly
     tree = sol.tree
     batch_rows = None
     if args.batch:
         r = meta.get("replayed")
+        chains = found["solution"].tree.has_chains
         table, batch_rows = per_batch(found, prof, args.batch, args.max_input,
-                                      r["hybrid"] if r and r["lookup_kept"] else None, rec)
+                                      r["hybrid"] if r and chains else None, rec,
+                                      tuple(args.sources))
         tree.by_batch = table
         meta["batch"] = found["report"]["batch"] = batch_rows
     tree.meta = {"model": inp.model_id, "profile": inp.profile_src,
@@ -150,18 +170,38 @@ def main(args) -> dict:
         _print(tree, sol, pred, meta, found["report"].get("per_input_length"), out, report_path)
         if batch_rows:
             _print_batch(batch_rows)
-        if "replayed" in meta:
-            r = meta["replayed"]
+        r = meta.get("replayed")
+        if r and "lookup" in meta["sources"]:
             say(f"replayed over the acceptance file's positions: PPD alone "
                 f"{r['ppd_only']['tokens_per_step']:.3f} tokens/step, "
                 f"{r['ppd_only']['tokens_per_second']:.1f} tokens/s; with prompt lookup "
-                f"{r['hybrid']['tokens_per_step']:.3f}, {r['hybrid']['tokens_per_second']:.1f}"
+                f"{r.get('with_lookup', r['hybrid'])['tokens_per_step']:.3f}, "
+                f"{r.get('with_lookup', r['hybrid'])['tokens_per_second']:.1f}"
                 f" ({'kept' if r['lookup_kept'] else 'not kept: no faster'}); lookup policy "
                 + (", ".join(f"(m={m}, n={n}): chain {c}, {q} prompt tokens"
                              + ("" if keep else ", no guess nodes")
                              for (m, n), (c, q, keep) in sorted(tree.lookup.policy.items()))
                    if tree.lookup else "none"))
+        if r and "cache" in r:
+            c = r["cache"]
+            say(f"with the cache (replayed): {r['hybrid']['tokens_per_step']:.3f} tokens/step, "
+                f"{r['hybrid']['tokens_per_second']:.1f} tokens/s vs "
+                f"{c['without_cache']['tokens_per_step']:.3f}, "
+                f"{c['without_cache']['tokens_per_second']:.1f} without it ("
+                + (f"kept: {c['policy_entries']} (state, match) entries)"
+                   if c["cache_kept"] else "not kept: no faster)"))
     return result
+
+
+def sources_list(text: str) -> list[str]:
+    """--sources: ppd plus any of lookup, cache (any order) → in canonical order."""
+    got = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in got if x not in SOURCES]
+    if bad or "ppd" not in got or len(set(got)) != len(got):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give ppd and any of lookup, cache, comma-separated (e.g. "
+            "ppd,lookup,cache)")
+    return [x for x in SOURCES if x in got]
 
 
 def _evaluate(tree, inp, opts, args) -> dict:
