@@ -342,7 +342,7 @@ class Decoder:
         if not chains:
             return buf, pool, buf.node_src
         base = m if keep else 0
-        children = {p: list(v) for p, v in self.children[m].items()} if keep else {}
+        children = dict(self.children[m]) if keep else {}  # chain nodes join a copy
         token_of = dict(zip((nd.path for nd in self.tree.states.get(m, [])),
                             pool[buf.node_src].tolist())) if keep else {}
         shape, extra = [], []
@@ -351,7 +351,7 @@ class Decoder:
             shape.append((under, len(rest), q))
             for j, t in enumerate(rest):  # the next chain may merge into these nodes
                 path = under + (-(i + 1),) * (j + 1)
-                children.setdefault(path[:-1], []).append(path)
+                children[path[:-1]] = [*children.get(path[:-1], ()), path]
                 token_of[path] = t
             extra += rest
         if not extra:  # every chain is already in the tree

@@ -8,8 +8,6 @@ a continuation) in O(max_ngram); a query is O(max_ngram).
 """
 from __future__ import annotations
 
-import collections
-
 import numpy as np
 
 from .errors import BadInput
@@ -116,7 +114,7 @@ class SuffixCache:
         self.max_tokens, self.sample = max_tokens, sample
         self.ids = np.zeros(0, dtype=np.int32)  # held tokens; ids[0] is global place `base`
         self.base = 0
-        self.starts: collections.deque = collections.deque()  # global start of each document
+        self.starts = np.zeros(0, dtype=np.int64)  # the global place each document starts
         self.keys = {n: np.zeros(0, dtype=np.uint64) for n in self.orders}
         self.places = {n: np.zeros(0, dtype=np.int64) for n in self.orders}
 
@@ -140,12 +138,12 @@ class SuffixCache:
     def add_many(self, docs: list[list[int]]) -> None:
         """Index documents in order, in one merge (evicting the oldest beyond the cap)."""
         parts, hashes, places = [], {n: [] for n in self.orders}, {n: [] for n in self.orders}
-        start = self.base + self.tokens
+        start, starts = self.base + self.tokens, []
         for ids in docs:
             doc = np.asarray([int(t) for t in ids][-self.cap:], dtype=np.int32)
             if doc.size < self.min_ngram + 1:
                 continue
-            self.starts.append(start)
+            starts.append(start)
             parts.append(doc)
             for n in self.orders:  # the n-grams doc[e − n:e], each followed by doc[e]
                 ends = np.arange(n, doc.size)
@@ -154,6 +152,7 @@ class SuffixCache:
             start += doc.size
         if not parts:
             return
+        self.starts = np.concatenate([self.starts, starts])
         self.ids = np.concatenate([self.ids, *parts])
         for n in self.orders:
             h, p = np.concatenate(hashes[n]), np.concatenate(places[n])
@@ -166,10 +165,9 @@ class SuffixCache:
 
     def _evict(self) -> None:
         """Drop the oldest documents until the cap holds."""
-        end = self.base + self.tokens
-        while end - self.starts[0] > self.cap:
-            self.starts.popleft()
-        new_base = self.starts[0]
+        first = int(np.searchsorted(self.starts, self.base + self.tokens - self.cap, "left"))
+        self.starts = self.starts[first:]  # the oldest documents that fit go on
+        new_base = int(self.starts[0])
         self.ids = self.ids[new_base - self.base:]
         self.base = new_base
         for n in self.orders:
@@ -193,11 +191,10 @@ class SuffixCache:
     def _continuation(self, places: list[int]) -> list[int]:
         """The most frequent continuation of the places (most recent first), within each
         one's document."""
-        ends = np.searchsorted(np.asarray(self.starts), places, side="right")
-        bounds = [*list(self.starts)[1:], self.base + self.tokens]
-        runs = [self.ids[p - self.base:min(p + self.max_tokens,
-                                           bounds[e - 1]) - self.base].tolist()
-                for p, e in zip(places, ends.tolist())]
+        doc = np.searchsorted(self.starts, places, side="right")  # each place's document + 1
+        stop = np.append(self.starts, self.base + self.tokens)[doc]  # where that one ends
+        runs = [self.ids[p - self.base:min(p + self.max_tokens, e) - self.base].tolist()
+                for p, e in zip(places, stop.tolist())]
         chain: list[int] = []
         while runs and len(chain) < self.max_tokens:
             runs = [r for r in runs if len(r) > len(chain)]
