@@ -8,15 +8,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # every output of the suite goes to a temporary $TREEOPT_HOME, never into the repository
 # or the user's own folder (subprocesses inherit it)
 os.environ["TREEOPT_HOME"] = tempfile.mkdtemp(prefix="treeopt-test-home-")
+# one device identity on every machine (subprocesses inherit it): no shipped profile or
+# tree is "this device's" wherever the suite runs; a test that means one names it
+os.environ["TREEOPT_DEVICE_ID"] = "cpu-test-machine"
+# ... and no first-run calibration (seconds a command): the tests that mean it turn it on
+os.environ["TREEOPT_CALIBRATE"] = "0"
 
 from treeopt.models import Loaded  # noqa: E402
 from treeopt.paths import SHIPPED  # noqa: E402
 
 
-# the shipped CPU artefacts, named where a test means them (this machine's CPU may differ
-# from the one that measured them, so they are not found as "this device's" by default)
-SHIPPED_CPU_PROFILE = SHIPPED / "cpu-amd-epyc-2c__SmolLM2-135M-Instruct__bfloat16.json"
-SHIPPED_CPU_TREE = SHIPPED / "cpu-amd-epyc-2c__SmolLM2-135M-Instruct.tree.json"
+# the shipped CPU artefacts, named where a test means them (never found as "this device's":
+# the suite's device identity is pinned above)
+SHIPPED_CPU_PROFILE = SHIPPED / "cpu-amd-epyc-avx512bf16-2c__SmolLM2-135M-Instruct__bfloat16.json"
+SHIPPED_CPU_TREE = SHIPPED / "cpu-amd-epyc-avx512bf16-2c__SmolLM2-135M-Instruct__bfloat16.tree.json"
 
 
 def tiny_loaded(vocab: int = 24, seed: int = 0, dtype=torch.float64, layers: int = 2) -> Loaded:

@@ -12,6 +12,7 @@ from conftest import SHIPPED_CPU_PROFILE
 from test_cli import assert_bad, treeopt
 
 from treeopt import corpus, tiny
+from treeopt.paths import SHIPPED
 from treeopt.runtime import Decoder
 from treeopt.search import hybrid
 from treeopt.sources import SuffixCache, cache_along, offers_along
@@ -210,7 +211,7 @@ def _corpus_file(tmp_path, **change):
     ({"ids": "!!"}, "ids are malformed"),
     ({"lengths": [4, 4]}, "ids hold 7 tokens, lengths add up to 8"),
     ({"ids": base64.b64encode(np.array([1, 2, 3, 4, 5, 6, 10**7], "<i4").tobytes()).decode()},
-     "outside the vocabulary"),
+     "outside the model's vocabulary"),
     ({"schema": "treeopt.tree/1"}, "schema"),
     ({"model": "vicuna-7b"}, "is for vicuna-7b"),
     ({"tokenizer": {"fingerprint": "0" * 16, "vocab_size": 49152}}, "another tokenizer"),
@@ -240,7 +241,10 @@ def test_corpus_verb_builds_and_run_uses_it(tmp_path):
     assert "cache" in run["acceptance"]  # the cache's offers at every step
     assert_bad(treeopt("corpus", "--prompts", "mt-bench[5:2]"), "empty slice")
     assert_bad(treeopt("corpus"), "nothing to build from")
+    # the tree pinned: one with cache chains (found as this device's after another test
+    # searched one) would record the cache's offers even without a corpus
     p = treeopt("run", "--corpus", "none", "--prompt", "Hi", "--max-new-tokens", "12",
+                "--tree", str(SHIPPED / "default__SmolLM2-135M-Instruct.tree.json"),
                 "--json", "--out", str(tmp_path / "plain.json"))
     assert p.returncode == 0, p.stderr
     assert_bad(treeopt("search", "--sources", "ppd,cache", "--profile", SHIPPED_CPU_PROFILE,
@@ -251,7 +255,7 @@ def test_corpus_verb_builds_and_run_uses_it(tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["run", "--cache-tokens", "0"], "--cache-tokens"),
-    (["bench", "--cache-tokens", str(10**8)], "must be in 1..10000000"),
+    (["bench", "--cache-tokens", str(10**8)], "must be in 1..2000000"),
     (["accept", "--corpus", "/nonexistent.json"], "no such file"),
     (["corpus", "--prompts", "mt-bench", "--exclude", "nope.jsonl"], "no such file"),
 ])

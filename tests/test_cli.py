@@ -11,8 +11,8 @@ from conftest import SHIPPED_CPU_PROFILE
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def treeopt(*args, timeout=600):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+def treeopt(*args, timeout=600, env=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", **(env or {}))
     return subprocess.run([sys.executable, os.path.join(REPO, "cli.py"), *args],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 

@@ -214,7 +214,7 @@ def test_7_out_is_never_an_input(box):
     run.write_text(SHIPPED_RUN.read_text())
     box.bad("report", "--run", run, "--out", run, needle="also an input")
     prof = box.dir / "measured.json"
-    prof.write_text((SHIPPED / "cpu-amd-epyc-2c__SmolLM2-135M-Instruct__bfloat16.json")
+    prof.write_text((SHIPPED / "cpu-amd-epyc-avx512bf16-2c__SmolLM2-135M-Instruct__bfloat16.json")
                     .read_text())
     box.bad("profile", "--simulate", "a100-80gb", "--model", "vicuna-7b", "--calibration",
             prof, "--out", prof, needle="also an input")
@@ -403,9 +403,11 @@ def test_r2_02_every_input_is_protected_from_out(box):
     from treeopt.paths import tree_name
 
     (box.home / "profiles").mkdir()
-    mine = box.home / "profiles" / tree_name(device_slug("cpu"), "SmolLM2-135M-Instruct")
+    mine = box.home / "profiles" / tree_name(device_slug("cpu"), "SmolLM2-135M-Instruct",
+                                             "float32")
     mine.write_text(SHIPPED_CPU_TREE.read_text())
-    box.bad("accept", "--check-tree", "default", "--device", "cpu", "--prompts", "mt-bench",
+    box.bad("accept", "--check-tree", "default", "--device", "cpu", "--dtype", "float32",
+            "--prompts", "mt-bench",
             "--limit", "2", "--out", mine,
             needle="also an input", **QUICK)
 
@@ -509,7 +511,7 @@ def test_r2_08_dollar_signs_are_text_in_report_figures(box):
     fam["families"][0]["family"] = "$\\frac{1}{0"
     fam["device"] = "cost $5 and $"
     write_json(box.dir / "f.json", fam)
-    tree = json.loads((SHIPPED / "sim-a100-80gb__SmolLM2-135M-Instruct.tree.json").read_text())
+    tree = json.loads((SHIPPED / "sim-a100-80gb__SmolLM2-135M-Instruct__float16.tree.json").read_text())
     tree["meta"]["device"] = "$\\sqrt{x$"
     write_json(box.dir / "t.json", tree)
     p = box.cli("report", "--run", box.dir / "f.json", "--compare-tree", box.dir / "t.json",
@@ -592,3 +594,157 @@ def test_r2_17_human_output_is_on_stdout(box):
     p = box.cli("search", "--model", "vicuna-7b", "--out", box.dir / "t.json", **QUICK)
     assert p.returncode == 0 and p.stderr == "", p.stderr
     assert "predicted" in p.stdout and "wrote" in p.stdout
+
+
+# ---- round 3: corpus files, runs fed back as acceptance, --text, the bounds' sizes -------
+SHIPPED_CORPUS = SHIPPED / "SmolLM2-135M-Instruct.corpus.json"
+
+
+def _corpus(ids=None, **fields) -> dict:
+    """The shipped corpus, its ids replaced (one document) and fields changed."""
+    obj = json.loads(SHIPPED_CORPUS.read_text())
+    if ids is not None:
+        obj.update(lengths=[len(ids)], tokens=len(ids), documents=1, prompt_hashes=[],
+                   ids=base64.b64encode(__import__("numpy").asarray(ids, dtype="<i4")
+                                        .tobytes()).decode())
+    obj.update(fields)
+    return obj
+
+
+def test_r3_01_every_file_read_is_an_input_before_outputs_are_checked(box):
+    text = box.dir / "t.txt"
+    text.write_text("The quick brown fox. " * 50)
+    box.bad("corpus", "--text", text, "--out", text, needle="also an input", **QUICK)
+    assert text.read_text() == "The quick brown fox. " * 50
+
+
+def test_r3_02_ids_are_checked_against_the_model_not_the_file(box):
+    """A corpus stating its own vocabulary size (2^31) with ids of 2e9; counts it states
+    that its ids do not hold."""
+    bad = box.dir / "c.json"
+    bad.write_text(json.dumps(_corpus([5, 2_000_000_000, 7], tokenizer={
+        **json.loads(SHIPPED_CORPUS.read_text())["tokenizer"], "vocab_size": 2**31 - 1})))
+    box.bad("run", "--corpus", bad, "--prompt", "Hi", "--max-new-tokens", "4",
+            needle="token id 2000000000 outside the model's vocabulary (0..49151)", **QUICK)
+    bad.write_text(json.dumps(_corpus([5, 6, 7], tokens=10**9)))
+    box.bad("run", "--corpus", bad, "--prompt", "Hi", needle="'tokens' says 1000000000",
+            **QUICK)
+
+
+def test_r3_03_bounds_are_ones_the_program_survives(box):
+    """A 60 MB --text (under the 64 MiB prompt-text bound) under a 4 GB cap: tokenized in
+    pieces, refused at the corpus bound; a corpus at the bound, with the cache at its
+    bound, decodes under the same cap."""
+    big = box.dir / "big.txt"
+    big.write_text("All work and no play makes a dull model. " * 1_450_000)
+    assert 55 << 20 < big.stat().st_size < 64 << 20
+    box.bad("corpus", "--text", big, "--out", box.dir / "c.json",
+            needle="more than 2000000 tokens", timeout=300, memory_gib=4)
+    shipped = json.loads(SHIPPED_CORPUS.read_text())
+    ids = __import__("numpy").frombuffer(base64.b64decode(shipped["ids"]), dtype="<i4")
+    ids = __import__("numpy").resize(ids, 2_000_000)
+    at_bound = box.dir / "bound.json"
+    at_bound.write_text(json.dumps(_corpus(ids.tolist())))
+    p = box.cli("run", "--corpus", at_bound, "--cache-tokens", "2000000", "--prompt", "Hi",
+                "--max-new-tokens", "4", "--json", "--dtype", "float32", timeout=300,
+                memory_gib=4)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["corpus"]["tokens"] == 2_000_000
+
+
+def test_r3_04_what_costs_time_is_bounded(box):
+    """Prompts with records are bounded (2M empty ones in a run JSON); a search over more
+    positions than it replays in bounded time replays an even sample and says so."""
+    from treeopt import pooled
+
+    acc = json.loads(SHIPPED_ACC.read_text())
+    acc["lookup"]["records"]["lengths"] += [0] * 2_000_000
+    (box.dir / "a.json").write_text(json.dumps(acc))
+    box.bad("search", "--sources", "ppd,lookup", "--acceptance", box.dir / "a.json",
+            needle="prompts with records 2000", **QUICK)
+    run = json.loads(SHIPPED_RUN.read_text())
+    run["per_prompt"] = [{}] * 2_000_000
+    (box.dir / "r.json").write_text(json.dumps(run))
+    box.bad("report", "--run", box.dir / "r.json", "--out", box.dir / "r.html",
+            needle="prompts with records 2000000", **QUICK)
+    acc = json.loads(SHIPPED_ACC.read_text())
+    big = pooled.pool([acc] * 3, ["a", "b", "c"])  # 17k positions
+    sample, note = pooled.capped(big, "big.json")
+    n = sum(pooled.unpack_records(sample)["lengths"])
+    assert n <= 12_000 and sample["sampled"]["of"] > 12_000 and "even sample" in note
+    assert pooled.capped(acc, "shipped") == (acc, None)
+
+
+@pytest.mark.parametrize("kind,edit,needle", [
+    ("acceptance", {"model": 123}, "field 'model' is 123, expected a string"),
+    ("acceptance", {"mean_context": "1" + "0" * 400}, "has 401 digits"),
+    ("acceptance", {"mean_context": 2**62}, "context length 4611686018427387904 outside"),
+    ("corpus", {"prompt_hashes": 5}, "prompt_hashes"),
+    ("corpus", {"model": 123}, "field 'model' is 123"),
+    ("corpus", {"tokens": "1e999"}, "out of range"),
+    ("corpus", {"sources": "[" * 700 + "]" * 700}, "nested deeper than 32 levels"),
+    ("corpus", {"sources": [{"a": {"b": 1}}]}, "sources[0] must be an object of at most"),
+    ("profile", {"model": 123}, "field 'model' is 123"),
+])
+def test_r3_05_types_and_magnitudes_are_checked_at_the_read(box, kind, edit, needle):
+    src = {"acceptance": SHIPPED_ACC, "corpus": SHIPPED_CORPUS,
+           "profile": SHIPPED_CPU_PROFILE}[kind]
+    obj = json.loads(src.read_text())
+    raw = {k: v for k, v in edit.items() if isinstance(v, str) and v[:1] in "1[" and k != "model"}
+    obj.update({k: (f"@@{k}@@" if k in raw else v) for k, v in edit.items()})
+    text = json.dumps(obj)
+    for k, v in raw.items():  # numbers and nesting Python's json would not write
+        text = text.replace(f'"@@{k}@@"', v)
+    f = box.dir / f"bad.{kind}.json"
+    f.write_text(text)
+    flag = {"acceptance": ["search", "--acceptance", f, "--profile", SHIPPED_CPU_PROFILE],
+            "corpus": ["run", "--corpus", f, "--prompt", "Hi"],
+            "profile": ["search", "--profile", f, "--acceptance", SHIPPED_ACC]}[kind]
+    box.bad(*flag, needle=needle, **QUICK)
+
+
+def test_r3_06_file_system_edges_and_bounded_lines(box, tmp_path):
+    from treeopt import distill
+
+    long = "x" * 300 + ".json"
+    box.bad("search", "--acceptance", long, needle="cannot be opened", **QUICK)
+    box.bad("search", "--acceptance", box.dir, needle="is a folder", **QUICK)
+    box.bad("search", "--acceptance", "/dev/zero", needle="not a regular file", **QUICK)
+    fifo = box.dir / "fifo.json"
+    os.mkfifo(fifo)
+    box.bad("search", "--acceptance", fifo, needle="not a regular file", **QUICK)
+    box.bad("run", "--corpus", fifo, needle="not a regular file", **QUICK)
+    box.bad("search", "--profile", SHIPPED_CPU_PROFILE, "--out", box.dir / long,
+            needle="over 255 bytes", **QUICK)
+    huge = box.dir / "huge.json"
+    with open(huge, "wb") as f:
+        f.truncate((64 << 20) + 10)  # sparse: no 64 MiB written
+    box.bad("run", "--corpus", huge, needle="larger than 64 MiB", **QUICK)
+    line = box.bad("search", "--acceptance", _write(box, {**json.loads(
+        SHIPPED_ACC.read_text()), "model": ["x" * 10_000]}), needle="field 'model'", **QUICK)
+    assert len(line) < 300
+    # a poisoned greedy-answer cache entry is regenerated, not trusted
+    entry = tmp_path / "entry.json"
+    entry.write_text(json.dumps({"responses": [[1, 2], [3, 10**12]]}))
+    assert distill._cached_responses(entry, 2, 49152) is None
+    entry.write_text(json.dumps({"responses": [[1, 2], [3, 4]]}))
+    assert distill._cached_responses(entry, 2, 49152) == [[1, 2], [3, 4]]
+    assert distill._cached_responses(entry, 3, 49152) is None
+
+
+def _write(box, obj) -> pathlib.Path:
+    p = box.dir / "w.json"
+    p.write_text(json.dumps(obj))
+    return p
+
+
+def test_r3_07_quiet_surprises_are_said(box):
+    box.bad("search", "--acceptance", SHIPPED_ACC, "--acceptance", SHIPPED_ACC,
+            "--profile", SHIPPED_CPU_PROFILE, needle="given twice", **QUICK)
+    box.bad("bench", "--prompts", "mt-bench[٣:٥]", needle="no such file", **QUICK)
+    empty = box.dir / "empty.txt"
+    empty.write_text("  \n\n")
+    t0 = time.perf_counter()
+    box.bad("corpus", "--text", empty, "--model", box.dir / "no-such-model",
+            needle="no text in it", **QUICK)  # checked before any model is looked for
+    assert time.perf_counter() - t0 < 60

@@ -97,13 +97,13 @@ def test_ppd_sources_reproduce_the_ppd_tree(tmp_path):
 
     from treeopt.paths import SHIPPED
 
-    prof = SHIPPED / "cpu-amd-epyc-2c__SmolLM2-135M-Instruct__bfloat16.json"
+    prof = SHIPPED / "cpu-amd-epyc-avx512bf16-2c__SmolLM2-135M-Instruct__bfloat16.json"
     acc = SHIPPED / "SmolLM2-135M-Instruct.acceptance.json"
     p = treeopt("search", "--profile", prof, "--acceptance", acc, "--out", tmp_path / "a.json")
     assert p.returncode == 0, p.stderr
     a = json.loads((tmp_path / "a.json").read_text())
-    shipped = json.loads((SHIPPED / "cpu-amd-epyc-2c__SmolLM2-135M-Instruct.tree.json")
-                         .read_text())
+    shipped = json.loads((SHIPPED / "cpu-amd-epyc-avx512bf16-2c__SmolLM2-135M-Instruct__"
+                          "bfloat16.tree.json").read_text())
     assert a["states"] == shipped["states"] and "lookup" not in a
 
 
@@ -112,7 +112,7 @@ def _shipped():
     from treeopt.paths import SHIPPED
 
     return (read_json(SHIPPED / "SmolLM2-135M-Instruct.acceptance.json"),
-            read_json(SHIPPED / "cpu-amd-epyc-2c__SmolLM2-135M-Instruct__bfloat16.json"))
+            read_json(SHIPPED / "cpu-amd-epyc-avx512bf16-2c__SmolLM2-135M-Instruct__bfloat16.json"))
 
 
 def test_lookup_chain_cap_is_a_cut_of_the_measured_chains():
@@ -238,8 +238,8 @@ def test_bench_per_family_and_the_families_panel(tmp_path):
     b.write_text(json.dumps({"turns": ["Name two colours."]}) + "\n")
     run = tmp_path / "fam.run.json"
     p = treeopt("bench", "--json", "--prompts", str(a), "--prompts", str(b),
-                "--tree", SHIPPED / "cpu-amd-epyc-2c__SmolLM2-135M-Instruct.tree.json",
-                "--profile", SHIPPED / "cpu-amd-epyc-2c__SmolLM2-135M-Instruct__bfloat16.json",
+                "--tree", SHIPPED / "cpu-amd-epyc-avx512bf16-2c__SmolLM2-135M-Instruct__bfloat16.tree.json",
+                "--profile", SHIPPED / "cpu-amd-epyc-avx512bf16-2c__SmolLM2-135M-Instruct__bfloat16.json",
                 "--max-new-tokens", "12", "--hf-lookup", "4", "--no-baseline", "--out", run)
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
@@ -258,11 +258,11 @@ def test_bench_per_family_and_the_families_panel(tmp_path):
     # from the run it was searched with
     tree = tmp_path / "mine.tree.json"
     p = treeopt("search", "--json", "--acceptance", run, "--sources", "ppd,lookup",
-                "--profile", SHIPPED / "cpu-amd-epyc-2c__SmolLM2-135M-Instruct__bfloat16.json",
+                "--profile", SHIPPED / "cpu-amd-epyc-avx512bf16-2c__SmolLM2-135M-Instruct__bfloat16.json",
                 "--out", tree)
     assert p.returncode == 0, p.stderr
     p = treeopt("bench", "--json", "--prompts", str(b), "--tree", tree, "--no-baseline",
-                "--profile", SHIPPED / "cpu-amd-epyc-2c__SmolLM2-135M-Instruct__bfloat16.json",
+                "--profile", SHIPPED / "cpu-amd-epyc-avx512bf16-2c__SmolLM2-135M-Instruct__bfloat16.json",
                 "--max-new-tokens", "12", "--out", tmp_path / "other.run.json")
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["predicted"]["acceptance"].endswith("fam.run.json")

@@ -72,8 +72,8 @@ def test_default_outputs_go_to_treeopt_home():
     assert paths.home() == home and paths.user_profiles() == home / "profiles"
     assert not str(home.resolve()).startswith(str(REPO))
     # artefact names are built from sanitised parts only
-    assert "/" not in paths.tree_name("../../../../tmp/x", "a/../b")
-    assert ".." not in paths.tree_name("../../../../tmp/x", "a/../b")
+    assert "/" not in paths.tree_name("../../../../tmp/x", "a/../b", "float32")
+    assert ".." not in paths.tree_name("../../../../tmp/x", "a/../b", "float32")
 
 
 def test_the_search_is_a_package_read_top_down():

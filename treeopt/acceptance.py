@@ -14,7 +14,7 @@ import math
 import numpy as np
 from scipy.optimize import curve_fit
 
-from .artefact import check_schema, read_json
+from .artefact import check_fields, check_schema, read_json
 from .bounds import count, int_key
 from .errors import BadInput
 
@@ -27,6 +27,7 @@ def validate(obj: dict, where: str = "acceptance") -> None:
     for field in ("model", "num_prompt_tokens", "topk", "accuracy"):
         if field not in obj:
             raise BadInput(f"{where}: missing field {field!r}")
+    check_fields(obj, {"model": "str"}, where)
     k, topk, acc = obj["num_prompt_tokens"], obj["topk"], obj["accuracy"]
     if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in (k, topk)):
         raise BadInput(f"{where}: num_prompt_tokens and topk must be integers ≥ 1")
@@ -64,9 +65,8 @@ def validate(obj: dict, where: str = "acceptance") -> None:
         if not _prob(v) or any(int_key(x) is None for x in str(key).split(",")):
             raise BadInput(f"{where}: path_probs[{key!r}]={v!r} is not a rank path with a "
                            "probability in [0, 1]")
-    mc = obj.get("mean_context")
-    if mc is not None and (not isinstance(mc, int) or isinstance(mc, bool) or mc < 0):
-        raise BadInput(f"{where}: mean_context={mc!r} is not an integer ≥ 0")
+    if obj.get("mean_context") is not None:
+        count(obj["mean_context"], "context", f"{where}: mean_context", lo=0)
     if obj.get("lookup") is not None:
         _validate_lookup(obj["lookup"], f"{where}: lookup")
     if obj.get("cache") is not None:
@@ -321,6 +321,8 @@ def unpack_records(obj: dict, max_chain: int | None = None, where: str = "accept
     except (KeyError, ValueError, TypeError, binascii.Error) as e:
         raise BadInput(f"{where} are malformed ({e})") from e
     k = obj["num_prompt_tokens"]
+    if isinstance(lengths, list):
+        count(len(lengths), "record_prompts", f"{where}: lengths", lo=0)
     if not isinstance(lengths, list) or not all(
             isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in lengths):
         raise BadInput(f"{where}: lengths must be a list of integers ≥ 0")

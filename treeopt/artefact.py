@@ -13,7 +13,7 @@ import stat
 import sys
 import tempfile
 
-from .bounds import count
+from .bounds import BOUNDS, WHAT, count
 from .errors import BadInput
 from .paths import make_folder
 
@@ -52,8 +52,19 @@ def check_out(path: str | os.PathLike, inputs=(), what: str = "--out") -> pathli
 
 def _check_target(path: str | os.PathLike, what: str = "--out") -> pathlib.Path:
     """A path that may be written: not a symlink, a folder or a device; its folder
-    writable."""
+    writable; a name the file system refuses (over 255 bytes, a NUL) is one line."""
     p = pathlib.Path(path)
+    try:
+        return _writable(p, what)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{what} {shown(str(p), 120)}: cannot be written "
+                       f"({getattr(e, 'strerror', None) or e})") from None
+
+
+def _writable(p: pathlib.Path, what: str) -> pathlib.Path:
+    if any(len(os.fsencode(part)) > 255 for part in p.parts):
+        raise BadInput(f"{what} {shown(str(p), 120)}: a name over 255 bytes (the file "
+                       "system's limit)")
     if p.is_symlink():
         raise BadInput(f"{what} {p}: is a symbolic link (give the real path)")
     if p.exists() and not p.is_file():
@@ -141,20 +152,90 @@ def read_json(path: str | os.PathLike, what: str = "file") -> dict:
     return obj
 
 
-def read_json_any(path: str | os.PathLike, what: str = "file"):
-    """Read any strict JSON value (no NaN/Infinity), failures as a one-line BadInput."""
+def shown(value, width: int = 40) -> str:
+    """A value from a file, as an error line quotes it: its repr, cut to `width`."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def input_file(path: str | os.PathLike, what: str = "file") -> pathlib.Path:
+    """A file the command reads, registered as an input (:func:`note_input`) before any
+    output is checked: a regular file, else one BadInput line saying what it is instead
+    (no such file, a folder, a device or pipe, a name the file system refuses)."""
     p = pathlib.Path(path)
-    if not p.is_file():
-        raise BadInput(f"{what} {p}: no such file")
-    note_input(p)
     try:
-        obj = json.loads(p.read_bytes().decode("utf-8"), parse_constant=_no_constants)
+        st = p.stat()
+    except FileNotFoundError:
+        raise BadInput(f"{what} {shown(str(p), 120)}: no such file") from None
+    except (OSError, ValueError) as e:  # a name over 255 bytes, a NUL byte, a loop
+        raise BadInput(f"{what} {shown(str(p), 120)}: cannot be opened "
+                       f"({getattr(e, 'strerror', None) or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise BadInput(f"{what} {p}: is a folder, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise BadInput(f"{what} {p}: is not a regular file (a device, pipe or socket)")
+    note_input(p)
+    return p
+
+
+def read_bytes(p: pathlib.Path, what: str, bound: str = "json_bytes") -> bytes:
+    """A file's bytes, at most BOUNDS[bound] of them (a larger file is refused unread)."""
+    limit = BOUNDS[bound]
+    try:
+        with open(p, "rb") as f:
+            raw = f.read(limit + 1)
     except OSError as e:
-        raise BadInput(f"{what} {p}: cannot read ({e.strerror})") from e
+        raise BadInput(f"{what} {p}: cannot read ({e.strerror or e})") from e
+    if len(raw) > limit:
+        raise BadInput(f"{what} {p}: larger than {limit >> 20} MiB (the bound on "
+                       f"{WHAT[bound]})")
+    return raw
+
+
+MAX_DEPTH = 32  # no artefact nests deeper; a writer recursing into more would fail late
+
+
+def _int_value(text: str) -> int:
+    if len(text.lstrip("-")) > 19:  # every count, id and seed fits an int64
+        raise ValueError(f"the integer {text[:12]}… has {len(text.lstrip('-'))} digits")
+    return int(text)
+
+
+def _float_value(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"the number {text[:12]} is out of range")
+    return v
+
+
+def _depth(obj) -> int:
+    """How deeply a JSON value nests (iteratively: a deep file cannot exhaust the stack)."""
+    deepest, todo = 0, [(obj, 1)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            if d > MAX_DEPTH:
+                break
+            todo.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def read_json_any(path: str | os.PathLike, what: str = "file"):
+    """Read any strict JSON value, failures as a one-line BadInput: a regular file of at
+    most BOUNDS["json_bytes"], no NaN/Infinity, no number out of a float's range or an
+    integer of over 19 digits, nothing nested deeper than MAX_DEPTH."""
+    p = input_file(path, what)
+    raw = read_bytes(p, what)
+    try:
+        obj = json.loads(raw.decode("utf-8"), parse_constant=_no_constants,
+                         parse_int=_int_value, parse_float=_float_value)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
-        raise BadInput(f"{what} {p}: malformed JSON ({str(e).splitlines()[0]})") from e
+        raise BadInput(f"{what} {p}: malformed JSON ({str(e).splitlines()[0][:80]})") from e
     except RecursionError as e:
         raise BadInput(f"{what} {p}: malformed JSON (nested too deeply)") from e
+    if _depth(obj) > MAX_DEPTH:
+        raise BadInput(f"{what} {p}: nested deeper than {MAX_DEPTH} levels")
     return obj
 
 
@@ -191,7 +272,7 @@ def check_fields(obj, spec: dict, where: str) -> None:
             continue
         ok, expected = _KINDS[kind]
         if not ok(v):
-            raise BadInput(f"{where}: field {name!r} is {repr(v)[:40]}, expected {expected}")
+            raise BadInput(f"{where}: field {name!r} is {shown(v)}, expected {expected}")
 
 
 def finite(v) -> bool:

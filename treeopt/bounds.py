@@ -25,16 +25,28 @@ BOUNDS = {
     "prompt_bytes": 64 << 20,
     # acceptance files and run JSONs pooled by one --acceptance list
     "acceptance_sources": 32,
-    # tokens of a corpus file, and tokens the cache source holds (--cache-tokens)
-    "corpus_tokens": 10_000_000,
-    "cache_tokens": 10_000_000,
+    # tokens of a corpus file, and tokens the cache source holds (--cache-tokens): the
+    # cache's index takes 112 bytes a token (2M: 224 MB), a corpus file 5.3 bytes a token
+    "corpus_tokens": 2_000_000,
+    "cache_tokens": 2_000_000,
+    # bytes of any JSON file read (artefacts, run JSONs, corpora): read whole, parsed
+    # into Python objects of ~10x its size
+    "json_bytes": 64 << 20,
+    # prompts (sequences) in an acceptance file's or a run's records
+    "record_prompts": 20_000,
+    # measured positions a search or a prediction replays: past it, an even sample of
+    # whole prompts is replayed, and the verb says so (a hybrid search of the shipped
+    # 5.8k positions takes about a minute on 2 cores; 12k about two)
+    "search_positions": 12_000,
 }
 
 WHAT = {"lookup_ngram": "n-gram length", "lookup_chain": "lookup chain length",
         "batch": "batch size", "context": "context length",
         "records": "measured positions", "batch_prompts": "prompts in one batch",
         "prompt_bytes": "bytes of prompt text", "acceptance_sources": "acceptance sources",
-        "corpus_tokens": "corpus tokens", "cache_tokens": "cached tokens"}
+        "corpus_tokens": "corpus tokens", "cache_tokens": "cached tokens",
+        "json_bytes": "a JSON file's size", "record_prompts": "prompts with records",
+        "search_positions": "positions a search replays"}
 
 
 def count(value, name: str, where: str, lo: int = 1) -> int:
@@ -42,7 +54,9 @@ def count(value, name: str, where: str, lo: int = 1) -> int:
     BadInput naming the bound."""
     hi = BOUNDS[name]
     if not isinstance(value, int) or isinstance(value, bool):
-        raise BadInput(f"{where}: {value!r} is not an integer ({WHAT[name]})")
+        text = repr(value)
+        text = text if len(text) <= 40 else text[:39] + "…"
+        raise BadInput(f"{where}: {text} is not an integer ({WHAT[name]})")
     if not lo <= value <= hi:
         raise BadInput(f"{where}: {WHAT[name]} {value} outside {lo}..{hi}")
     return value

@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args._main(args)
     except BadInput as e:
-        code, line = 2, f"error: {e}"
+        text = str(e).splitlines()[0] if str(e) else ""
+        code, line = 2, f"error: {text if len(text) <= 400 else text[:399] + '…'}"
     except KeyboardInterrupt:
         code, line = 130, "interrupted"
     except Terminated:
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         code, line = 1, (f"failed: out of memory ({msg[:120]}); try a smaller --batch, "
                          "fewer prompts or a shorter input" if is_oom(e) else
-                         f"failed: {e.__class__.__name__}: {msg}")
+                         f"failed: {e.__class__.__name__}: {msg[:200]}")
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -1,5 +1,11 @@
 """Device facts, read once: CPU name and flags, NVIDIA GPU facts via pynvml, the file-name
-id of the local device, and the one synchronize helper."""
+id of the local device (its identity: what changes t(L)), and the one synchronize helper.
+
+Two machines share an identity only where a forward costs alike on both: for a CPU its
+name, its instruction-set class (:func:`cpu_isa`: AMX, AVX-512 with bf16, AVX-512, AVX2,
+Arm SVE or NEON) and its core count — CPUs sold under one name differ in the first two;
+for a GPU its name and memory. ``$TREEOPT_DEVICE_ID`` overrides it (to use another
+machine's artefacts as this one's, and in tests, to pin one identity on any machine)."""
 from __future__ import annotations
 
 import functools
@@ -41,20 +47,44 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cpu_isa(flags: frozenset | None = None, machine: str | None = None) -> str:
+    """The instruction-set class that sets a CPU forward's cost: ``amx``, ``avx512bf16``,
+    ``avx512``, ``avx2``, ``sve``, ``neon`` or ``base`` (the best the flags show)."""
+    flags = cpuinfo()[1] if flags is None else flags
+    machine = platform.machine() if machine is None else machine
+    for isa, needs in (("amx", {"amx_bf16", "amx_tile"}), ("avx512bf16", {"avx512_bf16"}),
+                       ("avx512", {"avx512f"}), ("avx2", {"avx2"}), ("sve", {"sve"}),
+                       ("neon", {"asimd", "neon"})):
+        if needs & flags:
+            return isa
+    return "neon" if machine in ("arm64", "aarch64") else "base"
+
+
 def cpu_facts(threads: int) -> dict:
     flags = cpuinfo()[1]
     return {"kind": "cpu", "name": cpu_name(), "cores": os.cpu_count(), "threads": threads,
             "bf16": cpu_has_bf16(), "avx512": "avx512f" in flags,
-            "amx": bool({"amx_bf16", "amx_tile"} & flags), "machine": platform.machine()}
+            "amx": bool({"amx_bf16", "amx_tile"} & flags), "isa": cpu_isa(),
+            "machine": platform.machine()}
+
+
+def cpu_id(name: str, isa: str, cores: int | None) -> str:
+    """A CPU's identity: ``cpu-<name>-<isa>-<cores>c``."""
+    return f"cpu-{slug(name)}-{isa}-{cores}c"
 
 
 def device_slug(device: str = "cpu") -> str:
-    """File-name id of the local device: `cpu-<model>-<cores>c` or the GPU's name."""
+    """File-name id of the local device (see the module's docstring): ``$TREEOPT_DEVICE_ID``,
+    else ``cpu-<model>-<isa>-<cores>c``, else ``<gpu name>-<memory>gb``."""
+    pinned = os.environ.get("TREEOPT_DEVICE_ID", "").strip()
+    if pinned:
+        return slug(pinned)
     if device.startswith("cuda"):
         import torch
 
-        return slug(torch.cuda.get_device_name(0))
-    return f"cpu-{slug(cpu_name())}-{os.cpu_count()}c"
+        props = torch.cuda.get_device_properties(0)
+        return f"{slug(props.name)}-{round(props.total_memory / 2**30)}gb"
+    return cpu_id(cpu_name(), cpu_isa(), os.cpu_count())
 
 
 def sync(device) -> None:

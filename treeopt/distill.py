@@ -93,11 +93,9 @@ def greedy_responses(lm: Loaded, texts: list[str], max_new_tokens: int = 160,
                 "format": 1}
     path = cache_dir() / "distill" / f"{lm.model_id}-greedy-{_key(lm, texts, settings)}.json"
     prompts = [encode(lm.tokenizer, t, raw=raw) for t in texts]
-    if path.is_file():
-        try:
-            return [(p, r) for p, r in zip(prompts, json.loads(path.read_text())["responses"])]
-        except (ValueError, KeyError, TypeError):
-            pass  # a damaged cache entry is regenerated
+    cached = _cached_responses(path, len(prompts), len(lm.tokenizer))
+    if cached is not None:
+        return list(zip(prompts, cached))
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
     responses: dict[int, list[int]] = {}
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -107,6 +105,18 @@ def greedy_responses(lm: Loaded, texts: list[str], max_new_tokens: int = 160,
     out = [responses[i] for i in range(len(prompts))]
     write_atomic(path, json.dumps({"settings": settings, "responses": out}).encode())
     return list(zip(prompts, out))
+
+
+def _cached_responses(path, n: int, vocab: int) -> list[list[int]] | None:
+    """A cached entry's responses where it holds n lists of token ids inside the
+    vocabulary; None (regenerate) for a missing, damaged or tampered entry."""
+    try:
+        got = json.loads(path.read_bytes())["responses"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return None
+    ok = isinstance(got, list) and len(got) == n and all(
+        isinstance(r, list) and all(type(t) is int and 0 <= t < vocab for t in r) for r in got)
+    return got if ok else None
 
 
 def load_samples(lm: Loaded, texts: list[str], max_new_tokens: int = 160, topk: int = 16,

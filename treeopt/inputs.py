@@ -32,12 +32,13 @@ class Inputs:
     acceptance: dict | None = None
     acceptance_paths: list[pathlib.Path] = dataclasses.field(default_factory=list)
     acceptance_src: str | None = None
+    acceptance_note: str | None = None  # its records sampled for a bounded replay
     tree: Tree | None = None
     tree_src: str | None = None
     prompt_tokens: pathlib.Path | None = None
     prompt_tokens_src: str | None = None
     corpus: dict | None = None  # the cache source's corpus (treeopt.corpus/1) and documents
-    corpus_docs: list[list[int]] = dataclasses.field(default_factory=list, repr=False)
+    corpus_docs: list = dataclasses.field(default_factory=list, repr=False)  # int32 arrays
     corpus_src: str | None = None
 
     def paths(self) -> list[pathlib.Path]:
@@ -85,9 +86,55 @@ def find_acceptance(mid: str, tree: Tree | None = None) -> list[pathlib.Path]:
     return next((c for c in cands if all(p is not None and p.is_file() for p in c)), [])
 
 
-def find_tree(mid: str, device_type: str = "cpu") -> pathlib.Path | None:
-    return paths.lookup(paths.tree_name(device_slug(device_type), mid)) or \
+def find_tree(mid: str, device: str = "auto", dtype: str = "auto") -> pathlib.Path | None:
+    """The tree searched for this device and dtype (yours, else shipped), else the shipped
+    hand-made default."""
+    dev_type, dt = local_device(device, dtype)
+    return paths.lookup(paths.tree_name(device_slug(dev_type), mid, dt)) or \
         paths.lookup(paths.default_tree_name(mid))
+
+
+def searched_for(tree: Tree) -> tuple[str | None, str | None]:
+    """(device id, dtype) a tree was searched for: its own meta, else its profile's (trees
+    searched before trees named them); (None, None) for a hand-made tree."""
+    meta = tree.meta or {}
+    dev, dt = meta.get("device_id"), meta.get("dtype")
+    prof = paths.stored_path(meta.get("profile")) if dev is None or dt is None else None
+    if prof is not None:
+        try:
+            obj = latency.load(prof)
+            dev, dt = dev or obj.get("device_id"), dt or obj["dtype"]
+        except BadInput:
+            pass
+    return (dev if isinstance(dev, str) else None), (dt if isinstance(dt, str) else None)
+
+
+def foreign_notes(inp: Inputs, device: str = "auto", dtype: str = "auto",
+                  model: str | None = None) -> list[str]:
+    """One line for each input made for another device or dtype than this decode's (the
+    tree, the profile), with the commands that make this device's own; [] when none is."""
+    dev_type, dt = local_device(device, dtype)
+    here = f"{device_slug(dev_type)} {dt}"
+    flags = (f" --model {model}" if model else "") + (f" --dtype {dtype}" if dtype != "auto"
+                                                      else "")
+    notes = []
+    if inp.tree is not None:
+        dev, tdt = searched_for(inp.tree)
+        if (dev, tdt) == (None, None):
+            notes.append(f"note: tree {inp.tree_src} is a hand-made default, searched for no "
+                         f"device; this is {here}: `treeopt profile{flags}` then `treeopt "
+                         f"search --sources ppd,lookup,cache{flags}` search this device's tree")
+        elif (dev, tdt) != tuple(here.split(" ")):
+            notes.append(f"note: tree {inp.tree_src} was searched for {dev} {tdt}, this is "
+                         f"{here}: `treeopt profile{flags}` then `treeopt search --sources "
+                         f"ppd,lookup,cache{flags}` search this device's tree")
+    if inp.profile is not None and not inp.profile.get("simulated"):
+        pdev, pdt = inp.profile.get("device_id"), inp.profile["dtype"]
+        if (pdev, pdt) != tuple(here.split(" ")):
+            notes.append(f"note: profile {inp.profile_src} was measured on {pdev} {pdt}, this "
+                         f"is {here}: its predictions do not hold here (`treeopt profile"
+                         f"{flags}` measures this device)")
+    return notes
 
 
 def resolve_inputs(model: str | None = None, profile: str | None = None,
@@ -117,7 +164,7 @@ def resolve_inputs(model: str | None = None, profile: str | None = None,
             raise BadInput(f"--tree {tree}: its forward input is {out.tree.max_input_length} "
                            f"tokens, the model's context is {limit}")
     elif "tree" in need + want:
-        path = find_tree(mid, local_device(device, dtype)[0])
+        path = find_tree(mid, device, dtype)
         if path is not None:
             out.tree, out.tree_src = load_tree(path), paths.display_path(path)
     if prompt_tokens:
@@ -142,6 +189,8 @@ def resolve_inputs(model: str | None = None, profile: str | None = None,
             out.acceptance = given["acceptance"] or pooled.load(found)
             out.acceptance_paths = found
             out.acceptance_src = " + ".join(paths.display_path(p) for p in found)
+            out.acceptance, out.acceptance_note = pooled.capped(out.acceptance,
+                                                                out.acceptance_src)
             _same_model("acceptance", out.acceptance, out.acceptance_src, mid,
                         bool(acceptance))
         elif "acceptance" in need:

@@ -21,7 +21,7 @@ import pathlib
 import numpy as np
 from scipy.optimize import isotonic_regression, least_squares
 
-from .artefact import check_schema, finite, read_json, stamp
+from .artefact import check_fields, check_schema, finite, read_json, stamp
 from .errors import BadInput
 from .models import KNOWN_MODELS, known_model
 
@@ -155,6 +155,8 @@ def validate(obj: dict, where: str = "profile") -> None:
     for field in ("model", "dtype", "device", "points"):
         if field not in obj:
             raise BadInput(f"{where}: missing field {field!r}")
+    check_fields(obj, {"model": "str", "dtype": "str", "device": "obj", "?device_id": "str"},
+                 where)
     if not isinstance(obj["points"], list) or not obj["points"]:
         raise BadInput(f"{where}: field 'points' must be a non-empty list")
     for i, p in enumerate(obj["points"]):

@@ -122,8 +122,8 @@ def corpus_name(model_id: str) -> str:
     return f"{name_part(model_id)}.corpus.json"
 
 
-def tree_name(device_id: str, model_id: str) -> str:
-    return f"{slug(device_id)}__{name_part(model_id)}.tree.json"
+def tree_name(device_id: str, model_id: str, dtype: str) -> str:
+    return f"{slug(device_id)}__{name_part(model_id)}__{slug(dtype)}.tree.json"
 
 
 def prompt_tokens_name(model_id: str) -> str:

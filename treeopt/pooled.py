@@ -6,13 +6,15 @@ is read for its records here (every block of a families or batch bench, pooled).
 """
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
 
 from . import runs
 from .acceptance import (RECORD_TOPK, SCHEMA, cache_summary, estimate, lookup_summary, pack,
                          unpack_records, validate)
 from .artefact import read_json
-from .bounds import count
+from .bounds import BOUNDS, count
 from .errors import BadInput
 from .sources import LOOKUP_CHAIN, LOOKUP_NGRAM
 
@@ -47,11 +49,13 @@ def as_acceptance(model: str, k: int, parts: list[dict], stepwise: list[bool],
             "prompts": len(keep), "lookup": lk, **ck}
 
 
-def pool(objs: list[dict], names: list[str]) -> dict:
+def pool(objs: list[dict], names: list[str], max_positions: int | None = None) -> dict:
     """Several acceptance objects with records (acceptance files, runs) as one: their
     records concatenated (each recorded position counts once), the estimates remade.
     They must share the model, the prompt-token count, top-k and lookup n-gram; chains
-    are cut to the shortest any of them measured."""
+    are cut to the shortest any of them measured. Past `max_positions`, an even sample
+    of whole prompts (every s-th, s as small as keeps it within) is kept, and the object
+    says so (`sampled`)."""
     recs = []
     for obj, name in zip(objs, names):
         rec = unpack_records(obj, where=name)
@@ -89,8 +93,40 @@ def pool(objs: list[dict], names: list[str]) -> dict:
                                   if key != "cache_match" else rec[key][sl]
                                   for key in CACHE_KEYS})
             stepwise.append(rec["stepwise"][i])
+    total, sampled = sum(len(p["match"]) for p in parts), {}
+    if max_positions is not None and total > max_positions:
+        parts, stepwise = _even_sample(parts, stepwise, max_positions)
+        sampled = {"sampled": {"positions": sum(len(p["match"]) for p in parts),
+                               "of": total, "prompts": len(parts)}}
     return as_acceptance(first["model"], first["num_prompt_tokens"], parts, stepwise,
-                         recs[0]["max_ngram"], chain, cache, source="pooled", pooled=names)
+                         recs[0]["max_ngram"], chain, cache, source="pooled", pooled=names,
+                         **sampled)
+
+
+def _even_sample(parts: list[dict], stepwise: list[bool], cap: int):
+    """Every s-th prompt's records, with the smallest stride s that keeps ≤ cap positions
+    (a single prompt longer than cap is kept alone, cut to cap)."""
+    for s in range(2, len(parts) + 1):
+        keep = list(range(0, len(parts), s))
+        if sum(len(parts[i]["match"]) for i in keep) <= cap:
+            return [parts[i] for i in keep], [stepwise[i] for i in keep]
+    one = {k: v[:cap] for k, v in parts[0].items()}
+    return [one], stepwise[:1]
+
+
+def capped(obj: dict, name: str) -> tuple[dict, str | None]:
+    """An acceptance object whose records a search replays in bounded time: itself when
+    it holds at most BOUNDS["search_positions"] positions, else an even sample of its
+    prompts (:func:`pool`), with the line that says so."""
+    rec = unpack_records(obj, where=name)
+    cap = BOUNDS["search_positions"]
+    if rec is None or sum(rec["lengths"]) <= cap:
+        return obj, None
+    out = pool([obj], [name], cap)
+    s = out["sampled"]
+    return out, (f"note: {name} holds {s['of']} measured positions; replaying an even "
+                 f"sample of {s['prompts']} prompts ({s['positions']} positions, the bound "
+                 "on positions a search replays)")
 
 
 def _pooled_cache(objs: list[dict], recs: list[dict]) -> dict | None:
@@ -111,6 +147,12 @@ def load(paths: list) -> dict:
     """One acceptance object from acceptance files and run JSONs, pooled when there are
     several (or a run holds several blocks: a families or batch bench)."""
     count(len(paths), "acceptance_sources", "--acceptance")
+    seen = set()
+    for p in paths:
+        real = pathlib.Path(p).resolve()
+        if real in seen:
+            raise BadInput(f"--acceptance {p}: given twice (each source counts once)")
+        seen.add(real)
     objs, names = [], []
     for p in paths:
         obj = read_json(p, "acceptance file")

@@ -8,13 +8,14 @@ import pathlib
 import re
 import zlib
 
-from .artefact import note_input
+from .artefact import input_file, note_input, shown
 from .bounds import BOUNDS
 from .errors import BadInput
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
 # --prompts NAME: the shipped sets (source and license in treeopt/data/README.md)
-SLICE = re.compile(r"^(?P<name>.+?)(?P<bracket>\[(?P<start>\d*):(?P<stop>\d*)\])?$")
+SLICE = re.compile(r"^(?P<name>.+?)(?P<bracket>\[(?P<start>[0-9]*):(?P<stop>[0-9]*)\])?$",
+                   re.DOTALL)
 SETS = {"mt-bench": "mt-bench.jsonl", "vicuna-bench": "vicuna-bench.jsonl",
         "alpaca-seed": "alpaca-seed.jsonl", "gsm8k-train": "gsm8k-train.jsonl.gz",
         "input-grounded": "input-grounded.jsonl"}
@@ -68,12 +69,19 @@ def split_slice(spec: str) -> tuple[str, int, int | None]:
     """NAME[START:STOP] → (name, start, stop): rows START..STOP − 1 of a set or file; a
     name without brackets (or a file that exists under the full name) is all of it."""
     m = SLICE.match(spec)
-    if m is None or not m["bracket"] or pathlib.Path(spec).is_file():
+    if m is None or not m["bracket"] or _is_file(spec):
         return spec, 0, None
     start, stop = int(m["start"] or 0), int(m["stop"]) if m["stop"] else None
     if stop is not None and stop <= start:
         raise BadInput(f"--prompts {spec}: empty slice")
     return m["name"], start, stop
+
+
+def _is_file(name: str) -> bool:
+    try:
+        return pathlib.Path(name).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def load(path: str | None, limit: int | None = None, offset: int = 0,
@@ -123,16 +131,18 @@ def resolve(name: str) -> pathlib.Path:
     if name in SETS:
         return DATA / SETS[name]
     p = pathlib.Path(name)
-    if not p.is_file():
-        raise BadInput(f"prompt file {p}: no such file (shipped sets: {', '.join(SETS)})")
-    return p
+    try:
+        there = p.exists()
+    except OSError:  # a name the file system refuses: input_file says so
+        there = True
+    if not there:
+        raise BadInput(f"prompt file {shown(name, 120)}: no such file (shipped sets: "
+                       f"{', '.join(SETS)})")
+    return input_file(p, "prompt file")
 
 
 def resolve_file(path: str, what: str) -> pathlib.Path:
-    p = pathlib.Path(path)
-    if not p.is_file():
-        raise BadInput(f"{what} {p}: no such file")
-    return p
+    return input_file(path, what)
 
 
 def read_text(p: pathlib.Path) -> str:
@@ -158,6 +168,26 @@ def read_text(p: pathlib.Path) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise BadInput(f"prompt file {p}: not UTF-8 text (byte {e.start})") from e
+
+
+PIECE = 1 << 16  # characters tokenized at once
+
+
+def tokenize(tokenizer, text: str, limit: int, where: str) -> list[int]:
+    """A document's ids, tokenized in pieces of about PIECE characters cut before a space
+    or after a newline (a fast tokenizer given tens of MB at once can exhaust memory);
+    more than `limit` tokens → BadInput, before the rest is tokenized."""
+    ids, at = [], 0
+    while at < len(text):
+        end = min(at + PIECE, len(text))
+        if end < len(text):
+            cut = max(text.rfind("\n", at, end) + 1, text.rfind(" ", at, end))
+            end = cut if cut > at else end
+        ids += tokenizer(text[at:end], add_special_tokens=False)["input_ids"]
+        if len(ids) > limit:
+            raise BadInput(f"{where}: more than {limit} tokens (the bound on corpus tokens)")
+        at = end
+    return ids
 
 
 def encode(tokenizer, text: str, raw: bool = False) -> list[int]:

@@ -7,6 +7,7 @@ Field specs as :func:`treeopt.artefact.check_fields` takes them.
 from __future__ import annotations
 
 from .artefact import check_fields, check_schema, finite, read_json
+from .bounds import count
 from .errors import BadInput
 
 SCHEMA = "treeopt.run/1"
@@ -67,6 +68,7 @@ def validate(run: dict, where: str = "run file") -> None:
             continue
         if not isinstance(rows, list):
             raise BadInput(f"{where}: {key} must be a list of rows")
+        count(len(rows), "record_prompts", f"{where}: {key}", lo=0)
         for i, row in enumerate(rows):
             check_fields(row, spec, f"{where}: {key}[{i}]")
             if isinstance(row.get("predicted"), dict):

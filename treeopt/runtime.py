@@ -278,6 +278,9 @@ class Decoder:
         self.prompt_tokens = prompt_tokens
         self.table = None
         self.buffers = {}
+        # a tree whose per-batch table says plain decoding for one sequence (no tree pays
+        # there): `ppd` then decodes with the plain loop
+        self.plain = tree is not None and tree.at_batch(1) is None
         if tree is None:
             return
         if prompt_tokens is None:
@@ -489,6 +492,11 @@ class Decoder:
             raise BadInput("no tree loaded")
         if temperature < 0:
             raise BadInput(f"temperature must be ≥ 0, got {temperature}")
+        if self.plain:  # no tree pays for one sequence on this device
+            res = self.baseline(input_ids, max_new_tokens, temperature, seed, on_tokens)
+            if learn:
+                self.remember(res.output_ids)
+            return res
         self.check_prompt(input_ids, max_new_tokens)
         topk, gen = self.tree.rank_width, self._generator(seed)
         width = max(topk, min(RECORD_TOPK, self.model.get_output_embeddings().weight.shape[0]))
@@ -629,12 +637,16 @@ def open_decoder(inputs, model: str | None = None, dtype: str = "auto", device: 
         info["tree"] = f"chain of depth {pt.num}"
     cache = None
     if inputs.corpus is not None and lm.tokenizer is not None:
-        corpora.check_tokenizer(inputs.corpus, lm.tokenizer, f"corpus {inputs.corpus_src}")
+        corpora.check_tokenizer(inputs.corpus, inputs.corpus_docs, lm,
+                                f"corpus {inputs.corpus_src}")
         cache = corpora.cache_of(inputs.corpus_docs, cache_tokens)
-        info["corpus"] = corpora.about(inputs.corpus, inputs.corpus_src)
+        info["corpus"] = corpora.about(inputs.corpus, inputs.corpus_docs, inputs.corpus_src)
     elif tree.cache is not None:
         cache = SuffixCache(cache_tokens)
         info["corpus"] = None  # the cache holds this process's outputs alone
     if cache is not None:
         info["cache"] = cache.settings()
-    return Decoder(lm, pt, tree, cache), info
+    dec = Decoder(lm, pt, tree, cache)
+    if dec.plain:
+        info["plain"] = True  # the tree's table: plain decoding for one sequence
+    return dec, info

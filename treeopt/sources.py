@@ -140,7 +140,7 @@ class SuffixCache:
         parts, hashes, places = [], {n: [] for n in self.orders}, {n: [] for n in self.orders}
         start, starts = self.base + self.tokens, []
         for ids in docs:
-            doc = np.asarray([int(t) for t in ids][-self.cap:], dtype=np.int32)
+            doc = np.asarray(ids, dtype=np.int32)[-self.cap:]
             if doc.size < self.min_ngram + 1:
                 continue
             starts.append(start)

@@ -100,6 +100,15 @@ class Tree:
     def has_chains(self) -> bool:
         return self.lookup is not None or self.cache is not None
 
+    def at_batch(self, live: int) -> "Tree | None":
+        """The tree for `live` sequences: the per-batch table's entry for the largest
+        size ≤ live (the smallest where none is), None = plain decoding; the tree itself
+        where it has no table. The one rule single and batched decoding follow."""
+        if not self.by_batch:
+            return self
+        sizes = sorted(self.by_batch)
+        return self.by_batch[max([b for b in sizes if b <= live] or sizes[:1])]
+
     def ppd_part(self) -> "Tree":
         """The tree without its chain sources (and without a per-batch table)."""
         return dataclasses.replace(self, lookup=None, cache=None, by_batch={})

@@ -24,7 +24,7 @@ from ..latency import Latency
 from ..tree import Tree
 from .curves import greedy_curve, optimise_static, per_input_length
 from .exact import figures, optimise, predict, prediction
-from .hybrid import replay_predict
+from .hybrid import replay_predict, with_cache, with_lookup
 from .tuning import tune
 
 DEFAULT_CONTEXT = 512  # where the acceptance file does not say what context it measured
@@ -87,6 +87,42 @@ def search(acc_obj: dict, profile: dict, opts: Options, name: str = "search") ->
             "static": opts.static, "predicted": pred, "search_seconds": round(seconds, 3)}
     return {"solution": sol, "acc": acc, "path_prob": use_pp, "latency": lat, "t1": t1,
             "meta": meta, "report": report}
+
+
+def add_sources(found: dict, rec: dict, sources: list[str], max_input: int) -> None:
+    """The chain sources beside the searched guesses (`sources` ⊇ {"ppd"}; lookup, cache),
+    each kept only where the replay over the measured positions predicts faster: the
+    solution's tree gains their policies, the meta says what each added (`replayed`)."""
+    meta = found["meta"]
+    meta["sources"] = ",".join(sources)
+    meta["replayed"] = with_lookup(found, rec, max_input) if "lookup" in sources \
+        else {"lookup_kept": False}
+    if "cache" in sources:
+        r = meta["replayed"]
+        c = with_cache(found["solution"].tree, rec, found["latency"], max_input)
+        r["cache"] = c
+        r.setdefault("ppd_only", c["without_cache"])
+        if "hybrid" in r:
+            r["with_lookup"] = r["hybrid"]  # before the cache
+        r["hybrid"] = c["hybrid"] if c["cache_kept"] else r.get("hybrid", c["without_cache"])
+        r["lookup_kept"] = found["solution"].tree.lookup is not None
+
+
+def plain_if_faster(found: dict) -> dict | None:
+    """Where plain decoding (one token a step at t(1)) beats the chosen tree's predicted
+    tokens/s (replayed with its chain sources where it has them), one sequence decodes
+    plainly: the tree's per-batch table says so for B = 1 (:meth:`Tree.at_batch`); the
+    figures of both, else None."""
+    tree, meta = found["solution"].tree, found["meta"]
+    hybrid = (meta.get("replayed") or {}).get("hybrid") if tree.has_chains else None
+    tps = (hybrid or meta["predicted"])["tokens_per_second"]
+    plain = 1.0 / found["t1"]
+    if tps >= plain or tree.by_batch:
+        return None
+    tree.by_batch = {1: None}
+    meta["plain_at_1"] = {"tree_tokens_per_second": round(tps, 3),
+                          "plain_tokens_per_second": round(plain, 3)}
+    return meta["plain_at_1"]
 
 
 def evaluate_tree(tree: Tree, acc_obj: dict, profile: dict, opts: Options) -> dict:

@@ -15,7 +15,7 @@ from ..distill import measure_acceptance
 from ..errors import BadInput
 from ..evaluation import check_trees
 from ..export import load_tree
-from ..inputs import find_tree, local_device, resolve_inputs
+from ..inputs import find_tree, resolve_inputs
 from ..runtime import open_decoder
 from ..sources import LOOKUP_CHAIN, LOOKUP_NGRAM
 from ..tree import Tree
@@ -51,11 +51,12 @@ def add_arguments(p) -> None:
                    "<model>.acceptance.json)")
 
 
-def _trees(names: list[str], k: int, model_id: str, device_type: str) -> dict[str, Tree]:
+def _trees(names: list[str], k: int, model_id: str, device: str,
+           dtype: str) -> dict[str, Tree]:
     out = {}
     for name in names:
         if name == "default":
-            path = find_tree(model_id, device_type)
+            path = find_tree(model_id, device, dtype)
             out[name] = load_tree(path) if path else Tree.chain(k, k)
         elif name == "chain":
             out[name] = Tree.chain(k, k)
@@ -79,7 +80,7 @@ def main(args) -> dict:
                          want=("corpus",), corpus=args.corpus,
                          dtype=args.dtype)
     for name in args.check_tree or []:  # fail early on a bad file; each one is an input
-        path = find_tree(inp.model_id, local_device(args.device, args.dtype)[0]) \
+        path = find_tree(inp.model_id, args.device, args.dtype) \
             if name == "default" else None if name in BUILT_IN_TREES else name
         if path is not None:
             load_tree(path)
@@ -106,7 +107,8 @@ def main(args) -> dict:
            "offset": args.offset, "stride": args.stride,
            "max_new_tokens": args.max_new_tokens, **est, **stamp()}
     if args.check_tree:
-        trees = _trees(args.check_tree, dec.prompt_tokens.num, info["model"], dec.device.type)
+        trees = _trees(args.check_tree, dec.prompt_tokens.num, info["model"], args.device,
+                        args.dtype)
         obj["check"] = {"prompt_file": args.check_prompts or "built-in",
                         "prompts": len(check_texts),
                         "trees": check_trees(dec, trees, obj, check_texts, args.max_new_tokens,

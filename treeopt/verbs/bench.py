@@ -9,14 +9,17 @@ from ..drift import assess, lines, speed_line
 from ..evaluation import batch_bench, predicted_vs_measured, run_bench, speed_vs_profile
 from ..inputs import local_device, resolve_inputs
 from ..runtime import open_decoder
+from .calibration import add_calibrate_arg, maybe_calibrate
 from .common import (add_acceptance_arg, add_batch_arg, add_cache_args, add_model_args,
-                     add_prompt_args, model_flag, nonneg_int, positive_int, say, warn)
+                     add_prompt_args, decode_notes, model_flag, nonneg_int, positive_int, say,
+                     warn)
 
 HELP = "benchmark PPD against HF generate over a prompt set"
 
 
 def add_arguments(p) -> None:
     add_model_args(p)
+    add_calibrate_arg(p)
     add_prompt_args(p, repeat="repeat it to bench each set as a prompt family (limit, "
                     "offset and stride apply to each)")
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
@@ -68,6 +71,9 @@ def main(args) -> dict:
     # every set's prompts encoded and length-checked before any benching
     encoded = {s: dec.encode_prompts(t, args.max_new_tokens, args.raw)
                for s, t in families.items()}
+    maybe_calibrate(args, inp, dec, info, not args.json)
+    for note in decode_notes(inp, info, args):  # inputs all good
+        warn(note)
     human = not args.json
     if args.batch:
         return _batch(args, dec, info, inp, encoded[sets[0]], human, out_path)
@@ -83,9 +89,9 @@ def main(args) -> dict:
     write_json(out_path, out)
     if human:
         _print(out, out_path)
-        for line in lines(out.get("drift"), out_path, inp.acceptance_src, inp.profile_src,
-                          model_flag(args.model)):
-            warn(line)
+    for line in lines(out.get("drift"), out_path, inp.acceptance_src, inp.profile_src,
+                      model_flag(args.model)):  # on stderr, with --json too
+        warn(line)
     return out
 
 
@@ -141,14 +147,14 @@ def _families(args, dec, info, inp, encoded: dict, human, path) -> dict:
         say("predicted: from the acceptance data; own text: the tree replayed over the "
             "family's own recorded steps")
         say(f"wrote {path}")
-        for r in rows:
-            d = {k: v for k, v in (r.get("drift") or {}).items() if k != "speed"}
-            for line in lines(d, path, inp.acceptance_src, inp.profile_src,
-                              model_flag(args.model), r["family"]):
-                warn(line)
-        line = speed_line(speed, inp.profile_src, model_flag(args.model))
-        if line:
+    for r in rows:  # drift lines on stderr, with --json too
+        d = {k: v for k, v in (r.get("drift") or {}).items() if k != "speed"}
+        for line in lines(d, path, inp.acceptance_src, inp.profile_src,
+                          model_flag(args.model), r["family"]):
             warn(line)
+    line = speed_line(speed, inp.profile_src, model_flag(args.model))
+    if line:
+        warn(line)
     return out
 
 
@@ -179,16 +185,16 @@ def _batch(args, dec, info, inp, encoded, human, path) -> dict:
             "interleaved in chunks of 2B prompts. predicted: the search's figure for full "
             "batches at each step's cache length, vs the steps where all B were live")
         say(f"wrote {path}")
-        for r in rows:
-            what, flag = f"B = {r['batch']}", model_flag(args.model)
-            if r.get("drift"):
-                found = lines(r["drift"], path, inp.acceptance_src, inp.profile_src, flag, what)
-            else:  # B decodes plainly: its plain steps tell the speed
-                line = speed_line((r.get("predicted") or {}).get("speed_vs_profile"),
-                                  inp.profile_src, flag)
-                found = [f"{line} ({what})"] if line else []
-            for line in found:
-                warn(line)
+    for r in rows:  # drift lines on stderr, with --json too
+        what, flag = f"B = {r['batch']}", model_flag(args.model)
+        if r.get("drift"):
+            found = lines(r["drift"], path, inp.acceptance_src, inp.profile_src, flag, what)
+        else:  # B decodes plainly: its plain steps tell the speed
+            line = speed_line((r.get("predicted") or {}).get("speed_vs_profile"),
+                              inp.profile_src, flag)
+            found = [f"{line} ({what})"] if line else []
+        for line in found:
+            warn(line)
     return out
 
 

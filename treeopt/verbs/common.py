@@ -8,6 +8,7 @@ import re
 import sys
 
 from ..bounds import BOUNDS
+from ..inputs import foreign_notes
 from ..sources import CACHE_TOKENS
 
 
@@ -157,6 +158,17 @@ def say(*parts, **kw) -> None:
 def warn(*parts, **kw) -> None:
     """A warning or note: on stderr, with or without --json."""
     print(*parts, file=sys.stderr, **kw)
+
+
+def decode_notes(inp, info: dict, args) -> list[str]:
+    """The lines a decoding verb says on stderr (with --json too) once its inputs are all
+    good: inputs made for another device or dtype, plain decoding chosen by the tree, an
+    acceptance file sampled for a bounded replay."""
+    notes = foreign_notes(inp, args.device, args.dtype, args.model)
+    if info.get("plain"):
+        notes.append(f"note: decoding plainly, one token a step: the tree {info['tree']} says "
+                     "no tree pays for one sequence on this device")
+    return notes + ([inp.acceptance_note] if inp.acceptance_note else [])
 
 
 def model_flag(model: str | None) -> str:

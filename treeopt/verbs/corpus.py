@@ -6,11 +6,13 @@ the answers of earlier requests (`--sources ...,cache` in `treeopt search`)."""
 from __future__ import annotations
 
 from .. import corpus, paths, prompts
-from ..artefact import check_out, note_input, stamp, write_json
-from ..bounds import count
+from ..artefact import check_out, stamp, write_json
+from ..bounds import BOUNDS, count
 from ..distill import greedy_responses
 from ..errors import BadInput
+from ..inputs import model_id
 from ..models import dtype_name, load
+from ..prompts import tokenize
 from .common import add_model_args, int_in, say
 
 HELP = "build a corpus of the model's own answers (or your text) for the cache source"
@@ -33,17 +35,21 @@ def add_arguments(p) -> None:
                    "<model>.corpus.json, which decoding then uses)")
 
 
-def text_documents(path: str, tokenizer) -> list[list[int]]:
+def text_documents(path: str) -> list[str]:
+    """The documents of one --text file, read (and registered as an input) before the
+    model loads: a text file is one document, a JSONL file one a row; none → BadInput."""
     p = prompts.resolve_file(path, "--text")
     text = prompts.read_text(p)
-    note_input(p)
     if p.suffix == ".jsonl" or p.name.endswith(".jsonl.gz"):
         rows = [row["text"] if isinstance(row.get("text"), str) else
                 prompts.prompt_text(row, f"--text {p} line {i}")
                 for i, row in prompts.jsonl_rows(text, f"--text {p}")]
     else:
         rows = [text]
-    return [tokenizer(r, add_special_tokens=False)["input_ids"] for r in rows if r.strip()]
+    rows = [r for r in rows if r.strip()]
+    if not rows:
+        raise BadInput(f"--text {p}: no text in it (an empty document adds nothing)")
+    return rows
 
 
 def main(args) -> dict:
@@ -57,8 +63,10 @@ def main(args) -> dict:
         texts = prompts.load(spec)
         kept = [t for t in texts if t not in excluded]
         sets.append((spec, kept, len(texts) - len(kept)))
+    own = {path: text_documents(path) for path in args.text}  # every input read first
+    out = check_out(args.out or paths.user_profiles() / paths.corpus_name(
+        model_id(args.model)))
     lm = load(args.model, args.dtype, args.device, threads=args.threads)
-    out = check_out(args.out or paths.user_profiles() / paths.corpus_name(lm.model_id))
     human = not args.json
     docs, sources, hashes = [], [], []
     for spec, texts, dropped in sets:
@@ -69,8 +77,9 @@ def main(args) -> dict:
         sources.append({"prompts": prompts.family_name(spec), "slice": spec,
                         "count": len(texts), "excluded": dropped,
                         "tokens": sum(len(r) for _, r in pairs)})
-    for path in args.text:
-        got = text_documents(path, lm.tokenizer)
+    for path, rows in own.items():
+        got = [tokenize(lm.tokenizer, r, BOUNDS["corpus_tokens"], f"--text {path}")
+               for r in rows]
         docs += got
         sources.append({"text": paths.display_path(path), "documents": len(got),
                         "tokens": sum(map(len, got))})

@@ -13,12 +13,12 @@ from ..errors import BadInput
 from ..drift import assess, lines
 from ..evaluation import predicted_vs_measured, run_bench, speed_vs_profile
 from ..inputs import resolve_inputs
-from ..measure import measure_profile
+from ..calibrate import short_profile
 from ..runtime import open_decoder
+from ..sources import CACHE_TOKENS, SuffixCache
 from ..acceptance import unpack_records
-from ..search import Options, search
-from ..search.hybrid import with_lookup
-from .common import add_model_args, model_flag, positive_int, say, warn
+from ..search import Options, add_sources, plain_if_faster, search
+from .common import add_model_args, decode_notes, model_flag, positive_int, say, warn
 
 HELP = "run the whole pipeline on a model (default: the embedded one) and write a report"
 
@@ -47,18 +47,22 @@ def main(args) -> dict:
         raise BadInput("--fresh re-measures the profile; drop --profile")
     inp = resolve_inputs(args.model, args.profile, prompt_tokens=args.prompt_tokens,
                          device=args.device, dtype=args.dtype,
-                         want=() if args.fresh else ("profile", "acceptance"))
+                         want=("corpus",) if args.fresh else ("profile", "acceptance",
+                                                              "corpus"))
     folder = paths.home() / "demo"
     out = args.out or folder / "demo.html"
     dec, info = open_decoder(inp, args.model, args.dtype, args.device, args.threads)
+    for note in decode_notes(inp, info, args):
+        warn(note)
     mid, dev_id = info["model"], device_slug(dec.device.type)
     heads = {}
-    if inp.profile is None:
-        step(1, "profile: measuring (a few minutes)…")
-        prof = measure_profile(dec, latency.CPU_SIZES, latency.CPU_CONTEXTS, quiet=not human)
+    if inp.profile is None:  # the first-run calibration's short profile (`treeopt profile`
+        step(1, "profile: a short one of this device (under a minute)…")  # for the grid)
+        prof = short_profile(dec, quiet=not human)
         prof_path = paths.user_profiles() / paths.profile_name(dev_id, mid, info["dtype"])
         write_json(prof_path, prof)
-        heads["profile"] = f"measured, knee {latency.summary(prof)['knee']}"
+        heads["profile"] = (f"measured a short one in {prof['short']['seconds']:.0f} s, knee "
+                            f"{latency.summary(prof)['knee']}")
     else:
         prof, prof_path = inp.profile, inp.profile_path
         heads["profile"] = f"reused {paths.display_path(prof_path)}"
@@ -83,14 +87,16 @@ def main(args) -> dict:
     found = search(acc, prof, Options(), f"demo-{mid}")
     meta = found["meta"]
     rec = unpack_records(acc)
-    if rec is not None:  # prompt lookup beside the guesses where it predicts faster
-        meta["sources"] = "ppd,lookup"
-        meta["replayed"] = with_lookup(found, rec, Options().max_input)
+    if rec is not None:  # every chain source the records measured, where it predicts faster
+        add_sources(found, rec, ["ppd", "lookup"] + (["cache"] if "cache_match" in rec
+                                                     else []), Options().max_input)
+    plain = plain_if_faster(found)
     tree = found["solution"].tree
-    tree_path = folder / paths.tree_name(dev_id, mid)
+    tree_path = folder / paths.tree_name(dev_id, mid, info["dtype"])
     report_path = paths.search_report_path(tree_path)
     tree.meta = {"model": mid, "profile": paths.display_path(prof_path),
                  "acceptance": acc_src, "device": prof["device"]["name"],
+                 "device_id": prof.get("device_id"), "dtype": prof["dtype"],
                  "simulated": False, **meta, **stamp(), "search_report": report_path.name}
     write_json(report_path, {"schema": "treeopt.search/1", "tree": tree_path.name,
                              "model": mid, **found["report"]})
@@ -100,22 +106,31 @@ def main(args) -> dict:
                        f"{pred['tokens_per_second']:.1f} tokens/s predicted "
                        f"({pred['speedup_vs_t1']:.2f}x plain), input lengths "
                        f"{pred['input_lengths']}")
-    if tree.lookup is not None:
+    if tree.has_chains:
         r = meta["replayed"]["hybrid"]
-        heads["search"] += (f"; with prompt lookup {r['tokens_per_step']:.2f} tokens/step, "
+        used = [{"lookup": "prompt lookup", "cache": "the cache"}[x]
+                for x, on in (("lookup", tree.lookup), ("cache", tree.cache)) if on]
+        heads["search"] += (f"; with {' and '.join(used)} "
+                            f"{r['tokens_per_step']:.2f} tokens/step, "
                             f"{r['tokens_per_second']:.1f} tokens/s (replayed)")
+    if plain:
+        heads["search"] += (f"; no tree pays here: plain decoding "
+                            f"({plain['plain_tokens_per_second']:.1f} tokens/s)")
     step(3, f"search: {heads['search']}")
+    if tree.cache is not None and dec.cache_source is None:
+        dec.cache_source = SuffixCache(CACHE_TOKENS)
     dec.set_tree(tree, dec.prompt_tokens)
     encoded = [prompts.encode(dec.lm.tokenizer, t) for t in prompts.load(None, args.limit)]
     res, runs = run_bench(dec, encoded, args.max_new_tokens, info["dtype"], plain=False,
                           quiet=not human)
     run = {"schema": "treeopt.run/1", "kind": "bench", **info,
-           "tree": paths.display_path(tree_path), "prompt_file": "built-in", **res}
+           "tree": paths.display_path(tree_path), "prompt_file": "built-in", **res,
+           **({"plain": True} if dec.plain else {})}
     speed = speed_vs_profile(runs, prof)
     p = predicted_vs_measured(tree, res, prof, paths.display_path(prof_path), acc, acc_src,
                               speed)
     block, d = assess(tree, dec.prompt_tokens.num, mid, encoded, [r for _, r in runs],
-                      res["decode"], p, prof, speed, run="demo",
+                      res["decode"], p, prof, speed, dec.cache_settings, run="demo",
                       prompt_file="built-in", tree_file=run["tree"])
     run.update({k: v for k, v in (("predicted", p), ("acceptance", block), ("drift", d)) if v})
     run_path = folder / "demo.run.json"
@@ -125,8 +140,8 @@ def main(args) -> dict:
                       f"{res['tokens_per_step']:.2f} tokens/step, identical "
                       f"{100 * res['identical_fraction']:.0f}%")
     step(4, f"bench: {heads['bench']}")
-    for line in lines(d, run_path, acc_src,
-                      paths.display_path(prof_path), model_flag(args.model)) if human else []:
+    for line in lines(d, run_path, acc_src, paths.display_path(prof_path),
+                      model_flag(args.model)):
         warn(line)
     html = report.build([(str(prof_path), prof)], acc, tree.to_json(), run,
                         f"treeopt demo — {mid}", search_report=found["report"])

@@ -13,8 +13,9 @@ from ..evaluation import decode_phase, predicted_vs_measured, speed_vs_profile
 from ..inputs import resolve_inputs
 from ..records import of_run
 from ..runtime import open_decoder
-from .common import (add_cache_args, add_model_args, finite_float, model_flag, positive_int, say, seed_int,
-                     warn)
+from .calibration import add_calibrate_arg, maybe_calibrate
+from .common import (add_cache_args, add_model_args, decode_notes, finite_float, model_flag,
+                     positive_int, say, seed_int, warn)
 
 HELP = "decode one prompt with the PPD runtime"
 SAMPLE_PROMPT = "Explain in a few sentences why the sky is blue."
@@ -23,6 +24,7 @@ SAMPLE_PROMPT = "Explain in a few sentences why the sky is blue."
 def add_arguments(p) -> None:
     add_model_args(p)
     add_cache_args(p)
+    add_calibrate_arg(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompt", help=f"prompt text (default: {SAMPLE_PROMPT!r})")
     g.add_argument("--prompt-file", help="read the prompt from a text file")
@@ -76,6 +78,9 @@ def main(args) -> dict:
                              cache_tokens=args.cache_tokens)
     ids = prompts.encode(dec.lm.tokenizer, text, raw=args.raw)
     dec.check_prompt(ids, args.max_new_tokens)
+    maybe_calibrate(args, inp, dec, info, not args.json)
+    for note in decode_notes(inp, info, args):  # inputs all good
+        warn(note)
     human = not args.json
     if human:
         say(f"model {info['model']} on {info['device']} ({info['dtype']}), tree {info['tree']}")
@@ -143,6 +148,8 @@ def _batch(args) -> dict:
                              cache_tokens=args.cache_tokens)
     encoded = dec.encode_prompts(texts, args.max_new_tokens, args.raw, "--batch-file prompt")
     out_path = check_out(args.out) if args.out else None
+    for note in decode_notes(inp, info, args):
+        warn(note)
     bd = BatchDecoder(dec.lm, dec.prompt_tokens, schedule_of(dec.tree), dec.cache_source)
     res = bd.generate(encoded, args.max_new_tokens)
     rows = [{"prompt": t, **r.summary(),

@@ -15,9 +15,8 @@ from ..errors import BadInput
 from ..inputs import resolve_inputs
 from ..models import context_of
 from ..acceptance import unpack_records
-from ..search import Options, evaluate_tree, search
+from ..search import Options, add_sources, evaluate_tree, plain_if_faster, search
 from ..search.batch import per_batch
-from ..search.hybrid import with_cache, with_lookup
 from .common import add_acceptance_arg, add_batch_arg, bounded_int, positive_int, say, warn
 
 HELP = "find the tree with the most expected tokens per second for a model on a device"
@@ -92,7 +91,8 @@ def main(args) -> dict:
             raise BadInput("--batch searches dynamic trees; drop --static")
         latency.require_batches(prof, args.batch)
     out = pathlib.Path(args.out) if args.out else \
-        paths.user_profiles() / paths.tree_name(prof.get("device_id") or "device", inp.model_id)
+        paths.user_profiles() / paths.tree_name(prof.get("device_id") or "device",
+                                                inp.model_id, prof["dtype"])
     check_out(out, inp.paths())
     report_path = paths.search_report_path(out)
     check_out(report_path, inp.paths(), "search report")
@@ -112,21 +112,13 @@ def main(args) -> dict:
             raise BadInput(f"--sources {','.join(args.sources)}: the acceptance file "
                            f"{inp.acceptance_src} has no cache records (measure them with "
                            "`treeopt accept`, which uses your corpus, `treeopt corpus`)")
+    if inp.acceptance_note:
+        warn(inp.acceptance_note)
     found = search(inp.acceptance, prof, opts, f"{inp.model_id}-{prof.get('device_id', 'dev')}")
     meta = found["meta"]
     if rec is not None:
-        meta["sources"] = ",".join(args.sources)
-        meta["replayed"] = with_lookup(found, rec, args.max_input) if "lookup" in \
-            args.sources else {"lookup_kept": False}
-        if "cache" in args.sources:
-            r = meta["replayed"]
-            c = with_cache(found["solution"].tree, rec, found["latency"], args.max_input)
-            r["cache"] = c
-            r.setdefault("ppd_only", c["without_cache"])
-            if "hybrid" in r:
-                r["with_lookup"] = r["hybrid"]  # before the cache
-            r["hybrid"] = c["hybrid"] if c["cache_kept"] else r.get("hybrid", c["without_cache"])
-            r["lookup_kept"] = found["solution"].tree.lookup is not None
+        add_sources(found, rec, args.sources, args.max_input)
+    plain = None if args.batch else plain_if_faster(found)
     sol = found["solution"]  # with lookup, the PPD part is chosen jointly
     tree = sol.tree
     batch_rows = None
@@ -140,6 +132,7 @@ def main(args) -> dict:
         meta["batch"] = found["report"]["batch"] = batch_rows
     tree.meta = {"model": inp.model_id, "profile": inp.profile_src,
                  "acceptance": inp.acceptance_src, "device": prof["device"].get("name"),
+                 "device_id": prof.get("device_id"), "dtype": prof["dtype"],
                  "simulated": bool(prof.get("simulated")), **meta, **stamp(),
                  "search_report": report_path.name}
     report = {"schema": "treeopt.search/1", "tree": out.name, "model": inp.model_id,
@@ -190,6 +183,12 @@ def main(args) -> dict:
                 f"{c['without_cache']['tokens_per_second']:.1f} without it ("
                 + (f"kept: {c['policy_entries']} (state, match) entries)"
                    if c["cache_kept"] else "not kept: no faster)"))
+    if plain:  # on stderr with --json too: what run and bench will do with this file
+        warn(f"note: no tree pays for one sequence on this device "
+             f"({plain['tree_tokens_per_second']:.1f} tokens/s predicted vs plain decoding's "
+             f"{plain['plain_tokens_per_second']:.1f}): {out.name} says plain decoding at "
+             "B = 1, which run and bench follow")
+        result["plain_at_1"] = plain
     return result
 
 

@@ -1,0 +1,163 @@
+"""A device's identity: CPUs of one name with different instruction sets are different
+devices; trees and profiles are found for this device and dtype only, and one made for
+another is never used without a line saying so."""
+import json
+
+from treeopt import calibrate, device, paths, pooled
+from treeopt.export import load_tree
+from treeopt.inputs import find_tree, foreign_notes, resolve_inputs, searched_for
+from treeopt.measure import measure_points
+from treeopt.prompt_tokens import PromptTokens
+from treeopt.runtime import Decoder
+from treeopt.search import Options, add_sources, plain_if_faster, search
+from treeopt.tiny import random_prompt_tokens
+from treeopt.tree import Tree
+
+from conftest import SHIPPED_CPU_PROFILE, SHIPPED_CPU_TREE, tiny_loaded
+from test_cli import treeopt
+
+SHIPPED_ID = "cpu-amd-epyc-avx512bf16-2c"
+
+
+def test_cpus_of_one_name_differ_by_isa_class():
+    base = {"fpu", "sse2", "avx", "fma"}
+    classes = {
+        "avx2": base | {"avx2"},
+        "avx512": base | {"avx2", "avx512f", "avx512bw"},
+        "avx512bf16": base | {"avx2", "avx512f", "avx512_bf16"},
+        "amx": base | {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"},
+        "base": base,
+    }
+    got = {isa: device.cpu_isa(frozenset(flags), "x86_64") for isa, flags in classes.items()}
+    assert got == {isa: isa for isa in classes}
+    assert device.cpu_isa(frozenset({"fp", "asimd", "sve"}), "aarch64") == "sve"
+    assert device.cpu_isa(frozenset({"fp", "asimd"}), "aarch64") == "neon"
+    ids = {device.cpu_id("AMD EPYC", isa, 2) for isa in got.values()}
+    assert len(ids) == len(classes)  # one name, five devices
+    assert device.cpu_id("AMD EPYC", "avx512bf16", 2) == SHIPPED_ID
+    assert device.cpu_id("AMD EPYC", "avx512bf16", 4) != SHIPPED_ID
+
+
+def test_identity_is_pinned_by_the_environment(monkeypatch):
+    monkeypatch.setenv("TREEOPT_DEVICE_ID", "My Box/../x")
+    assert device.device_slug("cpu") == "my-box-.-x"  # slug(): a safe file-name part
+    monkeypatch.delenv("TREEOPT_DEVICE_ID")
+    here = device.device_slug("cpu")
+    assert here.startswith("cpu-") and f"-{device.cpu_isa()}-" in here
+
+
+def test_shipped_tree_is_found_for_its_device_and_dtype_only(monkeypatch):
+    assert searched_for(load_tree(SHIPPED_CPU_TREE)) == (SHIPPED_ID, "bfloat16")
+    monkeypatch.setenv("TREEOPT_DEVICE_ID", SHIPPED_ID)
+    assert find_tree("SmolLM2-135M-Instruct", "cpu", "bfloat16") == SHIPPED_CPU_TREE
+    default = paths.SHIPPED / paths.default_tree_name("SmolLM2-135M-Instruct")
+    assert find_tree("SmolLM2-135M-Instruct", "cpu", "float32") == default  # other dtype
+    monkeypatch.setenv("TREEOPT_DEVICE_ID", "cpu-amd-epyc-avx2-2c")  # same name, no AVX-512
+    assert find_tree("SmolLM2-135M-Instruct", "cpu", "bfloat16") == default
+
+
+def test_foreign_tree_and_profile_get_a_line(monkeypatch):
+    inp = resolve_inputs(None, str(SHIPPED_CPU_PROFILE), tree=str(SHIPPED_CPU_TREE))
+    monkeypatch.setenv("TREEOPT_DEVICE_ID", SHIPPED_ID)
+    assert foreign_notes(inp, "cpu", "bfloat16") == []
+    notes = foreign_notes(inp, "cpu", "float32")
+    assert len(notes) == 2 and all(f"{SHIPPED_ID} bfloat16" in n for n in notes)
+    monkeypatch.setenv("TREEOPT_DEVICE_ID", "cpu-intel-xeon-avx512-2c")
+    tree_note, prof_note = foreign_notes(inp, "cpu", "bfloat16")
+    assert "searched for cpu-amd-epyc-avx512bf16-2c bfloat16, this is " \
+        "cpu-intel-xeon-avx512-2c bfloat16" in tree_note and "treeopt search" in tree_note
+    assert "measured on" in prof_note and "treeopt profile" in prof_note
+    inp = resolve_inputs(None, want=("tree",), device="cpu", dtype="float32")
+    assert inp.tree_src.endswith("default__SmolLM2-135M-Instruct.tree.json")
+    assert "hand-made default" in foreign_notes(inp, "cpu", "float32")[0]
+
+
+def test_run_says_its_tree_is_foreign_with_json_too(tmp_path):
+    p = treeopt("run", "--tree", SHIPPED_CPU_TREE, "--dtype", "float32", "--prompt", "Hi",
+                "--max-new-tokens", "4", "--corpus", "none", "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["new_tokens"] >= 1
+    notes = [ln for ln in p.stderr.splitlines() if ln.startswith("note: tree")]
+    assert len(notes) == 1 and "cpu-test-machine float32" in notes[0], p.stderr
+
+
+# ---- first-run calibration and plain decoding ------------------------------------------
+def test_at_batch_and_plain_decoding_through_ppd():
+    tree = Tree.chain(2, 2)
+    assert tree.at_batch(1) is tree
+    table = Tree.chain(2, 2)
+    table.by_batch = {1: None, 4: Tree.chain(1, 2)}
+    assert table.at_batch(1) is None and table.at_batch(3) is None
+    assert table.at_batch(9) is table.by_batch[4]
+    lm = tiny_loaded(vocab=8)
+    dec = Decoder(lm, random_prompt_tokens(lm, 2), table)
+    assert dec.plain
+    ids = [1, 2, 3, 4]
+    res = dec.ppd(ids, 20)
+    assert res.output_ids == dec.baseline(ids, 20).output_ids
+    assert res.tokens_per_step == 1.0 and not Decoder(lm, dec.prompt_tokens, tree).plain
+
+
+def _profile(t1: float, slope: float) -> dict:
+    return {"schema": "treeopt.profile/1", "model": "SmolLM2-135M-Instruct",
+            "dtype": "float32", "device": {"kind": "cpu", "name": "x"},
+            "device_id": "cpu-x-avx2-2c", "simulated": False,
+            "points": [{"batch": 1, "context": 256, "size": s, "median_s": t1 + slope * (s - 1)}
+                       for s in (1, 2, 4, 8, 16, 32, 64)]}
+
+
+def test_plain_wins_where_no_tree_pays_and_calibration_agrees():
+    """On a device where every extra input token costs a whole forward, no tree pays: the
+    search says plain decoding at B = 1, and calibration picks plain among the trees at
+    hand; where extra tokens are nearly free, a tree wins both."""
+    acc = json.loads((paths.SHIPPED / "SmolLM2-135M-Instruct.acceptance.json").read_text())
+    acc = pooled.pool([acc], ["shipped"], 1500)  # a sample keeps the test quick
+    rec = pooled.unpack_records(acc)
+    for slope, plain_wins in ((0.05, True), (0.0002, False)):
+        prof = _profile(0.05, slope)
+        found = search(acc, prof, Options(max_input=64))
+        add_sources(found, rec, ["ppd", "lookup"], 64)
+        got = plain_if_faster(found)
+        assert (got is not None) == plain_wins
+        assert (found["solution"].tree.at_batch(1) is None) == plain_wins
+        pick = calibrate.choose(calibrate.candidates("SmolLM2-135M-Instruct"), acc, prof)
+        assert (pick["best"]["tree"] is None) == plain_wins
+        assert len(pick["rows"]) >= 4  # plain, default, the shipped trees (+ their guesses)
+
+
+def test_calibration_keeps_a_profile_and_tree_the_next_command_finds(tmp_path):
+    env = {"TREEOPT_CALIBRATE": "1", "TREEOPT_DEVICE_ID": "cpu-calibrated-2c",
+           "TREEOPT_HOME": str(tmp_path)}
+    args = ("run", "--dtype", "float32", "--prompt", "Say hello.", "--max-new-tokens", "6",
+            "--json")
+    p = treeopt(*args, env=env)
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout)
+    assert "calibrated in" in p.stderr and got["calibrated"]["chosen"]
+    prof = json.loads((tmp_path / "profiles" / "cpu-calibrated-2c__SmolLM2-135M-Instruct__"
+                       "float32.json").read_text())
+    assert prof["short"]["error"] >= 0.2 and prof["device_id"] == "cpu-calibrated-2c"
+    tree = json.loads((tmp_path / "profiles" / "cpu-calibrated-2c__SmolLM2-135M-Instruct__"
+                       "float32.tree.json").read_text())
+    assert tree["meta"]["calibrated"]["candidates"][0]["candidate"] == \
+        got["calibrated"]["chosen"]
+    p = treeopt(*args, env=env)  # found as this device's: no calibration, no note
+    assert p.returncode == 0 and "calibrating:" not in p.stderr and "note: tree" not in p.stderr
+    assert json.loads(p.stdout)["tree"].endswith("cpu-calibrated-2c__SmolLM2-135M-Instruct__"
+                                                 "float32.tree.json")
+    p = treeopt(*args, "--no-calibrate", env={**env, "TREEOPT_DEVICE_ID": "cpu-other-2c"})
+    assert p.returncode == 0 and "calibrating:" not in p.stderr and "hand-made" in p.stderr
+
+
+def test_short_profile_is_within_its_stated_error_of_a_full_one(smollm):
+    """Same process, same points: the short profile's t(L) against a profile measured
+    with the full profile's settings (more samples, three sweeps)."""
+    dec = Decoder(smollm, PromptTokens.init_from_text(smollm.model, smollm.tokenizer, 3),
+                  Tree.chain(3, 3))
+    short = calibrate.short_profile(dec, sizes=[1, 8])
+    full, _ = measure_points(dec, [1, 8], [calibrate.CONTEXT], repeats=30, budget=6.0,
+                             rounds=3)
+    err = short["short"]["error"]
+    for a, b in zip(short["points"], full):
+        assert abs(a["median_s"] / b["median_s"] - 1) <= err, (a, b, err)
+

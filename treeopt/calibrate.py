@@ -1,0 +1,117 @@
+"""First-run calibration: on a device and dtype with no profile, a short profile (a few
+input lengths at one context, seconds) and the tree picked for it among the trees at hand —
+or plain decoding where none pays — before the first decode.
+
+Each candidate's tokens/s is predicted the way the search predicts (its steps replayed
+over the acceptance file's measured positions, :func:`treeopt.search.hybrid.replay_predict`,
+at t(L) of the short profile); plain decoding makes 1/t(1) tokens/s. The full
+`treeopt profile` + `treeopt search` stays the way to the best tree: the short profile says
+it is short (`short`), and the chosen tree says how it was chosen (`meta.calibrated`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+
+from . import paths
+from .acceptance import unpack_records
+from .errors import BadInput
+from .export import load_tree
+from .latency import Latency
+from .measure import measure_overhead, measure_profile
+from .search.hybrid import replay_predict
+from .tree import Tree
+
+SIZES = [1, 2, 4, 8, 16, 32]  # input lengths of the short profile
+CONTEXT = 256  # its one context: a chat's length after a short answer
+MIN_ERROR = 0.2  # the least error a short profile states for its points
+
+
+def short_profile(dec, quiet: bool = True, sizes: list[int] = SIZES) -> dict:
+    """A profile of this device measured in seconds: t(L) for SIZES at CONTEXT, two
+    sweeps (a stall in one moves a point less), and the runtime's per-step overhead on one
+    short decode (:func:`treeopt.measure.measure_profile`)."""
+    t0 = time.perf_counter()
+    prof = measure_profile(dec, sizes, [CONTEXT], repeats=8, budget=1.0, rounds=2,
+                           overhead=False, quiet=quiet)
+    prof["overhead"] = measure_overhead(dec, sizes=(8,), new_tokens=16, quiet=quiet)
+    spread = max((p["p90_s"] - p["p10_s"]) / 2 / p["median_s"] for p in prof["points"])
+    prof["short"] = {"sizes": sizes, "context": CONTEXT,
+                     "seconds": round(time.perf_counter() - t0, 1),
+                     # what a point may be off a full profile's: its samples' p10–p90
+                     # half-spread relative to the median, at least MIN_ERROR
+                     "error": round(max(MIN_ERROR, spread), 3),
+                     "note": "first-run calibration: a few input lengths at one context; "
+                             "`treeopt profile` measures the full grid"}
+    return prof
+
+
+def candidates(model_id: str) -> list[tuple[str, Tree]]:
+    """The trees at hand for a model: yours and the shipped ones (any device), the shipped
+    hand-made default; each hybrid one also without its chain sources."""
+    found: dict[str, pathlib.Path] = {}
+    for folder in (paths.user_profiles(), paths.SHIPPED):
+        for p in sorted(folder.glob(f"*__{paths.name_part(model_id)}*.tree.json")):
+            found.setdefault(p.name, p)
+    default = paths.lookup(paths.default_tree_name(model_id))
+    if default is not None:
+        found.setdefault(default.name, default)
+    out = []
+    for name, p in found.items():
+        try:
+            tree = load_tree(p)
+        except BadInput:
+            continue  # a damaged file of yours is not a candidate
+        label = paths.display_path(p)
+        out.append((label, dataclasses.replace(tree, by_batch={})))
+        if tree.has_chains:
+            out.append((f"{label} (guesses alone)", tree.ppd_part()))
+    return out
+
+
+def choose(cands: list[tuple[str, Tree]], acceptance: dict, profile: dict) -> dict:
+    """Every candidate's predicted figures on this profile (the replay over the
+    acceptance file's records), best first, and plain decoding's: {"rows", "best"
+    (a row; its "tree" None for plain decoding)}."""
+    rec = unpack_records(acceptance)
+    if rec is None:
+        raise BadInput("calibration needs an acceptance file with per-position records "
+                       "(`treeopt accept`)")
+    context = int(acceptance.get("mean_context") or CONTEXT)
+    lat_model = Latency(profile)
+    lat = lambda L: lat_model(L, context)  # noqa: E731
+    t1 = float(Latency(profile, with_overhead=False)([1], context)[0])
+    rows = [{"name": "plain decoding", "tree": None, "tokens_per_step": 1.0,
+             "tokens_per_second": 1.0 / t1}]
+    for name, tree in cands:
+        if tree.cache is not None and "cache_match" not in rec or \
+                tree.lookup is not None and tree.lookup.max_ngram != rec["max_ngram"]:
+            continue  # its chains were not measured by this acceptance file
+        got = replay_predict(tree, rec, lat)
+        rows.append({"name": name, "tree": tree, "tokens_per_step": got["tokens_per_step"],
+                     "tokens_per_second": got["tokens_per_second"]})
+    rows.sort(key=lambda r: -r["tokens_per_second"])
+    return {"rows": rows, "best": rows[0], "context": context}
+
+
+def chosen_tree(pick: dict, cands: list[tuple[str, Tree]], profile_src: str,
+                acceptance_src: str, device_id: str, dtype: str) -> Tree:
+    """The tree a calibration keeps as this device's: the best candidate (for plain
+    decoding, the best tree with a table that says plain at B = 1), its meta saying how
+    it was chosen."""
+    best = pick["best"]
+    tree = best["tree"]
+    if tree is None:  # plain: keep the best tree beside it, for when one pays
+        runner = next((r for r in pick["rows"] if r["tree"] is not None), None)
+        tree = runner["tree"] if runner else cands[0][1]
+        tree = dataclasses.replace(tree, by_batch={1: None})
+    table = [{"candidate": r["name"], "tokens_per_step": round(r["tokens_per_step"], 4),
+              "tokens_per_second": round(r["tokens_per_second"], 3)} for r in pick["rows"]]
+    tree.meta = {**{k: v for k, v in (tree.meta or {}).items()
+                    if k in ("model", "acceptance", "sources")},
+                 "profile": profile_src, "acceptance": acceptance_src,
+                 "device_id": device_id, "dtype": dtype, "simulated": False,
+                 "calibrated": {"chosen": best["name"], "context": pick["context"],
+                                "candidates": table}}
+    return tree

@@ -1,0 +1,73 @@
+"""First-run calibration as `run`, `bench` and `demo` do it (:mod:`treeopt.calibrate`):
+where this device and dtype have no profile and no tree or profile is given, measure a
+short profile, keep it as this device's, pick the tree by replay and keep it too — so the
+next command finds both. `--no-calibrate` (or TREEOPT_CALIBRATE=0) keeps the tree found."""
+from __future__ import annotations
+
+import os
+import time
+
+from .. import calibrate, paths
+from ..artefact import check_out, write_json
+from ..device import device_slug
+from ..sources import SuffixCache
+from .common import warn
+
+
+def add_calibrate_arg(p) -> None:
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="on a device and dtype without a profile, decode with the tree found "
+                   "instead of measuring a short profile and picking the tree for it first "
+                   "(also TREEOPT_CALIBRATE=0)")
+
+
+def wanted(args, inp, dec) -> bool:
+    """Calibrate: no profile of this device and dtype, none given, no tree given, a real
+    model and acceptance records to replay, and not switched off."""
+    off = getattr(args, "no_calibrate", False) or os.environ.get("TREEOPT_CALIBRATE") == "0"
+    return not off and inp.profile is None and not getattr(args, "profile", None) and \
+        not getattr(args, "tree", None) and dec.lm.tokenizer is not None and \
+        inp.acceptance is not None and "lookup" in inp.acceptance
+
+
+def maybe_calibrate(args, inp, dec, info: dict, human: bool) -> dict | None:
+    """Calibrate where :func:`wanted` says so: the decoder switches to the chosen tree,
+    `inp` and `info` name the kept profile and tree. Returns what it did, or None."""
+    if not wanted(args, inp, dec):
+        return None
+    t0 = time.perf_counter()
+    dev, mid, dtype = device_slug(dec.device.type), info["model"], info["dtype"]
+    prof_path = check_out(paths.user_profiles() / paths.profile_name(dev, mid, dtype),
+                          what="calibrated profile")
+    tree_path = check_out(paths.user_profiles() / paths.tree_name(dev, mid, dtype),
+                          what="calibrated tree")
+    warn(f"calibrating: no profile of {dev} {dtype} yet — a short one (~{len(calibrate.SIZES)}"
+         " input lengths), then the tree for it (--no-calibrate skips this)")
+    prof = calibrate.short_profile(dec, quiet=not human)
+    write_json(prof_path, prof)
+    cands = calibrate.candidates(mid)
+    pick = calibrate.choose(cands, inp.acceptance, prof)
+    tree = calibrate.chosen_tree(pick, cands, paths.display_path(prof_path),
+                                 inp.acceptance_src, dev, dtype)
+    tree.save(tree_path)
+    if tree.cache is not None and dec.cache_source is None:
+        dec.cache_source = SuffixCache(args.cache_tokens)
+    dec.set_tree(tree, dec.prompt_tokens)
+    inp.profile, inp.profile_path = prof, prof_path
+    inp.profile_src = paths.display_path(prof_path)
+    inp.tree, inp.tree_src = tree, paths.display_path(tree_path)
+    info["tree"] = inp.tree_src
+    info.pop("plain", None)
+    if dec.plain:
+        info["plain"] = True
+    best, plain = pick["best"], next(r for r in pick["rows"] if r["tree"] is None)
+    done = {"seconds": round(time.perf_counter() - t0, 1), "profile": inp.profile_src,
+            "tree": inp.tree_src, "chosen": best["name"],
+            "tokens_per_second": round(best["tokens_per_second"], 2),
+            "plain_tokens_per_second": round(plain["tokens_per_second"], 2)}
+    info["calibrated"] = done
+    warn(f"calibrated in {done['seconds']:.0f} s: chose {best['name']} "
+         f"({best['tokens_per_second']:.1f} tokens/s predicted, plain decoding "
+         f"{plain['tokens_per_second']:.1f}); kept {prof_path.name} and {tree_path.name} "
+         "as this device's (`treeopt profile` then `treeopt search` find a better tree)")
+    return done
