@@ -161,3 +161,19 @@ def test_short_profile_is_within_its_stated_error_of_a_full_one(smollm):
     for a, b in zip(short["points"], full):
         assert abs(a["median_s"] / b["median_s"] - 1) <= err, (a, b, err)
 
+
+
+def test_demo_measures_a_short_profile_where_none_is_found(tmp_path):
+    """`make demo` on a device without a profile: the calibration's short profile (not the
+    full grid), a search over every chain source the records measured, a bench."""
+    p = treeopt("demo", "--limit", "1", "--max-new-tokens", "8", "--dtype", "float32",
+                "--json", env={"TREEOPT_DEVICE_ID": "cpu-demo-2c",
+                               "TREEOPT_HOME": str(tmp_path)})
+    assert p.returncode == 0, p.stderr
+    heads = json.loads(p.stdout)["headlines"]
+    assert heads["profile"].startswith("measured a short one")
+    assert "prompt lookup and the cache" in heads["search"] or "plain decoding" in \
+        heads["search"]
+    prof = json.loads((tmp_path / "profiles" / "cpu-demo-2c__SmolLM2-135M-Instruct__"
+                       "float32.json").read_text())
+    assert prof["short"]["sizes"] == calibrate.SIZES

@@ -4,6 +4,7 @@ import random
 import pytest
 import torch
 
+from treeopt.hostwork import per_step
 from treeopt.runtime import Decoder, new_cache
 from treeopt.tree import Tree
 
@@ -175,3 +176,18 @@ def test_tree_forward_matches_branch_recompute(tiny):
             pool = torch.cat([guesses.flatten(), chain])
             tok = torch.cat([torch.tensor([6]), pool[src]])
             assert_branches_match(dec, buf, tok, table, ctx_ids)
+
+
+def test_host_work_is_counted_per_step(tiny):
+    """The counter behind benchmarks/host_work.py (no GPU needed): one device→host read a
+    step for the plain loop and for a tree without chain sources; the tree step's ops
+    outside the forward are more than the plain step's; the forward's ops are counted
+    apart (the model's decoder and LM head)."""
+    pt = random_prompt_tokens(tiny, 3)
+    dec = Decoder(tiny, pt, Tree.chain(3, 3))
+    ids = [1, 2, 3, 4, 5]
+    plain = per_step(tiny.model, lambda n: dec.baseline(ids, n).steps, 24)
+    tree = per_step(tiny.model, lambda n: dec.ppd(ids, n).steps, 24)
+    assert plain["syncs_per_step"] == 1.0 and tree["syncs_per_step"] == 1.0
+    assert 0 < plain["outside_ops_per_step"] < tree["outside_ops_per_step"]
+    assert plain["forward_ops_per_step"] > plain["outside_ops_per_step"]

@@ -33,7 +33,7 @@ def short_profile(dec, quiet: bool = True, sizes: list[int] = SIZES) -> dict:
     sweeps (a stall in one moves a point less), and the runtime's per-step overhead on one
     short decode (:func:`treeopt.measure.measure_profile`)."""
     t0 = time.perf_counter()
-    prof = measure_profile(dec, sizes, [CONTEXT], repeats=8, budget=1.0, rounds=2,
+    prof = measure_profile(dec, sizes, [CONTEXT], repeats=16, budget=2.0, rounds=2,
                            overhead=False, quiet=quiet)
     prof["overhead"] = measure_overhead(dec, sizes=(8,), new_tokens=16, quiet=quiet)
     spread = max((p["p90_s"] - p["p10_s"]) / 2 / p["median_s"] for p in prof["points"])

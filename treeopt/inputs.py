@@ -114,26 +114,26 @@ def foreign_notes(inp: Inputs, device: str = "auto", dtype: str = "auto",
     """One line for each input made for another device or dtype than this decode's (the
     tree, the profile), with the commands that make this device's own; [] when none is."""
     dev_type, dt = local_device(device, dtype)
-    here = f"{device_slug(dev_type)} {dt}"
+    here = (device_slug(dev_type), dt)
     flags = (f" --model {model}" if model else "") + (f" --dtype {dtype}" if dtype != "auto"
                                                       else "")
+    fix = (f"`treeopt profile{flags}` then `treeopt search --sources ppd,lookup,cache{flags}` "
+           "search this device's tree")
     notes = []
     if inp.tree is not None:
-        dev, tdt = searched_for(inp.tree)
-        if (dev, tdt) == (None, None):
+        made = searched_for(inp.tree)
+        if made == (None, None):
             notes.append(f"note: tree {inp.tree_src} is a hand-made default, searched for no "
-                         f"device; this is {here}: `treeopt profile{flags}` then `treeopt "
-                         f"search --sources ppd,lookup,cache{flags}` search this device's tree")
-        elif (dev, tdt) != tuple(here.split(" ")):
-            notes.append(f"note: tree {inp.tree_src} was searched for {dev} {tdt}, this is "
-                         f"{here}: `treeopt profile{flags}` then `treeopt search --sources "
-                         f"ppd,lookup,cache{flags}` search this device's tree")
+                         f"device; this is {' '.join(here)}: {fix}")
+        elif made != here:
+            notes.append(f"note: tree {inp.tree_src} was searched for {made[0]} {made[1]}, "
+                         f"this is {' '.join(here)}: {fix}")
     if inp.profile is not None and not inp.profile.get("simulated"):
-        pdev, pdt = inp.profile.get("device_id"), inp.profile["dtype"]
-        if (pdev, pdt) != tuple(here.split(" ")):
-            notes.append(f"note: profile {inp.profile_src} was measured on {pdev} {pdt}, this "
-                         f"is {here}: its predictions do not hold here (`treeopt profile"
-                         f"{flags}` measures this device)")
+        made = (inp.profile.get("device_id"), inp.profile["dtype"])
+        if made != here:
+            notes.append(f"note: profile {inp.profile_src} was measured on {made[0]} "
+                         f"{made[1]}, this is {' '.join(here)}: its predictions do not hold "
+                         f"here (`treeopt profile{flags}` measures this device)")
     return notes
 
 

@@ -45,7 +45,7 @@ def maybe_calibrate(args, inp, dec, info: dict, human: bool) -> dict | None:
          " input lengths), then the tree for it (--no-calibrate skips this)")
     prof = calibrate.short_profile(dec, quiet=not human)
     write_json(prof_path, prof)
-    cands = calibrate.candidates(mid)
+    cands = calibrate.candidates(mid) or [(f"the decoder's {info['tree']}", dec.tree)]
     pick = calibrate.choose(cands, inp.acceptance, prof)
     tree = calibrate.chosen_tree(pick, cands, paths.display_path(prof_path),
                                  inp.acceptance_src, dev, dtype)
