@@ -14,7 +14,7 @@ import sys
 import tempfile
 
 from .bounds import BOUNDS, WHAT, count
-from .errors import BadInput
+from .errors import BadInput, shown
 from .paths import make_folder
 
 
@@ -150,12 +150,6 @@ def read_json(path: str | os.PathLike, what: str = "file") -> dict:
     if not isinstance(obj, dict):
         raise BadInput(f"{what} {path}: expected a JSON object")
     return obj
-
-
-def shown(value, width: int = 40) -> str:
-    """A value from a file, as an error line quotes it: its repr, cut to `width`."""
-    text = repr(value)
-    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def input_file(path: str | os.PathLike, what: str = "file") -> pathlib.Path:

@@ -33,7 +33,7 @@ from .prompt_tokens import PromptTokens
 from .runtime import RECORD_TOPK, Decoder, Result, accept, attention_masks, logits_of, \
     model_call, new_cache, next_guesses, record_step, step_inputs, verified_row, verify_greedy
 from .sources import Proposals, SuffixCache
-from .tree import StateBuffers, Tree, build_buffers
+from .tree import StateBuffers, Tree, build_buffers, size_for
 
 
 @dataclasses.dataclass
@@ -114,9 +114,8 @@ class BatchDecoder:
         self.embed = self.model.get_input_embeddings()
 
     def pick(self, live: int) -> Decoder:
-        """The configuration for `live` sequences: the largest batch size ≤ live."""
-        sizes = list(self.schedule)
-        return self.schedule[max([b for b in sizes if b <= live] or sizes[:1])]
+        """The configuration for `live` sequences (:func:`treeopt.tree.size_for`)."""
+        return self.schedule[size_for(self.schedule, live)]
 
     # ---- one step, as named pieces ----------------------------------------------------
     def plan(self, dec: Decoder, s: Seq) -> tuple[StateBuffers, torch.Tensor, torch.Tensor]:

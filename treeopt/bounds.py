@@ -7,7 +7,7 @@ acceptance file holds 5.8k measured positions, chains of 16, n-grams of 3).
 """
 from __future__ import annotations
 
-from .errors import BadInput
+from .errors import BadInput, shown
 
 BOUNDS = {
     # prompt lookup: the longest n-gram matched, the longest chain proposed
@@ -54,9 +54,7 @@ def count(value, name: str, where: str, lo: int = 1) -> int:
     BadInput naming the bound."""
     hi = BOUNDS[name]
     if not isinstance(value, int) or isinstance(value, bool):
-        text = repr(value)
-        text = text if len(text) <= 40 else text[:39] + "…"
-        raise BadInput(f"{where}: {text} is not an integer ({WHAT[name]})")
+        raise BadInput(f"{where}: {shown(value)} is not an integer ({WHAT[name]})")
     if not lo <= value <= hi:
         raise BadInput(f"{where}: {WHAT[name]} {value} outside {lo}..{hi}")
     return value

@@ -18,8 +18,8 @@ from . import paths
 from .acceptance import unpack_records
 from .errors import BadInput
 from .export import load_tree
-from .latency import Latency
 from .measure import measure_overhead, measure_profile
+from .search import latency_at, unreplayable
 from .search.hybrid import replay_predict
 from .tree import Tree
 
@@ -79,14 +79,11 @@ def choose(cands: list[tuple[str, Tree]], acceptance: dict, profile: dict) -> di
         raise BadInput("calibration needs an acceptance file with per-position records "
                        "(`treeopt accept`)")
     context = int(acceptance.get("mean_context") or CONTEXT)
-    lat_model = Latency(profile)
-    lat = lambda L: lat_model(L, context)  # noqa: E731
-    t1 = float(Latency(profile, with_overhead=False)([1], context)[0])
+    lat, t1 = latency_at(profile, context)
     rows = [{"name": "plain decoding", "tree": None, "tokens_per_step": 1.0,
              "tokens_per_second": 1.0 / t1}]
     for name, tree in cands:
-        if tree.cache is not None and "cache_match" not in rec or \
-                tree.lookup is not None and tree.lookup.max_ngram != rec["max_ngram"]:
+        if unreplayable(tree, rec):
             continue  # its chains were not measured by this acceptance file
         got = replay_predict(tree, rec, lat)
         rows.append({"name": name, "tree": tree, "tokens_per_step": got["tokens_per_step"],

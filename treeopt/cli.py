@@ -14,7 +14,7 @@ import sys
 import traceback
 
 from .artefact import forget_inputs
-from .errors import BadInput, is_oom
+from .errors import BadInput, cut, is_oom
 
 VERBS = ["run", "bench", "train", "profile", "search", "accept", "corpus", "report", "demo"]
 
@@ -72,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args._main(args)
     except BadInput as e:
-        text = str(e).splitlines()[0] if str(e) else ""
-        code, line = 2, f"error: {text if len(text) <= 400 else text[:399] + '…'}"
+        code, line = 2, f"error: {cut(str(e).splitlines()[0] if str(e) else '', 400)}"
     except KeyboardInterrupt:
         code, line = 130, "interrupted"
     except Terminated:

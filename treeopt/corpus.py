@@ -18,9 +18,9 @@ import json
 
 import numpy as np
 
-from .artefact import check_fields, check_schema, read_json, shown
+from .artefact import check_fields, check_schema, read_json
 from .bounds import BOUNDS, count
-from .errors import BadInput
+from .errors import BadInput, shown
 from .sources import SuffixCache
 
 SCHEMA = "treeopt.corpus/1"

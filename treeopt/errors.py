@@ -11,6 +11,16 @@ class BadInput(ValueError):
     """The user's input is wrong (missing file, malformed JSON, impossible option)."""
 
 
+def cut(text: str, width: int) -> str:
+    """`text` as an error line quotes it: at most `width` characters (… where cut)."""
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def shown(value, width: int = 40) -> str:
+    """A value from a file, as an error line quotes it: its repr, cut to `width`."""
+    return cut(repr(value), width)
+
+
 def is_oom(e: BaseException) -> bool:
     """An allocation failure, whoever raised it: Python's MemoryError, CUDA's
     OutOfMemoryError, or the CPU allocator's RuntimeError."""

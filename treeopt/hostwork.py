@@ -42,6 +42,16 @@ class Counts:
         return Counts(*(a - b for a, b in zip(dataclasses.astuple(self),
                                               dataclasses.astuple(other))))
 
+    def tally(self, inside: bool, op: bool, sync: bool) -> None:
+        """One dispatched op (`op`) and/or device→host read (`sync`), inside the forward
+        or outside it."""
+        self.ops += op
+        if inside:
+            self.forward_ops += op
+            self.forward_syncs += sync
+        else:
+            self.syncs += sync
+
 
 class _Counter(TorchDispatchMode):
     def __init__(self, counts: Counts, inside: list[int]):
@@ -49,14 +59,7 @@ class _Counter(TorchDispatchMode):
         self.counts, self.inside = counts, inside
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        self.counts.ops += 1
-        sync = name.startswith(SYNC_OPS)
-        if self.inside[0]:
-            self.counts.forward_ops += 1
-            self.counts.forward_syncs += sync
-        else:
-            self.counts.syncs += sync
+        self.counts.tally(bool(self.inside[0]), True, str(func).startswith(SYNC_OPS))
         return func(*args, **(kwargs or {}))
 
 
@@ -78,10 +81,7 @@ def counting(model):
     tolist = torch.Tensor.tolist
 
     def counted_tolist(t):
-        if not inside[0]:
-            counts.syncs += 1
-        else:
-            counts.forward_syncs += 1
+        counts.tally(bool(inside[0]), False, True)
         return tolist(t)
 
     torch.Tensor.tolist = counted_tolist

@@ -8,9 +8,9 @@ import pathlib
 import re
 import zlib
 
-from .artefact import input_file, note_input, shown
+from .artefact import input_file, note_input
 from .bounds import BOUNDS
-from .errors import BadInput
+from .errors import BadInput, shown
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
 # --prompts NAME: the shipped sets (source and license in treeopt/data/README.md)
@@ -139,10 +139,6 @@ def resolve(name: str) -> pathlib.Path:
         raise BadInput(f"prompt file {shown(name, 120)}: no such file (shipped sets: "
                        f"{', '.join(SETS)})")
     return input_file(p, "prompt file")
-
-
-def resolve_file(path: str, what: str) -> pathlib.Path:
-    return input_file(path, what)
 
 
 def read_text(p: pathlib.Path) -> str:

@@ -304,6 +304,14 @@ class Decoder:
                 self.children[m].setdefault(nd.path[:-1], []).append(nd.path)
         self._hybrid: dict[tuple, tuple[StateBuffers, torch.Tensor]] = {}
 
+    def use_tree(self, tree: Tree, cache_tokens: int = CACHE_TOKENS) -> None:
+        """Decode with another tree and the same prompt tokens; one with cache chains gets
+        an empty cache source where the decoder has none (it learns this process's
+        outputs alone, as :func:`open_decoder` gives such a tree)."""
+        if tree.cache is not None and self.cache_source is None:
+            self.cache_source = SuffixCache(cache_tokens)
+        self.set_tree(tree, self.prompt_tokens)
+
     def hybrid_buffers(self, m: int, shape: tuple):
         """State m's tree with chain nodes (cached per shape): shape holds, per chain in
         order, (the path it hangs under, its number of new nodes, their prompt tokens q).

@@ -31,6 +31,13 @@ SCHEMA = "treeopt.tree/1"
 Path = tuple[int, ...]
 
 
+def size_for(sizes, live: int) -> int:
+    """The batch size whose configuration serves `live` sequences: the largest of `sizes`
+    ≤ live, else the smallest. The one rule single and batched decoding follow."""
+    sizes = sorted(sizes)
+    return max([b for b in sizes if b <= live] or sizes[:1])
+
+
 def input_length(nodes, root_prompt_tokens, node_prompt_tokens):
     """The one input-length formula: root + nodes + the root's and the nodes' prompt
     slots, ``L = 1 + |T| + n(root) + Σ n(v)`` (works on numpy arrays too)."""
@@ -101,13 +108,9 @@ class Tree:
         return self.lookup is not None or self.cache is not None
 
     def at_batch(self, live: int) -> "Tree | None":
-        """The tree for `live` sequences: the per-batch table's entry for the largest
-        size ≤ live (the smallest where none is), None = plain decoding; the tree itself
-        where it has no table. The one rule single and batched decoding follow."""
-        if not self.by_batch:
-            return self
-        sizes = sorted(self.by_batch)
-        return self.by_batch[max([b for b in sizes if b <= live] or sizes[:1])]
+        """The tree for `live` sequences: the per-batch table's entry for
+        :func:`size_for`, None = plain decoding; the tree itself where it has no table."""
+        return self.by_batch[size_for(self.by_batch, live)] if self.by_batch else self
 
     def ppd_part(self) -> "Tree":
         """The tree without its chain sources (and without a per-batch table)."""

@@ -54,15 +54,21 @@ class Options:
                            "(e.g. sqlite:///path/study.db)")
 
 
+def latency_at(profile: dict, context: int):
+    """(t(L) at this context, overhead included; t(1) without it — plain decoding's step,
+    as every prediction compares against) from a profile."""
+    lat_model = Latency(profile)
+    t1 = float(Latency(profile, with_overhead=False)([1], context)[0])
+    return (lambda L: lat_model(L, context)), t1
+
+
 def search(acc_obj: dict, profile: dict, opts: Options, name: str = "search") -> dict:
     """The search behind `treeopt search`: the best tree for an acceptance file and a
     latency profile. Returns the solution, the tree (its meta: how it was chosen and
     what it predicts), and the report (per-input-length table, greedy curve)."""
-    lat_model = Latency(profile)
     context = opts.context if opts.context is not None else \
         int(acc_obj.get("mean_context") or DEFAULT_CONTEXT)
-    lat = lambda L: lat_model(L, context)  # noqa: E731
-    t1 = float(Latency(profile, with_overhead=False)([1], context)[0])
+    lat, t1 = latency_at(profile, context)
     acc_prod, _ = search_inputs(acc_obj, conditional=False)
     acc_fit, pp = search_inputs(acc_obj, conditional=not opts.product)
     t0 = time.perf_counter()
@@ -125,26 +131,34 @@ def plain_if_faster(found: dict) -> dict | None:
     return meta["plain_at_1"]
 
 
+def unreplayable(tree: Tree, rec: dict | None) -> str | None:
+    """Why a tree's chain sources cannot be replayed over these records (None: they can,
+    or it has none): no records, no cache records for a cache policy, or a lookup policy
+    the records did not measure."""
+    lk = tree.lookup
+    if tree.has_chains and rec is None:
+        return ("the tree has a prompt-lookup or cache policy, and the acceptance file has no "
+                "lookup records to replay it on (measure them with `treeopt accept`)")
+    if tree.cache is not None and "cache_match" not in rec:
+        return ("the tree has a cache policy, and the acceptance file has no cache records to "
+                "replay it on (measure them with `treeopt accept`, which uses your corpus)")
+    if lk is not None and (lk.max_ngram != rec["max_ngram"] or
+                            lk.max_tokens > rec["max_tokens"]):
+        return (f"the tree's lookup (n ≤ {lk.max_ngram}, chain ≤ {lk.max_tokens}) was not "
+                f"measured by the acceptance file (n ≤ {rec['max_ngram']}, chain ≤ "
+                f"{rec['max_tokens']})")
+    return None
+
+
 def evaluate_tree(tree: Tree, acc_obj: dict, profile: dict, opts: Options) -> dict:
     """A given tree's predicted figures on this profile and acceptance, beside the best
     tree the search finds at the same input length. A tree with a prompt-lookup policy is
     replayed over the acceptance file's measured positions (its PPD part alone beside it);
     without lookup records that measured its lookup it cannot be predicted: refused."""
-    lk = tree.lookup
     rec = unpack_records(acc_obj) if tree.has_chains else None
-    if tree.has_chains and rec is None:
-        raise BadInput("the tree has a prompt-lookup or cache policy, and the acceptance file "
-                       "has no lookup records to replay it on (measure them with `treeopt "
-                       "accept`)")
-    if tree.cache is not None and "cache_match" not in rec:
-        raise BadInput("the tree has a cache policy, and the acceptance file has no cache "
-                       "records to replay it on (measure them with `treeopt accept`, which "
-                       "uses your corpus)")
-    if lk is not None and (lk.max_ngram != rec["max_ngram"] or
-                            lk.max_tokens > rec["max_tokens"]):
-        raise BadInput(f"the tree's lookup (n ≤ {lk.max_ngram}, chain ≤ {lk.max_tokens}) was "
-                       f"not measured by the acceptance file (n ≤ {rec['max_ngram']}, chain ≤ "
-                       f"{rec['max_tokens']})")
+    why = unreplayable(tree, rec)
+    if why:
+        raise BadInput(why)
     best = search(acc_obj, profile, dataclasses.replace(opts, max_input=max(
         2, tree.max_input_length), trials=0), "evaluate")
     acc, pp, lat = best["acc"], best["path_prob"], best["latency"]

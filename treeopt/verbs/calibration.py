@@ -10,7 +10,6 @@ import time
 from .. import calibrate, paths
 from ..artefact import check_out, write_json
 from ..device import device_slug
-from ..sources import SuffixCache
 from .common import warn
 
 
@@ -50,9 +49,7 @@ def maybe_calibrate(args, inp, dec, info: dict, human: bool) -> dict | None:
     tree = calibrate.chosen_tree(pick, cands, paths.display_path(prof_path),
                                  inp.acceptance_src, dev, dtype)
     tree.save(tree_path)
-    if tree.cache is not None and dec.cache_source is None:
-        dec.cache_source = SuffixCache(args.cache_tokens)
-    dec.set_tree(tree, dec.prompt_tokens)
+    dec.use_tree(tree, args.cache_tokens)
     inp.profile, inp.profile_path = prof, prof_path
     inp.profile_src = paths.display_path(prof_path)
     inp.tree, inp.tree_src = tree, paths.display_path(tree_path)

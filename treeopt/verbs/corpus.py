@@ -6,7 +6,7 @@ the answers of earlier requests (`--sources ...,cache` in `treeopt search`)."""
 from __future__ import annotations
 
 from .. import corpus, paths, prompts
-from ..artefact import check_out, stamp, write_json
+from ..artefact import check_out, input_file, stamp, write_json
 from ..bounds import BOUNDS, count
 from ..distill import greedy_responses
 from ..errors import BadInput
@@ -38,7 +38,7 @@ def add_arguments(p) -> None:
 def text_documents(path: str) -> list[str]:
     """The documents of one --text file, read (and registered as an input) before the
     model loads: a text file is one document, a JSONL file one a row; none → BadInput."""
-    p = prompts.resolve_file(path, "--text")
+    p = input_file(path, "--text")
     text = prompts.read_text(p)
     if p.suffix == ".jsonl" or p.name.endswith(".jsonl.gz"):
         rows = [row["text"] if isinstance(row.get("text"), str) else

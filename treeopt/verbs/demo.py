@@ -15,7 +15,6 @@ from ..evaluation import predicted_vs_measured, run_bench, speed_vs_profile
 from ..inputs import resolve_inputs
 from ..calibrate import short_profile
 from ..runtime import open_decoder
-from ..sources import CACHE_TOKENS, SuffixCache
 from ..acceptance import unpack_records
 from ..search import Options, add_sources, plain_if_faster, search
 from .common import add_model_args, decode_notes, model_flag, positive_int, say, warn
@@ -117,9 +116,7 @@ def main(args) -> dict:
         heads["search"] += (f"; no tree pays here: plain decoding "
                             f"({plain['plain_tokens_per_second']:.1f} tokens/s)")
     step(3, f"search: {heads['search']}")
-    if tree.cache is not None and dec.cache_source is None:
-        dec.cache_source = SuffixCache(CACHE_TOKENS)
-    dec.set_tree(tree, dec.prompt_tokens)
+    dec.use_tree(tree)
     encoded = [prompts.encode(dec.lm.tokenizer, t) for t in prompts.load(None, args.limit)]
     res, runs = run_bench(dec, encoded, args.max_new_tokens, info["dtype"], plain=False,
                           quiet=not human)

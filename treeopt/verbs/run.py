@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 from .. import prompts
-from ..artefact import check_out, write_json
+from ..artefact import check_out, input_file, write_json
 from ..batch import BatchDecoder, schedule_of
 from ..bounds import BOUNDS
 from ..errors import BadInput
@@ -65,7 +65,7 @@ def main(args) -> dict:
     if args.batch_file:
         return _batch(args)
     if args.prompt_file:
-        text = prompts.read_text(prompts.resolve_file(args.prompt_file, "--prompt-file"))
+        text = prompts.read_text(input_file(args.prompt_file, "--prompt-file"))
     else:
         text = SAMPLE_PROMPT if args.prompt is None else args.prompt
     if not text.strip():
