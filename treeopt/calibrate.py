@@ -25,7 +25,9 @@ from .tree import Tree
 
 SIZES = [1, 2, 4, 8, 16, 32]  # input lengths of the short profile
 CONTEXT = 256  # its one context: a chat's length after a short answer
-MIN_ERROR = 0.2  # the least error a short profile states for its points
+# the least error a short profile states for its points: seconds of measurement on a shared
+# 2-core VM were 25 % off a full profile of the same process at one point (CI, 2026-12-04)
+MIN_ERROR = 0.3
 
 
 def short_profile(dec, quiet: bool = True, sizes: list[int] = SIZES) -> dict:
