@@ -11,9 +11,15 @@ Writes into DIR: `facts.json` (pynvml facts and clocks), `profile.json` (`treeop
 --batch`, the published vicuna-7b acceptance) for the measured and simulated profiles, and
 `summary.json`: per batch size the chosen tree and its predicted speedup on each, how far
 the uncalibrated roofline was off per point, the chosen tree's measured step time
-against its prediction (random weights: step time only, no acceptance), and fp32
+against its prediction (random weights: step time only, no acceptance), the engine
+against eager transformers (one forward at L = 1, 16, 64, 256: the engine's step — a CUDA
+graph replay — beside the stock model's eager forward over the same context), tokens/s
+of the engine's plain loop and of the searched tree (its tokens/step replayed from the
+published acceptance, over the measured step time), the graphs' status, and fp32
 losslessness on the device, single and batched, on tiny random models of several
-architectures.
+architectures. `--model PATH` also benches a local model's prompt families (chat, math,
+input-grounded) against HF generate eager, on its static cache, and HF prompt lookup,
+when its weights are there.
 
 Without a GPU the same path runs on the CPU with a tiny shape (vicuna-68m, float32, a
 small grid, a minute or two): the test suite runs it, so CI keeps this script working.
@@ -37,8 +43,10 @@ import torch  # noqa: E402
 from treeopt import latency  # noqa: E402
 from treeopt.artefact import write_json  # noqa: E402
 from treeopt.device import cpu_facts, gpu_check, gpu_clocks, gpu_facts  # noqa: E402
+from treeopt.engine import Engine  # noqa: E402
 from treeopt.errors import BadInput  # noqa: E402
 from treeopt.export import load_tree  # noqa: E402
+from treeopt.forward import model_call, new_cache  # noqa: E402
 from treeopt.models import load  # noqa: E402
 from treeopt.prompt_tokens import PromptTokens  # noqa: E402
 from treeopt.runtime import Decoder  # noqa: E402
@@ -49,13 +57,15 @@ PLANS = {
     "cuda": {"model": "vicuna-7b", "dtype": "bfloat16", "batch": "1,2,4,8,16",
              "sizes": "1,2,4,8,12,16,24,32,48,64,96,128,192,256", "contexts": "512,2048",
              "profile_flags": ["--repeats", "12", "--rounds", "1", "--budget-seconds", "1"],
-             "context": 512, "compare": ["a100-80gb", "h100-sxm"], "new_tokens": 64},
+             "context": 512, "compare": ["a100-80gb", "h100-sxm"], "new_tokens": 64,
+             "forward_lengths": [1, 16, 64, 256]},
     "cpu": {"model": "vicuna-68m", "dtype": "float32", "batch": "1,2",
             "sizes": "1,2,4,8,16", "contexts": "64", "context": 64,
             "profile_flags": ["--repeats", "3", "--rounds", "1", "--budget-seconds", "0.2",
                               "--no-overhead"],
-            "compare": ["a100-80gb"], "new_tokens": 16},
+            "compare": ["a100-80gb"], "new_tokens": 16, "forward_lengths": [1, 4, 16]},
 }
+FAMILIES = ("mt-bench", "gsm8k-train[1000:]", "input-grounded")
 
 
 def treeopt(out: pathlib.Path, *args) -> dict:
@@ -131,10 +141,85 @@ def step_time(plan: dict, device: str, tree_path: pathlib.Path, profile: dict) -
             "search_step_ms": round(1000 * top.meta["predicted"]["step_seconds"], 4)}
 
 
+def median_seconds(fn, device: str, runs: int = 20) -> float:
+    """Median wall time of fn() (synchronised), after three uncounted calls."""
+    for _ in range(3):
+        fn()
+    out = []
+    for _ in range(runs):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+@torch.inference_mode()
+def forward_vs_eager(plan: dict, device: str) -> dict:
+    """Per input length L at the plan's context C (B = 1): the stock model's eager forward
+    (inputs_embeds, a DynamicCache holding C positions, its 4-D mask) against the engine's
+    step of the same shape (plans loaded, the step — a CUDA graph replay on a GPU —, the
+    read-back)."""
+    lm = load(plan["model"], plan["dtype"], device, shape_only=True)
+    C, lengths = plan["context"], plan["forward_lengths"]
+    embed = lm.model.get_input_embeddings()
+    ids = torch.randint(0, lm.config.vocab_size, (C + max(lengths),), device=device)
+    cache = new_cache()
+    model_call(lm.model, embed(ids[:C]), cache, torch.arange(C, device=device), head=False)
+    engine = Engine(lm, None, {1: None}, room=max(lengths))
+    rows = []
+    for L in lengths:
+        x, pos = embed(ids[C:C + L]), torch.arange(C, C + L, device=device)
+        mask = torch.zeros(1, 1, L, C + L, dtype=lm.dtype, device=device)
+        mask[..., C:] = torch.full((L, L), torch.finfo(lm.dtype).min, dtype=lm.dtype,
+                                   device=device).triu(1)
+
+        def eager():
+            model_call(lm.model, x, cache, pos, mask)
+            for layer in cache.layers:  # back to the C-token context
+                layer.keys, layer.values = layer.keys[:, :, :C], layer.values[:, :, :C]
+
+        eager_s = median_seconds(eager, device)
+        engine_s = median_seconds(engine.timed_step(1, L, C), device)
+        rows.append({"input_length": L, "eager_ms": round(1000 * eager_s, 4),
+                     "engine_ms": round(1000 * engine_s, 4),
+                     "engine_over_eager": round(engine_s / eager_s, 4)})
+    return {"context": C, "graphs": engine.graphs.status, "by_length": rows}
+
+
+def loops(plan: dict, device: str, tree_path: pathlib.Path) -> dict:
+    """Tokens/s of the engine's plain loop (one token a step) on the shape-only model, and
+    of the searched B = 1 tree: the search's tokens/step (the published acceptance,
+    replayed) over the tree's measured step time."""
+    top = load_tree(tree_path)
+    tree = (top.by_batch.get(1) or top) if top.by_batch else top
+    lm = load(plan["model"], plan["dtype"], device, shape_only=True)
+    dec = Decoder(lm, PromptTokens.from_embeddings(lm.model, tree.num_prompt_tokens), tree)
+    ids = torch.randint(0, lm.config.vocab_size, (plan["context"] // 2,),
+                        generator=torch.Generator().manual_seed(1)).tolist()
+    dec.baseline(ids, 4)
+    plain = dec.baseline(ids, plan["new_tokens"])
+    dec.ppd(ids, 4)
+    res = dec.ppd(ids, plan["new_tokens"])
+    step = statistics.median(res.step_seconds)
+    per_step = (top.meta.get("predicted") or {}).get("tokens_per_step")
+    plain_tps = (plain.new_tokens - 1) / max(1e-9, plain.seconds - plain.prefill_seconds)
+    return {"plain_loop_tokens_per_second": round(plain_tps, 2),
+            "tree_step_ms_median": round(1000 * step, 4),
+            "tree_tokens_per_step_replayed": per_step,
+            "tree_tokens_per_second": round(per_step / step, 2) if per_step else None,
+            "graphs": res.graphs}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="folder for every file the check writes")
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    ap.add_argument("--model", help="a local model folder: also bench its prompt families "
+                    "(when its weights are there)")
     args = ap.parse_args(argv)
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
         "cpu" if args.device == "auto" else args.device
@@ -194,6 +279,16 @@ def main(argv=None) -> int:
         "step_time": step_time(plan, device, out / "measured.tree.json", measured),
     }
     mark("step time")
+    summary["engine_vs_eager"] = forward_vs_eager(plan, device)
+    summary["loops"] = loops(plan, device, out / "measured.tree.json")
+    mark("engine")
+    if args.model:
+        summary["families"] = treeopt(
+            out, "bench", "--model", args.model, "--dtype", "bfloat16" if device == "cuda"
+            else "float32", *[a for f in FAMILIES for a in ("--prompts", f)], "--limit", "10",
+            "--stride", "2", "--max-new-tokens", "96", "--hf-lookup", "8", "--hf-static",
+            "on", "--out", out / "families.run.json")["families"]
+        mark("families")
     summary["lossless_fp32"] = lossless_check(device)
     summary["lossless"] = all(r["mismatches"] == 0 for r in summary["lossless_fp32"])
     mark("lossless")

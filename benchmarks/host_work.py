@@ -7,7 +7,8 @@ hybrid tree decoding one sequence, and batched steps (treeopt/hostwork.py).
 Real model in float32, an MT-Bench prompt of the rows no shipped artefact was built on
 (even rows), the shipped hybrid tree by default, the shipped corpus behind the cache.
 On a GPU each op outside the forward is a launch from Python and each sync drains the
-queue; a CUDA graph of the step removes the forward's ops, not these.
+queue; the engine's CUDA graph of the step replays the forward's ops and these alike, so
+on a GPU only the plan load, the replay and the read-back remain.
 """
 import argparse
 import json
@@ -42,12 +43,11 @@ def main() -> None:
     for b in (int(x) for x in args.batch.split(",") if x):
         many = [prompts.encode(dec.lm.tokenizer, t) for t in texts[:b]]
         bd = BatchDecoder(dec.lm, dec.prompt_tokens, schedule_of(dec.tree), dec.cache_source)
-        bd.learn = False
         plain = BatchDecoder(dec.lm, dec.prompt_tokens, {1: None})
         rows[f"plain loop, batch {b}"] = per_step(
             model, lambda n: len(plain.generate(many, n).live), args.tokens)
         rows[f"tree, batch {b}"] = per_step(
-            model, lambda n: len(bd.generate(many, n).live), args.tokens)
+            model, lambda n: len(bd.generate(many, n, learn=False).live), args.tokens)
     print(f"host work per decode step, {args.tokens} new tokens, float32, tree {info['tree']}")
     print(f"{'':>22} {'outside ops':>12} {'syncs':>6} {'forward ops':>12} {'all ops':>8}")
     for name, r in rows.items():

@@ -39,21 +39,32 @@ def test_sliding_masks_hide_what_the_window_excludes():
     allowed by the tree and q_pos − k_pos < window."""
     from treeopt.runtime import attention_masks
 
+    from treeopt.engine.step import masks
+
     lm = tiny_model("gemma3")
-    dec = Decoder(lm, random_prompt_tokens(lm, 3), random_tree(random.Random(4), 3, 6))
+    tree = random_tree(random.Random(4), 3, 6)
+    dec = Decoder(lm, random_prompt_tokens(lm, 3), tree)
+    eng = dec.engine()
+    st, book = eng.ensure(1, 64), eng.books[1]
     ctx = 40
-    for buf in dec.buffers.values():
-        masks = dec.tree_mask(ctx, buf)
-        assert set(masks) == {"sliding_attention", "full_attention"}
-        q_pos = (ctx + buf.positions).tolist()
+    st.ctx[0] = ctx
+    for m in tree.states:
+        plan = book.plan((m, ()))
+        n = plan.length
+        v = st.views(1, n)
+        v.plan.copy_(torch.from_numpy(plan.row(n, eng.layout))[None])
+        q_pos = (ctx + torch.from_numpy(plan.arrays["pos"])).tolist()
+        got = masks(st, v, torch.tensor([q_pos]), ctx, v.allowed.bool())
+        assert set(got) == {"sliding_attention", "full_attention"}
         k_pos = list(range(ctx)) + q_pos
         for kind, window in (("full_attention", None), ("sliding_attention", WINDOW)):
-            m = masks[kind][0, 0]
+            mk = got[kind][0, 0]
+            assert mk.shape == (n, ctx + n)
             for i, q in enumerate(q_pos):
                 for j, k in enumerate(k_pos):
-                    tree_ok = j < ctx or bool(buf.allowed[i, j - ctx])
+                    tree_ok = j < ctx or bool(plan.arrays["allowed"][i, j - ctx])
                     want = tree_ok and (window is None or q - k < window)
-                    assert (m[i, j] == 0).item() == want, (kind, i, j)
+                    assert (mk[i, j] == 0).item() == want, (kind, i, j)
     one = attention_masks(T.LlamaConfig(), torch.ones(2, 3, dtype=torch.bool),
                           torch.tensor([5, 6]), torch.tensor([4, 5, 6]), torch.float32)
     assert torch.is_tensor(one) and one.shape == (1, 1, 2, 3) and (one == 0).all()

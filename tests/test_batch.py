@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from treeopt.batch import BatchDecoder, hf_generate_batch, schedule_of
-from treeopt.runtime import Decoder, new_cache
+from treeopt.runtime import Decoder, attention_masks, new_cache
 from treeopt.tree import Tree
 
 from conftest import SHIPPED_CPU_PROFILE, tiny_loaded
@@ -79,8 +79,7 @@ def test_eos_and_max_new_tokens_one(tiny):
     ref = plain.baseline(prompts[0], 30).output_ids
     eos = ref[4]
     bd = BatchDecoder(tiny, pt, {1: random_tree(random.Random(3), 3, 6)})
-    for d in bd.schedule.values():
-        d.eos = {eos}
+    bd.engine.eos = {eos}
     plain.eos = {eos}
     res = bd.generate(prompts, [30, 30, 1, 30])
     for p, n, r in zip(prompts, [30, 30, 1, 30], res.results):
@@ -110,62 +109,62 @@ def test_batch_lossless_across_architectures(name):
 
 @torch.inference_mode()
 def test_masks_positions_and_cache_against_a_per_sequence_recompute():
-    """One batched step over a ragged cache: each sequence's mask rows, positions and
-    logits equal its own unbatched tree step; after the step each sequence's valid cache
-    slots equal a fresh forward of its accepted text (float64)."""
+    """One batched engine step over a ragged store: each sequence's logits equal its own
+    unbatched tree forward (its context, its plan's mask and positions); after the step
+    each row's valid slots equal a fresh forward of its accepted text (float64)."""
+    from treeopt.engine import Result, Seq
+    from treeopt.engine.step import forward, inputs, keep, masks, verify_greedy
+
     lm = tiny_loaded(vocab=24, seed=2)
     rng = random.Random(9)
     pt = random_prompt_tokens(lm, 3)
     tree = random_tree(rng, 3, 6, 12)
     bd = BatchDecoder(lm, pt, {1: tree})
-    dec = bd.schedule[1]
-    from treeopt.batch import Seq
-    from treeopt.runtime import Result
-
+    dec, eng = bd.schedule[1], bd.engine
+    st, book = eng.ensure(3, 80), eng.books[1]
     seqs = [Seq(i, [rng.randrange(24) for _ in range(n)], 50) for i, n in enumerate((4, 19, 9))]
-    cache = bd.prefill(seqs, dec)
+    eng.prefill(seqs, book, 0, None)
     for s in seqs:
         s.result = Result([], 1, 0.0, 0.0)
-    cached = cache.layers[0].keys.shape[2]
-    plans = [bd.plan(dec, s) for s in seqs]
-    bufs = [p[0] for p in plans]
-    x, pos, mask = bd.batch_inputs(seqs, bufs, [p[2] for p in plans], cached)
-    logits = bd.forward(x, pos, mask, cache, [b.length for b in bufs])
-    for i, (s, (buf, tok, emb)) in enumerate(zip(seqs, plans)):
-        n = buf.length
-        assert pos[i, :n].tolist() == (s.ctx + buf.positions).tolist()
-        own = dec.tree_mask(s.ctx, buf)[0, 0]
-        cols = list(range(s.ctx)) + list(range(cached, cached + n))
-        assert torch.equal(mask[i, 0, :n][:, cols] == 0, own == 0)
-        hidden = [j for j in range(cached + x.shape[1]) if j not in cols]
-        assert (mask[i, 0, :n][:, hidden] != 0).all()  # padding and other slots hidden
+    chosen = eng.plan_rows(seqs, book)
+    L, C = max(p.length for _, p, _ in chosen), max(s.ctx for s in seqs)
+    eng.load_plans(chosen, book, L, 3)
+    v = st.views(3, L)
+    tok, x, pos = inputs(st, v)
+    allowed = v.allowed.bool()
+    logits = forward(st, x, pos, masks(st, v, pos, C, allowed), C)
+    for i, (s, (_, plan, _)) in enumerate(zip(seqs, chosen)):
+        n = plan.length
+        own = torch.ones(n, s.ctx + n, dtype=torch.bool)
+        own[:, s.ctx:] = torch.from_numpy(plan.arrays["allowed"]).bool()
+        q_pos = s.ctx + torch.from_numpy(plan.arrays["pos"])
+        assert pos[i, :n].tolist() == q_pos.tolist()
         alone = new_cache()
         dec.call(dec.embed(torch.tensor(s.ids)), alone, torch.arange(s.ctx), head=False)
-        ref = dec.call(emb, alone, s.ctx + buf.positions, own[None, None])
-        torch.testing.assert_close(logits[i], ref, rtol=1e-9, atol=1e-9)
-    # commit the deepest path each sequence's step accepts; compare the cache
-    paths = []
-    for (buf, tok, _), lg in zip(plans, logits):
-        from treeopt.runtime import verify_greedy
-
-        score, _ = verify_greedy(lg[: buf.n_nodes + 1], tok, buf)
-        paths.append(buf.path_pos[int(score.argmax())])
-    bd.commit(cache, seqs, paths, cached)
-    for i, (s, (buf, tok, _), path) in enumerate(zip(seqs, plans, paths)):
-        text = s.ids + tok[path].tolist()
+        mask = attention_masks(lm.model.config, own, q_pos, torch.cat([torch.arange(s.ctx),
+                                                                       q_pos]), lm.dtype)
+        ref = dec.call(x[i, :n], alone, q_pos, mask)
+        torch.testing.assert_close(logits[i, :n], ref, rtol=1e-9, atol=1e-9)
+    w, _ = verify_greedy(v, tok, logits, allowed)
+    keep(st, v, w, C)
+    for i, (s, (_, plan, _)) in enumerate(zip(seqs, chosen)):
+        path = plan.arrays["keep"][int(w[i])][:len(plan.path_src[int(w[i])])].tolist()
+        text = s.ids + tok[i, path].tolist()
+        assert int(st.ctx[i]) == len(text)
         fresh = new_cache()
         dec.call(dec.embed(torch.tensor(text)), fresh, torch.arange(len(text)), head=False)
-        for a, b in zip(cache.layers, fresh.layers):
-            torch.testing.assert_close(a.keys[i, :, :len(text)], b.keys[0], rtol=1e-9,
-                                       atol=1e-9)
-            torch.testing.assert_close(a.values[i, :, :len(text)], b.values[0], rtol=1e-9,
-                                       atol=1e-9)
+        for j, b in enumerate(fresh.layers):
+            torch.testing.assert_close(st.store.kv[0, j, i, :, :len(text)], b.keys[0],
+                                       rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(st.store.kv[1, j, i, :, :len(text)], b.values[0],
+                                       rtol=1e-9, atol=1e-9)
 
 
 def test_schedule_picks_the_largest_batch_size_not_above_live(tiny):
     t1, t4 = Tree.chain(2, 2), Tree.chain(1, 2)
     bd = BatchDecoder(tiny, random_prompt_tokens(tiny, 2), {1: t1, 4: t4, 8: None})
     assert [bd.pick(n).tree for n in (1, 3, 4, 7, 8, 20)] == [t1, t1, t4, t4, None, None]
+    assert [bd.engine.pick(n).tree for n in (1, 4, 8)] == [t1, t4, None]
     assert schedule_of(None) == {1: None}
     assert schedule_of(t1) == {1: t1}
 

@@ -101,14 +101,9 @@ def test_cache_along_walks_the_sequence():
         assert (match[i], won[i], agree[i]) == (n, ok, same)
 
 
-def _paths_of(buf, tok: list[int]) -> set[tuple]:
-    """Every root → node token path of a step's buffers (the root's own token left out)."""
-    return {tuple(tok[p] for p in pp[1:]) for pp in buf.path_pos[1:]}
-
-
 @pytest.mark.parametrize("seed", range(6))
 def test_three_sources_merge_into_one_trie(seed):
-    """step_plan's trie is the union of the tree's guess paths, lookup's chain and the
+    """The plan book's trie is the union of the tree's guess paths, lookup's chain and the
     cache's chain (each cut to its policy's c): a recompute from the tokens, with no
     token twice under one parent."""
     rng = random.Random(seed)
@@ -120,26 +115,30 @@ def test_three_sources_merge_into_one_trie(seed):
                                 for m in [0, *tree.states] for n in (1, 2, 3)})
     tree.cache = Lookup(8, 6, {(m, n): (rng.randint(1, 6), rng.choice([0, *tree.states]), 1)
                                for m in [0, *tree.states] for n in range(1, 9)})
-    dec = Decoder(lm, pt, tree)
+    eng = Decoder(lm, pt, tree).engine()
+    book, lay = eng.books[1], eng.layout
     for _ in range(20):
         m = rng.choice(sorted(tree.states))
-        guesses = torch.tensor([rng.sample(range(6), 4) for _ in range(m)])
+        guesses = [rng.sample(range(6), 4) for _ in range(m)]
         chains = [[rng.randrange(6) for _ in range(6)] for _ in range(2)]
         if rng.random() < 0.5:  # the cache's chain starts as lookup's
             chains[1][:3] = chains[0][:3]
         offers = [(rng.randint(1, 3), chains[0]), (rng.randint(1, 8), chains[1])]
-        buf, pool, src = dec.step_plan(m, guesses, offers)
-        tok = [-1] + pool[src].tolist()
-        got = _paths_of(buf, tok)
+        key, extra = book.choose(m, guesses, offers)
+        plan = book.plan(key)
+        pool = {lay.x0_col: -1, **{lay.chain0 + i: t for i, t in enumerate(extra)},
+                **{lay.guess0 + d * lay.width + r: t for d, row in enumerate(guesses)
+                   for r, t in enumerate(row)}}
+        got = {tuple(pool[p] for p in path[1:]) for path in plan.path_src[1:]}
         (c, _, k), (cc, _, kc) = (tree.lookup.policy[(m, offers[0][0])],
                                   tree.cache.policy[(m, offers[1][0])])
         want = {tuple(chains[0][:i]) for i in range(1, c + 1)} | \
             {tuple(chains[1][:i]) for i in range(1, cc + 1)}
         if k and kc:
-            want |= {tuple(int(guesses[d, r]) for d, r in enumerate(nd.path))
+            want |= {tuple(guesses[d][r] for d, r in enumerate(nd.path))
                      for nd in tree.states[m]}
         assert got == want
-        assert len(got) == buf.n_nodes  # a trie: every path once
+        assert len(got) == plan.n_nodes  # a trie: every path once
 
 
 def _records(rng, n_pos, lengths):

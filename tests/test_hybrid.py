@@ -220,7 +220,7 @@ def test_hybrid_lossless_on_the_real_model(smollm):
         res = dec.ppd(ids, 48)
         assert res.output_ids == ref, text[:40]
         long_steps += sum(a > 1 + tree.max_depth for a in res.accepted)
-    two_chains = sum(len(shape) == 2 for _, shape in dec._hybrid)
+    two_chains = sum(len(k[1]) == 2 for k in dec.engine().books[1].plans)
     assert long_steps > 0 and two_chains > 0
 
 

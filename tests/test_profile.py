@@ -76,19 +76,27 @@ def test_validate_and_roundtrip(tmp_path):
         profile.load(tmp_path / "b.json")
     with pytest.raises(BadInput, match="schema"):
         profile.validate({"schema": "treeopt.tree/1"})
+    host = {"plain": {"outside_ops_per_step": "many", "forward_ops_per_step": 1,
+                      "syncs_per_step": 1}}
+    with pytest.raises(BadInput, match="host_work"):
+        profile.validate(dict(prof, overhead={"per_step_s": 0.0, "host_work": host}))
 
 
-def test_oom_records_largest_size_that_fit():
+def test_oom_records_largest_size_that_fit(monkeypatch):
+    """The profile times the engine's step; a step that runs out of memory ends its
+    context's sizes there."""
+    from treeopt.engine import step as engine_step
+
     lm = tiny_loaded(vocab=16, dtype=torch.float32)
     dec = Decoder(lm, random_prompt_tokens(lm, 2), Tree.chain(2, 2))
-    real = dec.call
+    real = engine_step.forward
 
-    def call(embeds, cache, positions, mask=None, head=True):
-        if embeds.shape[0] >= 6 and int(positions[0]) > 0:  # not the cache prefill
+    def forward(st, x, pos, mask, C):
+        if x.shape[1] >= 6:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
-        return real(embeds, cache, positions, mask, head)
+        return real(st, x, pos, mask, C)
 
-    dec.call = call
+    monkeypatch.setattr(engine_step, "forward", forward)
     points, max_fit = measure.measure_points(dec, [1, 2, 4, 6, 8], [16, 32], 3, 1.0,
                                              quiet=True)
     assert max_fit == {16: 4, 32: 4}
@@ -191,19 +199,20 @@ def test_simulate_with_calibration(tmp_path):
     assert t1 > default["points"][0]["median_s"]
 
 
-def test_rounds_sweep_the_whole_grid_in_turn():
+def test_rounds_sweep_the_whole_grid_in_turn(monkeypatch):
     """rounds=2: every point is timed in both sweeps (size 1, size 3, size 1, size 3), and
     its median is over the samples of both."""
+    from treeopt.engine import step as engine_step
+
     lm = tiny_loaded(layers=1)
     dec = Decoder(lm, random_prompt_tokens(lm, 2), Tree.chain(2, 2))
-    real, calls = dec.call, []
+    real, calls = engine_step.forward, []
 
-    def call(embeds, cache, positions, mask=None, head=True):
-        if int(positions[0]) > 0:  # not the cache prefill
-            calls.append(embeds.shape[0])
-        return real(embeds, cache, positions, mask, head)
+    def forward(st, x, pos, mask, C):
+        calls.append(x.shape[1])
+        return real(st, x, pos, mask, C)
 
-    dec.call = call
+    monkeypatch.setattr(engine_step, "forward", forward)
     points, _ = measure.measure_points(dec, [1, 3], [16], 4, 10.0, quiet=True, rounds=2)
     runs = [s for i, s in enumerate(calls) if i == 0 or calls[i - 1] != s]
     assert runs == [1, 3, 1, 3]
@@ -230,3 +239,8 @@ def test_real_cpu_batch_profile(tmp_path):
     assert set(prof["overhead"]["batched"]["per_sequence_s"]) == {"plain", "tree"}
     assert profile.Latency(prof, batch=2)([3], 16)[0] > 0
     assert json.loads(p.stdout)["batches"] == [1, 2]
+    # the host work of the engine's plain and tree steps, counted: one read-back a step
+    host = json.loads(p.stdout)["host_work"]
+    assert "plain" in host and len(host) == 2
+    assert all(h["syncs_per_step"] <= 1 and 0 < h["outside_ops_per_step"] <= 40
+               for h in host.values())

@@ -25,7 +25,7 @@ from .models import Loaded, dtype_name
 from .paths import cache_dir
 from .progress import progress
 from .prompts import encode
-from .runtime import attention_masks, model_call, new_cache
+from .forward import attention_masks, model_call, new_cache
 from .sources import LOOKUP_CHAIN, LOOKUP_NGRAM, SuffixCache, cache_along, offers_along
 
 

@@ -96,17 +96,19 @@ def alone_tree(tree: Tree) -> Tree:
 
 def run_bench(dec: Decoder, encoded: list[list[int]], max_new_tokens: int, dtype: str,
               plain: bool = True, quiet: bool = False,
-              hf_lookup: int | None = None) -> tuple[dict, list]:
+              hf_lookup: int | None = None, hf_static: bool = False) -> tuple[dict, list]:
     """PPD, HF generate and (optionally) the plain loop, interleaved per prompt — and, for
     a hybrid tree, the same tree without its last chain source (:func:`alone_tree`: "PPD
     alone", or PPD + lookup for a tree with the cache) and, with
-    `hf_lookup` = k, HF's prompt-lookup decoding: the figures, and the PPD runs as
-    (prompt length, Result) pairs."""
+    `hf_lookup` = k, HF's prompt-lookup decoding, and with `hf_static` HF generate on its
+    static KV cache (compiled by HF on a GPU: the fastest loop HF users have); `plain` is
+    the engine's own plain loop. The figures, and the PPD runs as (prompt length, Result)
+    pairs."""
     tol = MARGIN_TOLERANCE.get(dtype, 0.0)
     alone = None
     if dec.tree.has_chains:
         alone = Decoder(dec.lm, dec.prompt_tokens, alone_tree(dec.tree))
-    extra: dict[str, list] = {"ppd_alone": [], "hf_lookup": []}
+    extra: dict[str, list] = {"ppd_alone": [], "hf_lookup": [], "hf_static": []}
     # burn-in: first calls pay for allocator warm-up and lazy init (nothing joins the cache)
     dec.ppd(encoded[0], 8, learn=False)
     dec.hf_generate(encoded[0], 8)
@@ -114,6 +116,8 @@ def run_bench(dec: Decoder, encoded: list[list[int]], max_new_tokens: int, dtype
         alone.ppd(encoded[0], 8, learn=False)
     if hf_lookup:
         dec.hf_generate(encoded[0], 8, prompt_lookup=hf_lookup)
+    if hf_static:  # its compilation happens here, not in the timed runs
+        dec.hf_generate(encoded[0], 8, static=True)
     per_prompt, ppd_runs, base_runs = [], [], []
     ppd_tok = ppd_sec = hf_tok = hf_sec = base_tok = base_sec = 0.0
     steps = fwd = step = 0.0
@@ -137,6 +141,10 @@ def run_bench(dec: Decoder, encoded: list[list[int]], max_new_tokens: int, dtype
             g = dec.hf_generate(ids, max_new_tokens, prompt_lookup=hf_lookup)
             extra["hf_lookup"].append((len(ids), g))
             row["hf_lookup_identical"] = g.output_ids == h.output_ids
+        if hf_static:
+            g = dec.hf_generate(ids, max_new_tokens, static=True)
+            extra["hf_static"].append((len(ids), g))
+            row["hf_static_identical"] = g.output_ids == h.output_ids
         if plain:
             b = dec.baseline(ids, max_new_tokens)  # C
             base_runs.append((len(ids), b))
@@ -172,6 +180,7 @@ def run_bench(dec: Decoder, encoded: list[list[int]], max_new_tokens: int, dtype
         "unexplained_divergences": unexplained,
         "margin_tolerance": tol,
         "step_overhead_fraction": round((step - fwd) / fwd, 4) if fwd else None,
+        "graphs": ppd_runs[0][1].graphs,  # how the engine ran its steps
         "decode": decode_phase(ppd_runs),
         # asking the chain sources (lookup, cache) against the steps' time
         "propose_fraction": round(sum(r.propose_seconds for _, r in ppd_runs) / max(
@@ -187,6 +196,8 @@ def run_bench(dec: Decoder, encoded: list[list[int]], max_new_tokens: int, dtype
                 out["ppd_alone_is"] = "ppd+lookup" if alone.tree.lookup else "ppd"
                 out["ppd_alone_tokens_per_step"] = round(tok / sum(r.steps for _, r in runs), 4)
                 out["ppd_alone_decode"] = decode_phase(runs)
+    if hf_static:
+        out["hf_static_compiled"] = dec.device.type == "cuda"  # HF compiles on a GPU only
     if plain:
         out["baseline_tokens_per_second"] = round(base_tok / base_sec, 3)
         out["baseline_vs_hf"] = round((base_tok / base_sec) / (hf_tok / hf_sec), 4)

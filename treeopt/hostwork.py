@@ -12,7 +12,8 @@ ops as one launch. Counting them needs no GPU::
 back: ``item`` / ``_local_scalar_dense`` (``.item()``, ``int(t)``, ``bool(t)``; the first
 under inference mode), ops whose output
 shape depends on values (``nonzero``, ``masked_select``, ``unique``…), and
-``Tensor.tolist`` (not dispatched as an op on the CPU: counted by wrapping it).
+``Tensor.tolist`` (counted by wrapping it: one sync, whatever it dispatches inside — on
+a GPU that is the device→host copy, on the CPU conjugate/negative-bit checks).
 """
 from __future__ import annotations
 
@@ -54,12 +55,13 @@ class Counts:
 
 
 class _Counter(TorchDispatchMode):
-    def __init__(self, counts: Counts, inside: list[int]):
+    def __init__(self, counts: Counts, inside: list[int], reading: list[bool]):
         super().__init__()
-        self.counts, self.inside = counts, inside
+        self.counts, self.inside, self.reading = counts, inside, reading
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts.tally(bool(self.inside[0]), True, str(func).startswith(SYNC_OPS))
+        if not self.reading[0]:  # a read-back's own ops are its one sync
+            self.counts.tally(bool(self.inside[0]), True, str(func).startswith(SYNC_OPS))
         return func(*args, **(kwargs or {}))
 
 
@@ -67,7 +69,7 @@ class _Counter(TorchDispatchMode):
 def counting(model):
     """Count host work while active: yields a :class:`Counts` filled as ops dispatch.
     The model's decoder body and LM head mark what is inside its forward."""
-    counts, inside = Counts(), [0]
+    counts, inside, reading = Counts(), [0], [False]
 
     def enter(*_):
         inside[0] += 1
@@ -82,11 +84,15 @@ def counting(model):
 
     def counted_tolist(t):
         counts.tally(bool(inside[0]), False, True)
-        return tolist(t)
+        reading[0] = True
+        try:
+            return tolist(t)
+        finally:
+            reading[0] = False
 
     torch.Tensor.tolist = counted_tolist
     try:
-        with _Counter(counts, inside):
+        with _Counter(counts, inside, reading):
             yield counts
     finally:
         torch.Tensor.tolist = tolist
@@ -97,7 +103,10 @@ def counting(model):
 def per_step(model, decode, tokens: int) -> dict:
     """Host work per decode step of `decode(max_new_tokens) -> steps taken`: the counts
     of a decode of `tokens` new tokens less those of one of a single token, over the
-    steps between (prefill and first token cancel out)."""
+    steps between (prefill and first token cancel out). A first, uncounted decode warms
+    up what is made once per shape (plans, standing buffers and their views): the
+    figures are the steady state a serving process runs in."""
+    decode(tokens)
     with counting(model) as short:
         s1 = decode(1)
     with counting(model) as long:

@@ -32,6 +32,8 @@ CONTEXTS = [128, 512, 2048]
 CPU_CONTEXTS = [64, 128, 512, 2048]  # short chats matter on a CPU: t(1) at 64 is ~6 % below 128
 BATCH_SIZES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48]  # per sequence; B·L grows fast
 BATCH_CONTEXTS = [64, 192, 512]
+# a step's host work as a profile keeps it (overhead.host_work; treeopt.hostwork counts it)
+HOST_FIELDS = ("outside_ops_per_step", "forward_ops_per_step", "syncs_per_step")
 BATCH_MAX_ROWS = 256  # default batch grid: B·L above this is extrapolated, not measured
 
 # GPU table for the roofline: dense bf16/fp16 peak TFLOP/s (no sparsity) and HBM/GDDR
@@ -176,6 +178,12 @@ def validate(obj: dict, where: str = "profile") -> None:
     if not isinstance(per_seq, dict) or not all(finite(v) and v >= 0 for v in per_seq.values()):
         raise BadInput(f"{where}: overhead.batched.per_sequence_s must map to finite "
                        "numbers ≥ 0")
+    host = (over or {}).get("host_work", {})
+    if not (isinstance(host, dict) and all(
+            isinstance(h, dict) and all(finite(h.get(f)) and h[f] >= 0 for f in HOST_FIELDS)
+            for h in host.values())):
+        raise BadInput(f"{where}: overhead.host_work must map to objects of finite numbers "
+                       f"≥ 0 ({', '.join(HOST_FIELDS)})")
     if not isinstance(obj["device"], dict):
         raise BadInput(f"{where}: field 'device' must be an object")
 
@@ -340,6 +348,8 @@ def summary(prof: dict) -> dict:
            "t_ms_first_context": {str(s): round(1000 * float(lat([s], lat.contexts[0])[0]), 3)
                                   for s in (1, 8, 16, 32, 64, 128)},
            "overhead_s": prof["overhead"]["per_step_s"]}
+    if "host_work" in prof["overhead"]:
+        out["host_work"] = prof["overhead"]["host_work"]
     if "roofline" in prof:
         out["roofline"] = prof["roofline"]
     sizes = batches(prof)

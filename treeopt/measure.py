@@ -22,11 +22,13 @@ from .artefact import stamp
 from .batch import BatchDecoder
 from .device import cpu_facts, device_slug, gpu_clocks, gpu_facts
 from .errors import BadInput, is_oom
-from .latency import FITTED, SCHEMA, calibrate
+from .hostwork import per_step
+from .latency import FITTED, HOST_FIELDS, SCHEMA, calibrate
 from .models import dtype_name
 from .progress import progress
-from .runtime import Decoder, keep_kv, new_cache
-from .tree import Tree, build_buffers
+from .engine import Engine
+from .runtime import Decoder
+from .tree import Tree
 
 class Timer:
     """perf_counter on CPU; CUDA events + synchronize on GPU."""
@@ -76,9 +78,10 @@ def measure_points(dec: Decoder, sizes: list[int], contexts: list[int], repeats:
                    done: dict | None = None, quiet: bool = False, rounds: int = 1,
                    batch_sizes: tuple[int, ...] = (1,),
                    max_rows: int | None = None) -> tuple[list[dict], dict]:
-    """Time one tree forward per (batch, context, size): B sequences, each with its own
-    C-token cache and L new tokens under its own 4-D mask and positions (the batched
-    runtime's shape). Returns points and {context: largest size that fit} for contexts
+    """Time one engine step per (batch, context, size): B sequences, each with its own
+    C-token context and L new tokens, exactly as the decode loop runs a step (plan rows
+    loaded, the step — one CUDA graph replay on a GPU —, the one read-back), so the
+    search's cost model is the runtime's. Returns points and {context: largest size that fit} for contexts
     where a size ran out of memory. `max_rows` skips points with B·L above it (the fit
     extrapolates them with its last slope).
 
@@ -95,42 +98,13 @@ def measure_points(dec: Decoder, sizes: list[int], contexts: list[int], repeats:
             for s in sizes if (b, c, s) not in done and not (max_rows and b * s > max_rows)]
     share, share_budget = max(1, math.ceil(repeats / rounds)), budget / rounds
     bar = progress(todo, "profile", quiet=quiet)
-    cache, cache_ctx = None, None
-    gen = torch.Generator().manual_seed(0)
-    vocab = dec.embed.weight.shape[0]
+    # the engine's own step (a graph replay on CUDA) with room for the longest input
+    engine = Engine(dec.lm, None, {1: None}, room=max(sizes))
     for r, b, c, s in bar:
         if (b, c) in max_fit and s > max_fit[(b, c)]:
             continue
         try:
-            # B = 1 runs the single-sequence shapes; B > 1 the batched runtime's
-            shape = (c,) if b == 1 else (b, c)
-            if cache_ctx != (b, c):
-                cache = None
-                ids = torch.randint(0, vocab, shape, generator=gen).to(dec.device)
-                cache = new_cache()
-                with torch.inference_mode():
-                    dec.call(dec.embed(ids), cache,
-                             torch.arange(c, device=dec.device).expand(shape), head=False)
-                cache_ctx = (b, c)
-            # a tree of exactly s inputs (the root and s − 1 prompt tokens: a causal block),
-            # masked by the runtime's own builder; the dense masked forward costs the same
-            # for any tree of that size
-            tok = torch.randint(0, vocab, shape[:-1] + (s,), generator=gen).to(dec.device)
-            pos = (c + torch.arange(s, device=dec.device)).expand(tok.shape)
-            # (B = 1, L = 1 runs unmasked as the plain loop does; the batched runtime
-            # always passes its 4-D masks)
-            mask = dec.tree_mask(c, build_buffers((), s - 1, 1, 1, dec.device)) \
-                if s > 1 or b > 1 else None
-            if isinstance(mask, dict):  # per-sequence masks, as the batched runtime's
-                mask = {k: v.expand(b, -1, -1, -1) for k, v in mask.items()}
-            elif mask is not None:
-                mask = mask.expand(b, -1, -1, -1)
-
-            def step():
-                with torch.inference_mode():
-                    dec.call(dec.embed(tok), cache, pos, mask)
-                keep_kv(cache, c, None, c)
-
+            step = engine.timed_step(b, s, c)
             got = stable_samples(timer, step, share, share_budget, burn_in=5 if r == 0 else 2,
                                  min_runs=min(10, share))
             samples.setdefault((b, c, s), []).extend(got)
@@ -138,10 +112,10 @@ def measure_points(dec: Decoder, sizes: list[int], contexts: list[int], repeats:
         except Exception as e:  # noqa: BLE001 - OOM → record and stop this context
             if not is_oom(e):
                 raise
+            engine = Engine(dec.lm, None, {1: None}, room=max(sizes))
             torch.cuda.empty_cache()
             max_fit[(b, c)] = max((x for (bb, cc, x) in samples if (bb, cc) == (b, c)
                                    and x < s), default=0)
-            cache, cache_ctx = None, None
             continue
         ms = 1000 * float(np.median(samples[(b, c, s)]))
         bar.set_postfix(round=r + 1, B=b, C=c, L=s, ms=f"{ms:.1f}")
@@ -165,10 +139,11 @@ def _probe_prompt(dec) -> list[int]:
 
 def measure_overhead(dec, sizes=(4, 16, 32), new_tokens: int = 48, quiet: bool = False) -> dict:
     """Runtime per-step overhead: full PPD step time minus its forward time (trees of a few
-    sizes, one real prompt)."""
+    sizes, one real prompt), and the host work of a plain step and of the largest tree's
+    step, counted (`host_work`: on a GPU the ops a graph replay removes)."""
     ids = _probe_prompt(dec)
     saved = (dec.tree, dec.prompt_tokens)
-    rows = []
+    rows, host = [], {}
     k = dec.prompt_tokens.num
     for s in progress(sizes, "overhead", quiet=quiet):
         width = max(1, (s - 1 - k) // (1 + k))  # a static star of depth-1 nodes
@@ -180,10 +155,20 @@ def measure_overhead(dec, sizes=(4, 16, 32), new_tokens: int = 48, quiet: bool =
         rows.append({"input_length": tree.input_length(k),
                      "overhead_s": float(statistics.median(over)),
                      "forward_s": float(statistics.median(res.forward_seconds))})
+        if s == max(sizes):  # the host work of this step, counted (ops, syncs)
+            host = {"plain": _host(per_step(dec.model, lambda n: dec.baseline(ids, n).steps, 16)),
+                    f"tree of {tree.input_length(k)}": _host(per_step(
+                        dec.model, lambda n: dec.ppd(ids, n, learn=False).steps, 16))}
     dec.set_tree(*saved)
     return {"per_step_s": float(statistics.median(r["overhead_s"] for r in rows)),
             "fraction": float(statistics.median(r["overhead_s"] / r["forward_s"] for r in rows)),
-            "by_size": rows}
+            "by_size": rows, "host_work": host}
+
+
+def _host(counts: dict) -> dict:
+    """A step's host work as the profile keeps it: ops dispatched outside the model's
+    forward and inside it, device→host syncs (:func:`treeopt.hostwork.per_step`)."""
+    return {k: round(counts[k], 2) for k in HOST_FIELDS}
 
 
 def measure_batch_overhead(dec, batch: int = 8, new_tokens: int = 24,

@@ -231,10 +231,10 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
-    """Logits in at least float32 (float64 stays float64)."""
+    """Logits in at least float32 (float64 stays float64); no op where they already are."""
     import torch
 
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def dtype_name(dtype: torch.dtype) -> str:

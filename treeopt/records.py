@@ -24,7 +24,6 @@ record a step (:class:`treeopt.search.hybrid.Replay`) and the marginals count bo
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from .acceptance import RECORD_TOPK
 from .pooled import as_acceptance
@@ -45,8 +44,7 @@ def of_result(prompt: list[int], res: Result, k: int, ngram: int = LOOKUP_NGRAM,
     out = {key: np.zeros(len(steps), dtype=np.int64)
            for key in ("match", "won", "state", "context", "live", "step")}
     out["ranks"] = np.full((len(steps), k), -1, dtype=np.int64)
-    rows = [g[:k, :RECORD_TOPK] for _, _, g, *_ in steps if g is not None and len(g)]
-    tops = torch.cat(rows).tolist() if rows else []  # one read-back for the whole decode
+    tops = [row[:RECORD_TOPK] for _, _, g, *_ in steps if g for row in g[:k]]
     for i, (emitted, state, guesses, *batched) in enumerate(steps):
         t = len(prompt) + emitted - 2
         out["match"][i], out["won"][i] = match[t - start], won[t - start]

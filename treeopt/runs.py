@@ -29,7 +29,8 @@ ROWS = {
                  "speedup_vs_hf": "num", "identical_fraction": "num",
                  "unexplained_divergences": "count", "?ppd_alone_tokens_per_second": "num",
                  "?ppd_alone_tokens_per_step": "num", "?hf_lookup_tokens_per_second": "num",
-                 "?speedup_vs_ppd_alone": "num", "?speedup_vs_hf_lookup": "num"},
+                 "?speedup_vs_ppd_alone": "num", "?speedup_vs_hf_lookup": "num",
+                 "?hf_static_tokens_per_second": "num", "?speedup_vs_hf_static": "num"},
 }
 
 

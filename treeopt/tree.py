@@ -20,6 +20,8 @@ import dataclasses
 import functools
 from typing import TYPE_CHECKING, Iterable, Sequence
 
+import numpy as np
+
 from .artefact import check_fields, check_schema, read_json, write_json
 from .bounds import count, int_key
 from .errors import BadInput
@@ -433,13 +435,29 @@ def _layout(nodes: tuple[Node, ...], root_n: int):
                 next_state=[cnt for _, cnt in owners])
 
 
+def layout_arrays(nodes: tuple[Node, ...], root_n: int) -> dict:
+    """One state's layout as numpy arrays (no tensor made): ``allowed`` bool [L, L],
+    ``positions``/``parent``/``depth``/``slot_token`` int64 (parent and depth per node),
+    and the per-winner lists ``path_pos``, ``slots_of``, ``next_state``."""
+    lay = _layout(nodes, root_n)
+    return dict(length=lay["length"], n_nodes=len(nodes),
+                allowed=np.asarray(lay["allowed"], dtype=bool),
+                positions=np.asarray(lay["positions"], dtype=np.int64),
+                parent=np.asarray([lay["index"][x.path[:-1]] for x in nodes], dtype=np.int64),
+                depth=np.asarray([len(x.path) for x in nodes], dtype=np.int64),
+                slot_token=np.asarray([j - 1 for j in lay["slot_j"]], dtype=np.int64),
+                path_pos=lay["path_pos"], slots_of=lay["slots_of"],
+                next_state=lay["next_state"])
+
+
 def build_buffers(nodes: tuple[Node, ...], root_n: int, state: int, width: int,
                   device: torch.device | str = "cpu") -> StateBuffers:
-    """The one buffer builder: tree of one state → masks, positions, indices."""
+    """The one buffer builder: tree of one state → masks, positions, indices (as tensors;
+    :func:`layout_arrays` is the same layout as arrays)."""
     import torch
 
     device = torch.device(device)
-    lay = _layout(nodes, root_n)
+    lay = layout_arrays(nodes, root_n)
     n = len(nodes)
     dmax = max((len(x.path) for x in nodes), default=0)
     retrieve = torch.full((n + 1, dmax + 1), -1, dtype=torch.long)
@@ -454,13 +472,13 @@ def build_buffers(nodes: tuple[Node, ...], root_n: int, state: int, width: int,
         state=state,
         length=lay["length"],
         n_nodes=n,
-        allowed=torch.tensor(lay["allowed"], dtype=torch.bool, device=device),
-        positions=t(lay["positions"]),
+        allowed=torch.from_numpy(lay["allowed"]).to(device),
+        positions=torch.from_numpy(lay["positions"]).to(device),
         node_src=t([(len(x.path) - 1) * width + x.path[-1] for x in nodes]),
-        parent=t([lay["index"][x.path[:-1]] for x in nodes]),
+        parent=torch.from_numpy(lay["parent"]).to(device),
         anc=anc.to(device),
-        depth=t([len(x.path) for x in nodes]),
-        slot_token=t([j - 1 for j in lay["slot_j"]]),
+        depth=torch.from_numpy(lay["depth"]).to(device),
+        slot_token=torch.from_numpy(lay["slot_token"]).to(device),
         retrieve=retrieve.to(device),
         path_pos=lay["path_pos"],
         slots_of=lay["slots_of"],

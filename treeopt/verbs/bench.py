@@ -31,6 +31,9 @@ def add_arguments(p) -> None:
     add_batch_arg(p, "benchmark batched decoding instead: per batch size, the tree's "
                   "per-batch configuration vs the plain batched loop, HF generate batched and "
                   "one-at-a-time PPD, interleaved")
+    p.add_argument("--hf-static", choices=("auto", "on", "off"), default="auto",
+                   help="also bench HF generate on its static KV cache, which HF compiles "
+                   "on a GPU (auto: on a GPU only)")
     p.add_argument("--profile", help="latency profile for the predicted figures (default: the "
                    "measured profile for this device and dtype)")
     add_acceptance_arg(p, "for the predicted figures (default: yours, else what the tree "
@@ -98,8 +101,10 @@ def main(args) -> dict:
 def _bench_one(args, dec, info, inp, encoded, human, prompt_file) -> tuple[dict, list]:
     """The interleaved bench of one prompt set, with the search's prediction beside it,
     the records of its PPD steps and their drifts (:mod:`treeopt.drift`)."""
+    static = args.hf_static == "on" or (args.hf_static == "auto" and dec.device.type == "cuda")
     res, runs = run_bench(dec, encoded, args.max_new_tokens, info["dtype"],
-                          not args.no_baseline, quiet=not human, hf_lookup=args.hf_lookup)
+                          not args.no_baseline, quiet=not human, hf_lookup=args.hf_lookup,
+                          hf_static=static)
     speed = speed_vs_profile(runs, inp.profile) if inp.profile else None
     pred = predicted_vs_measured(dec.tree, res, inp.profile, inp.profile_src, inp.acceptance,
                                  inp.acceptance_src, speed)
@@ -146,6 +151,12 @@ def _families(args, dec, info, inp, encoded: dict, human, path) -> dict:
                    else f" {'-':>8}"))
         say("predicted: from the acceptance data; own text: the tree replayed over the "
             "family's own recorded steps")
+        for r in rows:  # the faster loops a user already has, where benched
+            more = [f"{name} {r[key]:.2f}x" for key, name in (
+                ("speedup_vs_hf_static", "vs HF static cache"),
+                ("baseline_vs_hf", "engine plain loop vs HF")) if key in r]
+            if more:
+                say(f"{r['family']:>16} " + ", ".join(more))
         say(f"wrote {path}")
     for r in rows:  # drift lines on stderr, with --json too
         d = {k: v for k, v in (r.get("drift") or {}).items() if k != "speed"}
@@ -209,6 +220,10 @@ def _print(out: dict, path) -> None:
             f"{out['ppd_alone_tokens_per_second']:.1f} tok/s, "
             f"{out['ppd_alone_tokens_per_step']:.2f} tokens/step (hybrid "
             f"{out['speedup_vs_ppd_alone']:.2f}x)")
+    if "hf_static_tokens_per_second" in out:
+        say(f"HF generate, static cache{' compiled' if out['hf_static_compiled'] else ''}: "
+            f"{out['hf_static_tokens_per_second']:.1f} tok/s "
+            f"(PPD {out['speedup_vs_hf_static']:.2f}x)")
     if "hf_lookup_tokens_per_second" in out:
         say(f"HF prompt-lookup generate: {out['hf_lookup_tokens_per_second']:.1f} tok/s "
             f"(PPD {out['speedup_vs_hf_lookup']:.2f}x)")

@@ -147,6 +147,10 @@ def _report(prof: dict, out, human: bool) -> dict:
                 "profile carry that error — profile again on a quiet machine")
     say("knee (largest L with t(L) ≤ 1.1·t(1)): " +
         ", ".join(f"C={c}: {k}" for c, k in summary["knee"].items()))
+    for what, h in summary.get("host_work", {}).items():
+        say(f"host work a step, {what}: {h['outside_ops_per_step']:.0f} ops outside the "
+            f"forward, {h['forward_ops_per_step']:.0f} inside, {h['syncs_per_step']:.2f} "
+            "device→host syncs")
     for b, t in summary.get("t_ms_by_batch", {}).items():
         say(f"batch {b}: t(L=1) {t['1']:.1f} ms, t(L=8) {t['8']:.1f} ms per step "
             f"(plain decoding: {1000 * int(b) / t['1']:.0f} tokens/s)")

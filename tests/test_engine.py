@@ -1,0 +1,139 @@
+"""The decode engine's own parts: the CUDA-graph runner (its capture/replay/fallback logic,
+driven through stand-ins for torch.cuda on the CPU), padded input lengths and bucketed
+contexts (what a GPU runs) kept lossless on the CPU, the store growing between calls, and
+the run JSON saying how the steps ran."""
+from __future__ import annotations
+
+import contextlib
+import random
+
+import pytest
+import torch
+
+from treeopt.batch import BatchDecoder
+from treeopt.engine import Engine, graphs
+from treeopt.runtime import Decoder
+from treeopt.tiny import random_lookup, random_prompt_tokens, random_tree, tiny_model
+
+
+class FakeCuda:
+    """Enough of torch.cuda for the graph runner: a capture records the function (it does
+    not run it), a replay runs what was recorded."""
+
+    def __init__(self, fail: bool = False):
+        self.fail, self.captures, self.replays = fail, 0, 0
+        self.recording = None
+
+    def install(self, monkeypatch):
+        fake = self
+
+        class Graph:
+            def replay(self):
+                fake.replays += 1
+                self.fn()
+
+        @contextlib.contextmanager
+        def graph(g, pool=None):
+            if fake.fail:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            fake.captures += 1
+            fake.recording = g
+            yield
+
+        @contextlib.contextmanager
+        def stream(s):
+            yield
+
+        class Stream:
+            def wait_stream(self, other):
+                pass
+
+        monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "graph", graph)
+        monkeypatch.setattr(torch.cuda, "stream", stream)
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream())
+
+
+def test_graphs_capture_once_per_key_and_replay(monkeypatch):
+    fake = FakeCuda()
+    fake.install(monkeypatch)
+    runner = graphs.Graphs(torch.device("cuda"))
+    assert runner.enabled and runner.status == "cuda graphs"
+    state = {"calls": 0}
+    out = torch.zeros(1)
+
+    def step():
+        state["calls"] += 1
+        out.add_(1)
+        return out
+
+    first = runner.run(("B", 1), step)
+    # the first call ran the step for real (the warm-up) and captured it (not run)
+    assert state["calls"] == 2 and fake.captures == 1 and float(first) == 2
+    runner.graphs[("B", 1)][0].fn = step  # what the stand-in replays
+    again = runner.run(("B", 1), step)
+    assert fake.replays == 1 and fake.captures == 1 and again is out
+    runner.run(("B", 2), step)
+    assert fake.captures == 2  # one graph per key
+
+
+def test_a_failed_capture_falls_back_to_eager_and_says_why(monkeypatch):
+    FakeCuda(fail=True).install(monkeypatch)
+    runner = graphs.Graphs(torch.device("cuda"))
+    calls = []
+    assert runner.run((1,), lambda: calls.append(1) or torch.ones(1)) is not None
+    assert not runner.enabled and runner.status.startswith("eager: CUDA graph capture failed")
+    assert "not permitted" in runner.status
+    runner.run((1,), lambda: calls.append(1) or torch.ones(1))
+    assert len(calls) == 2  # eager from then on
+
+
+def test_graphs_are_off_on_the_cpu_and_the_run_says_so():
+    lm = tiny_model("llama")
+    pt = random_prompt_tokens(lm, 3)
+    dec = Decoder(lm, pt, random_tree(random.Random(1), 3, 6))
+    res = dec.ppd([1, 2, 3], 8)
+    assert res.graphs == "eager" and res.summary()["graphs"] == "eager"
+    assert not graphs.Graphs(torch.device("cpu")).enabled
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3", "mistral"])
+def test_padded_lengths_and_bucketed_contexts_stay_lossless(name):
+    """What a GPU runs (input lengths padded to a multiple of 8, contexts bucketed to 16)
+    on the CPU: padding rows are never accepted, their KV never kept; single and batched
+    (continuous, with a plain entry in the schedule) equal HF generate."""
+    lm = tiny_model(name)
+    rng = random.Random(7)
+    pt = random_prompt_tokens(lm, 3)
+    tree = random_tree(rng, 3, 6, 10)
+    tree.lookup = random_lookup(rng, tree)
+    prompts = [[rng.randrange(32) for _ in range(n)] for n in (5, 40, 9)]
+    prompts.append((prompts[0] * 4)[:12])
+    plain = Decoder(lm, None, None)
+    refs = [plain.hf_generate(ids, 24).output_ids for ids in prompts]
+    dec = Decoder(lm, pt, tree)
+    dec.engine_options = {"pad": 8, "grain": 16}
+    for ids, ref in zip(prompts, refs):
+        res = dec.ppd(ids, 24)
+        assert res.output_ids == ref
+        assert all(L % 8 == 0 for _, L in dec.engine().st._views)
+    bd = BatchDecoder(lm, pt, {1: tree, 2: None, 3: tree}, pad=8, grain=16)
+    out = bd.generate(prompts, 24, max_batch=3)
+    assert [r.output_ids for r in out.results] == refs
+    assert all(L % 8 == 0 for L in out.lengths) and all(C % 16 == 0 for C in out.contexts)
+
+
+def test_the_store_grows_for_a_longer_call_and_forgets_its_graphs():
+    lm = tiny_model("qwen2")
+    pt = random_prompt_tokens(lm, 3)
+    eng = Engine(lm, pt, {1: random_tree(random.Random(2), 3, 6)})
+    eng.generate([[1, 2, 3]], 8)
+    small = eng.st.store.length
+    eng.graphs.graphs[("stale",)] = None
+    eng.generate([[1] * 100], 40)
+    assert eng.st.store.length > small and not eng.graphs.graphs
+    kept = eng.st
+    eng.generate([[4, 5]], 8)
+    assert eng.st is kept  # big enough: made once

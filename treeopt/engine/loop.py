@@ -1,0 +1,408 @@
+"""The one decode loop, for one sequence or many (continuous batching), plain or PPD.
+
+Per step, on the host: each live sequence's plan (its tree for the batch size, its state,
+the chain sources' offers: :meth:`PlanBook.choose`), its chain tokens and plan id written
+into the pool, one index_select of the plan rows; then the device step
+(:func:`.step.step`, a graph replay on CUDA) and **one read-back**: per sequence the
+winner, the token after it and the next guesses. From the winner the host knows the
+accepted tokens (its plan's path over the pool it wrote) and the next state. A finished
+sequence (EOS, max_new_tokens, context) leaves: the last rows move into its place, so the
+batch stays rows 0..B−1 and stops paying for it. Which tree a step uses depends on how
+many sequences are live (the search's per-batch table; None = plain decoding).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..acceptance import RECORD_TOPK
+from ..device import sync
+from ..errors import BadInput
+from ..forward import attention_masks, logits_of
+from ..models import Loaded
+from ..prompt_tokens import PromptTokens
+from ..sources import Proposals, SuffixCache
+from ..tree import Tree, size_for
+from .graphs import Graphs
+from .kv import KVStore
+from .plans import Bank, Layout, Plan, PlanBook, chain_room
+from .results import BatchResult, Result, record_step
+from .step import Standing, step
+
+OnTokens = Callable[[list[int]], None]
+
+
+@dataclasses.dataclass
+class Seq:
+    """One sequence: where it stands (its row is its place in the live list)."""
+
+    index: int  # position in the caller's prompt list
+    ids: list[int]
+    limit: int
+    ctx: int = 0
+    x0: int = 0  # the token the next step starts from (already emitted)
+    guesses: list[list[int]] = dataclasses.field(default_factory=list)
+    prop: Proposals | None = None
+    result: Result | None = None
+
+
+def round_up(n: int, grain: int) -> int:
+    return -(-n // grain) * grain
+
+
+class Engine:
+    """A loaded model, its prompt tokens and a schedule (batch size → tree or None),
+    with one KV store, one pool and plan bank, and the step's graphs.
+
+    `pad`: input lengths are rounded up to a multiple of it (fewer graph shapes; 1 keeps
+    exact lengths); `grain`: the attended context is rounded up to a multiple of it. Both
+    default to 16 / 128 on CUDA (where graphs want few shapes) and 1 elsewhere;
+    `room`: pool room for chain tokens beyond what the trees' policies need."""
+
+    def __init__(self, loaded: Loaded, prompt_tokens: PromptTokens | None,
+                 schedule: dict[int, Tree | None], cache: SuffixCache | None = None,
+                 graphs: bool = True, pad: int | None = None, grain: int | None = None,
+                 room: int = 0):
+        if not schedule or any(not isinstance(b, int) or b < 1 for b in schedule):
+            raise BadInput("batch schedule: needs batch sizes ≥ 1")
+        self.lm, self.model = loaded, loaded.model
+        self.device, self.dtype = loaded.device, loaded.dtype
+        self.eos = set(loaded.eos_ids)
+        self.cache_source = cache
+        trees = [t for t in schedule.values() if t is not None]
+        out_vocab = self.model.get_output_embeddings().weight.shape[0]
+        in_vocab = self.model.get_input_embeddings().weight.shape[0]
+        width = max([t.rank_width for t in trees] + [min(RECORD_TOPK, out_vocab)])
+        rows = prompt_tokens.num if trees else 0
+        self.layout = Layout(max(in_vocab, out_vocab), rows, width,
+                             max([chain_room(t) for t in trees] + [room]))
+        self.books = {b: PlanBook(t, self.layout) for b, t in sorted(schedule.items())}
+        self.lookup = next((t.lookup for t in trees if t.lookup is not None), None)
+        self.table = embedding_table(loaded, prompt_tokens if trees else None,
+                                     self.layout.vocab)
+        self.bank = Bank(self.layout, self.device)
+        cuda = self.device.type == "cuda"
+        self.pad, self.grain = pad or (16 if cuda else 1), grain or (128 if cuda else 1)
+        self.graphs = Graphs(self.device, graphs)
+        self.max_input = max([self.bucket(t.max_input_length) for t in trees] + [self.pad])
+        self.st: Standing | None = None
+        self.steps_run = 0
+
+    # ---- buffers made once ------------------------------------------------------------
+    def bucket(self, length: int) -> int:
+        return round_up(length, self.pad)
+
+    def ensure(self, rows: int, longest: int) -> Standing:
+        """The standing buffers for `rows` sequences of contexts up to `longest`; made
+        again (and the graphs forgotten) only when a call needs more than they hold."""
+        need = round_up(longest + 2 * self.max_input, max(self.grain, 64))
+        if self.st is None or not self.st.store.fits(rows, need):
+            if self.st is not None:
+                rows, need = max(rows, self.st.store.rows), max(need, self.st.store.length)
+            self.st = None
+            store = KVStore(self.model.config, rows, need, self.device, self.dtype)
+            self.st = Standing(self.model, self.layout, store, self.table)
+            self.graphs.reset()
+            self.stage = torch.zeros(rows, self.layout.size - self.layout.chain0,
+                                     dtype=torch.long,
+                                     pin_memory=self.device.type == "cuda")
+            # on the CPU the host writes the pool's tail in place; elsewhere a staging copy
+            tail = self.st.pool[:, self.layout.chain0:] if self.device.type == "cpu" \
+                else self.stage
+            self.stage_np = tail.numpy()
+        return self.st
+
+    def pick(self, live: int) -> PlanBook:
+        return self.books[size_for(self.books, live)]
+
+    # ---- prefill ----------------------------------------------------------------------
+    def prefill(self, seqs: list[Seq], book: PlanBook, first_row: int, sample) -> None:
+        """Right-padded causal forward over the prompts (+ the root's prompt tokens) into
+        rows first_row..; sets each sequence's first token, guesses and context."""
+        st, lay = self.st, self.layout
+        r = book.root_prompt_tokens
+        J, width = len(seqs), max(len(s.ids) for s in seqs) + r
+        slots = [lay.vocab + j for j in range(r)]
+        tok = torch.tensor([s.ids + slots + [0] * (width - len(s.ids) - r) for s in seqs],
+                           device=self.device)
+        pos = torch.arange(width, device=self.device).expand(J, width)
+        real = torch.tensor([len(s.ids) + r for s in seqs], device=self.device)
+        allowed = torch.ones(width, width, dtype=torch.bool, device=self.device).tril() \
+            & (pos[:, :, None] < real[:, None, None])
+        allowed = allowed | torch.eye(width, dtype=torch.bool, device=self.device)
+        mask = attention_masks(self.model.config, allowed, pos, pos, self.dtype)
+        rows = slice(first_row, first_row + J)
+        out = st.body(inputs_embeds=torch.nn.functional.embedding(tok, st.table),
+                      attention_mask=mask, position_ids=pos,
+                      **{st.cache_arg: st.store.at(rows, 0, width)}, use_cache=True)
+        at = torch.tensor([[len(s.ids) - 1 + j for j in range(1 + r)] for s in seqs],
+                          device=self.device)
+        h = out.last_hidden_state.gather(1, at[..., None].expand(-1, -1, out.last_hidden_state
+                                                                  .shape[-1]))
+        logits = logits_of(self.model, h)
+        first = logits[:, 0].argmax(-1) if sample is None else torch.multinomial(
+            torch.softmax(logits[:, 0] / sample[0], -1), 1, generator=sample[3])[:, 0]
+        guesses = logits[:, 1:].topk(lay.width, dim=-1).indices.flatten(1)
+        st.pool[rows, lay.x0_col] = first
+        st.pool[rows, lay.guess0:lay.guess0 + guesses.shape[1]] = guesses
+        st.ctx[rows] = real - r
+        back = torch.cat([first[:, None], guesses], 1).tolist()  # one sync
+        for s, row in zip(seqs, back):
+            s.ctx, s.x0 = len(s.ids), row[0]
+            s.guesses = [row[1 + i * lay.width:1 + (i + 1) * lay.width] for i in range(r)]
+
+    # ---- one step ---------------------------------------------------------------------
+    def plan_rows(self, live: list[Seq], book: PlanBook) -> list[tuple[Plan, list[int]]]:
+        """Each live sequence's plan and chain tokens; what each step was offered goes
+        into its Result (the run's records)."""
+        chosen = []
+        for s in live:
+            offers = s.prop.offers() if s.prop is not None else None
+            if self.cache_source is not None:
+                s.result.cache_offers.append(offers[1])
+            m = book.state_for(len(s.guesses))
+            s.result.offers.append((len(s.result.output_ids), m,
+                                    s.guesses if book.tree is not None else None))
+            key, extra = book.choose(m, s.guesses, offers)
+            chosen.append((key, book.plan(key), extra))
+        return chosen
+
+    def load_plans(self, chosen, book: PlanBook, L: int, B: int) -> None:
+        """Chain tokens and plan ids into the pool's tail (in place on the CPU, one copy
+        elsewhere), then the plan rows into the standing buffer (one index_select)."""
+        lay, st = self.layout, self.st
+        book_id = id(book)
+        for b, (key, plan, extra) in enumerate(chosen):
+            self.stage_np[b, :len(extra)] = extra
+            self.stage_np[b, -1] = self.bank.id_of((book_id, key), plan, L)
+        v = st.views(B, L)
+        if self.device.type != "cpu":
+            st.pool[:B, lay.chain0:].copy_(self.stage[:B], non_blocking=True)
+        torch.index_select(self.bank.rows[L], 0, v.plan_ids, out=v.plan)
+
+    def tokens_of(self, s: Seq, extra: list[int], p: int) -> int:
+        """The pool's token at index p, from the host's own copy of what it holds."""
+        lay = self.layout
+        if p == lay.x0_col:
+            return s.x0
+        if p < lay.slot0:
+            return s.guesses[(p - lay.guess0) // lay.width][(p - lay.guess0) % lay.width]
+        return extra[p - lay.chain0]
+
+    def step(self, live: list[Seq], out: BatchResult, t_start: float, timed: bool, sample,
+             on_tokens: OnTokens | None) -> list[Seq]:
+        """One step of every live sequence; returns those still live."""
+        t0 = time.perf_counter()
+        book = self.pick(len(live))
+        chosen = self.plan_rows(live, book)
+        self.steps_run += 1  # the step's batch size and id beside each offer (records)
+        for s in live:
+            s.result.offers[-1] += (len(live), self.steps_run)
+        fits = [s.ctx + plan.length <= self.lm.max_context for s, (_, plan, _) in
+                zip(live, chosen)]
+        if not all(fits):  # out of context: those stop, the rest go on
+            for s, ok in zip(live, fits):
+                if not ok:
+                    self.finish(s, out, t_start, "context")
+            return self.leave(live, fits)
+        B = len(live)
+        L = self.bucket(max(plan.length for _, plan, _ in chosen))
+        C = min(round_up(max(s.ctx for s in live), self.grain), self.st.store.length - L)
+        t_fwd = time.perf_counter()  # from here to the read-back: what the profile times
+        self.load_plans(chosen, book, L, B)
+        if sample is None:
+            row_out = self.graphs.run((B, L, C), functools.partial(step, self.st, B, L, C))
+        else:
+            row_out = step(self.st, B, L, C, sample)
+        if timed:
+            sync(self.device)
+            out.forward_seconds.append(time.perf_counter() - t_fwd)
+            for s in live:
+                s.result.forward_seconds.append(out.forward_seconds[-1])
+        rows = row_out.tolist()  # the one sync
+        lay, still, emitted = self.layout, [], 0
+        for s, (key, plan, extra), row in zip(live, chosen, rows):
+            w, last = row[0], row[1]
+            path = plan.path_src[w]
+            new = [self.tokens_of(s, extra, p) for p in path[1:]] + [last]
+            s.ctx += len(path)
+            s.x0 = last
+            s.guesses = [row[lay.guess0 + i * lay.width:lay.guess0 + (i + 1) * lay.width]
+                         for i in range(plan.next_state[w])]
+            r = s.result
+            added, done = self.emit(s, new, on_tokens)
+            record_step(r, len(added), plan.length)
+            emitted += len(added)
+            still.append(not done)
+            if done:
+                self.finish(s, out, t_start, None)
+        out.live.append(B)
+        out.lengths.append(L)
+        out.contexts.append(C)
+        out.step_tokens.append(emitted)
+        now = time.perf_counter()
+        out.step_seconds.append(now - t0)
+        for s in live:
+            s.result.step_seconds.append(now - t0)
+        return self.leave(live, still)
+
+    def emit(self, s: Seq, new: list[int], on_tokens: OnTokens | None
+             ) -> tuple[list[int], bool]:
+        """Append at most up to the limit, cutting after EOS, and stream; (added, done)."""
+        out = s.result.output_ids
+        new = new[: s.limit - len(out)]
+        cut = next((i + 1 for i, t in enumerate(new) if t in self.eos), None)
+        added = new[:cut] if cut else new
+        out.extend(added)
+        if on_tokens:
+            on_tokens(added)
+        if s.prop is not None:
+            s.prop.extend(added)
+        return added, bool(cut) or len(out) >= s.limit
+
+    # ---- joining and leaving ----------------------------------------------------------
+    def admit(self, live: list[Seq], joiners: list[Seq], out: BatchResult, t_start: float,
+              sample, on_tokens: OnTokens | None) -> list[Seq]:
+        """Prefill `joiners` into the rows after the live ones (with the tree for the batch
+        they make), emit their first tokens; returns the live list."""
+        book = self.pick(len(live) + len(joiners))
+        self.prefill(joiners, book, len(live), sample)
+        stay = []
+        for s in joiners:
+            s.result = Result([], 1, 0.0, time.perf_counter() - t_start)
+            if self.lookup is not None or self.cache_source is not None:
+                lk = self.lookup
+                s.prop = Proposals(s.ids, (lk.max_ngram, lk.max_tokens) if lk else None,
+                                   self.cache_source)
+            _, done = self.emit(s, [s.x0], on_tokens)
+            if done:
+                self.finish(s, out, t_start, None)
+            stay.append(not done)
+        return self.leave(live + joiners, [True] * len(live) + stay)
+
+    def leave(self, live: list[Seq], stay: list[bool]) -> list[Seq]:
+        """The live list without those that do not stay; the rows after a leaver move up
+        (KV up to each context, pool row, context)."""
+        kept = []
+        for row, (s, ok) in enumerate(zip(live, stay)):
+            if not ok:
+                continue
+            if row != len(kept):
+                st, dst = self.st, len(kept)
+                st.store.move_row(row, dst, s.ctx)
+                st.pool[dst] = st.pool[row]
+                st.ctx[dst] = st.ctx[row]
+            kept.append(s)
+        return kept
+
+    def finish(self, s: Seq, out: BatchResult, t_start: float, why: str | None) -> None:
+        """A sequence is done: its result is final; its output joins the cache source."""
+        res = s.result
+        sync(self.device)
+        res.seconds = time.perf_counter() - t_start
+        res.finish_reason = why or ("eos" if res.output_ids and res.output_ids[-1] in self.eos
+                                    else "length")
+        res.graphs = self.graphs.status
+        out.results[s.index] = res
+        if self.cache_source is not None and self.learn:
+            self.cache_source.add(res.output_ids)
+
+    def timed_step(self, B: int, L: int, C: int) -> Callable[[], None]:
+        """One step of B sequences at context C with L inputs each, exactly as decoding
+        runs it (plan rows loaded, the step — a graph replay on CUDA —, the read-back):
+        what `treeopt profile` times. The plan is the root and a chain of L − 1 tokens (a
+        lookup chain's shape; any tree of L inputs costs the same dense forward); the
+        contexts are put back after each call."""
+        with torch.inference_mode():
+            st = self.ensure(B, C + L)
+        book = self.books[min(self.books)]
+        key = (0, (((), L - 1, 0),)) if L > 1 else ("plain",)
+        chosen = [(key, book.plan(key), [0] * (L - 1))] * B
+        Lb = self.bucket(L)
+        Cb = min(round_up(C, self.grain), st.store.length - Lb)
+
+        @torch.inference_mode()
+        def run():
+            self.load_plans(chosen, book, Lb, B)
+            if self.graphs.enabled:
+                self.graphs.run((B, Lb, Cb), functools.partial(step, st, B, Lb, Cb)).tolist()
+            else:
+                step(st, B, Lb, Cb).tolist()
+            st.ctx[:B] = C
+
+        with torch.inference_mode():
+            st.ctx[:B] = C
+        return run
+
+    # ---- the loop ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int] = 128,
+                 max_batch: int | None = None, timed: bool = False, learn: bool = True,
+                 temperature: float = 0.0, eps: float = 0.09, alpha: float = 0.3,
+                 seed: int | None = None, on_tokens: OnTokens | None = None
+                 ) -> BatchResult:
+        """Decode every prompt; greedy (temperature 0) results equal each prompt's plain
+        greedy output. With `max_batch`, at most that many decode at once and a waiting
+        prompt joins as soon as one finishes (continuous batching); else all start
+        together. `timed` also records each step's device time (one more sync a step);
+        `learn`: a finished output joins the cache source; `on_tokens` streams a single
+        decode's tokens."""
+        self.learn = learn
+        if not prompts:
+            raise BadInput("no prompts to decode")
+        limits = max_new_tokens if isinstance(max_new_tokens, list) else \
+            [max_new_tokens] * len(prompts)
+        if len(limits) != len(prompts):
+            raise BadInput("max_new_tokens: one per prompt")
+        if max_batch is not None and max_batch < 1:
+            raise BadInput(f"max_batch must be ≥ 1, got {max_batch}")
+        if temperature < 0:
+            raise BadInput(f"temperature must be ≥ 0, got {temperature}")
+        cap = max_batch or len(prompts)
+        sample = None
+        if temperature > 0:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed) if seed is not None else gen.seed()
+            sample = (temperature, eps, alpha, gen)
+        self.ensure(min(cap, len(prompts)), max(len(p) + n for p, n in zip(prompts, limits)))
+        sync(self.device)
+        t_start = time.perf_counter()
+        queue = [Seq(i, list(ids), lim) for i, (ids, lim) in enumerate(zip(prompts, limits))]
+        out = BatchResult([None] * len(queue), 0.0)  # type: ignore[list-item]
+        stream = on_tokens if len(prompts) == 1 else None
+        live: list[Seq] = []
+        while live or queue:
+            if queue and len(live) < cap:
+                t0 = time.perf_counter()
+                room = cap - len(live)
+                live = self.admit(live, queue[:room], out, t_start, sample, stream)
+                queue = queue[room:]
+                out.prefill_seconds += time.perf_counter() - t0
+            else:
+                live = self.step(live, out, t_start, timed, sample, stream)
+        sync(self.device)
+        out.seconds = time.perf_counter() - t_start
+        return out
+
+
+def embedding_table(lm: Loaded, prompt_tokens: PromptTokens | None, vocab: int
+                    ) -> torch.Tensor:
+    """The step's one embedding table: the model's input embedding of every id (as its
+    embedding module gives it, scaling included), zero rows up to `vocab`, then the prompt
+    tokens (ids vocab + j). Made once per model and prompt-token set."""
+    tables = lm.__dict__.setdefault("_engine_tables", {})
+    key = (id(prompt_tokens), vocab)
+    if key not in tables:
+        embed = lm.model.get_input_embeddings()
+        with torch.inference_mode():
+            rows = embed(torch.arange(embed.weight.shape[0], device=lm.device))
+            parts = [rows, rows.new_zeros(vocab - rows.shape[0], rows.shape[1])]
+            if prompt_tokens is not None:
+                parts.append(prompt_tokens.to(lm.device, lm.dtype))
+            tables[key] = (prompt_tokens, torch.cat(parts))
+    return tables[key][1]
