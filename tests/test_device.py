@@ -52,8 +52,26 @@ def test_shipped_tree_is_found_for_its_device_and_dtype_only(monkeypatch):
     assert find_tree("SmolLM2-135M-Instruct", "cpu", "bfloat16") == SHIPPED_CPU_TREE
     default = paths.SHIPPED / paths.default_tree_name("SmolLM2-135M-Instruct")
     assert find_tree("SmolLM2-135M-Instruct", "cpu", "float32") == default  # other dtype
-    monkeypatch.setenv("TREEOPT_DEVICE_ID", "cpu-amd-epyc-avx2-2c")  # same name, no AVX-512
+    monkeypatch.setenv("TREEOPT_DEVICE_ID", "cpu-arm-neoverse-sve-2c")  # no x86 class
     assert find_tree("SmolLM2-135M-Instruct", "cpu", "bfloat16") == default
+
+
+def test_a_tree_of_this_cpus_class_comes_before_the_default(monkeypatch, tmp_path):
+    """No tree for this CPU: one searched on a CPU of its architecture and this dtype is
+    the nearest — same ISA class first, then nearest core count, yours before shipped."""
+    assert device.cpu_class("cpu-amd-epyc-avx2-2c") == ("x86", "avx2", 2)
+    assert device.cpu_class("cpu-test-machine") is None
+    assert device.cpu_class("nvidia-h200-139gb") is None
+    monkeypatch.setenv("TREEOPT_DEVICE_ID", "cpu-amd-epyc-avx2-2c")  # same name, no AVX-512
+    assert find_tree("SmolLM2-135M-Instruct", "cpu", "bfloat16") == SHIPPED_CPU_TREE
+    monkeypatch.setenv("TREEOPT_HOME", str(tmp_path))
+    mine = paths.user_profiles() / paths.tree_name("cpu-intel-xeon-avx2-4c",
+                                                   "SmolLM2-135M-Instruct", "bfloat16")
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(SHIPPED_CPU_TREE.read_bytes())
+    assert find_tree("SmolLM2-135M-Instruct", "cpu", "bfloat16") == mine  # same ISA class
+    monkeypatch.setenv("TREEOPT_DEVICE_ID", "cpu-amd-epyc-avx512bf16-8c")
+    assert find_tree("SmolLM2-135M-Instruct", "cpu", "bfloat16") == SHIPPED_CPU_TREE
 
 
 def test_foreign_tree_and_profile_get_a_line(monkeypatch):

@@ -73,6 +73,21 @@ def cpu_id(name: str, isa: str, cores: int | None) -> str:
     return f"cpu-{slug(name)}-{isa}-{cores}c"
 
 
+X86_ISAS, ARM_ISAS = ("amx", "avx512bf16", "avx512", "avx2"), ("sve", "neon")
+
+
+def cpu_class(device_id: str) -> tuple[str, str, int] | None:
+    """(architecture, ISA class, cores) read back from a CPU identity
+    ``cpu-<name>-<isa>-<cores>c``: trees searched on one CPU of a class (x86 or Arm) are
+    the nearest a first run on another of that class has; None for a GPU or a pinned id
+    that says no class."""
+    *_, isa, cores = device_id.split("-") if device_id.startswith("cpu-") else ("", "")
+    if not (cores.endswith("c") and cores[:-1].isdigit()):
+        return None
+    arch = "x86" if isa in X86_ISAS else "arm" if isa in ARM_ISAS else None
+    return (arch, isa, int(cores[:-1])) if arch else None
+
+
 def device_slug(device: str = "cpu") -> str:
     """File-name id of the local device (see the module's docstring): ``$TREEOPT_DEVICE_ID``,
     else ``cpu-<model>-<isa>-<cores>c``, else ``<gpu name>-<memory>gb``."""

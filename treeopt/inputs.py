@@ -13,7 +13,7 @@ import pathlib
 
 from . import corpus as corpora
 from . import latency, paths, pooled
-from .device import device_slug
+from .device import cpu_class, device_slug
 from .errors import BadInput
 from .export import load_tree
 from .models import (DEFAULT_MODEL_ID, KNOWN_MODELS, canonical_model, context_of, dtype_name,
@@ -87,11 +87,30 @@ def find_acceptance(mid: str, tree: Tree | None = None) -> list[pathlib.Path]:
 
 
 def find_tree(mid: str, device: str = "auto", dtype: str = "auto") -> pathlib.Path | None:
-    """The tree searched for this device and dtype (yours, else shipped), else the shipped
+    """The tree searched for this device and dtype (yours, else shipped), else one searched
+    for a CPU of this one's class and this dtype (:func:`class_tree`), else the shipped
     hand-made default."""
     dev_type, dt = local_device(device, dtype)
-    return paths.lookup(paths.tree_name(device_slug(dev_type), mid, dt)) or \
+    here = device_slug(dev_type)
+    return paths.lookup(paths.tree_name(here, mid, dt)) or class_tree(here, mid, dt) or \
         paths.lookup(paths.default_tree_name(mid))
+
+
+def class_tree(here: str, mid: str, dtype: str) -> pathlib.Path | None:
+    """A tree of this model and dtype searched on another CPU of this one's architecture
+    (x86, Arm): the same ISA class first, then the nearest core count; yours before the
+    shipped ones. None on a GPU or where none is."""
+    mine = cpu_class(here)
+    if mine is None:
+        return None
+    suffix = f"__{paths.name_part(mid)}__{paths.slug(dtype)}.tree.json"
+    found = []
+    for rank, folder in enumerate((paths.user_profiles(), paths.SHIPPED)):
+        for p in sorted(folder.glob(f"cpu-*{suffix}")):
+            theirs = cpu_class(p.name.removesuffix(suffix))
+            if theirs is not None and theirs[0] == mine[0]:
+                found.append(((theirs[1] != mine[1], abs(theirs[2] - mine[2]), rank), p))
+    return min(found, key=lambda f: f[0])[1] if found else None
 
 
 def searched_for(tree: Tree) -> tuple[str | None, str | None]:
