@@ -2,14 +2,16 @@
 and the device's attainable ceilings (nanoGPT bench.py style: burn-in, then timed runs
 with a synchronize around each; CUDA events on GPUs, perf_counter on CPUs).
 
-Shape of the measurement: for each context length C a KV cache holding C tokens is built
-once; for each input length L one forward of L tokens with a tree-shaped 4-D mask and
-depth positions runs exactly as the runtime calls the model (decoder + LM head on all L
-rows), the cache is cropped back to C, and so on, until the median is stable (or the
-point's budget is spent). The grid is swept in rounds, so drift shifts every point alike.
+Shape of the measurement: each point (B, C, L) is one step of the decode engine
+(:meth:`treeopt.engine.Engine.timed_step`): B sequences whose contexts hold C tokens in
+the engine's KV store, plans of L inputs loaded, the step (decoder + LM head on all L rows,
+verification; a CUDA graph replay on a GPU), the one read-back, the contexts put back —
+repeated until the median is stable (or the point's budget is spent). The grid is swept
+in rounds, so drift shifts every point alike.
 """
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -99,7 +101,8 @@ def measure_points(dec: Decoder, sizes: list[int], contexts: list[int], repeats:
     share, share_budget = max(1, math.ceil(repeats / rounds)), budget / rounds
     bar = progress(todo, "profile", quiet=quiet)
     # the engine's own step (a graph replay on CUDA) with room for the longest input
-    engine = Engine(dec.lm, None, {1: None}, room=max(sizes))
+    new_engine = functools.partial(Engine, dec.lm, None, {1: None}, room=max(sizes))
+    engine = new_engine()
     for r, b, c, s in bar:
         if (b, c) in max_fit and s > max_fit[(b, c)]:
             continue
@@ -112,7 +115,7 @@ def measure_points(dec: Decoder, sizes: list[int], contexts: list[int], repeats:
         except Exception as e:  # noqa: BLE001 - OOM → record and stop this context
             if not is_oom(e):
                 raise
-            engine = Engine(dec.lm, None, {1: None}, room=max(sizes))
+            engine = new_engine()
             torch.cuda.empty_cache()
             max_fit[(b, c)] = max((x for (bb, cc, x) in samples if (bb, cc) == (b, c)
                                    and x < s), default=0)

@@ -38,6 +38,8 @@ from .tree import Tree
 class Decoder:
     """Owns a loaded model, its prompt tokens and a tree's precomputed buffers."""
 
+    engine_options: dict = {}  # Engine keywords (graphs, pad, grain) for every engine made
+
     def __init__(self, loaded: Loaded, prompt_tokens: PromptTokens | None = None,
                  tree: Tree | None = None, cache: SuffixCache | None = None):
         self.lm = loaded
@@ -142,8 +144,6 @@ class Decoder:
                                          {1: tree}, self.cache_source if tree else None,
                                          **self.engine_options)
         return self._engines[kind]
-
-    engine_options: dict = {}  # Engine keywords (graphs, pad, grain) for every engine made
 
     def _one(self, engine: Engine, input_ids: list[int], max_new_tokens: int, **kw) -> Result:
         self.check_prompt(input_ids, max_new_tokens)

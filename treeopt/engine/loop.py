@@ -91,11 +91,18 @@ class Engine:
         self.graphs = Graphs(self.device, graphs)
         self.max_input = max([self.bucket(t.max_input_length) for t in trees] + [self.pad])
         self.st: Standing | None = None
+        self.stage = self.stage_np = None  # the host's side of the pool's tail (ensure)
         self.steps_run = 0
+        self.learn = True  # a finished output joins the cache source (generate sets it)
 
     # ---- buffers made once ------------------------------------------------------------
     def bucket(self, length: int) -> int:
         return round_up(length, self.pad)
+
+    def context_bucket(self, longest: int, L: int) -> int:
+        """The context slots a step of input length L attends: the longest context rounded
+        up to the grain, within the store."""
+        return min(round_up(longest, self.grain), self.st.store.length - L)
 
     def ensure(self, rows: int, longest: int) -> Standing:
         """The standing buffers for `rows` sequences of contexts up to `longest`; made
@@ -212,7 +219,7 @@ class Engine:
             return self.leave(live, fits)
         B = len(live)
         L = self.bucket(max(plan.length for _, plan, _ in chosen))
-        C = min(round_up(max(s.ctx for s in live), self.grain), self.st.store.length - L)
+        C = self.context_bucket(max(s.ctx for s in live), L)
         t_fwd = time.perf_counter()  # from here to the read-back: what the profile times
         self.load_plans(chosen, book, L, B)
         if sample is None:
@@ -324,15 +331,12 @@ class Engine:
         key = (0, (((), L - 1, 0),)) if L > 1 else ("plain",)
         chosen = [(key, book.plan(key), [0] * (L - 1))] * B
         Lb = self.bucket(L)
-        Cb = min(round_up(C, self.grain), st.store.length - Lb)
+        Cb = self.context_bucket(C, Lb)
 
         @torch.inference_mode()
         def run():
             self.load_plans(chosen, book, Lb, B)
-            if self.graphs.enabled:
-                self.graphs.run((B, Lb, Cb), functools.partial(step, st, B, Lb, Cb)).tolist()
-            else:
-                step(st, B, Lb, Cb).tolist()
+            self.graphs.run((B, Lb, Cb), functools.partial(step, st, B, Lb, Cb)).tolist()
             st.ctx[:B] = C
 
         with torch.inference_mode():
