@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from treeopt.batch import BatchDecoder
-from treeopt.engine import Engine, graphs
+from treeopt.engine import Engine, graphs, kernels
+from treeopt.errors import BadInput
+from treeopt.hostwork import per_step
 from treeopt.runtime import Decoder
 from treeopt.tiny import random_lookup, random_prompt_tokens, random_tree, tiny_model
 
@@ -137,3 +139,68 @@ def test_the_store_grows_for_a_longer_call_and_forgets_its_graphs():
     kept = eng.st
     eng.generate([[4, 5]], 8)
     assert eng.st is kept  # big enough: made once
+
+
+# ---- the engine's kernels -------------------------------------------------------------
+def test_kernels_rule_packs_float32_on_an_x86_cpu_only(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "x86_64")
+    assert kernels.choose(cpu, torch.float32) == ("onednn" if torch.backends.mkldnn.is_available()
+                                                  else "stock")
+    assert kernels.choose(cpu, torch.bfloat16) == "stock"
+    assert kernels.choose(cuda, torch.float32) == "stock"
+    assert kernels.choose(cpu, torch.float32, "stock") == "stock"
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "aarch64")
+    assert kernels.choose(cpu, torch.float32) == "stock"
+    with pytest.raises(BadInput, match="--kernels fast is not one of"):
+        kernels.choose(cpu, torch.float32, "fast")
+    with pytest.raises(BadInput, match="float32 on a CPU, not bfloat16 on cpu"):
+        kernels.choose(cpu, torch.bfloat16, "onednn")
+
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
+                                  reason="PyTorch built without oneDNN")
+
+
+@needs_onednn
+def test_packed_kernels_leave_the_model_alone_and_are_made_once():
+    lm = tiny_model("llama")
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    linears = [m for m in lm.model.modules() if isinstance(m, torch.nn.Linear)]
+    packed = kernels.kernels_for(lm.model, lm.device, lm.dtype, "onednn")
+    assert kernels.kernels_for(lm.model, lm.device, lm.dtype, "onednn") is packed
+    assert [m for m in lm.model.modules() if isinstance(m, torch.nn.Linear)] == linears
+    assert all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.body.modules())
+    # what holds no linear is shared, not copied (norms, rotary tables, embeddings)
+    assert packed.body.norm is lm.model.get_decoder().norm
+    assert packed.body.layers[0].input_layernorm is lm.model.get_decoder().layers[0].input_layernorm
+    x = torch.randn(2, 5, lm.config.hidden_size)
+    assert torch.allclose(packed.head(x), lm.model.get_output_embeddings()(x), atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_packed_and_stock_kernels_decode_alike(name):
+    """The same prompts, tree and lookup through both kernel sets: each PPD decode equals
+    HF generate (stock kernels) and the engine's own plain loop; the step's outside host
+    work does not change with the kernels."""
+    lm = tiny_model(name)
+    rng = random.Random(3)
+    pt = random_prompt_tokens(lm, 3)
+    tree = random_tree(rng, 3, 6, 10)
+    tree.lookup = random_lookup(rng, tree)
+    prompts = [[rng.randrange(32) for _ in range(n)] for n in (6, 30)]
+    refs = [Decoder(lm, None, None).hf_generate(ids, 20).output_ids for ids in prompts]
+    outside = {}
+    for kind in ("stock", "onednn"):
+        dec, plain = Decoder(lm, pt, tree), Decoder(lm, None, None)
+        dec.engine_options = plain.engine_options = {"kernels": kind}
+        assert dec.engine().kernels.name == kind
+        for ids, ref in zip(prompts, refs):
+            assert dec.ppd(ids, 20).output_ids == ref
+            assert plain.baseline(ids, 20).output_ids == ref
+        host = per_step(lm.model, lambda n: dec.ppd(prompts[1], n, learn=False).steps, 12)
+        assert host["forward_ops_per_step"] > 0
+        outside[kind] = host["outside_ops_per_step"]
+    assert outside["onednn"] == outside["stock"]

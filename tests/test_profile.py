@@ -156,6 +156,13 @@ def test_real_cpu_profile_two_sizes(tmp_path):
     assert {pt["size"] for pt in again["points"]} == {1, 2, 64}
     assert again["command"] == prof["command"] and "--resume" in again["updated_by"]
     assert again["ceilings"] == prof["ceilings"]
+    # the points say which kernels timed them; a resume under other kernels is refused
+    assert prof["kernels"] in ("stock", "onednn")
+    other = {"stock": "onednn", "onednn": "stock"}[prof["kernels"]]
+    out.write_text(json.dumps({**again, "kernels": other}))
+    p = treeopt("profile", "--cpu", "--sizes", "1,3", "--contexts", "64", "--repeats", "5",
+                "--no-overhead", "--resume", "--out", str(out))
+    assert p.returncode == 2 and f"timed with {other} kernels" in p.stderr
 
 
 SMOL_SHAPE = {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,

@@ -23,6 +23,8 @@ import dataclasses
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .engine.kernels import forward_modules
+
 # ops whose result needs the device's values on the host
 SYNC_OPS = ("aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.masked_select",
             "aten.unique", "aten._unique", "aten.repeat_interleave.Tensor")
@@ -68,7 +70,8 @@ class _Counter(TorchDispatchMode):
 @contextlib.contextmanager
 def counting(model):
     """Count host work while active: yields a :class:`Counts` filled as ops dispatch.
-    The model's decoder body and LM head mark what is inside its forward."""
+    The model's decoder body and LM head (and the engine's packed copies of them) mark
+    what is inside its forward."""
     counts, inside, reading = Counts(), [0], [False]
 
     def enter(*_):
@@ -78,7 +81,7 @@ def counting(model):
         inside[0] -= 1
 
     hooks = []
-    for mod in (model.get_decoder(), model.get_output_embeddings()):
+    for mod in forward_modules(model):
         hooks += [mod.register_forward_pre_hook(enter), mod.register_forward_hook(leave)]
     tolist = torch.Tensor.tolist
 

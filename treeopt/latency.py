@@ -157,8 +157,8 @@ def validate(obj: dict, where: str = "profile") -> None:
     for field in ("model", "dtype", "device", "points"):
         if field not in obj:
             raise BadInput(f"{where}: missing field {field!r}")
-    check_fields(obj, {"model": "str", "dtype": "str", "device": "obj", "?device_id": "str"},
-                 where)
+    check_fields(obj, {"model": "str", "dtype": "str", "device": "obj", "?device_id": "str",
+                       "?kernels": "str"}, where)
     if not isinstance(obj["points"], list) or not obj["points"]:
         raise BadInput(f"{where}: field 'points' must be a non-empty list")
     for i, p in enumerate(obj["points"]):
@@ -342,7 +342,7 @@ def summary(prof: dict) -> dict:
     """The headline figures of a profile: knee and t(1) per context, overhead, fit, drift."""
     lat = Latency(prof, with_overhead=False)
     out = {"model": prof["model"], "dtype": prof["dtype"], "device": prof["device"]["name"],
-           "simulated": prof["simulated"], "points": len(prof["points"]),
+           "kernels": prof.get("kernels", "stock"), "simulated": prof["simulated"], "points": len(prof["points"]),
            "knee": {str(c): lat.knee(c) for c in lat.contexts},
            "t1_ms": {str(c): round(1000 * float(lat([1], c)[0]), 3) for c in lat.contexts},
            "t_ms_first_context": {str(s): round(1000 * float(lat([s], lat.contexts[0])[0]), 3)

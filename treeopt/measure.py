@@ -101,7 +101,8 @@ def measure_points(dec: Decoder, sizes: list[int], contexts: list[int], repeats:
     share, share_budget = max(1, math.ceil(repeats / rounds)), budget / rounds
     bar = progress(todo, "profile", quiet=quiet)
     # the engine's own step (a graph replay on CUDA) with room for the longest input
-    new_engine = functools.partial(Engine, dec.lm, None, {1: None}, room=max(sizes))
+    new_engine = functools.partial(Engine, dec.lm, None, {1: None},
+                                   **{**dec.engine_options, "room": max(sizes)})
     engine = new_engine()
     for r, b, c, s in bar:
         if (b, c) in max_fit and s > max_fit[(b, c)]:
@@ -231,11 +232,16 @@ def measure_profile(dec: Decoder, sizes: list[int], contexts: list[int], repeats
     device's ceilings and facts, and the roofline fitted to the points. `reuse` is an
     earlier profile of the same model and dtype whose points are kept (resume)."""
     model_id, dtype = dec.lm.model_id, dtype_name(dec.dtype)
+    kernels = dec.engine(plain=True).kernels.name
     done, kept = {}, {}
     if reuse:
         if reuse["model"] != model_id or reuse["dtype"] != dtype:
             raise BadInput(f"resume: the profile is for {reuse['model']}/{reuse['dtype']}, "
                            f"not {model_id}/{dtype}")
+        if reuse.get("kernels", "stock") != kernels:
+            raise BadInput(f"resume: the profile's points were timed with "
+                           f"{reuse.get('kernels', 'stock')} kernels, this engine runs "
+                           f"{kernels} (profile again without --resume)")
         done = {(p.get("batch", 1), p["context"], p["size"]): p for p in reuse["points"]}
         kept = {k: reuse[k] for k in ("overhead", "ceilings", "command", "created", "seconds")
                 if k in reuse}
@@ -251,7 +257,8 @@ def measure_profile(dec: Decoder, sizes: list[int], contexts: list[int], repeats
     ceilings = kept.get("ceilings") or measure_ceilings(dec.device, dec.dtype)
     if clocks_before is not None:
         facts["clocks_before"], facts["clocks_after"] = clocks_before, gpu_clocks()
-    prof = {"schema": SCHEMA, "model": model_id, "dtype": dtype, "simulated": False,
+    prof = {"schema": SCHEMA, "model": model_id, "dtype": dtype, "kernels": kernels,
+            "simulated": False,
             **({"weights": "random"} if dec.lm.weights == "random" else {}),
             "device": facts, "device_id": device_slug(dec.device.type), **stamp(),
             "torch": torch.__version__, "seconds": round(time.perf_counter() - t0, 1),

@@ -29,6 +29,7 @@ from ..prompt_tokens import PromptTokens
 from ..sources import Proposals, SuffixCache
 from ..tree import Tree, size_for
 from .graphs import Graphs
+from .kernels import kernels_for
 from .kv import KVStore
 from .plans import Bank, Layout, Plan, PlanBook, chain_room
 from .results import BatchResult, Result, record_step
@@ -62,17 +63,19 @@ class Engine:
     `pad`: input lengths are rounded up to a multiple of it (fewer graph shapes; 1 keeps
     exact lengths); `grain`: the attended context is rounded up to a multiple of it. Both
     default to 16 / 128 on CUDA (where graphs want few shapes) and 1 elsewhere;
-    `room`: pool room for chain tokens beyond what the trees' policies need."""
+    `room`: pool room for chain tokens beyond what the trees' policies need; `kernels`:
+    which kernels run the model (:mod:`.kernels`; `auto` packs float32 on an x86 CPU)."""
 
     def __init__(self, loaded: Loaded, prompt_tokens: PromptTokens | None,
                  schedule: dict[int, Tree | None], cache: SuffixCache | None = None,
                  graphs: bool = True, pad: int | None = None, grain: int | None = None,
-                 room: int = 0):
+                 room: int = 0, kernels: str = "auto"):
         if not schedule or any(not isinstance(b, int) or b < 1 for b in schedule):
             raise BadInput("batch schedule: needs batch sizes ≥ 1")
         self.lm, self.model = loaded, loaded.model
         self.device, self.dtype = loaded.device, loaded.dtype
         self.eos = set(loaded.eos_ids)
+        self.kernels = kernels_for(self.model, self.device, self.dtype, kernels)
         self.cache_source = cache
         trees = [t for t in schedule.values() if t is not None]
         out_vocab = self.model.get_output_embeddings().weight.shape[0]
@@ -113,7 +116,7 @@ class Engine:
                 rows, need = max(rows, self.st.store.rows), max(need, self.st.store.length)
             self.st = None
             store = KVStore(self.model.config, rows, need, self.device, self.dtype)
-            self.st = Standing(self.model, self.layout, store, self.table)
+            self.st = Standing(self.model, self.layout, store, self.table, self.kernels)
             self.graphs.reset()
             self.stage = torch.zeros(rows, self.layout.size - self.layout.chain0,
                                      dtype=torch.long,
@@ -151,7 +154,7 @@ class Engine:
                           device=self.device)
         h = out.last_hidden_state.gather(1, at[..., None].expand(-1, -1, out.last_hidden_state
                                                                   .shape[-1]))
-        logits = logits_of(self.model, h)
+        logits = logits_of(self.model, h, self.kernels.head)
         first = logits[:, 0].argmax(-1) if sample is None else torch.multinomial(
             torch.softmax(logits[:, 0] / sample[0], -1), 1, generator=sample[3])[:, 0]
         guesses = logits[:, 1:].topk(lay.width, dim=-1).indices.flatten(1)

@@ -4,7 +4,8 @@ back, so on CUDA the whole function is captured as one graph (:mod:`.graphs`)::
 
     tok    = pool[src]                  x = E[tok]   (E: the embeddings, then the prompt tokens)
     mask   = context slots < ctx_b  ++  the plan's tree block          (masks)
-    logits = lm_head(decoder(x, mask, positions ctx_b + pos))         (KV written at slots C..)
+    logits = lm_head(decoder(x, mask, positions ctx_b + pos))         (KV written at slots C..;
+                                                     the engine's kernels: :mod:`.kernels`)
     bad[v] = tok[v] ≠ argmax(logits[parent(v)])          for nodes v
     score  = depth[v] unless a node on root → v is bad;  w = argmax score        (verify)
     KV     slots C + keep[w] → ctx_b + 0..   (one gather + one scatter, all layers)  (keep)
@@ -24,6 +25,7 @@ import dataclasses
 import torch
 
 from ..forward import cache_argument, logits_of, window_of
+from .kernels import Kernels
 from .kv import KVStore
 from .plans import FIELDS, Layout
 
@@ -61,8 +63,10 @@ class Standing:
     """Buffers made once per engine: the pool, the contexts, the plan rows per input
     length, the embedding table, aranges; and the views steps read them through."""
 
-    def __init__(self, model, layout: Layout, store: KVStore, table: torch.Tensor):
+    def __init__(self, model, layout: Layout, store: KVStore, table: torch.Tensor,
+                 kernels: Kernels):
         self.model, self.layout, self.store, self.table = model, layout, store, table
+        self.kernels = kernels
         rows, device = store.rows, store.kv.device
         self.pool = torch.zeros(rows, layout.size, dtype=torch.long, device=device)
         self.pool[:, layout.slot0:layout.chain0] = layout.vocab + torch.arange(
@@ -79,7 +83,7 @@ class Standing:
         types = getattr(config, "layer_types", None)
         self.windows = ({t: window_of(config, t) for t in sorted(set(types))} if types
                         else {None: window_of(config, None)})
-        self.body = model.get_decoder()
+        self.body = kernels.body
         self.cache_arg = cache_argument(type(self.body))
 
     def views(self, B: int, L: int) -> Views:
@@ -139,7 +143,7 @@ def forward(st: Standing, x: torch.Tensor, pos: torch.Tensor, mask, C: int) -> t
     cache = st.store.at(slice(0, B), C, C + L)
     out = st.body(inputs_embeds=x, attention_mask=mask, position_ids=pos,
                   **{st.cache_arg: cache}, use_cache=True)
-    return logits_of(st.model, out.last_hidden_state)
+    return logits_of(st.model, out.last_hidden_state, st.kernels.head)
 
 
 def verify_greedy(v: Views, tok: torch.Tensor, logits: torch.Tensor, allowed: torch.Tensor):

@@ -86,7 +86,7 @@ def main(args) -> dict:
     if human:
         say(f"profiling {info['model']} ({info['dtype']}"
             + (", random weights: shape only" if info.get("weights") == "random" else "")
-            + f") on {dec.device}: "
+            + f") on {dec.device}, {dec.engine(plain=True).kernels.name} kernels: "
             f"{len(sizes)} sizes × {len(capped)} contexts × {len({1, *(args.batch or [])})} "
             "batch sizes")
     prof = measure_profile(dec, sizes, capped, args.repeats, args.budget_seconds, args.rounds,
