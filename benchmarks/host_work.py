@@ -20,6 +20,7 @@ from treeopt import prompts  # noqa: E402
 from treeopt.batch import BatchDecoder, schedule_of  # noqa: E402
 from treeopt.hostwork import per_step  # noqa: E402
 from treeopt.inputs import resolve_inputs  # noqa: E402
+from treeopt.measure import decode_host_work  # noqa: E402
 from treeopt.paths import SHIPPED  # noqa: E402
 from treeopt.runtime import open_decoder  # noqa: E402
 
@@ -37,9 +38,8 @@ def main() -> None:
     texts = prompts.load("mt-bench", stride=2, limit=8)
     ids = prompts.encode(dec.lm.tokenizer, texts[0])
     model = dec.model
-    rows = {"plain loop": per_step(model, lambda n: dec.baseline(ids, n).steps, args.tokens),
-            "tree, one sequence": per_step(
-                model, lambda n: dec.ppd(ids, n, learn=False).steps, args.tokens)}
+    rows = dict(zip(("plain loop", "tree, one sequence"),
+                    decode_host_work(dec, ids, args.tokens)))
     for b in (int(x) for x in args.batch.split(",") if x):
         many = [prompts.encode(dec.lm.tokenizer, t) for t in texts[:b]]
         bd = BatchDecoder(dec.lm, dec.prompt_tokens, schedule_of(dec.tree), dec.cache_source)

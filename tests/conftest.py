@@ -22,6 +22,7 @@ from treeopt.paths import SHIPPED  # noqa: E402
 # the suite's device identity is pinned above)
 SHIPPED_CPU_PROFILE = SHIPPED / "cpu-amd-epyc-avx512bf16-2c__SmolLM2-135M-Instruct__bfloat16.json"
 SHIPPED_CPU_TREE = SHIPPED / "cpu-amd-epyc-avx512bf16-2c__SmolLM2-135M-Instruct__bfloat16.tree.json"
+SHIPPED_CPU_TREE_FP32 = SHIPPED / "cpu-amd-epyc-avx512bf16-2c__SmolLM2-135M-Instruct__float32.tree.json"
 
 
 def tiny_loaded(vocab: int = 24, seed: int = 0, dtype=torch.float64, layers: int = 2) -> Loaded:
@@ -45,3 +46,24 @@ def smollm():
     from treeopt import models
 
     return models.load(None, dtype="float32", device="cpu")
+
+
+def state_plan(tree, m: int):
+    """State m's plan as the engine builds it (no chains), with the pool layout it indexes:
+    arrays src/pos/parent/depth/allowed/keep/slots/grown over tree positions."""
+    from treeopt.engine.plans import Layout, PlanBook
+
+    lay = Layout(vocab=1000, rows=tree.num_prompt_tokens, width=tree.rank_width, chains=0)
+    return PlanBook(tree, lay).plan((m, ())), lay
+
+
+def winner_paths(plan) -> list[list[int]]:
+    """Per candidate winner w (root and nodes) the tree positions on root → w."""
+    a = plan.arrays
+    return [a["keep"][w, :a["grown"][w]].tolist() for w in range(plan.n_nodes + 1)]
+
+
+def winner_slots(plan) -> list[list[int]]:
+    """Per candidate winner w the tree positions of its prompt slots."""
+    return [plan.arrays["slots"][w, :plan.next_state[w]].tolist()
+            for w in range(plan.n_nodes + 1)]

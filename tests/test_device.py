@@ -13,7 +13,7 @@ from treeopt.search import Options, add_sources, plain_if_faster, search
 from treeopt.tiny import random_prompt_tokens
 from treeopt.tree import Tree
 
-from conftest import SHIPPED_CPU_PROFILE, SHIPPED_CPU_TREE, tiny_loaded
+from conftest import SHIPPED_CPU_PROFILE, SHIPPED_CPU_TREE, SHIPPED_CPU_TREE_FP32, tiny_loaded
 from test_cli import treeopt
 
 SHIPPED_ID = "cpu-amd-epyc-avx512bf16-2c"
@@ -48,10 +48,12 @@ def test_identity_is_pinned_by_the_environment(monkeypatch):
 
 def test_shipped_tree_is_found_for_its_device_and_dtype_only(monkeypatch):
     assert searched_for(load_tree(SHIPPED_CPU_TREE)) == (SHIPPED_ID, "bfloat16")
+    assert searched_for(load_tree(SHIPPED_CPU_TREE_FP32)) == (SHIPPED_ID, "float32")
     monkeypatch.setenv("TREEOPT_DEVICE_ID", SHIPPED_ID)
     assert find_tree("SmolLM2-135M-Instruct", "cpu", "bfloat16") == SHIPPED_CPU_TREE
+    assert find_tree("SmolLM2-135M-Instruct", "cpu", "float32") == SHIPPED_CPU_TREE_FP32
     default = paths.SHIPPED / paths.default_tree_name("SmolLM2-135M-Instruct")
-    assert find_tree("SmolLM2-135M-Instruct", "cpu", "float32") == default  # other dtype
+    assert find_tree("SmolLM2-135M-Instruct", "cpu", "float16") == default  # other dtype
     monkeypatch.setenv("TREEOPT_DEVICE_ID", "cpu-arm-neoverse-sve-2c")  # no x86 class
     assert find_tree("SmolLM2-135M-Instruct", "cpu", "bfloat16") == default
 
@@ -85,6 +87,11 @@ def test_foreign_tree_and_profile_get_a_line(monkeypatch):
     assert "searched for cpu-amd-epyc-avx512bf16-2c bfloat16, this is " \
         "cpu-intel-xeon-avx512-2c bfloat16" in tree_note and "treeopt search" in tree_note
     assert "measured on" in prof_note and "treeopt profile" in prof_note
+    inp = resolve_inputs(None, want=("tree",), device="cpu", dtype="float32")
+    assert inp.tree_src.endswith(SHIPPED_CPU_TREE_FP32.name)  # the x86 class's float32 tree
+    assert "searched for cpu-amd-epyc-avx512bf16-2c float32, this is cpu-intel-xeon-avx512-2c " \
+        "float32" in foreign_notes(inp, "cpu", "float32")[0]
+    monkeypatch.setenv("TREEOPT_DEVICE_ID", "cpu-arm-neoverse-sve-2c")  # no tree of its class
     inp = resolve_inputs(None, want=("tree",), device="cpu", dtype="float32")
     assert inp.tree_src.endswith("default__SmolLM2-135M-Instruct.tree.json")
     assert "hand-made default" in foreign_notes(inp, "cpu", "float32")[0]

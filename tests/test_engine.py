@@ -13,7 +13,7 @@ import torch
 from treeopt.batch import BatchDecoder
 from treeopt.engine import Engine, graphs, kernels
 from treeopt.errors import BadInput
-from treeopt.hostwork import per_step
+from treeopt.measure import decode_host_work
 from treeopt.runtime import Decoder
 from treeopt.tiny import random_lookup, random_prompt_tokens, random_tree, tiny_model
 
@@ -200,7 +200,7 @@ def test_packed_and_stock_kernels_decode_alike(name):
         for ids, ref in zip(prompts, refs):
             assert dec.ppd(ids, 20).output_ids == ref
             assert plain.baseline(ids, 20).output_ids == ref
-        host = per_step(lm.model, lambda n: dec.ppd(prompts[1], n, learn=False).steps, 12)
+        host = decode_host_work(dec, prompts[1], 12)[1]
         assert host["forward_ops_per_step"] > 0
         outside[kind] = host["outside_ops_per_step"]
     assert outside["onednn"] == outside["stock"]

@@ -1,7 +1,7 @@
 """Trees in and out of other engines' formats, checked against those engines' own buffer
 builders — reimplemented here from their documented behaviour (Medusa's
 `generate_medusa_buffers`; PPD's `generate_buffers` per key, PPD_REFERENCE §3.2), not
-copied — and against treeopt's one buffer builder."""
+copied — and against the plans treeopt's engine builds from its one layout."""
 import json
 import random
 
@@ -15,6 +15,7 @@ from treeopt.paths import SHIPPED
 from treeopt.tree import Node, Tree
 
 from treeopt.tiny import random_tree
+from conftest import state_plan, winner_paths, winner_slots
 from test_cli import assert_bad, treeopt
 
 TOPK = 10
@@ -80,12 +81,12 @@ def ppd_buffers(key_nodes, n_tokens):
 
 
 def treeopt_semantics(buf, nodes, root_n):
-    """treeopt's buffers as (semantic id per tree position, mask, positions, source)."""
+    """treeopt's plan as a semantic id per tree position."""
     sem = {0: ("node", ())}
     for i, nd in enumerate(nodes, start=1):
         sem[i] = ("node", nd.path)
     owners = [()] + [nd.path for nd in nodes]
-    for w, slots in enumerate(buf.slots_of):
+    for w, slots in enumerate(winner_slots(buf)):
         for j, s in enumerate(slots, start=1):
             sem[s] = ("slot", owners[w], j)
     return sem
@@ -102,17 +103,18 @@ def test_medusa_export_builds_the_same_buffers():
         choices = export.to_medusa(tree)
         mask, tidx, pos, retrieve, c = medusa_buffers(choices)
         (m,) = tree.states
-        buf = tree.buffers()[m]
-        n = buf.n_nodes + 1
+        buf, lay = state_plan(tree, m)
+        a, n = buf.arrays, buf.n_nodes + 1
         assert [tuple(p) for p in c] == [nd.path for nd in tree.states[m]]  # same order
-        assert (buf.allowed[:n, :n].numpy() == mask).all()
-        assert buf.positions[:n].tolist() == pos
+        assert (a["allowed"][:n, :n].astype(bool) == mask).all()
+        assert a["pos"][:n].tolist() == pos
         width = tree.rank_width
-        ours = [0] + [1 + TOPK * (s // width) + s % width for s in buf.node_src.tolist()]
+        ours = [0] + [1 + TOPK * (s // width) + s % width
+                      for s in (a["src"][1:n] - lay.guess0).tolist()]
         assert ours == tidx
-        parents = set(buf.parent.tolist())
-        leaves = sorted(buf.retrieve[w][buf.retrieve[w] >= 0].tolist()
-                        for w in range(1, n) if w not in parents)
+        parents = set(a["parent"][1:n].tolist())
+        leaves = sorted(path for w, path in enumerate(winner_paths(buf))
+                        if w > 0 and w not in parents)
         assert leaves == retrieve
         back = export.parse_tree(json.loads(json.dumps(
             {"format": "medusa", "choices": choices, "heads": 3})))
@@ -150,26 +152,27 @@ def test_ppd_export_builds_the_same_buffers():
         back = export.parse_tree(json.loads(json.dumps(obj)))
         assert back.states == tree.states and back.root_prompt_tokens == 3
         for m, nodes in tree.states.items():
-            buf = tree.buffers()[m]
+            buf, lay = state_plan(tree, m)
+            a, n_nodes = buf.arrays, buf.n_nodes
             ours = treeopt_semantics(buf, nodes, tree.root_prompt_tokens)
             key_nodes = [(e[0], e[2]) for e in obj[str(m)]]
             mask, pos, source, special, sem = ppd_buffers(key_nodes, 3)
             assert len(sem) == buf.length, trial
             to_ours = {v: k for k, v in ours.items()}
             order = [to_ours[sem[i]] for i in range(len(sem))]  # PPD slot → treeopt position
-            assert (buf.allowed.numpy()[np.ix_(order, order)] == mask).all(), trial
-            assert [buf.positions[o].item() for o in order] == pos
+            assert (a["allowed"].astype(bool)[np.ix_(order, order)] == mask).all(), trial
+            assert [int(a["pos"][o]) for o in order] == pos
             width = tree.rank_width
             for i, o in enumerate(order):
                 if source[i] == "root":
                     assert o == 0
                 elif source[i][0] == "row":
-                    s = buf.node_src[o - 1].item()
+                    s = int(a["src"][o]) - lay.guess0
                     assert (s // width, s % width) == source[i][1:]
                 else:
-                    assert buf.slot_token[o - buf.n_nodes - 1].item() == source[i][1] - 1
+                    assert o > n_nodes and int(a["src"][o]) - lay.slot0 == source[i][1] - 1
             owners = [()] + [nd.path for nd in nodes]
-            for w, slots in enumerate(buf.slots_of):
+            for w, slots in enumerate(winner_slots(buf)):
                 assert [order.index(s) for s in slots] == special[owners[w]]
 
 

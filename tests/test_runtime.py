@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from treeopt.hostwork import per_step
+from treeopt.measure import decode_host_work
 from treeopt.runtime import Decoder, new_cache
 from treeopt.tree import Tree
 
@@ -200,8 +200,7 @@ def test_host_work_is_counted_per_step(tiny):
     pt = random_prompt_tokens(tiny, 3)
     dec = Decoder(tiny, pt, Tree.chain(3, 3))
     ids = [1, 2, 3, 4, 5]
-    plain = per_step(tiny.model, lambda n: dec.baseline(ids, n).steps, 24)
-    tree = per_step(tiny.model, lambda n: dec.ppd(ids, n).steps, 24)
+    plain, tree = decode_host_work(dec, ids, 24)
     assert plain["syncs_per_step"] == 1.0 and tree["syncs_per_step"] == 1.0
     # the engine's target: ≤ 40 ops outside the forward a step, plain or tree alike
     assert 0 < plain["outside_ops_per_step"] <= 40 and 0 < tree["outside_ops_per_step"] <= 40

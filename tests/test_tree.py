@@ -1,13 +1,15 @@
 import json
 import random
 
+import numpy as np
 import pytest
-import torch
 
 from treeopt.errors import BadInput
 from treeopt.tree import Node, Tree
 
 from treeopt.tiny import random_tree
+
+from conftest import state_plan, winner_paths, winner_slots
 
 
 def worked_example():
@@ -16,24 +18,23 @@ def worked_example():
                        1: [Node((0,), 3)], 3: [Node((0,), 3)]})
 
 
-def test_buffers_worked_example():
-    b = worked_example().buffers()[2]
-    assert b.length == 11 == worked_example().input_length(2)
-    assert b.positions.tolist() == [0, 1, 1, 2, 1, 2, 3, 2, 3, 2, 3]
+def test_plan_of_the_worked_example():
+    tree = worked_example()
+    b, lay = state_plan(tree, 2)
+    a = b.arrays
+    assert b.length == 11 == tree.input_length(2) and b.n_nodes == 3
+    assert a["pos"].tolist() == [0, 1, 1, 2, 1, 2, 3, 2, 3, 2, 3]
     rows = {0: {0}, 1: {0, 1}, 2: {0, 2}, 3: {0, 1, 3}, 4: {0, 4}, 5: {0, 4, 5},
             6: {0, 4, 5, 6}, 7: {0, 1, 7}, 8: {0, 1, 7, 8}, 9: {0, 2, 9}, 10: {0, 1, 3, 10}}
     for q, cols in rows.items():
-        assert set(torch.nonzero(b.allowed[q]).flatten().tolist()) == cols, q
-    assert b.node_src.tolist() == [0, 1, 2]  # rows of width rank_width = 2
-    assert b.parent.tolist() == [0, 0, 1]
-    assert b.depth.tolist() == [1, 1, 2]
-    assert b.retrieve.tolist() == [[0, -1, -1], [0, 1, -1], [0, 2, -1], [0, 1, 3]]
-    assert b.slots_of == [[4, 5, 6], [7, 8], [9], [10]]
+        assert set(np.flatnonzero(a["allowed"][q]).tolist()) == cols, q
+    assert (a["src"][1:4] - lay.guess0).tolist() == [0, 1, 2]  # rows of width rank_width = 2
+    assert a["parent"][1:4].tolist() == [0, 0, 1]
+    assert a["depth"][1:4].tolist() == [1, 1, 2]
+    assert winner_paths(b) == [[0], [0, 1], [0, 2], [0, 1, 3]]
+    assert winner_slots(b) == [[4, 5, 6], [7, 8], [9], [10]]
     assert b.next_state == [3, 2, 1, 1]
-    assert b.slot_token.tolist() == [0, 1, 2, 0, 1, 0, 0]
-    assert b.anc.tolist() == [[1, 0, 1], [0, 1, 0], [0, 0, 1]]
-    m = b.additive_mask(torch.float32)
-    assert (m[b.allowed] == 0).all() and (m[~b.allowed] == torch.finfo(torch.float32).min).all()
+    assert (a["src"][4:] - lay.slot0).tolist() == [0, 1, 2, 0, 1, 0, 0]  # slot's prompt token
 
 
 def test_chain_and_static():
@@ -42,8 +43,7 @@ def test_chain_and_static():
     assert t.input_length(3) == 1 + 3 + 3 + 9
     s = Tree.static([[0], [1], [0, 0]], 2)
     assert s.is_static and s.input_length(2) == 1 + 3 + 2 + 6
-    b = s.buffers()[2]
-    assert b.next_state == [2, 2, 2, 2]
+    assert state_plan(s, 2)[0].next_state == [2, 2, 2, 2]
 
 
 def test_json_roundtrip(tmp_path):
@@ -83,10 +83,12 @@ def test_random_trees_layout_invariants():
     rng = random.Random(0)
     for _ in range(50):
         t = random_tree(rng, rng.randint(1, 4), rng.randint(1, 6))
-        for m, b in t.buffers().items():
+        for m in t.states:
+            b, _ = state_plan(t, m)
+            allowed, pos = b.arrays["allowed"].astype(bool), b.arrays["pos"]
             assert b.length == t.input_length(m)
             # every row sees the root and itself; the mask is lower-triangular in this layout
-            assert b.allowed[:, 0].all() and b.allowed.diagonal().all()
-            assert not torch.triu(b.allowed, 1).any()
-            for w, pp in enumerate(b.path_pos):
-                assert b.positions[pp].tolist() == list(range(len(pp)))
+            assert allowed[:, 0].all() and allowed.diagonal().all()
+            assert not np.triu(allowed, 1).any()
+            for pp in winner_paths(b):
+                assert pos[pp].tolist() == list(range(len(pp)))

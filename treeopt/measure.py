@@ -160,13 +160,19 @@ def measure_overhead(dec, sizes=(4, 16, 32), new_tokens: int = 48, quiet: bool =
                      "overhead_s": float(statistics.median(over)),
                      "forward_s": float(statistics.median(res.forward_seconds))})
         if s == max(sizes):  # the host work of this step, counted (ops, syncs)
-            host = {"plain": _host(per_step(dec.model, lambda n: dec.baseline(ids, n).steps, 16)),
-                    f"tree of {tree.input_length(k)}": _host(per_step(
-                        dec.model, lambda n: dec.ppd(ids, n, learn=False).steps, 16))}
+            plain, ppd = decode_host_work(dec, ids, 16)
+            host = {"plain": _host(plain), f"tree of {tree.input_length(k)}": _host(ppd)}
     dec.set_tree(*saved)
     return {"per_step_s": float(statistics.median(r["overhead_s"] for r in rows)),
             "fraction": float(statistics.median(r["overhead_s"] / r["forward_s"] for r in rows)),
             "by_size": rows, "host_work": host}
+
+
+def decode_host_work(dec: Decoder, ids: list[int], tokens: int) -> tuple[dict, dict]:
+    """Host work per step (:func:`treeopt.hostwork.per_step`) of the decoder's plain loop
+    and of its tree, one sequence, `tokens` new tokens."""
+    return (per_step(dec.model, lambda n: dec.baseline(ids, n).steps, tokens),
+            per_step(dec.model, lambda n: dec.ppd(ids, n, learn=False).steps, tokens))
 
 
 def _host(counts: dict) -> dict:

@@ -1,4 +1,5 @@
-"""The Tree value and the one buffer builder (for search and runtime alike).
+"""The Tree value and the one layout of a state (:func:`layout_arrays`: the search's
+replay and the engine's plans alike).
 
 A PPD step starts from the root token x0 and K' ≤ K rows of top-k guesses (state m = K'
 rows). A node is a path of ranks ``(r1, .., rd)``, d ≤ m: "rank r1 guess for x1, then rank
@@ -18,16 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from .artefact import check_fields, check_schema, read_json, write_json
 from .bounds import count, int_key
 from .errors import BadInput
-
-if TYPE_CHECKING:  # torch loads lazily: `search` works on trees without it
-    import torch
 
 SCHEMA = "treeopt.tree/1"
 Path = tuple[int, ...]
@@ -254,11 +252,6 @@ class Tree:
     def save(self, path) -> None:
         write_json(path, self.to_json())
 
-    # ---- buffers ------------------------------------------------------------------
-    def buffers(self, device: torch.device | str = "cpu") -> dict[int, "StateBuffers"]:
-        return {m: build_buffers(tuple(self.states[m]), self.root_prompt_tokens, m,
-                                 self.rank_width, device) for m in self.states}
-
 
 @dataclasses.dataclass
 class Lookup:
@@ -355,51 +348,6 @@ def _node_from_json(n, where) -> Node:
     return Node(tuple(path), n.get("prompt_tokens", 1))
 
 
-@dataclasses.dataclass
-class StateBuffers:
-    """Everything one state's step needs, computed once.
-
-    Tree positions: 0 = root, 1..N = nodes, N+1.. = prompt slots.
-    - ``allowed``   bool [L, L]: query row may attend to key column (within the step).
-    - ``positions`` long [L]: offset added to the context length.
-    - ``node_src``  long [N]: index into the flattened [m, width] guess matrix, where
-      width = the tree's rank_width (guesses computed per row).
-    - ``parent``    long [N]: tree position of each node's parent.
-    - ``anc``       float [N, N]: anc[u, v] = 1 when node u is an ancestor-or-self of v.
-    - ``depth``     long [N]: depth of each node.
-    - ``slot_token`` long [S]: which prompt token (0-based) each slot holds.
-    - ``retrieve``  long [N+1, D+1]: tree positions on the path root → w, padded with -1.
-    - Python lists indexed by w in 0..N (0 = root): ``path_pos[w]``, ``slots_of[w]``,
-      ``next_state[w]``.
-    """
-
-    state: int
-    length: int
-    n_nodes: int
-    allowed: torch.Tensor
-    positions: torch.Tensor
-    node_src: torch.Tensor
-    parent: torch.Tensor
-    anc: torch.Tensor
-    depth: torch.Tensor
-    slot_token: torch.Tensor
-    retrieve: torch.Tensor
-    path_pos: list[list[int]]
-    slots_of: list[list[int]]
-    next_state: list[int]
-    _mask_cache: dict = dataclasses.field(default_factory=dict, repr=False)
-
-    def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """[L, L] float mask: 0 where allowed, dtype-min where blocked (cached per dtype)."""
-        if dtype not in self._mask_cache:
-            import torch
-
-            m = torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device)
-            m.masked_fill_(~self.allowed, torch.finfo(dtype).min)
-            self._mask_cache[dtype] = m
-        return self._mask_cache[dtype]
-
-
 @functools.lru_cache(maxsize=256)
 def _layout(nodes: tuple[Node, ...], root_n: int):
     """Pure-Python layout of one state (cached: search calls it for many trees)."""
@@ -448,39 +396,3 @@ def layout_arrays(nodes: tuple[Node, ...], root_n: int) -> dict:
                 slot_token=np.asarray([j - 1 for j in lay["slot_j"]], dtype=np.int64),
                 path_pos=lay["path_pos"], slots_of=lay["slots_of"],
                 next_state=lay["next_state"])
-
-
-def build_buffers(nodes: tuple[Node, ...], root_n: int, state: int, width: int,
-                  device: torch.device | str = "cpu") -> StateBuffers:
-    """The one buffer builder: tree of one state → masks, positions, indices (as tensors;
-    :func:`layout_arrays` is the same layout as arrays)."""
-    import torch
-
-    device = torch.device(device)
-    lay = layout_arrays(nodes, root_n)
-    n = len(nodes)
-    dmax = max((len(x.path) for x in nodes), default=0)
-    retrieve = torch.full((n + 1, dmax + 1), -1, dtype=torch.long)
-    for w, pp in enumerate(lay["path_pos"]):
-        retrieve[w, : len(pp)] = torch.tensor(pp)
-    anc = torch.zeros(n, n)
-    for v in range(1, n + 1):
-        for u in lay["path_pos"][v][1:]:
-            anc[u - 1, v - 1] = 1.0
-    t = functools.partial(torch.tensor, dtype=torch.long, device=device)
-    return StateBuffers(
-        state=state,
-        length=lay["length"],
-        n_nodes=n,
-        allowed=torch.from_numpy(lay["allowed"]).to(device),
-        positions=torch.from_numpy(lay["positions"]).to(device),
-        node_src=t([(len(x.path) - 1) * width + x.path[-1] for x in nodes]),
-        parent=torch.from_numpy(lay["parent"]).to(device),
-        anc=anc.to(device),
-        depth=torch.from_numpy(lay["depth"]).to(device),
-        slot_token=torch.from_numpy(lay["slot_token"]).to(device),
-        retrieve=retrieve.to(device),
-        path_pos=lay["path_pos"],
-        slots_of=lay["slots_of"],
-        next_state=lay["next_state"],
-    )

@@ -179,7 +179,7 @@ class PlanBook:
 
     def _build(self, key: tuple) -> Plan:
         """State m's nodes and each chain's new nodes (chain i's under path + (−(i+1), …)),
-        laid out by the one buffer builder's layout (:func:`treeopt.tree.layout_arrays`)."""
+        laid out by the one layout (:func:`treeopt.tree.layout_arrays`)."""
         lay = self.layout
         m, shape = (0, ()) if key == ("plain",) else key
         nodes = list(self.tree.states.get(m, [])) if self.tree else []
