@@ -98,6 +98,7 @@ def test_graphs_are_off_on_the_cpu_and_the_run_says_so():
     dec = Decoder(lm, pt, random_tree(random.Random(1), 3, 6))
     res = dec.ppd([1, 2, 3], 8)
     assert res.graphs == "eager" and res.summary()["graphs"] == "eager"
+    assert res.summary()["kernels"] == dec.engine().kernels.name
     assert not graphs.Graphs(torch.device("cpu")).enabled
 
 

@@ -181,6 +181,7 @@ def run_bench(dec: Decoder, encoded: list[list[int]], max_new_tokens: int, dtype
         "margin_tolerance": tol,
         "step_overhead_fraction": round((step - fwd) / fwd, 4) if fwd else None,
         "graphs": ppd_runs[0][1].graphs,  # how the engine ran its steps
+        "kernels": ppd_runs[0][1].kernels,  # and with which kernels (treeopt.engine.kernels)
         "decode": decode_phase(ppd_runs),
         # asking the chain sources (lookup, cache) against the steps' time
         "propose_fraction": round(sum(r.propose_seconds for _, r in ppd_runs) / max(

@@ -317,7 +317,7 @@ class Engine:
         res.seconds = time.perf_counter() - t_start
         res.finish_reason = why or ("eos" if res.output_ids and res.output_ids[-1] in self.eos
                                     else "length")
-        res.graphs = self.graphs.status
+        res.graphs, res.kernels = self.graphs.status, self.kernels.name
         out.results[s.index] = res
         if self.cache_source is not None and self.learn:
             self.cache_source.add(res.output_ids)

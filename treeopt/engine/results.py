@@ -24,6 +24,7 @@ class Result:
     lengths: list[int] = dataclasses.field(default_factory=list)  # input length per step
     finish_reason: str = "length"
     graphs: str | None = None  # how the steps ran: 'cuda graphs', 'eager', 'eager: why'
+    kernels: str | None = None  # which kernels ran the model: 'stock', 'onednn'
     offers: list[tuple] = dataclasses.field(default_factory=list, repr=False)
     # the cache source's offer (n, chain) at each step, where the decoder had a cache
     cache_offers: list[tuple] = dataclasses.field(default_factory=list, repr=False)
@@ -49,6 +50,7 @@ class Result:
                 "prefill_seconds": round(self.prefill_seconds, 4),
                 "finish_reason": self.finish_reason,
                 **({"graphs": self.graphs} if self.graphs else {}),
+                **({"kernels": self.kernels} if self.kernels else {}),
                 "output_ids": self.output_ids}
 
 
