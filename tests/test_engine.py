@@ -153,8 +153,14 @@ def test_kernels_rule_packs_float32_on_an_x86_cpu_only(monkeypatch):
     assert kernels.choose(cpu, torch.float32, "stock") == "stock"
     monkeypatch.setattr(kernels.platform, "machine", lambda: "aarch64")
     assert kernels.choose(cpu, torch.float32) == "stock"
-    with pytest.raises(BadInput, match="--kernels fast is not one of"):
+    with pytest.raises(BadInput, match="kernels 'fast' .* is not one of"):
         kernels.choose(cpu, torch.float32, "fast")
+    monkeypatch.setenv("TREEOPT_KERNELS", "stock")  # the user's switch for `auto`
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "x86_64")
+    assert kernels.choose(cpu, torch.float32) == "stock"
+    monkeypatch.setenv("TREEOPT_KERNELS", "gpu")
+    with pytest.raises(BadInput, match=r"kernels 'gpu' \(\$TREEOPT_KERNELS"):
+        kernels.choose(cpu, torch.float32)
     with pytest.raises(BadInput, match="float32 on a CPU, not bfloat16 on cpu"):
         kernels.choose(cpu, torch.bfloat16, "onednn")
 

@@ -338,6 +338,8 @@ def test_12_minor_causes(box):
     box.bad("run", "--model", folder, needle="no weights here, only its shape")
     (folder / "model.safetensors").write_bytes(b"not weights")
     box.bad("run", "--model", folder, needle="no usable tokenizer files")
+    box.bad("run", "--prompt", "Hi", "--max-new-tokens", "2", "--dtype", "float32",
+            env={"TREEOPT_KERNELS": "fastest"}, needle="kernels 'fastest' ($TREEOPT_KERNELS")
 
 
 # ---- round 2: the surfaces hybrid trees, batches, trees in/out and families added ------

@@ -24,7 +24,7 @@ import torch
 from . import corpus as corpora
 from . import prompts
 from .device import sync
-from .engine import Engine
+from .engine import Engine, kernels
 from .engine.loop import OnTokens
 from .engine.results import Result, full_steps  # noqa: F401 - re-exported
 from .errors import BadInput
@@ -220,6 +220,7 @@ def open_decoder(inputs, model: str | None = None, dtype: str = "auto", device: 
     pt = PromptTokens.load(inputs.prompt_tokens) if inputs.prompt_tokens else None
     lm = load(model, dtype=dtype, device=device, threads=threads, shape_only=shape_only)
     info = {"model": lm.model_id, "device": str(lm.device), "dtype": dtype_name(lm.dtype),
+            "kernels": kernels.choose(lm.device, lm.dtype),  # ($TREEOPT_KERNELS checked)
             "tree": inputs.tree_src, "prompt_tokens": inputs.prompt_tokens_src,
             **({"weights": lm.weights} if lm.weights != "loaded" else {})}
     if pt is None and lm.tokenizer is None:

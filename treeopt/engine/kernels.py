@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import platform
 import weakref
 
@@ -62,13 +63,17 @@ class PackedLinear(torch.nn.Module):
 
 def choose(device: torch.device, dtype: torch.dtype, kind: str = "auto") -> str:
     """The kernels for a device and dtype: `auto` packs float32 on an x86 CPU with
-    oneDNN; `onednn` asks for the packed ones (refused where they cannot run)."""
+    oneDNN; `onednn` asks for the packed ones (refused where they cannot run). An `auto`
+    caller follows ``$TREEOPT_KERNELS`` where set (``stock`` turns packing off)."""
+    if kind == "auto":
+        kind = os.environ.get("TREEOPT_KERNELS", "").strip() or "auto"
     if kind not in KINDS:
-        raise BadInput(f"--kernels {kind} is not one of {', '.join(KINDS)}")
+        raise BadInput(f"kernels {kind!r} ($TREEOPT_KERNELS or Engine(kernels=)) is not one "
+                       f"of {', '.join(KINDS)}")
     can = (device.type == "cpu" and dtype == torch.float32
            and torch.backends.mkldnn.is_available())
     if kind == "onednn" and not can:
-        raise BadInput(f"--kernels onednn: oneDNN packing runs float32 on a CPU, not "
+        raise BadInput(f"kernels onednn: oneDNN packing runs float32 on a CPU, not "
                          f"{str(dtype).removeprefix('torch.')} on {device.type}")
     if kind == "auto":
         x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
