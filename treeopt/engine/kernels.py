@@ -3,12 +3,13 @@ x86 CPU — its linear layers through oneDNN with the weights packed once.
 
 Why: PyTorch sends a dense float32 linear to MKL's sgemm, whose few-row products are far
 from the memory bound a one-row product (a gemv) reaches; a tree step's forward of L
-rows then costs much more than one of 1. Measured on a 2-core AMD EPYC (SmolLM2-135M,
-context 192, ms per forward, median of 9)::
+rows then costs much more than one of 1. One engine step on a 2-core AMD EPYC
+(SmolLM2-135M, context 192, ms; `treeopt profile --cpu --dtype float32 --sizes
+1,2,4,8,16,32 --contexts 192 --rounds 2`)::
 
-    rows L            1     2     8    16    32
-    MKL (stock)      40    65    62    76    99
-    oneDNN, packed   31    37    41    47    60
+    rows L            1      2      4      8     16     32
+    MKL (stock)    41.3   65.7   64.7   77.2   83.7  115.1
+    oneDNN, packed 32.3   37.1   37.7   42.6   47.4   61.4
 
 oneDNN's jit kernels follow the ISA (AVX2, AVX-512), not the vendor. In bfloat16 PyTorch
 already runs linears through oneDNN and packing them again measured slower, so only
@@ -18,7 +19,8 @@ The packed kernels live in a structural copy of the decoder body and the LM head
 module on the path to a linear is copied shallowly (parameters, buffers and hooks shared),
 each `nn.Linear` replaced by a :class:`PackedLinear`. The caller's model is
 untouched — HF `generate`, the bench's baseline, keeps the stock kernels — and the copy
-is made once per model (the packed weights are a second copy of the linears' weights).
+is made once per model, at its first engine (the packed weights are a second copy of the
+linears' weights, taken then: weights loaded into the model afterwards are not seen).
 """
 from __future__ import annotations
 
@@ -74,7 +76,7 @@ def choose(device: torch.device, dtype: torch.dtype, kind: str = "auto") -> str:
            and torch.backends.mkldnn.is_available())
     if kind == "onednn" and not can:
         raise BadInput(f"kernels onednn: oneDNN packing runs float32 on a CPU, not "
-                         f"{str(dtype).removeprefix('torch.')} on {device.type}")
+                       f"{str(dtype).removeprefix('torch.')} on {device.type}")
     if kind == "auto":
         x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
         return "onednn" if can and x86 else "stock"
