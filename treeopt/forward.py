@@ -81,7 +81,7 @@ def cache_argument(body_class) -> str:
 def logits_of(model, hidden: torch.Tensor, head=None) -> torch.Tensor:
     """Logits (≥ float32, softcapped as the model defines) of the model's LM head, or of
     `head` (the engine's kernels for it)."""
-    x = upcast((head or model.get_output_embeddings())(hidden))
+    x = upcast((head if head is not None else model.get_output_embeddings())(hidden))
     cap = getattr(model.config, "final_logit_softcapping", None)
     return torch.tanh(x / cap) * cap if cap else x
 

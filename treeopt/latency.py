@@ -338,11 +338,18 @@ def sweep_spread(points: list[dict]) -> float | None:
 
 
 
+def kernels_of(prof: dict) -> str:
+    """The kernels that timed a profile's points (:mod:`treeopt.engine.kernels`); a
+    profile made before the engine packed any says none: the stock ones."""
+    return prof.get("kernels", "stock")
+
+
 def summary(prof: dict) -> dict:
     """The headline figures of a profile: knee and t(1) per context, overhead, fit, drift."""
     lat = Latency(prof, with_overhead=False)
     out = {"model": prof["model"], "dtype": prof["dtype"], "device": prof["device"]["name"],
-           "kernels": prof.get("kernels", "stock"), "simulated": prof["simulated"], "points": len(prof["points"]),
+           "kernels": kernels_of(prof), "simulated": prof["simulated"],
+           "points": len(prof["points"]),
            "knee": {str(c): lat.knee(c) for c in lat.contexts},
            "t1_ms": {str(c): round(1000 * float(lat([1], c)[0]), 3) for c in lat.contexts},
            "t_ms_first_context": {str(s): round(1000 * float(lat([s], lat.contexts[0])[0]), 3)

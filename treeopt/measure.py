@@ -25,7 +25,7 @@ from .batch import BatchDecoder
 from .device import cpu_facts, device_slug, gpu_clocks, gpu_facts
 from .errors import BadInput, is_oom
 from .hostwork import per_step
-from .latency import FITTED, HOST_FIELDS, SCHEMA, calibrate
+from .latency import FITTED, HOST_FIELDS, SCHEMA, calibrate, kernels_of
 from .models import dtype_name
 from .progress import progress
 from .engine import Engine
@@ -244,10 +244,10 @@ def measure_profile(dec: Decoder, sizes: list[int], contexts: list[int], repeats
         if reuse["model"] != model_id or reuse["dtype"] != dtype:
             raise BadInput(f"resume: the profile is for {reuse['model']}/{reuse['dtype']}, "
                            f"not {model_id}/{dtype}")
-        if reuse.get("kernels", "stock") != kernels:
+        if kernels_of(reuse) != kernels:
             raise BadInput(f"resume: the profile's points were timed with "
-                           f"{reuse.get('kernels', 'stock')} kernels, this engine runs "
-                           f"{kernels} (profile again without --resume)")
+                           f"{kernels_of(reuse)} kernels, this engine runs {kernels} "
+                           "(profile again without --resume)")
         done = {(p.get("batch", 1), p["context"], p["size"]): p for p in reuse["points"]}
         kept = {k: reuse[k] for k in ("overhead", "ceilings", "command", "created", "seconds")
                 if k in reuse}

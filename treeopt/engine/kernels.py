@@ -56,7 +56,6 @@ class PackedLinear(torch.nn.Module):
         w = linear.weight.detach().to(dtype)
         b = linear.bias.detach() if linear.bias is not None else \
             torch.zeros(w.shape[0], dtype=dtype)
-        self.out_features = w.shape[0]
         self.weight, self.bias = w.to_mkldnn(), b.to(dtype).to_mkldnn()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
