@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: demo test install clean browser
 
-$(STAMP): pyproject.toml constraints.txt Makefile
+$(STAMP): pyproject.toml setup.py constraints.txt Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 	  $(BIN)/pip install -q torch -c constraints.txt; \

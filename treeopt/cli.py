@@ -13,6 +13,7 @@ import signal
 import sys
 import traceback
 
+from . import __version__
 from .artefact import forget_inputs
 from .errors import BadInput, cut, is_oom
 
@@ -30,13 +31,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The full parser; with `only`, the other verbs' modules (and torch) are not imported."""
+    """The full parser; with `only` (a verb, or "" for none), the other verbs' modules
+    (and torch) are not imported."""
     parser = _Parser(prog="treeopt", description="Hardware-aware tree search for Parallel "
                      "Prompt Decoding: profile, accept, search, run, bench.")
+    parser.add_argument("--version", action="version", version=f"treeopt {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     sub.required = True
     for verb in VERBS:
-        if only and verb != only:
+        if only is not None and verb != only:
             sub.add_parser(verb)
             continue
         mod = importlib.import_module(f"treeopt.verbs.{verb}")
@@ -64,24 +67,27 @@ def _on_signal(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     verb = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(verb if verb in VERBS else None).parse_args(argv)
+    only = verb if verb in VERBS else ("" if "--version" in argv else None)
+    args = build_parser(only).parse_args(argv)
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     _stopped_by.clear()
     forget_inputs()
-    code, result = 0, None
+    code, result, trace = 0, None, ""
     try:
         result = args._main(args)
     except BadInput as e:
         code, line = 2, f"error: {cut(str(e).splitlines()[0] if str(e) else '', 400)}"
+        trace = traceback.format_exc()
     except KeyboardInterrupt:
-        code, line = 130, "interrupted"
+        code, line, trace = 130, "interrupted", traceback.format_exc()
     except Terminated:
-        code, line = 143, "terminated"
+        code, line, trace = 143, "terminated", traceback.format_exc()
     except Exception as e:  # noqa: BLE001 - one line, no traceback, unless --debug
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         code, line = 1, (f"failed: out of memory ({msg[:120]}); try a smaller --batch, "
                          "fewer prompts or a shorter input" if is_oom(e) else
                          f"failed: {e.__class__.__name__}: {msg[:200]}")
+        trace = traceback.format_exc()  # here: outside the except it is gone
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

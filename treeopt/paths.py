@@ -1,7 +1,7 @@
 """Where artefacts live: shipped inputs (read-only) and the user's own outputs.
 
-Shipped artefacts (``profiles/`` in the repository) are inputs and are never written by a
-verb. Every verb writes under one user folder, ``$TREEOPT_HOME`` (default
+Shipped artefacts (``profiles/`` at the top of a clone; the package data
+``treeopt/profiles/`` of an installed wheel) are inputs and are never written by a verb. Every verb writes under one user folder, ``$TREEOPT_HOME`` (default
 ``$XDG_DATA_HOME/treeopt``, i.e. ``~/.local/share/treeopt``): ``profiles/`` for
 profiles, acceptance files, trees and prompt tokens, ``reports/`` for run JSON and HTML
 reports. The default lookup for an input is the user's own file first, then the shipped
@@ -15,9 +15,11 @@ import re
 
 from .errors import BadInput
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-SHIPPED = REPO / "profiles"
-SHIPPED_REPORTS = REPO / "reports"
+PACKAGE = pathlib.Path(__file__).resolve().parent
+# the folder that holds the shipped `profiles/`: the package itself once installed from a
+# wheel (setup.py maps profiles/ into it), else the clone the package sits in
+ROOT = PACKAGE if (PACKAGE / "profiles").is_dir() else PACKAGE.parent
+SHIPPED = ROOT / "profiles"
 
 
 def _env_folder(var: str, xdg: str, default: str) -> pathlib.Path:
@@ -89,21 +91,21 @@ def lookup(name: str) -> pathlib.Path | None:
 
 
 def display_path(path) -> str:
-    """A path as stored in artefacts: relative to the repository when inside it (so shipped
-    artefacts stay valid in any clone), else absolute."""
+    """A path as stored in artefacts: relative to :data:`ROOT` when inside it (so shipped
+    artefacts stay valid in any clone and in an installed package), else absolute."""
     p = pathlib.Path(path).resolve()
     try:
-        return str(p.relative_to(REPO))
+        return str(p.relative_to(ROOT))
     except ValueError:
         return str(p)
 
 
 def stored_path(text) -> pathlib.Path | None:
     """An artefact's stored path back as a file (relative ones are tried against the
-    current directory, then the repository); None when it names no file."""
+    current directory, then :data:`ROOT`); None when it names no file."""
     if not text:
         return None
-    for p in (pathlib.Path(text), REPO / text):
+    for p in (pathlib.Path(text), ROOT / text):
         if p.is_file():
             return p
     return None

@@ -1,0 +1,4 @@
+"""`python -m treeopt`: the same command as `treeopt`."""
+from .cli import main
+
+raise SystemExit(main())
