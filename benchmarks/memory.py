@@ -1,62 +1,80 @@
-"""Peak memory of PPD decoding vs the plain greedy loop, each in a fresh process.
+"""Peak memory of `treeopt run` against HF `generate`, each decoder in a fresh process,
+in float32 and bfloat16 on the embedded model.
 
-On CPU the figure is the process's peak resident set (ru_maxrss: weights, runtime, cache,
-activations); on CUDA it is torch.cuda.max_memory_allocated. Prints both and the ratio.
+On the CPU the figure is the process's peak resident set (ru_maxrss: interpreter,
+weights, caches, activations — what a user must have free); on CUDA it is
+`torch.cuda.max_memory_allocated`. Decoders (each with the same greedy prompt):
 
-    python benchmarks/memory.py [--max-new-tokens 128] [--dtype auto] [--batch B]
+- `hf`: the model loaded as treeopt loads it, HF `generate` (stock kernels);
+- `run`: what `treeopt run` does (`open_decoder`, the searched tree; in float32 on an
+  x86 CPU the linears packed in place);
+- `run+hf`: what `bench` does (HF beside the engine: a packed copy, the stock model kept).
 
-With --batch B: B MT-Bench prompts decoded as one batch, the tree's per-batch table
-(batched PPD) vs the plain batched loop of the same runtime.
+Processes alternate by round (hf, run, run+hf, hf, …) so the machine's drift hits all
+alike; medians of peak and tokens/s are printed, and the ratios to `hf`.
+
+    python benchmarks/memory.py [--max-new-tokens 64] [--rounds 2] [--dtypes float32,bfloat16]
 """
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 
 CHILD = r"""
-import json, resource, sys, torch
+import json, sys, time
 from treeopt import prompts
+from treeopt.device import peak_memory
 from treeopt.inputs import resolve_inputs
 from treeopt.runtime import open_decoder
-from treeopt.batch import BatchDecoder, schedule_of
-mode, n, dtype, batch = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-dec, info = open_decoder(resolve_inputs(dtype=dtype, want=("tree",)), dtype=dtype)
-if batch:
-    texts = prompts.load("mt-bench", limit=batch, stride=4)
-    many = [prompts.encode(dec.lm.tokenizer, t) for t in texts]
-    sched = schedule_of(dec.tree) if mode == "ppd" else {1: None}
-    bd = BatchDecoder(dec.lm, dec.prompt_tokens, sched)
-if dec.device.type == "cuda":
-    torch.cuda.reset_peak_memory_stats()
-if batch:
-    res = bd.generate(many, n)
-else:
-    ids = prompts.encode(dec.lm.tokenizer, prompts.BUILTIN[1])
-    res = (dec.ppd if mode == "ppd" else dec.baseline)(ids, n)
-peak = (torch.cuda.max_memory_allocated() if dec.device.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-print(json.dumps({"mode": mode, "peak_bytes": peak, "new_tokens": res.new_tokens,
+mode, n, dtype = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+inp = resolve_inputs(dtype=dtype, want=("tree", "corpus"))
+dec, info = open_decoder(inp, dtype=dtype, hf_beside=mode != "run")
+ids = prompts.encode(dec.lm.tokenizer, prompts.BUILTIN[1])
+res = dec.hf_generate(ids, n) if mode == "hf" else dec.ppd(ids, n)
+print(json.dumps({"mode": mode, "peak": peak_memory(dec.device), "kernels": info["kernels"],
+                  "tokens_per_second": res.tokens_per_second, "output_ids": res.output_ids,
                   "device": info["device"], "tree": info["tree"]}))
 """
+MODES = ("hf", "run", "run+hf")
+
+
+def child(mode: str, n: int, dtype: str) -> dict:
+    p = subprocess.run([sys.executable, "-c", CHILD, mode, str(n), dtype],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"{mode} {dtype} failed: {p.stderr.strip().splitlines()[-1:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--batch", type=int, default=0, help="batch size (0: one prompt)")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
     args = ap.parse_args()
-    out = {}
-    for mode in ("baseline", "ppd"):
-        p = subprocess.run([sys.executable, "-c", CHILD, mode, str(args.max_new_tokens),
-                            args.dtype, str(args.batch)], capture_output=True, text=True,
-                           check=True)
-        out[mode] = json.loads(p.stdout.strip().splitlines()[-1])
-    ratio = out["ppd"]["peak_bytes"] / out["baseline"]["peak_bytes"]
-    print(f"peak memory: baseline {out['baseline']['peak_bytes'] / 2**20:.1f} MiB, "
-          f"PPD {out['ppd']['peak_bytes'] / 2**20:.1f} MiB, ratio {ratio:.4f} "
-          f"({out['ppd']['device']})")
-    print(json.dumps({**out, "ratio": round(ratio, 5)}))
+    table = {}
+    for dtype in args.dtypes.split(","):
+        runs = {m: [] for m in MODES}
+        for _ in range(args.rounds):
+            for mode in MODES:
+                runs[mode].append(child(mode, args.max_new_tokens, dtype))
+        row = {}
+        for mode, rs in runs.items():
+            row[mode] = {"peak_mib": statistics.median(r["peak"]["bytes"] for r in rs) / 2**20,
+                         "tokens_per_second": statistics.median(r["tokens_per_second"]
+                                                                for r in rs),
+                         "kernels": rs[0]["kernels"], "measure": rs[0]["peak"]["measure"]}
+        same = runs["run"][0]["output_ids"] == runs["hf"][0]["output_ids"]
+        for mode in MODES:
+            r = row[mode]
+            print(f"{dtype:>9} {mode:>7}: peak {r['peak_mib']:7.1f} MiB "
+                  f"({r['peak_mib'] / row['hf']['peak_mib']:.3f}x hf), "
+                  f"{r['tokens_per_second']:6.1f} tok/s, kernels {r['kernels']}")
+        print(f"{dtype:>9} run output identical to HF generate: {same} "
+              f"({runs['run'][0]['device']}, {row['run']['measure']})")
+        table[dtype] = {**row, "run_identical_to_hf": same}
+    print(json.dumps(table))
 
 
 if __name__ == "__main__":

@@ -103,6 +103,9 @@ def test_run_json_schema(tmp_path):
     for key in ["new_tokens", "tokens_per_second", "output_ids"]:
         assert key in out["baseline"] and key in out["hf_generate"]
     assert out["dtype"] == "float32" and out["identical"] is True
+    # HF ran beside the engine: the stock model kept, so the peak held the loaded weights
+    assert out["peak_memory"]["measure"] == "peak RSS"
+    assert out["peak_memory"]["bytes"] > 135e6 * 4
     assert out["new_tokens"] == len(out["output_ids"]) <= 16
     assert out["tokens_per_step"] >= 1.0
 

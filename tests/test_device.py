@@ -101,7 +101,8 @@ def test_run_says_its_tree_is_foreign_with_json_too(tmp_path):
     p = treeopt("run", "--tree", SHIPPED_CPU_TREE, "--dtype", "float32", "--prompt", "Hi",
                 "--max-new-tokens", "4", "--corpus", "none", "--json")
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout)["new_tokens"] >= 1
+    out = json.loads(p.stdout)
+    assert out["new_tokens"] >= 1 and out["peak_memory"]["bytes"] > 0
     notes = [ln for ln in p.stderr.splitlines() if ln.startswith("note: tree")]
     assert len(notes) == 1 and "cpu-test-machine float32" in notes[0], p.stderr
 

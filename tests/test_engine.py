@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import weakref
 
 import pytest
 import torch
@@ -184,6 +185,37 @@ def test_packed_kernels_leave_the_model_alone_and_are_made_once():
     assert packed.body.layers[0].input_layernorm is lm.model.get_decoder().layers[0].input_layernorm
     x = torch.randn(2, 5, lm.config.hidden_size)
     assert torch.allclose(packed.head(x), lm.model.get_output_embeddings()(x), atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("tied", [False, True])
+def test_in_place_packing_holds_one_copy_and_decodes_as_hf(tied):
+    """A model marked for packing in place (what `run` does) is packed at its first engine:
+    every linear replaced and its dense weight freed at once, a head tied to the input
+    embedding run by oneDNN on that one dense weight; the decode equals HF generate (run
+    before the packing, stock kernels); the stock kernels are refused afterwards."""
+    lm = tiny_model("llama", seed=1)
+    if tied:
+        lm.model.lm_head.weight = lm.model.get_input_embeddings().weight
+    rng = random.Random(5)
+    pt, tree = random_prompt_tokens(lm, 3), random_tree(rng, 3, 6, 10)
+    prompts = [[rng.randrange(32) for _ in range(n)] for n in (5, 21)]
+    refs = [Decoder(lm, None, None).hf_generate(ids, 16).output_ids for ids in prompts]
+    assert kernels.in_place(lm.model, lm.device, lm.dtype) == "onednn"
+    dense = [weakref.ref(m.weight) for m in lm.model.get_decoder().modules()
+             if isinstance(m, torch.nn.Linear)]
+    assert dense and all(r() is not None for r in dense)  # not packed before an engine
+    dec = Decoder(lm, pt, tree)
+    assert dec.engine().kernels.name == "onednn"
+    assert all(r() is None for r in dense)  # freed without the garbage collector
+    assert not any(isinstance(m, torch.nn.Linear) for m in lm.model.modules())
+    head = lm.model.get_output_embeddings()
+    assert isinstance(head, kernels.OneDNNLinear if tied else kernels.PackedLinear)
+    assert (head.weight is lm.model.get_input_embeddings().weight) == tied
+    for ids, ref in zip(prompts, refs):
+        assert dec.ppd(ids, 16).output_ids == ref
+    with pytest.raises(BadInput, match="packed in place"):
+        kernels.kernels_for(lm.model, lm.device, lm.dtype, "stock")
 
 
 @needs_onednn

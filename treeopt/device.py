@@ -12,6 +12,7 @@ import functools
 import os
 import pathlib
 import platform
+import resource
 
 from .errors import BadInput
 from .paths import slug
@@ -108,6 +109,20 @@ def sync(device) -> None:
         import torch
 
         torch.cuda.synchronize(device)
+
+
+def peak_memory(device) -> dict:
+    """The process's peak memory so far: on a GPU `torch.cuda.max_memory_allocated` (the
+    tensors torch held at most), elsewhere the peak resident set (ru_maxrss: weights,
+    runtime, caches, activations) — what a user must have free to run it."""
+    if getattr(device, "type", str(device)).startswith("cuda"):
+        import torch
+
+        return {"bytes": int(torch.cuda.max_memory_allocated(device)),
+                "measure": "torch.cuda.max_memory_allocated"}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"bytes": int(rss) * (1 if platform.system() == "Darwin" else 1024),
+            "measure": "peak RSS"}
 
 
 def gpu_check() -> None:

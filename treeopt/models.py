@@ -347,13 +347,56 @@ def load(model: str | None = None, dtype: str = "auto", device: str = "auto",
         raise BadInput(f"--model {model}: no usable tokenizer files "
                        f"({str(e).splitlines()[0] if str(e) else e.__class__.__name__})") from e
     try:
-        lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt)
+        weights = _owned_weights(path) if dev.type == "cpu" else None
+        if weights is None:
+            lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt)
+        else:
+            lm = AutoModelForCausalLM._model_mapping[type(config)].from_pretrained(
+                None, config=config, state_dict=weights, dtype=dt)
+            lm.generation_config = _generation_config(path, config)
+        del weights
     except Exception as e:  # noqa: BLE001 - truncated or foreign weights are bad input
         raise BadInput(f"--model {model}: cannot load the weights as a causal LM "
                        f"({str(e).splitlines()[0] if str(e) else e.__class__.__name__})") from e
     lm.to(dev).eval()
     lm.requires_grad_(False)
     return Loaded(lm, tok, model_id, str(path), dev, dt)
+
+
+def _owned_weights(path: pathlib.Path) -> dict | None:
+    """The folder's safetensors weights read into tensors of their own (pread), or None
+    where it has none (transformers then loads them itself).
+
+    Why: transformers maps a safetensors file into memory, and every weight is a view of
+    that one mapping. A page of it once read stays resident until *every* weight of the
+    file is gone, so packing the linears in place (:func:`treeopt.engine.kernels.
+    pack_in_place`) could free nothing: the packed copy sat beside the dense one. Weights
+    of their own are freed one by one as they are packed."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        return None
+    out = {}
+    for name in files:
+        with safe_open(str(path / name), framework="pt", backend="pread") as f:
+            out.update((k, f.get_tensor(k)) for k in f.keys())
+    return out
+
+
+def _generation_config(path: pathlib.Path, config):
+    """The folder's generation config, else one from the model config (as
+    `from_pretrained` of the folder would set it)."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(str(path))
+    except OSError:
+        return GenerationConfig.from_model_config(config)
 
 
 def _random_weights(config, model_id: str, path, dev, dt) -> Loaded:

@@ -209,18 +209,23 @@ class Decoder:
 
 def open_decoder(inputs, model: str | None = None, dtype: str = "auto", device: str = "auto",
                  threads: int | None = None, shape_only: bool = False,
-                 cache_tokens: int = CACHE_TOKENS) -> tuple[Decoder, dict]:
+                 cache_tokens: int = CACHE_TOKENS, hf_beside: bool = False
+                 ) -> tuple[Decoder, dict]:
     """Load the model and build a decoder with the resolved inputs
     (:func:`treeopt.inputs.resolve_inputs`): its prompt tokens (else untrained ones
     initialised from text, or from the first embedding rows of a shape-only model) and
     tree (else a rank-0 chain). `shape_only` allows a model without weights
     (:func:`treeopt.models.load`). With a corpus (or a tree that uses the cache source),
     the decoder holds a cache of at most `cache_tokens` tokens: the corpus, then each
-    decode's output."""
+    decode's output. Where the engine's kernels are packed (:mod:`treeopt.engine.kernels`)
+    the model's own linears are packed in place, unless `hf_beside`: the caller runs HF
+    `generate` beside the engine, which must keep the stock kernels (a packed copy then)."""
     pt = PromptTokens.load(inputs.prompt_tokens) if inputs.prompt_tokens else None
     lm = load(model, dtype=dtype, device=device, threads=threads, shape_only=shape_only)
     info = {"model": lm.model_id, "device": str(lm.device), "dtype": dtype_name(lm.dtype),
-            "kernels": kernels.choose(lm.device, lm.dtype),  # ($TREEOPT_KERNELS checked)
+            # ($TREEOPT_KERNELS checked here)
+            "kernels": kernels.choose(lm.device, lm.dtype) if hf_beside else
+            kernels.in_place(lm.model, lm.device, lm.dtype),
             "tree": inputs.tree_src, "prompt_tokens": inputs.prompt_tokens_src,
             **({"weights": lm.weights} if lm.weights != "loaded" else {})}
     if pt is None and lm.tokenizer is None:

@@ -15,12 +15,20 @@ oneDNN's jit kernels follow the ISA (AVX2, AVX-512), not the vendor. In bfloat16
 already runs linears through oneDNN and packing them again measured slower, so only
 float32 is packed; on a GPU the stock kernels run (in CUDA graphs).
 
-The packed kernels live in a structural copy of the decoder body and the LM head: each
-module on the path to a linear is copied shallowly (parameters, buffers and hooks shared),
-each `nn.Linear` replaced by a :class:`PackedLinear`. The caller's model is
-untouched — HF `generate`, the bench's baseline, keeps the stock kernels — and the copy
-is made once per model, at its first engine (the packed weights are a second copy of the
-linears' weights, taken then: weights loaded into the model afterwards are not seen).
+Two ways to hold them, made once per model at its first engine:
+
+- **in place** (a model marked by :func:`in_place`, as `run`, `accept` and `profile`
+  mark theirs; packed at its first engine, after the engine's embedding table is made):
+  each `nn.Linear` of the model is replaced by a :class:`PackedLinear` and its dense
+  weight dropped, so the packed weights are the only copy. The model's own forward then
+  runs the packed kernels. An LM head tied to the input embedding is not packed: oneDNN
+  runs it on the dense weight the embedding keeps (:class:`OneDNNLinear`).
+- **a structural copy** (where a verb runs HF `generate` beside the engine — `bench`,
+  `demo`, `run --baseline` — and HF must keep the stock kernels): each module on the path
+  to a linear is copied shallowly (parameters, buffers and hooks shared), each linear
+  replaced in the copy only. The packed weights are then a second copy of the linears'
+  weights (+430 MB for the embedded model in float32, its tied head not copied), taken
+  then: weights loaded into the model afterwards are not seen.
 """
 from __future__ import annotations
 
@@ -45,6 +53,7 @@ class Kernels:
 
 
 _packed: "weakref.WeakKeyDictionary[torch.nn.Module, Kernels]" = weakref.WeakKeyDictionary()
+_in_place: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
 class PackedLinear(torch.nn.Module):
@@ -60,6 +69,32 @@ class PackedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten.mkldnn_linear(x.to_mkldnn(), self.weight, self.bias).to_dense()
+
+
+class OneDNNLinear(torch.nn.Module):
+    """y = x·Wᵀ + b by oneDNN on the dense weight as it is (no packed copy): for an LM
+    head tied to the input embedding, whose weight the embedding (and the engine's
+    table) must keep dense anyway. It holds the linear's own Parameter, so it reads
+    whatever tensor that Parameter holds. For the head's shape (576 → 49152) oneDNN runs
+    the plain layout as fast as the packed one (2-core Xeon, ms, L = 1..32: 5.5/5.6,
+    7.1/7.6, 8.4/8.7, 8.9/9.0, 11.4/11.4, 15.1/15.0; `benchmarks/memory.py` for the
+    memory it saves)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def head_kernel(model, dtype: torch.dtype) -> torch.nn.Module:
+    """The LM head under the oneDNN kernels: on the dense weight where it is tied to the
+    input embedding (held once), else packed."""
+    head = model.get_output_embeddings()
+    if head.weight is model.get_input_embeddings().weight and head.weight.dtype == dtype:
+        return OneDNNLinear(head)
+    return PackedLinear(head, dtype)
 
 
 def choose(device: torch.device, dtype: torch.dtype, kind: str = "auto") -> str:
@@ -82,14 +117,42 @@ def choose(device: torch.device, dtype: torch.dtype, kind: str = "auto") -> str:
     return kind
 
 
+def in_place(model, device: torch.device, dtype: torch.dtype) -> str:
+    """Let the engine pack this model's own linears (its first engine does, where
+    :func:`choose` packs): the caller runs no stock kernels on it. The kernels' name."""
+    name = choose(device, dtype)
+    if name == "onednn":
+        _in_place.add(model)
+    return name
+
+
+def _pack_in_place(model, dtype: torch.dtype) -> Kernels:
+    head = head_kernel(model, dtype)
+    _pack_children(model.get_decoder(), dtype)
+    model.set_output_embeddings(head)
+    return Kernels("onednn", model.get_decoder(), head)
+
+
+def _pack_children(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.Linear):
+            setattr(module, name, PackedLinear(child, dtype))
+        elif child is not None:
+            _pack_children(child, dtype)
+
+
 def kernels_for(model, device: torch.device, dtype: torch.dtype, kind: str = "auto"
                 ) -> Kernels:
-    """The body and head the engine calls for `model` (the packed copy made once)."""
+    """The body and head the engine calls for `model`: packed in place, else the packed
+    copy (made once), else the stock modules."""
     if choose(device, dtype, kind) == "stock":
+        if model in _packed and _packed[model].body is model.get_decoder():
+            raise BadInput("kernels stock: this model's linears were packed in place")
         return Kernels("stock", model.get_decoder(), model.get_output_embeddings())
     if model not in _packed:
-        _packed[model] = Kernels("onednn", _packed_copy(model.get_decoder(), dtype),
-                                 PackedLinear(model.get_output_embeddings(), dtype))
+        _packed[model] = _pack_in_place(model, dtype) if model in _in_place else \
+            Kernels("onednn", _packed_copy(model.get_decoder(), dtype),
+                    head_kernel(model, dtype))
     return _packed[model]
 
 
@@ -97,7 +160,7 @@ def forward_modules(model) -> list[torch.nn.Module]:
     """The modules whose calls are the model's forward: its decoder body and LM head,
     and their packed copies where made (host-work counting marks them)."""
     mods = [model.get_decoder(), model.get_output_embeddings()]
-    if model in _packed:
+    if model in _packed and _packed[model].body is not mods[0]:
         mods += [_packed[model].body, _packed[model].head]
     return mods
 

@@ -75,7 +75,6 @@ class Engine:
         self.lm, self.model = loaded, loaded.model
         self.device, self.dtype = loaded.device, loaded.dtype
         self.eos = set(loaded.eos_ids)
-        self.kernels = kernels_for(self.model, self.device, self.dtype, kernels)
         self.cache_source = cache
         trees = [t for t in schedule.values() if t is not None]
         out_vocab = self.model.get_output_embeddings().weight.shape[0]
@@ -85,9 +84,12 @@ class Engine:
         self.layout = Layout(max(in_vocab, out_vocab), rows, width,
                              max([chain_room(t) for t in trees] + [room]))
         self.books = {b: PlanBook(t, self.layout) for b, t in sorted(schedule.items())}
+        self.one_token = PlanBook(None, self.layout).plan(("plain",))  # near the limit
         self.lookup = next((t.lookup for t in trees if t.lookup is not None), None)
         self.table = embedding_table(loaded, prompt_tokens if trees else None,
                                      self.layout.vocab)
+        # after the table: a model packed in place drops its dense weights here
+        self.kernels = kernels_for(self.model, self.device, self.dtype, kernels)
         self.bank = Bank(self.layout, self.device)
         cuda = self.device.type == "cuda"
         self.pad, self.grain = pad or (16 if cuda else 1), grain or (128 if cuda else 1)
@@ -401,15 +403,28 @@ def embedding_table(lm: Loaded, prompt_tokens: PromptTokens | None, vocab: int
                     ) -> torch.Tensor:
     """The step's one embedding table: the model's input embedding of every id (as its
     embedding module gives it, scaling included), zero rows up to `vocab`, then the prompt
-    tokens (ids vocab + j). Made once per model and prompt-token set."""
+    tokens (ids vocab + j). Made once per model and prompt-token set.
+
+    Where the embedding is a plain lookup of its weight (no scaling), the first table made
+    takes the weight's place: the model's embedding (and a head tied to it) then reads
+    its rows from the table, so the weight is held once (−113 MB for the embedded model
+    in float32)."""
     tables = lm.__dict__.setdefault("_engine_tables", {})
     key = (id(prompt_tokens), vocab)
     if key not in tables:
         embed = lm.model.get_input_embeddings()
-        with torch.inference_mode():
-            rows = embed(torch.arange(embed.weight.shape[0], device=lm.device))
-            parts = [rows, rows.new_zeros(vocab - rows.shape[0], rows.shape[1])]
-            if prompt_tokens is not None:
-                parts.append(prompt_tokens.to(lm.device, lm.dtype))
-            tables[key] = (prompt_tokens, torch.cat(parts))
+        n, width = embed.weight.shape
+        extra = prompt_tokens.num if prompt_tokens is not None else 0
+        with torch.no_grad():  # not an inference tensor: the model's weight may live here
+            table = torch.zeros(vocab + extra, width, dtype=lm.dtype, device=lm.device)
+            if extra:
+                table[vocab:] = prompt_tokens.to(lm.device, lm.dtype)
+            if type(embed) is torch.nn.Embedding and embed.weight.dtype == lm.dtype and \
+                    not lm.__dict__.get("_embedding_in_table"):
+                table[:n] = embed.weight
+                embed.weight.data = table[:n]  # the same values, now in the table
+                lm.__dict__["_embedding_in_table"] = True
+            else:
+                table[:n] = embed(torch.arange(n, device=lm.device))
+            tables[key] = (prompt_tokens, table)
     return tables[key][1]

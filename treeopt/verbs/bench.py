@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .. import corpus, paths, prompts
 from ..artefact import check_out, write_json
-from ..device import device_slug
+from ..device import device_slug, peak_memory
 from ..errors import BadInput
 from ..drift import assess, lines, speed_line
 from ..evaluation import batch_bench, predicted_vs_measured, run_bench, speed_vs_profile
@@ -68,7 +68,7 @@ def main(args) -> dict:
         device_slug(local_device(args.device, args.dtype)[0]), inp.model_id).replace(
         ".run.json", f"{kind}.run.json"), inp.paths())
     dec, info = open_decoder(inp, args.model, args.dtype, args.device, args.threads,
-                             cache_tokens=args.cache_tokens)
+                             cache_tokens=args.cache_tokens, hf_beside=True)
     if "corpus" in info:
         info["corpus_answers_benched_prompts"] = held
     # every set's prompts encoded and length-checked before any benching
@@ -88,7 +88,7 @@ def main(args) -> dict:
     res, _ = _bench_one(args, dec, info, inp, encoded[sets[0]], human, sets[0])
     out = {"schema": "treeopt.run/1", "kind": "bench", **info,
            "prompt_file": sets[0] or "built-in", "offset": args.offset,
-           "stride": args.stride, **res}
+           "stride": args.stride, **res, "peak_memory": peak_memory(dec.device)}
     write_json(out_path, out)
     if human:
         _print(out, out_path)
@@ -129,7 +129,8 @@ def _families(args, dec, info, inp, encoded: dict, human, path) -> dict:
         rows.append({"family": prompts.family_name(name), "prompt_file": name, **res})
     out = {"schema": "treeopt.run/1", "kind": "bench-families", **info,
            "offset": args.offset, "stride": args.stride, "max_new_tokens": args.max_new_tokens,
-           "hf_lookup": args.hf_lookup, "families": rows}
+           "hf_lookup": args.hf_lookup, "families": rows,
+           "peak_memory": peak_memory(dec.device)}
     speed = speed_vs_profile(all_runs, inp.profile) if inp.profile else None
     write_json(path, out)
     if human:
@@ -178,7 +179,8 @@ def _batch(args, dec, info, inp, encoded, human, path) -> dict:
                        acceptance=inp.acceptance, cache=dec.cache_source)
     out = {"schema": "treeopt.run/1", "kind": "batch-bench", **info,
            "prompt_file": (args.prompts or ["built-in"])[0], "prompts": len(encoded),
-           "max_new_tokens": args.max_new_tokens, "profile": inp.profile_src, "batch": rows}
+           "max_new_tokens": args.max_new_tokens, "profile": inp.profile_src, "batch": rows,
+           "peak_memory": peak_memory(dec.device)}
     write_json(path, out)
     if human:
         say(f"{'B':>3} {'chosen':>8} {'plain':>8} {'HF':>8} {'one-by-one':>10} {'vs plain':>8} "

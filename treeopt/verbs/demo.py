@@ -50,7 +50,8 @@ def main(args) -> dict:
                                                               "corpus"))
     folder = paths.home() / "demo"
     out = args.out or folder / "demo.html"
-    dec, info = open_decoder(inp, args.model, args.dtype, args.device, args.threads)
+    dec, info = open_decoder(inp, args.model, args.dtype, args.device, args.threads,
+                             hf_beside=True)  # its bench runs HF generate
     for note in decode_notes(inp, info, args):
         warn(note)
     mid, dev_id = info["model"], device_slug(dec.device.type)

@@ -7,6 +7,7 @@ from .. import prompts
 from ..artefact import check_out, input_file, write_json
 from ..batch import BatchDecoder, schedule_of
 from ..bounds import BOUNDS
+from ..device import peak_memory
 from ..errors import BadInput
 from ..drift import assess, lines
 from ..evaluation import decode_phase, predicted_vs_measured, speed_vs_profile
@@ -75,7 +76,7 @@ def main(args) -> dict:
                          want=("tree", "profile", "acceptance", "corpus"), corpus=args.corpus)
     out_path = check_out(args.out) if args.out else None
     dec, info = open_decoder(inp, args.model, args.dtype, args.device, args.threads,
-                             cache_tokens=args.cache_tokens)
+                             cache_tokens=args.cache_tokens, hf_beside=args.baseline)
     ids = prompts.encode(dec.lm.tokenizer, text, raw=args.raw)
     dec.check_prompt(ids, args.max_new_tokens)
     maybe_calibrate(args, inp, dec, info, not args.json)
@@ -126,6 +127,7 @@ def main(args) -> dict:
             say(f"speedup vs HF generate {out['speedup_vs_hf']:.2f}x, vs plain loop "
                 f"{out['speedup_vs_baseline']:.2f}x; PPD output identical to HF greedy: "
                 f"{out['identical']}")
+    out["peak_memory"] = peak_memory(dec.device)
     if out_path is not None:
         write_json(out_path, out)
     for line in lines(out.get("drift"), out_path or "<this run's JSON: --out>",
@@ -158,7 +160,8 @@ def _batch(args) -> dict:
     out = {"schema": "treeopt.run/1", "kind": "batch-run", **info, "prompts": len(rows),
            "new_tokens": res.new_tokens, "seconds": round(res.seconds, 4),
            "tokens_per_second": round(res.tokens_per_second, 3),
-           "tokens_per_step": round(res.tokens_per_step, 4), "results": rows}
+           "tokens_per_step": round(res.tokens_per_step, 4), "results": rows,
+           "peak_memory": peak_memory(dec.device)}
     block = of_run(info["model"], dec.prompt_tokens.num, encoded, res.results, bd.lookup,
                    dec.cache_settings, run="batch-run", prompt_file=args.batch_file,
                    tree_file=info["tree"])
