@@ -244,6 +244,11 @@ def test_9_bad_values_and_files_are_exit_2(box):
     box.bad("run", "--seed", "1e23", needle="not an integer")
     box.bad("accept", "--max-new-tokens", "1", needle="must be in 2..")
     box.bad("bench", "--offset", "1000", needle="no prompts at --offset 1000")
+    # a slice past the end names the slice; thousands of digits are one line, exit 2
+    box.bad("bench", "--prompts", "mt-bench[100:200]", needle="no rows in slice [100:200]")
+    box.bad("accept", "--prompts", "mt-bench[" + "9" * 5000 + ":]", needle="is past 10000000")
+    box.bad("accept", "--prompts", "mt-bench[0:" + "0" * 5000 + "12345678901]",
+            needle="row '12345678901' is past")
     box.bad("run", "--tree", box.dir / "deep.json", needle="malformed JSON")
     box.bad("report", "--acceptance", REF, "--out", box.dir, needle="is a folder")
     box.bad("search", "--model", "vicuna-7b", "--trials", "1", "--storage", "notaurl",

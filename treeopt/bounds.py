@@ -21,6 +21,8 @@ BOUNDS = {
     "records": 100_000,
     # prompts decoded as one batch by `run --batch-file`
     "batch_prompts": 256,
+    # a row number in a prompt-set slice, NAME[START:STOP]
+    "prompt_rows": 10_000_000,
     # bytes of a prompt file, after decompression
     "prompt_bytes": 64 << 20,
     # acceptance files and run JSONs pooled by one --acceptance list
@@ -43,7 +45,7 @@ BOUNDS = {
 WHAT = {"lookup_ngram": "n-gram length", "lookup_chain": "lookup chain length",
         "batch": "batch size", "context": "context length",
         "records": "measured positions", "batch_prompts": "prompts in one batch",
-        "prompt_bytes": "bytes of prompt text", "acceptance_sources": "acceptance sources",
+        "prompt_rows": "prompt rows", "prompt_bytes": "bytes of prompt text", "acceptance_sources": "acceptance sources",
         "corpus_tokens": "corpus tokens", "cache_tokens": "cached tokens",
         "json_bytes": "a JSON file's size", "record_prompts": "prompts with records",
         "search_positions": "positions a search replays"}

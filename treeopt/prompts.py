@@ -71,10 +71,21 @@ def split_slice(spec: str) -> tuple[str, int, int | None]:
     m = SLICE.match(spec)
     if m is None or not m["bracket"] or _is_file(spec):
         return spec, 0, None
-    start, stop = int(m["start"] or 0), int(m["stop"]) if m["stop"] else None
+    start, stop = (_row(spec, m["start"]) if m["start"] else 0,
+                   _row(spec, m["stop"]) if m["stop"] else None)
     if stop is not None and stop <= start:
         raise BadInput(f"--prompts {spec}: empty slice")
     return m["name"], start, stop
+
+
+def _row(spec: str, digits: str) -> int:
+    """A slice bound as a row number within BOUNDS["prompt_rows"] (checked on its digits
+    first: Python refuses to convert thousands of them)."""
+    hi, digits = BOUNDS["prompt_rows"], digits.lstrip("0") or "0"
+    if len(digits) > len(str(hi)) or int(digits) > hi:
+        raise BadInput(f"--prompts {shown(spec, 80)}: row {shown(digits, 20)} is past "
+                       f"{hi}, the most rows a prompt set may have")
+    return int(digits)
 
 
 def _is_file(name: str) -> bool:
@@ -107,7 +118,10 @@ def load(path: str | None, limit: int | None = None, offset: int = 0,
         where = f"prompt file {p}"
         rows = [prompt_text(row, f"{where} line {i}")
                 for i, row in jsonl_rows(read_text(p), where)]
-    rows = rows[start:stop]
+    total, rows = len(rows), rows[start:stop]
+    if not rows:
+        raise BadInput(f"{where}: no rows in slice [{start}:{'' if stop is None else stop}] "
+                       f"(it has {total})")
     out = rows[offset::stride][:limit]
     if not out:
         raise BadInput(f"{where}: no prompts at --offset {offset} (it has {len(rows)})")
