@@ -7,9 +7,10 @@ import pytest
 import torch
 import transformers as T
 
+from treeopt.batch import BatchDecoder
 from treeopt.runtime import Decoder
-from treeopt.tiny import (CONFIGS, WINDOW, lossless_check, random_prompt_tokens, random_tree,
-                          tiny_model)
+from treeopt.tiny import (CONFIGS, WINDOW, lossless_check, random_lookup, random_prompt_tokens,
+                          random_tree, tiny_model)
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_lossless_across_architectures(name):

@@ -332,8 +332,12 @@ def test_12_minor_causes(box):
     states["01"] = states[next(iter(states))]
     write_json(box.dir / "keys.json", dict(tree, states=states))
     box.bad("run", "--tree", box.dir / "keys.json", needle="not a plain integer")
-    p = box.cli("run", "--threads", "0", "--debug")
-    assert p.returncode == 2
+    # --debug shows the traceback of the error that stopped the verb (not "NoneType")
+    (box.dir / "malformed.json").write_text('{"schema": "treeopt.tree/1", ')
+    p = box.cli("run", "--tree", box.dir / "malformed.json", "--debug")
+    assert p.returncode == 2, p.stderr
+    assert "Traceback (most recent call last)" in p.stderr and "NoneType: None" not in p.stderr
+    assert "BadInput" in p.stderr and "malformed JSON" in p.stderr.splitlines()[-1]
     folder = box.dir / "model"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(

@@ -221,3 +221,28 @@ def test_per_batch_optimum_matches_brute_force(seed):
         if tree is not None:
             assert tree.max_input_length <= F
             assert exact.predict(tree, acc)["tokens_per_step"] == pytest.approx(E, rel=1e-9)
+
+
+def test_tuning_studies_are_keyed_by_their_objective(tmp_path, monkeypatch, capsys):
+    """`--trials` resumes a study only for the same objective: another input cap (or
+    profile, acceptance, static) starts its own, so its best settings were all scored under
+    its own objective."""
+    import json
+
+    from treeopt.cli import main
+
+    monkeypatch.setenv("TREEOPT_HOME", str(tmp_path / "home"))
+    db = f"sqlite:///{tmp_path / 's.db'}"
+
+    def search(max_input: int, *extra) -> dict:
+        assert main(["search", "--model", "vicuna-7b", "--max-input", str(max_input),
+                     "--trials", "3", "--storage", db, "--json", "--out",
+                     str(tmp_path / f"t{max_input}.tree.json"), *extra]) == 0
+        return json.loads(capsys.readouterr().out)["config"]
+
+    wide, narrow = search(512), search(16)
+    assert wide["trials"] == narrow["trials"] == 3 and wide["study"] != narrow["study"]
+    static = search(16, "--static")
+    assert static["trials"] == 3 and static["study"] not in (wide["study"], narrow["study"])
+    again = search(512)  # the same objective resumes its own study
+    assert again["study"] == wide["study"] and again["trials"] == 6

@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         code, line = (130, "interrupted") if _stopped_by[0] == signal.SIGINT else \
             (143, "terminated")
     if code:
-        if args.debug:
-            traceback.print_exc()
+        if args.debug and trace:
+            sys.stderr.write(trace)
         print(f"treeopt {args.verb}: {line}", file=sys.stderr)
         return code
     if args.json and result is not None:

@@ -184,6 +184,19 @@ class Engine:
             chosen.append((key, book.plan(key), extra))
         return chosen
 
+    def within_context(self, s: Seq, chosen: tuple, book: PlanBook) -> tuple | None:
+        """The step's plan for `s` where its input fits the model's context (positions
+        ctx .. ctx + length − 1), else the largest that does: the state's own tree without
+        chains, then one token (plain decoding, as plain greedy goes to the last position);
+        None where not even that fits."""
+        limit = self.lm.max_context
+        key, plan, _ = chosen
+        if s.ctx + plan.length <= limit:
+            return chosen
+        if key[0] != "plain" and key[1] and s.ctx + book.plan((key[0], ())).length <= limit:
+            return (key[0], ()), book.plan((key[0], ())), []
+        return (("limit",), self.one_token, []) if s.ctx + 1 <= limit else None
+
     def load_plans(self, chosen, book: PlanBook, L: int, B: int) -> None:
         """Chain tokens and plan ids into the pool's tail (in place on the CPU, one copy
         elsewhere), then the plan rows into the standing buffer (one index_select)."""
@@ -215,13 +228,12 @@ class Engine:
         self.steps_run += 1  # the step's batch size and id beside each offer (records)
         for s in live:
             s.result.offers[-1] += (len(live), self.steps_run)
-        fits = [s.ctx + plan.length <= self.lm.max_context for s, (_, plan, _) in
-                zip(live, chosen)]
-        if not all(fits):  # out of context: those stop, the rest go on
-            for s, ok in zip(live, fits):
-                if not ok:
+        chosen = [self.within_context(s, c, book) for s, c in zip(live, chosen)]
+        if None in chosen:  # not even one token fits: those stop, the rest go on
+            for s, c in zip(live, chosen):
+                if c is None:
                     self.finish(s, out, t_start, "context")
-            return self.leave(live, fits)
+            return self.leave(live, [c is not None for c in chosen])
         B = len(live)
         L = self.bucket(max(plan.length for _, plan, _ in chosen))
         C = self.context_bucket(max(s.ctx for s in live), L)

@@ -1,15 +1,32 @@
 """optuna over what the exact optimiser takes as given (how many prompt-token rows, a
-width cap, the product or the conditional probability model): `search --trials N`."""
+width cap, the product or the conditional probability model): `search --trials N`.
+
+One study per objective: its name carries a digest of everything a trial's score depends
+on (the accuracies and path probabilities, t(L) over the input lengths allowed, the input
+cap, static or dynamic), so trials scored under another profile, acceptance file or cap
+are never counted or chosen; the same search run again resumes its own study."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+
+import numpy as np
 
 from ..artefact import mask_secrets
 from ..errors import BadInput, deferred_signals
 from ..paths import cache_dir, make_folder
 from .curves import optimise_static
 from .exact import optimise
+
+def objective_key(acc_prod, acc_fit, pp, lat, max_input: int, static: bool) -> str:
+    """A digest of what defines the objective (16 hex digits)."""
+    h = hashlib.sha256()
+    for a in (acc_prod, acc_fit, lat(np.arange(1, max_input + 1))):
+        h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+    h.update(repr((sorted((pp or {}).items()), pp is None, max_input, static)).encode())
+    return h.hexdigest()[:16]
+
 
 def _open_study(optuna, storage: str, name: str):
     for attempt in range(3):  # another process creating the same storage's tables races
@@ -35,8 +52,9 @@ def tune(acc_prod, acc_fit, pp, lat, max_input, trials, storage, static, name) -
         storage = f"sqlite:///{cache_dir() / 'search.db'}"
     # a signal mid-trial would raise inside optuna's or SQLAlchemy's bookkeeping: hold it,
     # stop after the running trial, then let it through
+    study_name = f"{name}-{objective_key(acc_prod, acc_fit, pp, lat, max_input, static)}"
     with deferred_signals() as stopped:
-        study = _open_study(optuna, storage, name)
+        study = _open_study(optuna, storage, study_name)
 
         def objective(trial):
             k = trial.suggest_int("k", 1, acc_prod.shape[0])
@@ -56,4 +74,4 @@ def tune(acc_prod, acc_fit, pp, lat, max_input, trials, storage, static, name) -
     bp = study.best_params
     return {"k": bp["k"], "width_cap": bp["width_cap"],
             "conditional": bool(bp.get("conditional", False)), "trials": len(study.trials),
-            "storage": mask_secrets(storage)}
+            "storage": mask_secrets(storage), "study": study.study_name}
