@@ -48,7 +48,7 @@ def test_every_sequence_of_a_batch_is_lossless_tiny(tiny, hybrid):
         limits = [rng.choice([1, rng.randint(2, 50)]) for _ in prompts]
         res = bd.generate(prompts, limits)
         for p, n, r in zip(prompts, limits, res.results):
-            assert r.output_ids == plain.baseline(p, n).output_ids, (trial, p, n)
+            assert r.output_ids == plain.hf_generate(p, n).output_ids, (trial, p, n)
             assert len(r.output_ids) == n
         switched += len(set(res.live)) > 1
         deep = max(deep, max((a for r in res.results for a in r.accepted), default=0))
@@ -67,7 +67,7 @@ def test_continuous_batching_refills_free_slots(tiny):
                      {1: None}):
         res = BatchDecoder(tiny, pt, schedule).generate(prompts, limits, max_batch=3)
         assert [r.output_ids for r in res.results] == [
-            plain.baseline(p, n).output_ids for p, n in zip(prompts, limits)]
+            plain.hf_generate(p, n).output_ids for p, n in zip(prompts, limits)]
         assert max(res.live) == 3 and res.live.count(3) > len(res.live) // 2
 
 
@@ -76,14 +76,14 @@ def test_eos_and_max_new_tokens_one(tiny):
     pt = random_prompt_tokens(tiny, 3)
     prompts = [[1, 2, 3], [4] * 17, [5, 6], [7, 1, 2, 0, 3, 3, 1]]
     plain = Decoder(tiny, None, None)
-    ref = plain.baseline(prompts[0], 30).output_ids
+    ref = plain.hf_generate(prompts[0], 30).output_ids
     eos = ref[4]
     bd = BatchDecoder(tiny, pt, {1: random_tree(random.Random(3), 3, 6)})
     bd.engine.eos = {eos}
     plain.eos = {eos}
     res = bd.generate(prompts, [30, 30, 1, 30])
     for p, n, r in zip(prompts, [30, 30, 1, 30], res.results):
-        assert r.output_ids == plain.baseline(p, n).output_ids
+        assert r.output_ids == plain.hf_generate(p, n).output_ids
     assert res.results[0].finish_reason == "eos" and len(res.results[0].output_ids) <= 5
     assert len(res.results[2].output_ids) == 1
     # max_new_tokens 1 finished at the prefill; the others left the batch as they ended
@@ -104,7 +104,7 @@ def test_batch_lossless_across_architectures(name):
         prompts = [[rng.randrange(32) for _ in range(n)] for n in (3, 3 * WINDOW, 7, WINDOW)]
         res = bd.generate(prompts, 2 * WINDOW)
         for p, r in zip(prompts, res.results):
-            assert r.output_ids == plain.baseline(p, 2 * WINDOW).output_ids, name
+            assert r.output_ids == plain.hf_generate(p, 2 * WINDOW).output_ids, name
 
 
 @torch.inference_mode()
@@ -174,7 +174,7 @@ def test_hf_batched_generate_matches(tiny):
     prompts = [[1, 2, 3], [4] * 9, [5]]
     res = hf_generate_batch(plain, prompts, 12)
     for p, r in zip(prompts, res.results):
-        assert r.output_ids == plain.baseline(p, 12).output_ids
+        assert r.output_ids == plain.hf_generate(p, 12).output_ids
 
 
 @pytest.mark.slow
@@ -191,7 +191,7 @@ def test_batched_ppd_lossless_smollm_fp32(smollm):
     ids = [P.encode(smollm.tokenizer, t) for t in texts]
     limits = [48, 48, 1, 48, 40]
     plain = Decoder(smollm, None, None)
-    refs = [plain.baseline(p, n).output_ids for p, n in zip(ids, limits)]
+    refs = [plain.hf_generate(p, n).output_ids for p, n in zip(ids, limits)]
     assert any(len(r) < n for r, n in zip(refs, limits))  # one met EOS early
     rng = random.Random(5)
     for schedule in ({1: inp.tree, 3: random_tree(rng, 3, 4, 8), 5: None},

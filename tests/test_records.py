@@ -44,7 +44,7 @@ def test_run_records_equal_accept_records(name):
             tree.cache = tiny.random_lookup(rng, tree, CACHE_MAX_NGRAM)
             cache = SuffixCache(10**5)  # the references, every 5th token wrong
             for p in prompts:
-                ref = Decoder(lm).baseline(p, 40).output_ids
+                ref = Decoder(lm).hf_generate(p, 40).output_ids
                 cache.add([(t + (j % 5 == 4)) % 32 for j, t in enumerate(ref)])
         before = copy.deepcopy(cache)
         dec = Decoder(lm, pt, tree, cache)

@@ -1,6 +1,6 @@
 """Tiny random models of several architectures, random trees and lookup policies, and the
 losslessness check over them: PPD greedy output (single and batched) token-identical to
-plain greedy decoding. The tests use them on the CPU; `benchmarks/gpu_check.py` runs the
+HF `generate`. The tests use them on the CPU; `benchmarks/gpu_check.py` runs the
 same check on a GPU, where no weights are at hand.
 """
 from __future__ import annotations
@@ -81,8 +81,10 @@ def lossless_check(device: str = "cpu", names=tuple(CONFIGS), trees: int = 3,
     """For each architecture, float32 on `device`: random trees (half of them hybrid: prompt
     lookup on prompts that repeat, and a cache holding each reference output with every
     7th token wrong, then the outputs themselves), prompts shorter and longer than the window;
-    PPD single, and every sequence of one batch, against plain greedy decoding. Returns a
-    row per architecture with the mismatches found (none is the pass)."""
+    PPD single, every sequence of one batch, and the engine's plain loop, against HF
+    `generate` (a reference sharing nothing with the engine: its own cache, masks and
+    kernels). Returns a row per architecture with the mismatches found (none is the
+    pass)."""
     rows = []
     for name in names:
         lm = tiny_model(name, torch.float32, device)
@@ -100,14 +102,15 @@ def lossless_check(device: str = "cpu", names=tuple(CONFIGS), trees: int = 3,
             dec = Decoder(lm, pt, tree, cache)
             prompts = [[rng.randrange(vocab) for _ in range(n)] for n in (5, 3 * WINDOW)]
             prompts.append((prompts[0] * 4)[:12])  # a repeating prompt: lookup proposes
-            refs = [dec.baseline(ids, new_tokens).output_ids for ids in prompts]
+            refs = [dec.hf_generate(ids, new_tokens).output_ids for ids in prompts]
+            plain = [dec.baseline(ids, new_tokens).output_ids for ids in prompts]
             for ref in refs if cache else []:  # each reference, with every 7th token wrong
                 cache.add([(t + (j % 7 == 6)) % vocab for j, t in enumerate(ref)])
             singles = [dec.ppd(ids, new_tokens).output_ids for ids in prompts]
             batched = BatchDecoder(lm, pt, {1: tree}, cache).generate(prompts, new_tokens).results
-            for ref, one, many in zip(refs, singles, batched):
-                checked += 2
-                mismatches += (one != ref) + (many.output_ids != ref)
+            for ref, base, one, many in zip(refs, plain, singles, batched):
+                checked += 3
+                mismatches += (base != ref) + (one != ref) + (many.output_ids != ref)
         rows.append({"architecture": name, "device": device, "dtype": "float32",
                      "decodes_checked": checked, "mismatches": mismatches})
     return rows
