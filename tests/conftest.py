@@ -67,3 +67,75 @@ def winner_slots(plan) -> list[list[int]]:
     """Per candidate winner w the tree positions of its prompt slots."""
     return [plan.arrays["slots"][w, :plan.next_state[w]].tolist()
             for w in range(plan.n_nodes + 1)]
+
+
+class RecordedGraph:
+    """A CPU stand-in for a CUDA graph (`Engine(capture=record_capture)`): capture records
+    every aten op the step dispatches and leaves every tensor it wrote as it was (a real
+    capture runs nothing); replay runs the recorded ops again on the tensors captured —
+    so inputs must be in the standing buffers before a replay, and a buffer the loop
+    replaced after capture is not seen, exactly as with CUDA graphs."""
+
+    def __init__(self):
+        self.ops: list[tuple] = []
+        self.replays = 0
+
+    def replay(self) -> None:
+        from torch.utils._pytree import tree_flatten, tree_map
+
+        env: dict[int, torch.Tensor] = {}
+
+        def sub(x):
+            return env.get(id(x), x) if isinstance(x, torch.Tensor) else x
+
+        for func, args, kwargs, out in self.ops:
+            new = func(*tree_map(sub, args), **tree_map(sub, kwargs))
+            for o, n in zip(tree_flatten(out)[0], tree_flatten(new)[0]):
+                if isinstance(o, torch.Tensor):
+                    env[id(o)] = n
+        if self.static is not env.get(id(self.static), self.static):
+            self.static.copy_(env[id(self.static)])  # the graph's output memory
+        self.replays += 1
+
+
+def record_capture(fn, pool, stream):
+    """Capture `fn` into a :class:`RecordedGraph` (the `capture=` of :mod:`treeopt.engine.graphs`)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    graph = RecordedGraph()
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            for i, a in enumerate(func._schema.arguments):  # keep what the op writes
+                t = args[i] if i < len(args) else kwargs.get(a.name)
+                if a.alias_info is not None and a.alias_info.is_write and \
+                        isinstance(t, torch.Tensor):
+                    saved.append((t, t.clone()))
+            out = func(*args, **kwargs)
+            graph.ops.append((func, args, kwargs, out))
+            return out
+
+    with Record():
+        static = fn()
+    for t, before in reversed(saved):  # capture ran nothing
+        t.copy_(before)
+    graph.static = static
+    return graph, static
+
+
+def run_cli(*args) -> types.SimpleNamespace:
+    """`treeopt ARGS` in this process (for bad-input cases, where a subprocess adds
+    nothing but seconds): returncode, stdout, stderr, as subprocess.run gives them."""
+    from treeopt.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's own refusals
+            code = e.code
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())

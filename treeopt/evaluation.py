@@ -180,7 +180,10 @@ def run_bench(dec: Decoder, encoded: list[list[int]], max_new_tokens: int, dtype
         "unexplained_divergences": unexplained,
         "margin_tolerance": tol,
         "step_overhead_fraction": round((step - fwd) / fwd, 4) if fwd else None,
-        "graphs": ppd_runs[0][1].graphs,  # how the engine ran its steps
+        "graphs": ppd_runs[-1][1].graphs,  # how the engine ran its steps (at the end)
+        # graph captures while timed: counted and timed apart, not in any tokens/s
+        "captures": sum(r.captures for _, r in ppd_runs),
+        "capture_seconds": round(sum(r.capture_seconds for _, r in ppd_runs), 4),
         "kernels": ppd_runs[0][1].kernels,  # and with which kernels (treeopt.engine.kernels)
         "decode": decode_phase(ppd_runs),
         # asking the chain sources (lookup, cache) against the steps' time

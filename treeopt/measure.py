@@ -96,6 +96,7 @@ def measure_points(dec: Decoder, sizes: list[int], contexts: list[int], repeats:
     samples: dict[tuple[int, int, int], list[float]] = {}
     sweeps: dict[tuple[int, int, int], list[float]] = {}  # per-sweep medians: drift seen
     max_fit: dict[tuple[int, int], int] = {}
+    modes: dict[tuple[int, int, int], str] = {}
     todo = [(r, b, c, s) for r in range(rounds) for b in batch_sizes for c in contexts
             for s in sizes if (b, c, s) not in done and not (max_rows and b * s > max_rows)]
     share, share_budget = max(1, math.ceil(repeats / rounds)), budget / rounds
@@ -113,6 +114,7 @@ def measure_points(dec: Decoder, sizes: list[int], contexts: list[int], repeats:
                                  min_runs=min(10, share))
             samples.setdefault((b, c, s), []).extend(got)
             sweeps.setdefault((b, c, s), []).append(float(np.median(got)))
+            modes[(b, c, s)] = engine.graphs.mode()  # graphed, or eager and why
         except Exception as e:  # noqa: BLE001 - OOM → record and stop this context
             if not is_oom(e):
                 raise
@@ -131,7 +133,7 @@ def measure_points(dec: Decoder, sizes: list[int], contexts: list[int], repeats:
         elif key in samples and not ((b, c) in max_fit and s > max_fit[(b, c)]):
             extra = {"rounds": rounds, "round_medians_s": sweeps[key]} if rounds > 1 else {}
             points.append({"batch": b, "context": c, "size": s, **summarize(samples[key]),
-                           **extra})
+                           "graphs": modes[key], **extra})
     return points, {(c if b == 1 else (b, c)): s for (b, c), s in max_fit.items()}
 
 

@@ -13,6 +13,11 @@ accepted path moves to each row's context with one gather and one scatter for al
 
 Every layer gets the same treatment, sliding-window ones included: the masks apply the
 windows, so stock modeling code of every supported architecture runs unchanged.
+
+Nothing the store holds points back at it (its Cache's layers hold the tensor and the
+shared :class:`Window`, not the store), so a replaced store is freed the moment the last
+reference goes — not whenever the garbage collector next runs: a growing store never
+holds a dead one beside it.
 """
 from __future__ import annotations
 
@@ -30,6 +35,13 @@ def kv_shape(config) -> tuple[int, int, int]:
             head_dim)
 
 
+class Window:
+    """Where the next forward writes and reads: rows, write slot w0, attended length."""
+
+    def __init__(self, rows: int):
+        self.rows, self.w0, self.kv_len = slice(0, rows), 0, 0
+
+
 class KVStore:
     """The one allocation, and where the next forward writes and reads (set by the
     engine before each forward: rows, write slot, attended length)."""
@@ -38,8 +50,8 @@ class KVStore:
         layers, heads, dim = kv_shape(config)
         self.kv = torch.zeros(2, layers, rows, heads, length, dim, device=device, dtype=dtype)
         self.rows, self.length = rows, length
-        self.window: tuple[slice, int, int] = (slice(0, rows), 0, 0)  # rows, w0, kv_len
-        self.cache = StoreCache(self)
+        self.window = Window(rows)
+        self.cache = StoreCache(self.kv, self.window)
 
     def fits(self, rows: int, length: int) -> bool:
         return rows <= self.rows and length <= self.length
@@ -48,7 +60,8 @@ class KVStore:
         """The Cache of one forward: rows `rows` write at slot w0.. and read 0..kv_len−1."""
         if kv_len > self.length:
             raise BadInput(f"KV store holds {self.length} positions, the step needs {kv_len}")
-        self.window = (rows, w0, kv_len)
+        win = self.window
+        win.rows, win.w0, win.kv_len = rows, w0, kv_len
         return self.cache
 
     def move_row(self, src: int, dst: int, length: int) -> None:
@@ -61,35 +74,35 @@ class StoreLayer(CacheLayerMixin):
 
     is_sliding = False
 
-    def __init__(self, store: KVStore, index: int):
+    def __init__(self, kv: torch.Tensor, window: Window, index: int):
         super().__init__()
-        self.store, self.index = store, index
+        self.kv, self.window, self.index = kv, window, index
         self.is_initialized = True
 
     def lazy_initialization(self, key_states, value_states) -> None:  # allocated up front
         return None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        rows, w0, kv_len = self.store.window
-        k = self.store.kv[0, self.index, rows]
-        v = self.store.kv[1, self.index, rows]
-        n = key_states.shape[-2]
+        win = self.window
+        k = self.kv[0, self.index, win.rows]
+        v = self.kv[1, self.index, win.rows]
+        n, w0 = key_states.shape[-2], win.w0
         k[:, :, w0:w0 + n] = key_states
         v[:, :, w0:w0 + n] = value_states
-        return k[:, :, :kv_len], v[:, :, :kv_len]
+        return k[:, :, :win.kv_len], v[:, :, :win.kv_len]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.store.window[2], 0
+        return self.window.kv_len, 0
 
     def get_seq_length(self) -> int:
-        return self.store.window[2]
+        return self.window.kv_len
 
     def get_max_length(self) -> int:
-        return self.store.length
+        return self.kv.shape[-2]
 
 
 class StoreCache(Cache):
-    """A transformers Cache over the store: what the stock decoder body is given."""
+    """A transformers Cache over the store's tensor: what the stock decoder body is given."""
 
-    def __init__(self, store: KVStore):
-        super().__init__(layers=[StoreLayer(store, i) for i in range(store.kv.shape[1])])
+    def __init__(self, kv: torch.Tensor, window: Window):
+        super().__init__(layers=[StoreLayer(kv, window, i) for i in range(kv.shape[1])])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import weakref
 from typing import Callable
 
 import numpy as np
@@ -28,7 +29,7 @@ from ..models import Loaded
 from ..prompt_tokens import PromptTokens
 from ..sources import Proposals, SuffixCache
 from ..tree import Tree, size_for
-from .graphs import Graphs
+from .graphs import Graphs, blocker
 from .kernels import kernels_for
 from .kv import KVStore
 from .plans import Bank, Layout, Plan, PlanBook, chain_room
@@ -60,16 +61,21 @@ class Engine:
     """A loaded model, its prompt tokens and a schedule (batch size → tree or None),
     with one KV store, one pool and plan bank, and the step's graphs.
 
-    `pad`: input lengths are rounded up to a multiple of it (fewer graph shapes; 1 keeps
-    exact lengths); `grain`: the attended context is rounded up to a multiple of it. Both
+    `pad`: input lengths are rounded up to a power of two below it and to a multiple of
+    it above (fewer graph shapes; 1 keeps exact lengths); `grain`: the attended context is rounded up to a multiple of it. Both
     default to 16 / 128 on CUDA (where graphs want few shapes) and 1 elsewhere;
     `room`: pool room for chain tokens beyond what the trees' policies need; `kernels`:
-    which kernels run the model (:mod:`.kernels`; `auto` packs float32 on an x86 CPU)."""
+    which kernels run the model (:mod:`.kernels`; `auto` packs float32 on an x86 CPU);
+    `capture`: a stand-in for CUDA graph capture (:mod:`.graphs`; tests record and replay
+    with it on the CPU); `staged`: the host writes chain tokens and plan ids into a
+    staging buffer copied into the pool before each step (default: off the CPU, where
+    the host cannot write device memory in place)."""
 
     def __init__(self, loaded: Loaded, prompt_tokens: PromptTokens | None,
                  schedule: dict[int, Tree | None], cache: SuffixCache | None = None,
                  graphs: bool = True, pad: int | None = None, grain: int | None = None,
-                 room: int = 0, kernels: str = "auto"):
+                 room: int = 0, kernels: str = "auto", capture=None,
+                 staged: bool | None = None):
         if not schedule or any(not isinstance(b, int) or b < 1 for b in schedule):
             raise BadInput("batch schedule: needs batch sizes ≥ 1")
         self.lm, self.model = loaded, loaded.model
@@ -93,16 +99,26 @@ class Engine:
         self.bank = Bank(self.layout, self.device)
         cuda = self.device.type == "cuda"
         self.pad, self.grain = pad or (16 if cuda else 1), grain or (128 if cuda else 1)
-        self.graphs = Graphs(self.device, graphs)
+        self.arena = arena_of(loaded)
+        self.arena.engines.add(self)
+        self.graphs = Graphs(self.device, graphs, capture, self.arena.pool)
+        if self.graphs.enabled and blocker(self.model.config):
+            self.graphs.disable(blocker(self.model.config))
+        self.staged = self.device.type != "cpu" if staged is None else staged
         self.max_input = max([self.bucket(t.max_input_length) for t in trees] + [self.pad])
         self.st: Standing | None = None
         self.stage = self.stage_np = None  # the host's side of the pool's tail (ensure)
         self.steps_run = 0
+        self.captured = (0, 0.0)  # the graphs' counts when the running decode began
         self.learn = True  # a finished output joins the cache source (generate sets it)
 
     # ---- buffers made once ------------------------------------------------------------
     def bucket(self, length: int) -> int:
-        return round_up(length, self.pad)
+        """The input length a step of `length` runs as: a power of two up to `pad`, then a
+        multiple of it — so plain decoding (and a profile's t(1)) runs one row, not `pad`."""
+        if length >= self.pad:
+            return round_up(length, self.pad)
+        return 1 << (length - 1).bit_length()
 
     def context_bucket(self, longest: int, L: int) -> int:
         """The context slots a step of input length L attends: the longest context rounded
@@ -113,21 +129,24 @@ class Engine:
         """The standing buffers for `rows` sequences of contexts up to `longest`; made
         again (and the graphs forgotten) only when a call needs more than they hold."""
         need = round_up(longest + 2 * self.max_input, max(self.grain, 64))
-        if self.st is None or not self.st.store.fits(rows, need):
-            if self.st is not None:
-                rows, need = max(rows, self.st.store.rows), max(need, self.st.store.length)
-            self.st = None
-            store = KVStore(self.model.config, rows, need, self.device, self.dtype)
+        store = self.arena.store_for(self.model.config, rows, need, self.dtype)
+        if self.st is None or self.st.store is not store:
+            rows = store.rows
             self.st = Standing(self.model, self.layout, store, self.table, self.kernels)
             self.graphs.reset()
             self.stage = torch.zeros(rows, self.layout.size - self.layout.chain0,
                                      dtype=torch.long,
                                      pin_memory=self.device.type == "cuda")
             # on the CPU the host writes the pool's tail in place; elsewhere a staging copy
-            tail = self.st.pool[:, self.layout.chain0:] if self.device.type == "cpu" \
-                else self.stage
+            tail = self.stage if self.staged else self.st.pool[:, self.layout.chain0:]
             self.stage_np = tail.numpy()
         return self.st
+
+    def forget(self) -> None:
+        """Drop the standing buffers and the graphs over them (the arena's store is being
+        replaced: nothing may keep the old one alive)."""
+        self.st = self.stage = self.stage_np = None
+        self.graphs.reset()
 
     def pick(self, live: int) -> PlanBook:
         return self.books[size_for(self.books, live)]
@@ -206,7 +225,7 @@ class Engine:
             self.stage_np[b, :len(extra)] = extra
             self.stage_np[b, -1] = self.bank.id_of((book_id, key), plan, L)
         v = st.views(B, L)
-        if self.device.type != "cpu":
+        if self.staged:
             st.pool[:B, lay.chain0:].copy_(self.stage[:B], non_blocking=True)
         torch.index_select(self.bank.rows[L], 0, v.plan_ids, out=v.plan)
 
@@ -221,8 +240,9 @@ class Engine:
 
     def step(self, live: list[Seq], out: BatchResult, t_start: float, timed: bool, sample,
              on_tokens: OnTokens | None) -> list[Seq]:
-        """One step of every live sequence; returns those still live."""
-        t0 = time.perf_counter()
+        """One step of every live sequence; returns those still live. A graph capture
+        in it is timed apart (:attr:`Graphs.capture_seconds`), not as the step."""
+        t0, cap0 = time.perf_counter(), self.graphs.capture_seconds
         book = self.pick(len(live))
         chosen = self.plan_rows(live, book)
         self.steps_run += 1  # the step's batch size and id beside each offer (records)
@@ -245,7 +265,8 @@ class Engine:
             row_out = step(self.st, B, L, C, sample)
         if timed:
             sync(self.device)
-            out.forward_seconds.append(time.perf_counter() - t_fwd)
+            out.forward_seconds.append(time.perf_counter() - t_fwd -
+                                       (self.graphs.capture_seconds - cap0))
             for s in live:
                 s.result.forward_seconds.append(out.forward_seconds[-1])
         rows = row_out.tolist()  # the one sync
@@ -269,10 +290,10 @@ class Engine:
         out.lengths.append(L)
         out.contexts.append(C)
         out.step_tokens.append(emitted)
-        now = time.perf_counter()
-        out.step_seconds.append(now - t0)
+        spent = time.perf_counter() - t0 - (self.graphs.capture_seconds - cap0)
+        out.step_seconds.append(spent)
         for s in live:
-            s.result.step_seconds.append(now - t0)
+            s.result.step_seconds.append(spent)
         return self.leave(live, still)
 
     def emit(self, s: Seq, new: list[int], on_tokens: OnTokens | None
@@ -328,7 +349,9 @@ class Engine:
         """A sequence is done: its result is final; its output joins the cache source."""
         res = s.result
         sync(self.device)
-        res.seconds = time.perf_counter() - t_start
+        res.captures = self.graphs.captures - self.captured[0]
+        res.capture_seconds = self.graphs.capture_seconds - self.captured[1]
+        res.seconds = time.perf_counter() - t_start - res.capture_seconds
         res.finish_reason = why or ("eos" if res.output_ids and res.output_ids[-1] in self.eos
                                     else "length")
         res.graphs, res.kernels = self.graphs.status, self.kernels.name
@@ -393,6 +416,7 @@ class Engine:
         self.ensure(min(cap, len(prompts)), max(len(p) + n for p, n in zip(prompts, limits)))
         sync(self.device)
         t_start = time.perf_counter()
+        self.captured = (self.graphs.captures, self.graphs.capture_seconds)
         queue = [Seq(i, list(ids), lim) for i, (ids, lim) in enumerate(zip(prompts, limits))]
         out = BatchResult([None] * len(queue), 0.0)  # type: ignore[list-item]
         stream = on_tokens if len(prompts) == 1 else None
@@ -407,8 +431,40 @@ class Engine:
             else:
                 live = self.step(live, out, t_start, timed, sample, stream)
         sync(self.device)
-        out.seconds = time.perf_counter() - t_start
+        out.captures = self.graphs.captures - self.captured[0]
+        out.capture_seconds = self.graphs.capture_seconds - self.captured[1]
+        out.seconds = time.perf_counter() - t_start - out.capture_seconds
         return out
+
+
+class Arena:
+    """One KV store and one graph memory pool for every engine of a model (a decoder's
+    tree, plain and "alone" engines, the batched ones, the profile's): a store grown for
+    one is every engine's store, and the one it replaces is freed at once — each engine
+    drops its buffers over it (:meth:`Engine.forget`) before the new one is made."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.store: KVStore | None = None
+        self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        self.engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+    def store_for(self, config, rows: int, length: int, dtype) -> KVStore:
+        """A store of at least `rows` rows and `length` slots (the current one where it
+        fits, else a larger one replacing it)."""
+        if self.store is None or not self.store.fits(rows, length):
+            if self.store is not None:
+                rows, length = max(rows, self.store.rows), max(length, self.store.length)
+            for engine in list(self.engines):
+                engine.forget()
+            self.store = None
+            self.store = KVStore(config, rows, length, self.device, dtype)
+        return self.store
+
+
+def arena_of(lm: Loaded) -> Arena:
+    """The model's one arena (made with its first engine)."""
+    return lm.__dict__.setdefault("_engine_arena", Arena(lm.device))
 
 
 def embedding_table(lm: Loaded, prompt_tokens: PromptTokens | None, vocab: int

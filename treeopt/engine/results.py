@@ -24,6 +24,10 @@ class Result:
     lengths: list[int] = dataclasses.field(default_factory=list)  # input length per step
     finish_reason: str = "length"
     graphs: str | None = None  # how the steps ran: 'cuda graphs', 'eager', 'eager: why'
+    # graph captures during this decode and their time (warm-up, capture), kept out of
+    # `seconds` and of every step's time
+    captures: int = 0
+    capture_seconds: float = 0.0
     kernels: str | None = None  # which kernels ran the model: 'stock', 'onednn'
     offers: list[tuple] = dataclasses.field(default_factory=list, repr=False)
     # the cache source's offer (n, chain) at each step, where the decoder had a cache
@@ -50,6 +54,8 @@ class Result:
                 "prefill_seconds": round(self.prefill_seconds, 4),
                 "finish_reason": self.finish_reason,
                 **({"graphs": self.graphs} if self.graphs else {}),
+                **({"captures": self.captures, "capture_seconds": round(
+                    self.capture_seconds, 4)} if self.captures else {}),
                 **({"kernels": self.kernels} if self.kernels else {}),
                 "output_ids": self.output_ids}
 
@@ -85,6 +91,8 @@ class BatchResult:
     step_tokens: list[int] = dataclasses.field(default_factory=list)
     contexts: list[int] = dataclasses.field(default_factory=list)  # cache slots read
     forward_seconds: list[float] = dataclasses.field(default_factory=list)  # when timed
+    captures: int = 0  # graph captures in this decode, timed apart (not in `seconds`)
+    capture_seconds: float = 0.0
 
     @property
     def new_tokens(self) -> int:
