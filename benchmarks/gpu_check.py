@@ -27,6 +27,7 @@ small grid, a minute or two): the test suite runs it, so CI keeps this script wo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -44,6 +45,7 @@ from treeopt import latency  # noqa: E402
 from treeopt.artefact import write_json  # noqa: E402
 from treeopt.device import cpu_facts, gpu_check, gpu_clocks, gpu_facts  # noqa: E402
 from treeopt.engine import Engine  # noqa: E402
+from treeopt.engine.graphs import first_cause  # noqa: E402
 from treeopt.errors import BadInput  # noqa: E402
 from treeopt.export import load_tree  # noqa: E402
 from treeopt.forward import model_call, new_cache  # noqa: E402
@@ -133,7 +135,7 @@ def step_time(plan: dict, device: str, tree_path: pathlib.Path, profile: dict) -
             for i, L in enumerate(res.lengths)]
     meas = res.step_seconds
     ratio = [m / p for m, p in zip(meas, pred)]
-    return {"plain_chosen_at_batch_1": plain, "steps": len(meas),
+    return {"plain_chosen_at_batch_1": plain, "steps": len(meas), "graphs": res.graphs,
             "input_lengths": sorted(set(res.lengths)),
             "measured_step_ms_median": round(1000 * statistics.median(meas), 4),
             "predicted_step_ms_median": round(1000 * statistics.median(pred), 4),
@@ -188,6 +190,95 @@ def forward_vs_eager(plan: dict, device: str) -> dict:
                      "engine_ms": round(1000 * engine_s, 4),
                      "engine_over_eager": round(engine_s / eager_s, 4)})
     return {"context": C, "graphs": engine.graphs.status, "by_length": rows}
+
+
+BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
+@contextlib.contextmanager
+def forced_gqa():
+    """transformers' SDPA path with a mask repeats the KV heads of a GQA model
+    (`repeat_kv`) every layer every step; TRANSFORMERS_SDPA_FORCE_GQA=1 has SDPA take the
+    KV heads as they are (`enable_gqa`) instead."""
+    before = os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
+    os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TRANSFORMERS_SDPA_FORCE_GQA"]
+        else:
+            os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = before
+
+
+@torch.inference_mode()
+def attention_backends(plan: dict, device: str, L: int = 16) -> dict:
+    """The engine's step at input length L and the plan's context under each SDPA backend
+    alone (a fresh engine, so each is captured under its own): its time, or why it cannot
+    run the step's 4-D float mask; the backend PyTorch picks when free to choose; and the
+    default with the KV heads handed to SDPA unrepeated (`enable_gqa`, no copies)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    lm = load(plan["model"], plan["dtype"], device, shape_only=True)
+    C, rows = plan["context"], {}
+    for name in ("default", "default, GQA in SDPA", *BACKENDS):
+        engine = Engine(lm, None, {1: None}, room=L)
+        try:
+            with sdpa_kernel([getattr(SDPBackend, name)]) if name in BACKENDS else \
+                    forced_gqa() if "GQA" in name else contextlib.nullcontext():
+                ms = 1000 * median_seconds(engine.timed_step(1, L, C), device, runs=10)
+            rows[name] = {"step_ms": round(ms, 4), "graphs": engine.graphs.mode()}
+        except Exception as e:  # noqa: BLE001 - a backend that cannot run this step
+            rows[name] = {"error": first_cause(e)}
+    ok = {k: v["step_ms"] for k, v in rows.items() if k in BACKENDS and "step_ms" in v}
+    near = min(ok, key=lambda k: abs(ok[k] - rows["default"].get("step_ms", 0)), default=None)
+    return {"input_length": L, "context": C, "by_backend": rows,
+            "default_matches": near}
+
+
+@torch.inference_mode()
+def embedded_identity(device: str, new_tokens: int = 32) -> dict:
+    """The embedded model in float32 where it is installed (it is not on a bare GPU box:
+    then said so): PPD graphed, the same eagerly, the engine's plain loop and HF
+    `generate` on four prompts — every output identical (graphs change no token)."""
+    from treeopt import prompts
+    from treeopt.inputs import resolve_inputs
+    from treeopt.runtime import open_decoder
+
+    try:
+        inp = resolve_inputs(None, device=device, dtype="float32", want=("tree",))
+        dec, info = open_decoder(inp, None, "float32", device, hf_beside=True)
+    except BadInput as e:
+        return {"skipped": str(e)}
+    ids = [prompts.encode(dec.lm.tokenizer, t) for t in prompts.BUILTIN[:4]]
+    eager = Decoder(dec.lm, dec.prompt_tokens, dec.tree, dec.cache_source)
+    eager.engine_options = {"graphs": False}
+    rows = []
+    for one in ids:
+        ref = dec.hf_generate(one, new_tokens).output_ids
+        graphed = dec.ppd(one, new_tokens, learn=False)
+        outs = {"ppd_graphed": graphed.output_ids,
+                "ppd_eager": eager.ppd(one, new_tokens, learn=False).output_ids,
+                "plain_loop": dec.baseline(one, new_tokens).output_ids}
+        rows.append({k: v == ref for k, v in outs.items()} | {"graphs": graphed.graphs})
+    return {"model": info["model"], "tree": info["tree"], "prompts": len(rows),
+            "identical": all(all(v for k, v in r.items() if k != "graphs") for r in rows),
+            "graphs": sorted({r["graphs"] for r in rows}), "rows": rows}
+
+
+def graph_statuses(summary: dict, measured: dict) -> dict:
+    """How every measured row ran: per profile point, the engine-vs-eager rows, the loops,
+    the attention backends and the lossless decodes (graphed, or eager and why)."""
+    out = {"profile_points": sorted({p.get("graphs", "?") for p in measured["points"]}),
+           "engine_vs_eager": [summary["engine_vs_eager"]["graphs"]],
+           "loops": [summary["loops"]["graphs"]],
+           "step_time": [summary["step_time"]["graphs"]],
+           "attention_backends": sorted({r["graphs"] for r in summary["attention"]
+                                         ["by_backend"].values() if "graphs" in r}),
+           "lossless_graphed": sorted({g for r in summary["lossless_fp32"]
+                                       for g in r["graphs"]}),
+           "embedded": summary["embedded_fp32"].get("graphs", [])}
+    return out
 
 
 def loops(plan: dict, device: str, tree_path: pathlib.Path) -> dict:
@@ -281,6 +372,7 @@ def main(argv=None) -> int:
     mark("step time")
     summary["engine_vs_eager"] = forward_vs_eager(plan, device)
     summary["loops"] = loops(plan, device, out / "measured.tree.json")
+    summary["attention"] = attention_backends(plan, device)
     mark("engine")
     if args.model:
         summary["families"] = treeopt(
@@ -289,15 +381,29 @@ def main(argv=None) -> int:
             "--stride", "2", "--max-new-tokens", "96", "--hf-lookup", "8", "--hf-static",
             "on", "--out", out / "families.run.json")["families"]
         mark("families")
+    # fp32 losslessness against HF generate, graphed and eager (on a GPU: both paths)
     summary["lossless_fp32"] = lossless_check(device)
-    summary["lossless"] = all(r["mismatches"] == 0 for r in summary["lossless_fp32"])
+    summary["lossless_fp32_eager"] = lossless_check(device, graphs=False) \
+        if device == "cuda" else summary["lossless_fp32"]
+    summary["embedded_fp32"] = embedded_identity(device)
+    summary["lossless"] = all(r["mismatches"] == 0 for rows in (
+        summary["lossless_fp32"], summary["lossless_fp32_eager"]) for r in rows) and \
+        summary["embedded_fp32"].get("identical", True)
     mark("lossless")
+    summary["graph_status"] = graph_statuses(summary, measured)
+    eager = sorted({g for gs in summary["graph_status"].values() for g in gs
+                    if g not in ("graphed", "cuda graphs")})
+    # on a GPU every row must have run graphed: a fallback is a failure, named
+    summary["graphed"] = device != "cuda" or not eager
     if device == "cuda":
         summary["clocks_after"] = gpu_clocks()
     summary["seconds"] = steps
     write_json(out / "summary.json", summary)
-    print(json.dumps({k: summary[k] for k in ("device", "gpu", "lossless", "seconds")}))
-    return 0 if summary["lossless"] else 1
+    print(json.dumps({k: summary[k] for k in ("device", "gpu", "lossless", "graphed",
+                                               "seconds")}))
+    if not summary["graphed"]:
+        print(f"gpu_check: steps ran eagerly on the GPU: {'; '.join(eager)}", file=sys.stderr)
+    return 0 if summary["lossless"] and summary["graphed"] else 1
 
 
 if __name__ == "__main__":

@@ -90,6 +90,16 @@ def test_gpu_check_runs_its_cpu_stand_in(tmp_path):
     assert s["roofline_vs_measured"]["points"] and s["step_time"]["steps"] > 0
     assert {r["architecture"] for r in s["lossless_fp32"]} >= {"llama", "gemma2", "mistral"}
     assert json.loads(p.stdout.strip().splitlines()[-1])["lossless"] is True
+    # how every row ran is said (on the CPU: eager, which is no failure there)
+    assert s["graphed"] is True and set(s["graph_status"]) >= {
+        "profile_points", "engine_vs_eager", "loops", "attention_backends"}
+    assert all(g == ["eager"] for g in s["graph_status"].values()), s["graph_status"]
+    emb = s["embedded_fp32"]  # installed here: graphed, eager, plain and HF agree
+    assert emb["identical"] is True and emb["prompts"] == 4 and emb["graphs"] == ["eager"]
+    assert all(r["ppd_graphed"] and r["ppd_eager"] and r["plain_loop"] for r in emb["rows"])
+    by = s["attention"]["by_backend"]
+    assert "step_ms" in by["default"] and "step_ms" in by["MATH"]
+    assert all(("step_ms" in r) != ("error" in r) for r in by.values())
     for name in ("facts.json", "profile.json", "measured.tree.json", "sim-a100-80gb.json"):
         assert (out / name).is_file(), name
     assert not (out / "home").exists() or not any((out / "home").rglob("*.json"))

@@ -77,14 +77,16 @@ def random_lookup(rng: random.Random, tree: Tree, max_ngram: int = 3,
 
 
 def lossless_check(device: str = "cpu", names=tuple(CONFIGS), trees: int = 3,
-                   new_tokens: int = 2 * WINDOW, seed: int = 3) -> list[dict]:
+                   new_tokens: int = 2 * WINDOW, seed: int = 3, graphs: bool = True
+                   ) -> list[dict]:
     """For each architecture, float32 on `device`: random trees (half of them hybrid: prompt
     lookup on prompts that repeat, and a cache holding each reference output with every
     7th token wrong, then the outputs themselves), prompts shorter and longer than the window;
     PPD single, every sequence of one batch, and the engine's plain loop, against HF
     `generate` (a reference sharing nothing with the engine: its own cache, masks and
-    kernels). Returns a row per architecture with the mismatches found (none is the
-    pass)."""
+    kernels). `graphs=False` runs the engine eagerly on a GPU (graphed vs eager). Returns
+    a row per architecture with the mismatches found (none is the pass) and how the
+    engine ran its steps."""
     rows = []
     for name in names:
         lm = tiny_model(name, torch.float32, device)
@@ -92,6 +94,7 @@ def lossless_check(device: str = "cpu", names=tuple(CONFIGS), trees: int = 3,
         pt = random_prompt_tokens(lm, 3)
         vocab = lm.model.config.vocab_size
         checked = mismatches = 0
+        status = set()
         for i in range(trees):
             tree = random_tree(rng, 3, 6, max_nodes=10)
             cache = None
@@ -100,6 +103,7 @@ def lossless_check(device: str = "cpu", names=tuple(CONFIGS), trees: int = 3,
                 tree.cache = random_lookup(rng, tree, CACHE_MAX_NGRAM)
                 cache = SuffixCache(4000)
             dec = Decoder(lm, pt, tree, cache)
+            dec.engine_options = {"graphs": graphs}
             prompts = [[rng.randrange(vocab) for _ in range(n)] for n in (5, 3 * WINDOW)]
             prompts.append((prompts[0] * 4)[:12])  # a repeating prompt: lookup proposes
             refs = [dec.hf_generate(ids, new_tokens).output_ids for ids in prompts]
@@ -107,10 +111,13 @@ def lossless_check(device: str = "cpu", names=tuple(CONFIGS), trees: int = 3,
             for ref in refs if cache else []:  # each reference, with every 7th token wrong
                 cache.add([(t + (j % 7 == 6)) % vocab for j, t in enumerate(ref)])
             singles = [dec.ppd(ids, new_tokens).output_ids for ids in prompts]
-            batched = BatchDecoder(lm, pt, {1: tree}, cache).generate(prompts, new_tokens).results
+            batched = BatchDecoder(lm, pt, {1: tree}, cache, graphs=graphs).generate(
+                prompts, new_tokens).results
+            status |= {r.graphs for r in batched} | {dec.engine().graphs.status}
             for ref, base, one, many in zip(refs, plain, singles, batched):
                 checked += 3
                 mismatches += (base != ref) + (one != ref) + (many.output_ids != ref)
         rows.append({"architecture": name, "device": device, "dtype": "float32",
-                     "decodes_checked": checked, "mismatches": mismatches})
+                     "decodes_checked": checked, "mismatches": mismatches,
+                     "graphs": sorted(status)})
     return rows
