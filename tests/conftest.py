@@ -1,5 +1,9 @@
+import contextlib
+import io
 import os
 import tempfile
+import types
+import warnings
 
 import pytest
 import torch
@@ -15,7 +19,26 @@ os.environ["TREEOPT_DEVICE_ID"] = "cpu-test-machine"
 os.environ["TREEOPT_CALIBRATE"] = "0"
 
 from treeopt.models import Loaded  # noqa: E402
-from treeopt.paths import SHIPPED  # noqa: E402
+from treeopt.paths import SHIPPED, cache_dir  # noqa: E402
+
+# derived data every test may share: converted model weights and distillation's greedy
+# answers, both stored under a key of what made them (a hit is the same content)
+SHARED_CACHE = {name: cache_dir() / name for name in ("models", "distill")}
+
+
+@pytest.fixture(autouse=True)
+def own_home_and_cache(tmp_path_factory, monkeypatch):
+    """Each test its own $TREEOPT_HOME and $TREEOPT_CACHE (subprocesses inherit them):
+    nothing one test writes is found by another; the cache shares only what is keyed by
+    its content (:data:`SHARED_CACHE`)."""
+    base = tmp_path_factory.mktemp("own")
+    cache = base / "cache"
+    cache.mkdir()
+    for name, folder in SHARED_CACHE.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        (cache / name).symlink_to(folder, target_is_directory=True)
+    monkeypatch.setenv("TREEOPT_HOME", str(base / "home"))
+    monkeypatch.setenv("TREEOPT_CACHE", str(cache))
 
 
 # the shipped CPU artefacts, named where a test means them (never found as "this device's":

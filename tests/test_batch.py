@@ -303,3 +303,35 @@ def test_report_batch_panel():
     text = report.build(tree=tree.to_json(), run=run)
     assert "<section id='batch'>" in text and "<section id='run'>" not in text
     assert "<script>" not in text and "fig-batch" in text
+
+
+def test_batch_assess_replays_the_steps_all_sequences_shared(tiny):
+    """A batch bench row gains the records of its chosen configuration's decodes (every
+    prompt, the steps all B sequences shared tagged by their step) and a model drift of
+    about zero: the tree replayed over those records takes the tokens per step the
+    decodes took (within the steps a token limit cut); with a prediction, the text drift
+    is measured against it."""
+    from treeopt.drift import batch_assess
+    from treeopt.evaluation import _full
+
+    rng = random.Random(9)
+    pt = random_prompt_tokens(tiny, 3)
+    tree = random_tree(rng, 3, 6, 12)
+    prompts = [[rng.randrange(8) for _ in range(rng.randint(2, 12))] for _ in range(6)]
+    res = BatchDecoder(tiny, pt, {1: tree}).generate(prompts, 30, max_batch=3)
+    tok, sec, n = _full([res], 3)
+    assert n > 0
+    full = {"steps": n, "tokens_per_step": tok / n / 3, "tokens_per_second": tok / sec}
+    row = {"batch": 3, "chosen_full_batch": full, "predicted": {"tokens_per_step": 2.0}}
+    batch_assess(row, tree, 3, "tiny", prompts, res.results, None, None, None)
+    acc = row["acceptance"]
+    assert acc["source"] == "run" and acc["prompts"] == 6 and acc["batch"] == 3
+    d = row["drift"]
+    # (the last steps of a decode may be cut by its token limit: within 1 %)
+    assert set(d["model"]) == {"tokens_per_step"} and abs(d["model"]["tokens_per_step"]) < 0.01
+    assert d["replayed"]["tokens_per_step"] == pytest.approx(full["tokens_per_step"], rel=0.01)
+    assert d["text"] == round(d["replayed"]["tokens_per_step"] / 2.0 - 1, 4)
+    assert "speed" not in d  # no profile at this batch size: no speed drift claimed
+    plain_row = {"batch": 3}  # a plain configuration: records, no drift
+    batch_assess(plain_row, None, 3, "tiny", prompts, res.results, None, None, None)
+    assert "drift" not in plain_row and plain_row["acceptance"]["prompts"] == 6

@@ -103,18 +103,20 @@ def test_predicted_vs_measured(tmp_path):
     assert bench.predicted_vs_measured(tree, res, None, None, None, None) is None
     # a given profile for another model is bad input
     with pytest.raises(BadInput, match="--profile .* is for vicuna-7b-v1.3"):
-        resolve_inputs(None, str(prof_path), str(acc_path)) if False else \
-            resolve_inputs("SmolLM2-135M-Instruct", str(prof_path))
+        resolve_inputs("SmolLM2-135M-Instruct", str(prof_path))
 
 
-def test_stored_paths_are_repo_relative(tmp_path):
+def test_stored_paths_are_repo_relative(tmp_path, monkeypatch):
     p = shipped.PROFILES / "reference" / "vicuna-7b-v1.3.acceptance.json"
     text = shipped.display_path(p)
     assert text == "profiles/reference/vicuna-7b-v1.3.acceptance.json"
     assert shipped.stored_path(text).resolve() == p.resolve()
     assert shipped.display_path(tmp_path / "x.json") == str((tmp_path / "x.json").resolve())
     assert shipped.stored_path("profiles/none.json") is None and shipped.stored_path(None) is None
-    json.dumps(text)
+    # from another working directory too: stored paths resolve against the folder holding
+    # profiles/, not the current directory
+    monkeypatch.chdir(tmp_path)
+    assert shipped.stored_path(text).resolve() == p.resolve()
 
 
 def test_bench_bad_profile_fails_before_benching(tmp_path):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import SHIPPED_CPU_PROFILE
+from conftest import SHIPPED_CPU_PROFILE, run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +37,7 @@ def assert_bad(proc, needle):
     (["run", "--dtype", "int8"], "invalid choice"),
 ])
 def test_bad_input_fast(args, needle):
-    assert_bad(treeopt(*args), needle)
+    assert_bad(run_cli(*args), needle)
 
 
 def test_bad_tree_files(tmp_path):

@@ -106,3 +106,52 @@ def test_report_in_headless_chromium(artefacts):
     assert (img[..., :3].mean(-1) < 0.5).mean() > 0.005  # some dark ink: text and lines
     if os.environ.get("TREEOPT_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["TREEOPT_KEEP_SCREENSHOT"])
+
+
+def test_report_numbers_are_the_artefacts_numbers(artefacts):
+    """Every figure the report's tables print is the artefact's own, as stored or rounded
+    as shown: the run's speeds, the search's prediction, the acceptance file's counts and
+    its check of trees (measured and predicted tokens per step)."""
+    import html
+    import re
+
+    from treeopt.paths import SHIPPED, search_report_path
+
+    acc = json.loads((SHIPPED / "SmolLM2-135M-Instruct.acceptance.json").read_text())
+    acc["check"] = {"trees": [  # what `accept --check-trees` adds
+        {"tree": "chain <3>", "measured_tokens_per_step": 1.23456, "predicted_product": 1.3,
+         "error_product": 0.053, "predicted_fitted": 1.25, "error_fitted": 0.0125},
+        {"tree": "wide & deep", "measured_tokens_per_step": 2.0, "predicted_product": 1.9,
+         "error_product": -0.05, "predicted_fitted": 2.01, "error_fitted": 0.005}]}
+    tree = json.loads(open(artefacts["tree"]).read())
+    run = json.loads(open(artefacts["run"]).read())
+    searched = json.loads(search_report_path(artefacts["tree"]).read_text())
+    text = report.build(acceptance=acc, tree=tree, run=run, allow_mixed=True,
+                        search_report=searched)
+    def section(name: str) -> str:
+        return text.split(f"<section id='{name}'>")[1].split("</section>")[0]
+
+    def kv(name: str) -> dict:
+        return {html.unescape(k): html.unescape(v) for k, v in
+                re.findall(r"<tr><th>(.*?)</th><td>(.*?)</td></tr>", section(name))}
+
+    ran = kv("run")
+    assert ran["tokens/s PPD"] == str(run["tokens_per_second"]) == "80.0"
+    assert ran["tokens/s HF generate"] == "40.0" and ran["speedup vs HF generate"] == "2.0"
+    assert ran["tokens/step (measured)"] == str(run["tokens_per_step"])
+    assert ran["prompts"] == "3"
+    pred = tree["meta"]["predicted"]
+    assert kv("search")["predicted tokens/step"] == str(pred["tokens_per_step"])
+    assert kv("search")["predicted tokens/s"] == str(pred["tokens_per_second"])
+    accepted = kv("acceptance")
+    assert accepted["positions"] == str(acc["positions"])
+    assert accepted["prompts"] == str(acc["prompts"]) == "40"
+    rows = re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td><td>(.*?)</td><td>(.*?)</td></tr>",
+                      section("acceptance"))
+    check = acc["check"]["trees"]
+    assert len(rows) == len(check) > 0
+    for (name, measured, product, fitted), c in zip(rows, check):
+        assert html.unescape(name) == c["tree"]
+        assert measured == f"{c['measured_tokens_per_step']:.3f}"
+        assert product == f"{c['predicted_product']:.3f} ({100 * c['error_product']:+.1f}%)"
+        assert fitted == f"{c['predicted_fitted']:.3f} ({100 * c['error_fitted']:+.1f}%)"

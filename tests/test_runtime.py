@@ -123,13 +123,32 @@ def test_eos_stops_and_is_kept(tiny):
     assert dec.baseline(ids, 20).output_ids == out
 
 
-def test_typical_sampling_runs(tiny):
+def test_typical_sampling_accepts_only_above_its_threshold(tiny):
+    """Temperature T: every token a step took from the tree (all of a step's tokens but
+    the sampled last) had p(token | prefix, T) > min(eps, alpha·exp(−entropy)) under the
+    model itself (recomputed with HF over the output); the same seed gives the same
+    output; T → 0 is greedy decoding."""
     pt = random_prompt_tokens(tiny, 3)
     dec = Decoder(tiny, pt, random_tree(random.Random(2), 3, 8))
-    a = dec.ppd([1, 2, 3], 25, temperature=0.8, seed=11)
-    b = dec.ppd([1, 2, 3], 25, temperature=0.8, seed=11)
-    assert a.output_ids == b.output_ids and len(a.output_ids) == 25
-    assert all(0 <= t < 8 for t in a.output_ids)
+    T, eps, alpha, checked = 0.8, 0.25, 1.0, 0  # a threshold that refuses some guesses
+    for seed, prompt in ((11, [1, 2, 3]), (12, [5, 0, 7, 7, 2]), (13, [4])):
+        a = dec.ppd(prompt, 25, temperature=T, eps=eps, alpha=alpha, seed=seed)
+        b = dec.ppd(prompt, 25, temperature=T, eps=eps, alpha=alpha, seed=seed)
+        assert a.output_ids == b.output_ids and len(a.output_ids) == 25
+        ids = torch.tensor([prompt + a.output_ids])
+        with torch.no_grad():
+            probs = torch.softmax(tiny.model(ids).logits[0] / T, -1)
+        ent = -(probs * torch.log(probs + 1e-10)).sum(-1)
+        thr = torch.clamp(alpha * torch.exp(-ent), max=eps)
+        at = len(prompt) + 1  # output position 0 came from the prefill (sampled)
+        for n in a.accepted:
+            for j in range(at, min(at + n - 1, ids.shape[1])):  # the tree's tokens
+                assert probs[j - 1, ids[0, j]] > thr[j - 1], (seed, j)
+                checked += 1
+            at += n
+    assert checked >= 5  # guesses were taken, each above its threshold
+    cold = dec.ppd([1, 2, 3], 25, temperature=1e-4, seed=3)
+    assert cold.output_ids == Decoder(tiny).hf_generate([1, 2, 3], 25).output_ids
 
 
 @pytest.mark.slow

@@ -30,6 +30,14 @@ CONTEXT = 256  # its one context: a chat's length after a short answer
 MIN_ERROR = 0.3
 
 
+def stated_error(points: list[dict]) -> float:
+    """What a short profile's point may be off a full profile's, relative: the largest
+    p10–p90 half-spread of its samples over their median, at least MIN_ERROR (a VM's
+    speed moves more than one point's samples show)."""
+    spread = max((p["p90_s"] - p["p10_s"]) / 2 / p["median_s"] for p in points)
+    return round(max(MIN_ERROR, spread), 3)
+
+
 def short_profile(dec, quiet: bool = True, sizes: list[int] = SIZES) -> dict:
     """A profile of this device measured in seconds: t(L) for SIZES at CONTEXT, two
     sweeps (a stall in one moves a point less), and the runtime's per-step overhead on one
@@ -38,12 +46,9 @@ def short_profile(dec, quiet: bool = True, sizes: list[int] = SIZES) -> dict:
     prof = measure_profile(dec, sizes, [CONTEXT], repeats=16, budget=2.0, rounds=2,
                            overhead=False, quiet=quiet)
     prof["overhead"] = measure_overhead(dec, sizes=(8,), new_tokens=16, quiet=quiet)
-    spread = max((p["p90_s"] - p["p10_s"]) / 2 / p["median_s"] for p in prof["points"])
     prof["short"] = {"sizes": sizes, "context": CONTEXT,
                      "seconds": round(time.perf_counter() - t0, 1),
-                     # what a point may be off a full profile's: its samples' p10–p90
-                     # half-spread relative to the median, at least MIN_ERROR
-                     "error": round(max(MIN_ERROR, spread), 3),
+                     "error": stated_error(prof["points"]),
                      "note": "first-run calibration: a few input lengths at one context; "
                              "`treeopt profile` measures the full grid"}
     return prof

@@ -18,21 +18,46 @@ from .errors import BadInput
 from .paths import slug
 
 
+# Arm CPUs name themselves by implementer and part number in /proc/cpuinfo (no "model
+# name"): the ones servers use (Arm's Neoverse and Cortex parts, Ampere's own cores)
+ARM_IMPLEMENTERS = {0x41: "ARM", 0xc0: "Ampere", 0x61: "Apple", 0x48: "HiSilicon",
+                    0x4e: "NVIDIA", 0x51: "Qualcomm"}
+ARM_PARTS = {(0x41, 0xd08): "Cortex-A72", (0x41, 0xd0b): "Cortex-A76",
+             (0x41, 0xd0c): "Neoverse-N1", (0x41, 0xd40): "Neoverse-V1",
+             (0x41, 0xd49): "Neoverse-N2", (0x41, 0xd4f): "Neoverse-V2",
+             (0x41, 0xd84): "Neoverse-V3", (0x41, 0xd8e): "Neoverse-N3",
+             (0xc0, 0xac3): "AmpereOne", (0xc0, 0xac4): "AmpereOne-A"}
+
+
+def parse_cpuinfo(text: str) -> tuple[str, frozenset]:
+    """(CPU name, flags) of /proc/cpuinfo text: x86 gives "model name" and "flags"; arm64
+    gives "Features" and, instead of a name, "CPU implementer" and "CPU part" (named from
+    :data:`ARM_PARTS`, else by their numbers). ("", …) when it names none."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = frozenset((fields.get("flags") or fields.get("Features") or "").split())
+    name = fields.get("model name", "")
+    if not name and "CPU implementer" in fields:
+        try:
+            imp, part = int(fields["CPU implementer"], 16), int(fields.get("CPU part", "0"), 16)
+        except ValueError:
+            return "", flags
+        name = f"{ARM_IMPLEMENTERS.get(imp, f'Arm implementer {imp:#x}')} " + \
+            ARM_PARTS.get((imp, part), f"part {part:#x}")
+        name = name.replace("ARM Neoverse", "Arm Neoverse").replace("ARM Cortex", "Arm Cortex")
+    return name, flags
+
+
 @functools.lru_cache(maxsize=1)
 def cpuinfo() -> tuple[str, frozenset]:
-    """(model name, flags) from /proc/cpuinfo, parsed once."""
-    name, flags = "", frozenset()
+    """(CPU name, flags) of this machine, parsed once (:func:`parse_cpuinfo`)."""
     try:
         text = pathlib.Path("/proc/cpuinfo").read_text()
     except OSError:
         text = ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and not name:
-            name = value.strip()
-        elif key == "flags" and not flags:
-            flags = frozenset(value.split())
+    name, flags = parse_cpuinfo(text)
     return name or platform.processor() or platform.machine(), flags
 
 
