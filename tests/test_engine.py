@@ -14,6 +14,7 @@ from conftest import record_capture
 
 from treeopt.batch import BatchDecoder
 from treeopt.engine import Engine, graphs, kernels
+from treeopt.engine.plans import chain_room
 from treeopt.errors import BadInput
 from treeopt.models import Loaded
 from treeopt.measure import decode_host_work
@@ -213,6 +214,10 @@ def test_padded_lengths_and_bucketed_contexts_stay_lossless(name):
         assert all(L in (1, 2, 4) or L % 8 == 0 for _, L in dec.engine().st._views)
     eng = dec.engine()
     assert [eng.bucket(n) for n in (1, 2, 3, 5, 8, 9, 17)] == [1, 2, 4, 8, 8, 16, 24]
+    # keep moves the slots a path can fill (root, deepest node, every chain token), not L
+    assert eng.max_path == 1 + tree.max_depth + chain_room(tree)
+    assert all(v.keep.shape[-1] == v.ar_p.shape[0] == min(L, eng.max_path)
+               for (_, L), v in eng.st._views.items())
     bd = BatchDecoder(lm, pt, {1: tree, 2: None, 3: tree}, pad=8, grain=16)
     out = bd.generate(prompts, 24, max_batch=3)
     assert [r.output_ids for r in out.results] == refs

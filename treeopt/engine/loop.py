@@ -106,6 +106,10 @@ class Engine:
             self.graphs.disable(blocker(self.model.config))
         self.staged = self.device.type != "cpu" if staged is None else staged
         self.max_input = max([self.bucket(t.max_input_length) for t in trees] + [self.pad])
+        # the longest path a step can accept: the root, the deepest node, every chain
+        # token (chains hang under tree nodes and under each other; `room`: a profile's
+        # chains) — or one token
+        self.max_path = 1 + max([t.max_depth + chain_room(t) for t in trees] + [room])
         self.st: Standing | None = None
         self.stage = self.stage_np = None  # the host's side of the pool's tail (ensure)
         self.steps_run = 0
@@ -132,7 +136,8 @@ class Engine:
         store = self.arena.store_for(self.model.config, rows, need, self.dtype)
         if self.st is None or self.st.store is not store:
             rows = store.rows
-            self.st = Standing(self.model, self.layout, store, self.table, self.kernels)
+            self.st = Standing(self.model, self.layout, store, self.table, self.kernels,
+                               self.max_path)
             self.graphs.reset()
             self.stage = torch.zeros(rows, self.layout.size - self.layout.chain0,
                                      dtype=torch.long,

@@ -56,7 +56,7 @@ class Views:
     ctx_col3: torch.Tensor
     ar_b: torch.Tensor
     ar_b_col: torch.Tensor
-    ar_l: torch.Tensor
+    ar_p: torch.Tensor  # 0 .. P−1: the slots an accepted path can fill (P ≤ L)
 
 
 class Standing:
@@ -64,8 +64,9 @@ class Standing:
     length, the embedding table, aranges; and the views steps read them through."""
 
     def __init__(self, model, layout: Layout, store: KVStore, table: torch.Tensor,
-                 kernels: Kernels):
+                 kernels: Kernels, max_path: int):
         self.model, self.layout, self.store, self.table = model, layout, store, table
+        self.max_path = max_path  # the longest path a step can accept (root included)
         self.kernels = kernels
         rows, device = store.rows, store.kv.device
         self.pool = torch.zeros(rows, layout.size, dtype=torch.long, device=device)
@@ -95,7 +96,8 @@ class Standing:
             plan = self.plans[L][:B]
             cut = [L] * len(FIELDS) + [L * L, L * L, L * lay.rows]
             parts = list(plan.split(cut, dim=1))
-            parts[-3:] = [parts[-3].view(B, L, L), parts[-2].view(B, L, L),
+            P = min(L, self.max_path)  # keep moves P slots, not every padded one
+            parts[-3:] = [parts[-3].view(B, L, L), parts[-2].view(B, L, L)[:, :, :P],
                           parts[-1].view(B, L, lay.rows)]
             pool = self.pool[:B]
             ar_b = torch.arange(B, device=self.pool.device)
@@ -104,7 +106,7 @@ class Standing:
                 win=pool[:, lay.win_col], x0=pool[:, lay.x0_col],
                 guesses=pool[:, lay.guess0:lay.slot0], plan_ids=pool[:, lay.plan_col],
                 ctx=self.ctx[:B], ctx_col=self.ctx[:B, None], ctx_col3=self.ctx[:B, None, None],
-                ar_b=ar_b, ar_b_col=ar_b[:, None], ar_l=self.ar[:L])
+                ar_b=ar_b, ar_b_col=ar_b[:, None], ar_p=self.ar[:P])
         return self._views[(B, L)]
 
     def ar_c(self, C: int) -> torch.Tensor:
@@ -179,10 +181,11 @@ def verify_typical(v: Views, tok: torch.Tensor, logits: torch.Tensor, allowed: t
 
 def keep(st: Standing, v: Views, w: torch.Tensor, C: int) -> None:
     """The accepted path's KV (slots C + keep[w]) to each row's context, all layers in one
-    gather and one scatter; contexts advance by the path's length."""
+    gather and one scatter of the P slots a path can fill (not all L padded ones);
+    contexts advance by the path's length."""
     path = v.keep[v.ar_b, w]
     kv = st.store.kv
-    kv[:, :, v.ar_b_col, :, v.ctx_col + v.ar_l] = kv[:, :, v.ar_b_col, :, path + C]
+    kv[:, :, v.ar_b_col, :, v.ctx_col + v.ar_p] = kv[:, :, v.ar_b_col, :, path + C]
     v.ctx.add_(v.grown[v.ar_b, w])
 
 
