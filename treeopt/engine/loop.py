@@ -62,8 +62,9 @@ class Engine:
     with one KV store, one pool and plan bank, and the step's graphs.
 
     `pad`: input lengths are rounded up to a power of two below it and to a multiple of
-    it above (fewer graph shapes; 1 keeps exact lengths); `grain`: the attended context is rounded up to a multiple of it. Both
-    default to 16 / 128 on CUDA (where graphs want few shapes) and 1 elsewhere;
+    it above (fewer graph shapes; 1 keeps exact lengths); `grain`: the attended context
+    is rounded up to a multiple of it. Both default to 16 / 128 on CUDA (where graphs
+    want few shapes) and 1 elsewhere;
     `room`: pool room for chain tokens beyond what the trees' policies need; `kernels`:
     which kernels run the model (:mod:`.kernels`; `auto` packs float32 on an x86 CPU);
     `capture`: a stand-in for CUDA graph capture (:mod:`.graphs`; tests record and replay
@@ -102,8 +103,9 @@ class Engine:
         self.arena = arena_of(loaded)
         self.arena.engines.add(self)
         self.graphs = Graphs(self.device, graphs, capture, self.arena.pool)
-        if self.graphs.enabled and blocker(self.model.config):
-            self.graphs.disable(blocker(self.model.config))
+        why = blocker(self.model.config)
+        if self.graphs.enabled and why:
+            self.graphs.disable(why)
         self.staged = self.device.type != "cpu" if staged is None else staged
         self.max_input = max([self.bucket(t.max_input_length) for t in trees] + [self.pad])
         # the longest path a step can accept: the root, the deepest node, every chain
