@@ -61,6 +61,17 @@ def test_the_lossless_check_passes_and_counts_every_decode():
     rows = lossless_check("cpu", names=("llama", "gemma2"), trees=2, new_tokens=12)
     assert [r["architecture"] for r in rows] == ["llama", "gemma2"]
     assert all(r["decodes_checked"] == 18 and r["mismatches"] == 0 for r in rows)
+    assert all(r["explained_flips"] == 0 and r["dtype"] == "float32" for r in rows)
+
+
+def test_the_bfloat16_check_explains_every_flip_by_measured_noise():
+    """gpu_check's bf16 rows: a decode departing from HF's in bfloat16 passes only where
+    HF's margin at the first difference is within the noise measured there or one to two
+    units in the last place (on this Intel CPU qwen2 flips twice, by one ulp)."""
+    rows = lossless_check("cpu", names=("llama", "qwen2"), trees=2, new_tokens=12,
+                          dtype=torch.bfloat16)
+    assert all(r["dtype"] == "bfloat16" and r["decodes_checked"] == 18 for r in rows)
+    assert all(r["mismatches"] == 0 for r in rows), rows
 
 
 def test_sliding_masks_hide_what_the_window_excludes():

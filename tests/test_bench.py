@@ -138,3 +138,42 @@ def test_batch_speed_reads_each_full_step_at_its_own_length_and_context():
     r = BatchResult([], 0.0, live=[s[0] for s in steps], lengths=[s[1] for s in steps],
                     contexts=[s[2] for s in steps], step_seconds=secs)
     assert bench._full_speed([r], 1, prof) == pytest.approx(1.5)
+
+
+def test_a_flip_is_explained_only_by_the_noise_measured_where_it_happened():
+    """float32 has no floor: a flip between HF's token and the runner-up is explained only
+    when a many-row forward and a one-token forward differ there by at least half the
+    margin — as a GPU's 1-row and many-row GEMMs do. Simulated by nudging many-row
+    forwards by a known amount."""
+    import torch
+    from treeopt.runtime import Decoder
+    from treeopt.tiny import tiny_model
+
+    lm = tiny_model("llama", torch.float32, "cpu")
+    dec = Decoder(lm, None, None)
+    ids = [5, 9, 13, 2, 7]
+    ref = dec.hf_generate(ids, 6).output_ids
+    _, logits = dec.prefill(ids + ref[:3])
+    runner_up = int(logits[-1].topk(2).indices[1])
+    other = ref[:3] + [runner_up]
+    stock = bench.logit_margin(dec, ids, ref, other)
+    margin = float(logits[-1, ref[3]] - logits[-1, runner_up])
+    assert stock["position"] == 3 and stock["margin"] == pytest.approx(margin, abs=1e-5)
+    assert stock["noise"] < 1e-3 and stock["tolerance"] < 1e-3
+    assert stock["tolerance"] >= 2 * stock["noise"]
+    assert stock["explained"] == (margin <= stock["tolerance"])
+
+    call = dec.call
+
+    def nudged(embeds, cache, positions, mask=None, head=True):
+        out = call(embeds, cache, positions, mask, head)
+        return out + margin if head and embeds.shape[0] > 1 else out
+
+    dec.call = nudged
+    gpu_like = bench.logit_margin(dec, ids, ref, other)
+    assert gpu_like["noise"] == pytest.approx(margin, rel=1e-3)
+    assert gpu_like["explained"] and gpu_like["tolerance"] >= 2 * margin * 0.999
+    # a bfloat16 floor explains a flip below it without any measured noise
+    dec.call = call
+    floor = bench.MARGIN_TOLERANCE["bfloat16"]
+    assert bench.logit_margin(dec, ids, ref, other, floor)["explained"] == (margin <= floor)
