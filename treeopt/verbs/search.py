@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 
-from .. import latency, paths
+from .. import engines, latency, paths
 from ..artefact import check_out, stamp, write_json
 from ..export import FORMATS, for_engine, load_tree
 from ..errors import BadInput
@@ -17,6 +17,7 @@ from ..models import context_of
 from ..acceptance import unpack_records
 from ..search import Options, add_sources, evaluate_tree, plain_if_faster, search
 from ..search.batch import per_batch
+from . import serving_export
 from .common import add_acceptance_arg, add_batch_arg, bounded_int, positive_int, say, warn
 
 HELP = "find the tree with the most expected tokens per second for a model on a device"
@@ -38,10 +39,21 @@ def add_arguments(p) -> None:
     p.add_argument("--static", action="store_true", help="one-state tree (every node K tokens)")
     p.add_argument("--product", action="store_true",
                    help="ignore measured conditional path probabilities (product model)")
-    p.add_argument("--export", choices=list(FORMATS),
-                   help="also write the chosen tree in that engine's format beside --out "
-                   "(where the format cannot express it, the best tree under its rules, "
-                   "said so on stderr and in the file)")
+    p.add_argument("--export", choices=list(FORMATS) + list(engines.ENGINES),
+                   help="also write beside --out: medusa, ppd: the chosen tree in that "
+                   "format (where it cannot express it, the best tree under its rules, said "
+                   "so); vllm, sglang, trtllm: the speculative setting that serving engine "
+                   "takes, its draft length per batch size tuned on this profile with the "
+                   "engine's own draft rule (docs/serving.md)")
+    p.add_argument("--engine-version",
+                   help="with --export vllm|sglang|trtllm: the engine release whose rules "
+                   "the file follows (default: the newest known: " + ", ".join(
+                       f"{e} {v}" for e, v in engines.NEWEST.items()) + "; trtllm also main)")
+    p.add_argument("--draft-source", choices=("lookup", "cache"),
+                   help="with --export vllm|trtllm: draft from the request's own text "
+                   "(lookup: vLLM ngram, a private TensorRT-LLM pool) or also from earlier "
+                   "requests (cache: vLLM suffix, the public pool); default vllm lookup, "
+                   "trtllm cache (SGLang's one trie is a cache)")
     p.add_argument("--evaluate", metavar="TREE",
                    help="predict a given tree (treeopt, Medusa choices or PPD dynamic tree) "
                    "on this profile and acceptance, beside the best tree of the same input "
@@ -78,6 +90,7 @@ def main(args) -> dict:
         if extra:
             raise BadInput(f"--evaluate predicts one tree and writes nothing: drop "
                            f"{', '.join(extra)}")
+    release = serving_export.check_args(args)
     if args.lookup_chain is not None and "lookup" not in args.sources:
         raise BadInput("--lookup-chain needs --sources ppd,lookup")
     given = load_tree(args.evaluate) if args.evaluate else None
@@ -86,6 +99,8 @@ def main(args) -> dict:
     if given is not None:
         return _evaluate(given, inp, opts, args)
     prof = inp.profile
+    if release and not args.batch:  # an engine export is tuned per batch size
+        args.batch = latency.batches(prof)
     if args.batch:
         if args.static:
             raise BadInput("--batch searches dynamic trees; drop --static")
@@ -97,9 +112,11 @@ def main(args) -> dict:
     report_path = paths.search_report_path(out)
     check_out(report_path, inp.paths(), "search report")
     exp_path = pathlib.Path(str(out).removesuffix(".json") + f".{args.export}.json") \
-        if args.export else None
+        if args.export and not release else None
     if exp_path is not None:  # every output checked before anything is written
         check_out(exp_path, inp.paths(), "export")
+    if release:
+        serving_export.check_outputs(out, args.export, inp.paths())
     human = not args.json
     rec = None
     if args.sources != ["ppd"]:
@@ -137,17 +154,23 @@ def main(args) -> dict:
                  "search_report": report_path.name}
     report = {"schema": "treeopt.search/1", "tree": out.name, "model": inp.model_id,
               **found["report"]}
-    exp = for_engine(args.export, found, args.max_input, batch_rows) if args.export else None
+    exp = for_engine(args.export, found, args.max_input, batch_rows) if exp_path else None
+    served = serving_export.build(args, inp, found, batch_rows, out, release, not human) \
+        if release else None
     write_json(report_path, report)
     tree.save(out)
     if exp is not None:
         write_json(exp_path, exp)
+    if served is not None:
+        serving_export.write(served[0])
     pred = meta["predicted"]
     result = {"out": str(out), "search_report": str(report_path), "model": inp.model_id,
               "profile": inp.profile_src, "acceptance": inp.acceptance_src, **pred,
               "context": meta["context"], "search_seconds": meta["search_seconds"],
               "config": meta["config"], "tree": tree.to_json()["states"],
               "root_prompt_tokens": tree.root_prompt_tokens, **found["report"]}
+    if served is not None:
+        result["export"] = served[1]
     if exp is not None:
         result["export"] = {"path": str(exp_path), **exp}
         if not exp["exact"]:
@@ -163,6 +186,8 @@ def main(args) -> dict:
         _print(tree, sol, pred, meta, found["report"].get("per_input_length"), out, report_path)
         if batch_rows:
             _print_batch(batch_rows)
+        if served is not None:
+            serving_export.show(served[1])
         r = meta.get("replayed")
         if r and "lookup" in meta["sources"]:
             say(f"replayed over the acceptance file's positions: PPD alone "
