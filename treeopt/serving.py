@@ -258,16 +258,17 @@ def chain_trees(engine: str, source: str, knobs: dict, used: dict[int, int],
     suffix and TensorRT-LLM: the nearest, treeopt's lookup of the same n-gram reach)."""
     if engine == "sglang":
         return None
-    if engine == "vllm" and source == "lookup":
-        lo, hi = knobs["prompt_lookup_min"], knobs["prompt_lookup_max"]
-    elif engine == "vllm":
-        lo, hi = 1, 8
-    else:
-        lo, hi = 1, knobs["max_matching_ngram_size"]
-    table = {b: chain_tree(k, lo, hi, num_prompt_tokens) if k else None
-             for b, k in used.items()}
+    table = {b: chain_tree(k, *window(engine, source, knobs), num_prompt_tokens) if k
+             else None for b, k in used.items()}
     top = next((t for t in table.values() if t is not None), None)
     return None if top is None else dataclasses.replace(top, by_batch=table)
+
+
+def window(engine: str, source: str, knobs: dict) -> tuple[int, int]:
+    """The match lengths (min, max) of treeopt's lookup that stand for the engine's rule."""
+    if engine == "vllm" and source == "lookup":
+        return knobs["prompt_lookup_min"], knobs["prompt_lookup_max"]
+    return (1, 8) if engine == "vllm" else (1, knobs["max_matching_ngram_size"])
 
 
 def chain_tree(k: int, min_n: int, max_n: int, num_prompt_tokens: int) -> Tree:
