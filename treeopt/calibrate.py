@@ -10,12 +10,14 @@ it is short (`short`), and the chosen tree says how it was chosen (`meta.calibra
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import pathlib
 import time
 
 from . import paths
 from .acceptance import unpack_records
+from .artefact import stamp
 from .errors import BadInput
 from .export import load_tree
 from .measure import measure_overhead, measure_profile
@@ -28,6 +30,7 @@ CONTEXT = 256  # its one context: a chat's length after a short answer
 # the least error a short profile states for its points: seconds of measurement on a shared
 # 2-core VM were 25 % off a full profile of the same process at one point (CI, 2026-12-04)
 MIN_ERROR = 0.3
+MIN_STEPS = 32  # the fewest measured steps a run's correction of a profile may rest on
 
 
 def stated_error(points: list[dict]) -> float:
@@ -119,3 +122,36 @@ def chosen_tree(pick: dict, cands: list[tuple[str, Tree]], profile_src: str,
                  "calibrated": {"chosen": best["name"], "context": pick["context"],
                                 "candidates": table}}
     return tree
+
+
+def corrected(profile: dict, profile_src: str, speed: float, steps: int,
+              threshold: float, run: str) -> dict | None:
+    """This machine's own profile where a run found the one in use off: every point's
+    time (and the runtime's overhead) times the run's measured ÷ profiled step time
+    `speed` (:func:`treeopt.evaluation.speed_vs_profile`, each step read at its own input
+    length and context), with the measurements it rests on and when — None where `speed`
+    is within `threshold` of 1, or rests on fewer than MIN_STEPS steps. One ratio for the
+    whole grid: where the run visited few input lengths, `treeopt profile` remains the
+    way to a full one."""
+    if steps < MIN_STEPS or abs(speed - 1) <= threshold:
+        return None
+    out = copy.deepcopy(profile)
+    for pt in out["points"]:
+        for key in ("median_s", "p10_s", "p90_s"):
+            if key in pt:
+                pt[key] = pt[key] * speed
+    over = out.get("overhead") or {}
+    if "per_step_s" in over:
+        over["per_step_s"] *= speed
+    per_seq = (over.get("batched") or {}).get("per_sequence_s") or {}
+    for key in per_seq:
+        per_seq[key] *= speed
+    base = (profile.get("corrected") or {})
+    out["corrected"] = {"from": base.get("from", profile_src),
+                        "ratio": round(speed * base.get("ratio", 1.0), 4),
+                        "this_ratio": round(speed, 4), "steps": steps, "run": run,
+                        "note": "every point scaled by the run's measured / profiled step "
+                                "time; `treeopt profile` measures this machine in full",
+                        **stamp()}
+    return out
+

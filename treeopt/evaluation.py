@@ -30,6 +30,7 @@ import torch
 
 from . import prompts
 from .acceptance import search_inputs, unpack_records
+from .adapt import Chooser
 from .latency import Latency, batches
 from .batch import BatchDecoder, BatchResult, hf_generate_batch, schedule_of
 from .drift import batch_assess
@@ -111,6 +112,33 @@ def speed_vs_profile(runs: list[tuple[int, Result]], profile: dict) -> float | N
     return measured / predicted if predicted > 0 else None
 
 
+def fresh_evidence(engine) -> None:
+    """An adapting engine's chooser forgets the warm-up steps (allocator warm-up and lazy
+    init are no evidence of what a step costs)."""
+    if engine.chooser is not None:
+        engine.chooser = Chooser()
+
+
+def adapt_line(summary: dict | None, what: str = "") -> str | None:
+    """One line on what an adapting run's steps ran and why it switched."""
+    if not summary or not summary["steps"]:
+        return None
+    at = f" ({what})" if what else ""
+    sw = summary["switches"]
+    using = {b: v["using"] for b, v in summary["by_batch"].items()}
+    return (f"adapt{at}: {summary['explored']} of {summary['steps']} steps explored the "
+            f"other configuration; now " + ", ".join(f"B={b}: {u}" for b, u in using.items())
+            + ("; switched " + "; ".join(f"at step {s['step']} (B={s['batch']}) to {s['to']}: "
+                                         f"{s['why']}" for s in sw[-3:]) if sw else
+               "; no switch"))
+
+
+def _adapt_at(chooser: Chooser, b: int) -> dict | None:
+    """One batch size's evidence and switches."""
+    at = chooser.summary()["by_batch"].get(str(b))
+    return at and {**at, "switches": [s for s in chooser.switches if s["batch"] == b]}
+
+
 def alone_tree(tree: Tree) -> Tree:
     """What a bench sets a hybrid tree beside: without the cache where it has one (PPD +
     lookup), else its PPD part."""
@@ -143,6 +171,7 @@ def run_bench(dec: Decoder, encoded: list[list[int]], max_new_tokens: int, dtype
         dec.hf_generate(encoded[0], 8, prompt_lookup=hf_lookup)
     if hf_static:  # its compilation happens here, not in the timed runs
         dec.hf_generate(encoded[0], 8, static=True)
+    fresh_evidence(dec.engine())  # the chooser's evidence starts with the timed runs
     per_prompt, ppd_runs, base_runs = [], [], []
     ppd_tok = ppd_sec = hf_tok = hf_sec = base_tok = base_sec = 0.0
     steps = fwd = step = 0.0
@@ -222,6 +251,8 @@ def run_bench(dec: Decoder, encoded: list[list[int]], max_new_tokens: int, dtype
                 out["ppd_alone_is"] = "ppd+lookup" if alone.tree.lookup else "ppd"
                 out["ppd_alone_tokens_per_step"] = round(tok / sum(r.steps for _, r in runs), 4)
                 out["ppd_alone_decode"] = decode_phase(runs)
+    if dec.engine().chooser is not None:  # what the steps ran, and why it switched
+        out["adapt"] = dec.engine().chooser.summary()
     if hf_static:
         out["hf_static_compiled"] = dec.device.type == "cuda"  # HF compiles on a GPU only
     if plain:
@@ -325,7 +356,7 @@ def _full_speed(runs: list[BatchResult], b: int, profile: dict) -> float | None:
 def batch_bench(lm, prompt_tokens, tree: Tree | None, encoded: list[list[int]],
                 batch_sizes: list[int], max_new_tokens: int, profile: dict | None = None,
                 quiet: bool = False, acceptance: dict | None = None,
-                cache: SuffixCache | None = None) -> list[dict]:
+                cache: SuffixCache | None = None, adapt: bool = False) -> list[dict]:
     """Per batch size B, one configuration after the other over the same prompts: the
     chosen configuration (the tree's per-batch table) and the plain batched loop of the
     same runtime, each with at most B sequences live and a waiting prompt joining as one
@@ -337,9 +368,12 @@ def batch_bench(lm, prompt_tokens, tree: Tree | None, encoded: list[list[int]],
     acceptance file's positions as the search does). Each row keeps the records of the
     chosen configuration's steps and their drifts (:func:`treeopt.drift.batch_assess`).
     With a cache source, the chosen configuration and the B = 1 runs each start every
-    batch size from their own copy of it, which learns their outputs in request order."""
+    batch size from their own copy of it, which learns their outputs in request order.
+    `adapt`: the chosen configuration picks tree or plain step by step (treeopt.adapt),
+    its evidence per batch size in each row."""
     def fresh() -> tuple[BatchDecoder, Decoder]:
-        chosen = BatchDecoder(lm, prompt_tokens, schedule_of(tree), copy.deepcopy(cache))
+        chosen = BatchDecoder(lm, prompt_tokens, schedule_of(tree), copy.deepcopy(cache),
+                              adapt=adapt)
         one = chosen.pick(1)
         return chosen, Decoder(lm, prompt_tokens, one.tree, copy.deepcopy(cache)) \
             if one.tree is not None else one
@@ -351,6 +385,7 @@ def batch_bench(lm, prompt_tokens, tree: Tree | None, encoded: list[list[int]],
                 lambda: single.ppd(encoded[0], 8, learn=False) if single.tree is not None
                 else single.baseline(encoded[0], 8)):
         run()  # burn-in: allocator warm-up and lazy init (nothing joins the cache)
+    fresh_evidence(chosen.engine)
     predicted = {r["batch"]: r for r in ((tree.meta or {}).get("batch") or [])} if tree else {}
     one = single.tree  # B = 1: a hybrid tree is predicted by replay, as the search does
     rec = unpack_records(acceptance) if acceptance and one is not None and \
@@ -374,6 +409,8 @@ def batch_bench(lm, prompt_tokens, tree: Tree | None, encoded: list[list[int]],
         same = [a.output_ids == p.output_ids for c, pl in zip(runs["chosen"], runs["plain"])
                 for a, p in zip(c.results, pl.results)]
         row = {"batch": b, "chunks": len(chunks),
+               **({"adapt": _adapt_at(chosen.engine.chooser, b)}
+                  if chosen.engine.chooser is not None else {}),
                **{f"{k}_tokens_per_second": round(v, 3) for k, v in tps.items()},
                "speedup_vs_plain": round(tps["chosen"] / tps["plain"], 4),
                "speedup_vs_hf": round(tps["chosen"] / tps["hf"], 4),

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..acceptance import RECORD_TOPK
+from ..adapt import Chooser
 from ..device import sync
 from ..errors import BadInput
 from ..forward import attention_masks, logits_of
@@ -76,7 +77,7 @@ class Engine:
                  schedule: dict[int, Tree | None], cache: SuffixCache | None = None,
                  graphs: bool = True, pad: int | None = None, grain: int | None = None,
                  room: int = 0, kernels: str = "auto", capture=None,
-                 staged: bool | None = None):
+                 staged: bool | None = None, adapt: bool = False):
         if not schedule or any(not isinstance(b, int) or b < 1 for b in schedule):
             raise BadInput("batch schedule: needs batch sizes ≥ 1")
         self.lm, self.model = loaded, loaded.model
@@ -91,7 +92,10 @@ class Engine:
         self.layout = Layout(max(in_vocab, out_vocab), rows, width,
                              max([chain_room(t) for t in trees] + [room]))
         self.books = {b: PlanBook(t, self.layout) for b, t in sorted(schedule.items())}
-        self.one_token = PlanBook(None, self.layout).plan(("plain",))  # near the limit
+        self.plain_book = PlanBook(None, self.layout)  # the chooser's other configuration
+        self.one_token = self.plain_book.plan(("plain",))  # near the limit
+        # `adapt`: tree or plain chosen step by step from this run's evidence (treeopt.adapt)
+        self.chooser = Chooser() if adapt and trees else None
         self.lookup = next((t.lookup for t in trees if t.lookup is not None), None)
         self.table = embedding_table(loaded, prompt_tokens if trees else None,
                                      self.layout.vocab)
@@ -251,6 +255,11 @@ class Engine:
         in it is timed apart (:attr:`Graphs.capture_seconds`), not as the step."""
         t0, cap0 = time.perf_counter(), self.graphs.capture_seconds
         book = self.pick(len(live))
+        name = "plain" if book.tree is None else "tree"
+        adapting = self.chooser is not None and book.tree is not None and sample is None
+        if adapting:
+            name = self.chooser.pick(len(live))
+            book = self.plain_book if name == "plain" else book
         chosen = self.plan_rows(live, book)
         self.steps_run += 1  # the step's batch size and id beside each offer (records)
         for s in live:
@@ -299,8 +308,12 @@ class Engine:
         out.step_tokens.append(emitted)
         spent = time.perf_counter() - t0 - (self.graphs.capture_seconds - cap0)
         out.step_seconds.append(spent)
+        if adapting:
+            name = self.chooser.observe(B, name, spent, emitted / B)
+        out.configs.append(name)
         for s in live:
             s.result.step_seconds.append(spent)
+            s.result.configs.append(name)
         return self.leave(live, still)
 
     def emit(self, s: Seq, new: list[int], on_tokens: OnTokens | None

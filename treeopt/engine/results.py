@@ -33,6 +33,9 @@ class Result:
     # the cache source's offer (n, chain) at each step, where the decoder had a cache
     cache_offers: list[tuple] = dataclasses.field(default_factory=list, repr=False)
     propose_seconds: float = 0.0  # time spent asking the chain sources (lookup, cache)
+    # per step: "tree", "plain", or "tree*" (the tree's first step after a plain one) — the
+    # configuration the step ran (treeopt.adapt chooses it where the engine adapts)
+    configs: list[str] = dataclasses.field(default_factory=list, repr=False)
 
     @property
     def new_tokens(self) -> int:
@@ -93,6 +96,7 @@ class BatchResult:
     forward_seconds: list[float] = dataclasses.field(default_factory=list)  # when timed
     captures: int = 0  # graph captures in this decode, timed apart (not in `seconds`)
     capture_seconds: float = 0.0
+    configs: list[str] = dataclasses.field(default_factory=list)  # per step, as Result's
 
     @property
     def new_tokens(self) -> int:

@@ -6,11 +6,13 @@ from ..artefact import check_out, write_json
 from ..device import device_slug, peak_memory
 from ..errors import BadInput
 from ..drift import assess, lines, speed_line
-from ..evaluation import batch_bench, predicted_vs_measured, run_bench, speed_vs_profile
+from ..evaluation import (adapt_line, batch_bench, predicted_vs_measured, run_bench,
+                          speed_vs_profile)
 from ..inputs import local_device, resolve_inputs
 from ..runtime import open_decoder
-from .calibration import add_calibrate_arg, maybe_calibrate
-from .common import (add_acceptance_arg, add_batch_arg, add_cache_args, add_model_args,
+from .calibration import add_calibrate_arg, keep_correction, maybe_calibrate
+from .common import (add_acceptance_arg, add_adapt_arg, add_batch_arg, add_cache_args,
+                     add_model_args,
                      add_prompt_args, decode_notes, model_flag, nonneg_int, positive_int, say,
                      warn)
 
@@ -25,6 +27,7 @@ def add_arguments(p) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--no-baseline", action="store_true", help="skip the plain greedy loop")
+    add_adapt_arg(p)
     p.add_argument("--hf-lookup", type=nonneg_int, default=0, metavar="K",
                    help="also run HF generate(prompt_lookup_num_tokens=K), the prompt-lookup "
                    "decoding users already have (0 = off)")
@@ -69,6 +72,7 @@ def main(args) -> dict:
         ".run.json", f"{kind}.run.json"), inp.paths())
     dec, info = open_decoder(inp, args.model, args.dtype, args.device, args.threads,
                              cache_tokens=args.cache_tokens, hf_beside=True)
+    dec.engine_options = {**dec.engine_options, "adapt": not args.no_adapt}
     if "corpus" in info:
         info["corpus_answers_benched_prompts"] = held
     # every set's prompts encoded and length-checked before any benching
@@ -92,9 +96,14 @@ def main(args) -> dict:
     write_json(out_path, out)
     if human:
         _print(out, out_path)
-    for line in lines(out.get("drift"), out_path, inp.acceptance_src, inp.profile_src,
-                      model_flag(args.model)):  # on stderr, with --json too
-        warn(line)
+    kept = keep_correction(args, inp, res.get("speed_vs_profile"),
+                           res["decode"].get("steps", 0), "bench")
+    drift_lines = lines(out.get("drift"), out_path, inp.acceptance_src, inp.profile_src,
+                        model_flag(args.model))
+    for line in [x for x in drift_lines if not (kept and x.startswith("speed drift"))] + [
+            kept, adapt_line(out.get("adapt"))]:
+        if line:  # on stderr, with --json too
+            warn(line)
     return out
 
 
@@ -112,7 +121,7 @@ def _bench_one(args, dec, info, inp, encoded, human, prompt_file) -> tuple[dict,
                       [r for _, r in runs], res["decode"], pred, inp.profile, speed,
                       dec.cache_settings, run="bench", prompt_file=prompt_file or "built-in",
                       offset=args.offset, stride=args.stride, tree_file=info["tree"])
-    extra = {"predicted": pred, "acceptance": block, "drift": d,
+    extra = {"predicted": pred, "acceptance": block, "drift": d, "speed_vs_profile": speed,
              "cache_memory": dec.cache_source.memory() if dec.cache_source else None}
     return {**res, **{k: v for k, v in extra.items() if v}}, runs
 
@@ -176,7 +185,8 @@ def _batch(args, dec, info, inp, encoded, human, path) -> dict:
             f"sizes {', '.join(map(str, args.batch))}, tree {info['tree']}")
     rows = batch_bench(dec.lm, dec.prompt_tokens, dec.tree, encoded, args.batch,
                        args.max_new_tokens, inp.profile, quiet=not human,
-                       acceptance=inp.acceptance, cache=dec.cache_source)
+                       acceptance=inp.acceptance, cache=dec.cache_source,
+                       adapt=not args.no_adapt)
     out = {"schema": "treeopt.run/1", "kind": "batch-bench", **info,
            "prompt_file": (args.prompts or ["built-in"])[0], "prompts": len(encoded),
            "max_new_tokens": args.max_new_tokens, "profile": inp.profile_src, "batch": rows,
@@ -198,6 +208,14 @@ def _batch(args, dec, info, inp, encoded, human, path) -> dict:
             "interleaved in chunks of 2B prompts. predicted: the search's figure for full "
             "batches at each step's cache length, vs the steps where all B were live")
         say(f"wrote {path}")
+    for r in rows:
+        a = r.get("adapt")
+        if a:  # on stderr, with --json too
+            warn(f"adapt (B={r['batch']}): using {a['using']}; estimates tree "
+                 f"{a['tree']['tokens_per_second']:.1f}, plain "
+                 f"{a['plain']['tokens_per_second']:.1f} tokens/s a sequence" + "".join(
+                     f"; switched at step {x['step']} to {x['to']}: {x['why']}"
+                     for x in a["switches"][-2:]))
     for r in rows:  # drift lines on stderr, with --json too
         what, flag = f"B = {r['batch']}", model_flag(args.model)
         if r.get("drift"):

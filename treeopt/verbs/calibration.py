@@ -1,7 +1,8 @@
 """First-run calibration as `run`, `bench` and `demo` do it (:mod:`treeopt.calibrate`):
 where this device and dtype have no profile and no tree or profile is given, measure a
 short profile, keep it as this device's, pick the tree by replay and keep it too — so the
-next command finds both. `--no-calibrate` (or TREEOPT_CALIBRATE=0) keeps the tree found."""
+next command finds both. `--no-calibrate` (or TREEOPT_CALIBRATE=0) keeps the tree found.
+And the correction a run keeps where the profile it found is off (:func:`keep_correction`)."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,7 @@ import time
 from .. import calibrate, paths
 from ..artefact import check_out, write_json
 from ..device import device_slug
+from ..drift import SPEED_WARN
 from .common import warn
 
 
@@ -68,3 +70,27 @@ def maybe_calibrate(args, inp, dec, info: dict, human: bool) -> dict | None:
          f"{plain['tokens_per_second']:.1f}); kept {prof_path.name} and {tree_path.name} "
          "as this device's (`treeopt profile` then `treeopt search` find a better tree)")
     return done
+
+
+def keep_correction(args, inp, speed: float | None, steps: int, run: str) -> str | None:
+    """Where this run found the profile in use (found, not given; shipped or an earlier
+    correction, never your own measured one) off beyond its stated error, this machine's
+    corrected profile under $TREEOPT_HOME, which the next run finds first; the line that
+    says so, else None."""
+    prof, path = inp.profile, inp.profile_path
+    if speed is None or prof is None or path is None or getattr(args, "profile", None):
+        return None
+    mine = path.parent.resolve() == paths.user_profiles().resolve()
+    if mine and "corrected" not in prof:
+        return None  # your own full profile: the drift line says re-profile
+    threshold = max(SPEED_WARN, (prof.get("short") or {}).get("error", 0.0))
+    new = calibrate.corrected(prof, inp.profile_src, speed, steps, threshold, run)
+    if new is None:
+        return None
+    out = paths.user_profiles() / path.name
+    if not mine:  # an earlier correction is replaced (it was read: no other check_out rule)
+        check_out(out, what="corrected profile")
+    write_json(paths.make_folder(out.parent) / out.name, new)
+    return (f"corrected: this machine ran {speed:.2f}x the step time of {inp.profile_src} "
+            f"over {steps} steps; kept {paths.display_path(out)} (every point x{speed:.2f}), "
+            "which the next run starts from — `treeopt profile` measures it in full")

@@ -100,6 +100,15 @@ def add_batch_arg(p, help: str) -> None:
     p.add_argument("--batch", type=bounded_list("batch"), metavar="B,..", help=help)
 
 
+def add_adapt_arg(p) -> None:
+    """--no-adapt: decode with the chosen configuration throughout (run, bench)."""
+    p.add_argument("--no-adapt", action="store_true",
+                   help="keep the chosen tree for every step; by default the runtime measures "
+                   "what tree and plain steps cost and yield on this machine now and steps "
+                   "with the faster (a bounded share of steps explores the other; "
+                   "treeopt/adapt.py)")
+
+
 def add_acceptance_arg(p, help: str) -> None:
     """--acceptance FILE, repeatable: acceptance files and run JSONs, pooled."""
     p.add_argument("--acceptance", action="append", metavar="FILE",

@@ -10,13 +10,13 @@ from ..bounds import BOUNDS
 from ..device import peak_memory
 from ..errors import BadInput
 from ..drift import assess, lines
-from ..evaluation import decode_phase, predicted_vs_measured, speed_vs_profile
+from ..evaluation import adapt_line, decode_phase, predicted_vs_measured, speed_vs_profile
 from ..inputs import resolve_inputs
 from ..records import of_run
-from ..runtime import open_decoder
-from .calibration import add_calibrate_arg, maybe_calibrate
-from .common import (add_cache_args, add_model_args, decode_notes, finite_float, model_flag,
-                     positive_int, say, seed_int, warn)
+from ..runtime import full_steps, open_decoder
+from .calibration import add_calibrate_arg, keep_correction, maybe_calibrate
+from .common import (add_adapt_arg, add_cache_args, add_model_args, decode_notes,
+                     finite_float, model_flag, positive_int, say, seed_int, warn)
 
 HELP = "decode one prompt with the PPD runtime"
 SAMPLE_PROMPT = "Explain in a few sentences why the sky is blue."
@@ -35,6 +35,7 @@ def add_arguments(p) -> None:
                    "per-batch table from `search --batch`)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    add_adapt_arg(p)
     p.add_argument("--temperature", type=finite_float(0.0), default=0.0,
                    help="0 = greedy (lossless); > 0 = typical acceptance sampling")
     p.add_argument("--seed", type=seed_int, default=0)
@@ -77,6 +78,7 @@ def main(args) -> dict:
     out_path = check_out(args.out) if args.out else None
     dec, info = open_decoder(inp, args.model, args.dtype, args.device, args.threads,
                              cache_tokens=args.cache_tokens, hf_beside=args.baseline)
+    dec.engine_options = {**dec.engine_options, "adapt": not args.no_adapt}
     ids = prompts.encode(dec.lm.tokenizer, text, raw=args.raw)
     dec.check_prompt(ids, args.max_new_tokens)
     maybe_calibrate(args, inp, dec, info, not args.json)
@@ -89,7 +91,9 @@ def main(args) -> dict:
                   on_tokens=_Streamer(dec.lm.tokenizer, human))
     if human:
         sys.stdout.write("\n")
+    chooser = dec.engine().chooser
     out = {"schema": "treeopt.run/1", "kind": "run", **info, "prompt": text,
+           **({"adapt": chooser.summary()} if chooser is not None else {}),
            "prompt_tokens_count": len(ids), "temperature": args.temperature,
            **res.summary(), "text": dec.lm.tokenizer.decode(res.output_ids,
                                                             skip_special_tokens=True)}
@@ -130,9 +134,13 @@ def main(args) -> dict:
     out["peak_memory"] = peak_memory(dec.device)
     if out_path is not None:
         write_json(out_path, out)
-    for line in lines(out.get("drift"), out_path or "<this run's JSON: --out>",
-                      inp.acceptance_src, inp.profile_src, model_flag(args.model)):
-        warn(line)
+    kept = keep_correction(args, inp, speed, full_steps(res), "run")
+    drift_lines = lines(out.get("drift"), out_path or "<this run's JSON: --out>",
+                        inp.acceptance_src, inp.profile_src, model_flag(args.model))
+    for line in [x for x in drift_lines if not (kept and x.startswith("speed drift"))] + [
+            kept, adapt_line(out.get("adapt"))]:
+        if line:
+            warn(line)
     return out
 
 
@@ -152,7 +160,8 @@ def _batch(args) -> dict:
     out_path = check_out(args.out) if args.out else None
     for note in decode_notes(inp, info, args):
         warn(note)
-    bd = BatchDecoder(dec.lm, dec.prompt_tokens, schedule_of(dec.tree), dec.cache_source)
+    bd = BatchDecoder(dec.lm, dec.prompt_tokens, schedule_of(dec.tree), dec.cache_source,
+                      adapt=not args.no_adapt)
     res = bd.generate(encoded, args.max_new_tokens)
     rows = [{"prompt": t, **r.summary(),
              "text": dec.lm.tokenizer.decode(r.output_ids, skip_special_tokens=True)}
@@ -161,6 +170,7 @@ def _batch(args) -> dict:
            "new_tokens": res.new_tokens, "seconds": round(res.seconds, 4),
            "tokens_per_second": round(res.tokens_per_second, 3),
            "tokens_per_step": round(res.tokens_per_step, 4), "results": rows,
+           **({"adapt": bd.engine.chooser.summary()} if bd.engine.chooser else {}),
            "peak_memory": peak_memory(dec.device)}
     block = of_run(info["model"], dec.prompt_tokens.num, encoded, res.results, bd.lookup,
                    dec.cache_settings, run="batch-run", prompt_file=args.batch_file,

@@ -1,0 +1,128 @@
+"""The runtime choosing tree or plain while it decodes (treeopt.adapt): to plain within a
+bounded number of steps where plain truly wins, the tree kept where it wins, the
+exploration share within its bound, outputs identical to HF greedy throughout. Which
+configuration wins is fixed by the test (the step costs it feeds the chooser), never by
+this machine's clock."""
+import random
+
+import pytest
+import torch
+
+from treeopt import adapt
+from treeopt.batch import BatchDecoder
+from treeopt.runtime import Decoder
+from treeopt.tiny import random_prompt_tokens, random_tree, tiny_model
+
+
+class Costed(adapt.Chooser):
+    """The chooser, fed step costs from a cost model instead of the clock: a tree step
+    costs `tree` times a plain one (what a profile 2x too fast, or a wrong t(L) shape,
+    hides until the run measures it)."""
+
+    def __init__(self, tree: float):
+        super().__init__()
+        self.tree = tree
+
+    def observe(self, b, name, seconds, tokens):
+        return super().observe(b, name, 0.01 * b * (self.tree if name == "tree" else 1.0),
+                               tokens)
+
+
+def decode(tree_cost: float, batch: int = 1, seed: int = 2):
+    lm = tiny_model("llama", torch.float32, "cpu")
+    rng = random.Random(seed)
+    pt = random_prompt_tokens(lm, 3)
+    tree = random_tree(rng, 3, 6, max_nodes=8)
+    prompts = [[rng.randrange(32) for _ in range(n)] for n in (5, 9, 7, 6)][:max(batch, 2)]
+    dec = Decoder(lm, pt, tree)
+    refs = [dec.hf_generate(p, 160).output_ids for p in prompts]
+    bd = BatchDecoder(lm, pt, {1: tree}, adapt=True)
+    bd.engine.chooser = Costed(tree_cost)
+    res = bd.generate(prompts, 160, max_batch=batch)
+    assert [r.output_ids for r in res.results] == refs  # lossless, whatever it chose
+    return bd.engine.chooser, res
+
+
+def test_plain_is_reached_within_bounded_steps_where_it_truly_wins():
+    chooser, res = decode(tree_cost=4.0)  # a tree step costs 4 plain ones: plain wins
+    sw = chooser.switches
+    assert sw and sw[0]["to"] == "plain" and sw[0]["step"] <= 3 * adapt.MIN_SEEN * \
+        adapt.EXPLORE_EARLY, sw
+    after = res.configs[sw[0]["step"]:]
+    assert after.count("plain") / len(after) >= 1 - 2 / adapt.EXPLORE - 0.02
+    assert chooser.summary()["by_batch"]["1"]["using"] == "plain"
+
+
+def test_the_tree_is_kept_where_it_wins_and_exploring_stays_within_its_share():
+    chooser, res = decode(tree_cost=1.0)  # equal cost: every accepted guess is a gain
+    assert not chooser.switches
+    explored = res.configs.count("plain")
+    early = adapt.MIN_SEEN * adapt.EXPLORE_EARLY
+    assert explored <= adapt.MIN_SEEN + (len(res.configs) - early) / adapt.EXPLORE + 1
+    assert "tree*" in res.configs  # the step after an exploring plain one is set apart
+
+
+def test_batched_decoding_follows_the_same_rule():
+    chooser, res = decode(tree_cost=4.0, batch=2)
+    assert any(s["to"] == "plain" and s["batch"] == 2 for s in chooser.switches)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_the_rule_on_synthetic_evidence(flip):
+    """The chooser alone: yields and costs given outright; it switches once the other
+    configuration is faster beyond the margin, and back when that reverses."""
+    c = adapt.Chooser()
+    costs = {"tree": (1.5, 0.02), "plain": (1.0, 0.01)}  # tree 75 tok/s, plain 100
+    picks = []
+    for i in range(400):
+        if flip and i == 100:
+            costs["tree"] = (3.0, 0.02)  # now 150 tok/s: back to the tree
+        name = c.pick(1)
+        picks.append(name)
+        e, t = costs[name]
+        c.observe(1, name, t, e)
+    assert c.switches[0]["to"] == "plain"
+    assert (c.current[1] == "tree") == flip
+    assert c.summary()["explored"] <= 2 * adapt.MIN_SEEN + 2 * 400 / adapt.EXPLORE
+
+
+def test_a_runs_correction_is_found_by_the_next_run(monkeypatch):
+    """A run that measures this machine 2x slower than the shipped profile keeps a
+    corrected copy under $TREEOPT_HOME; the next run resolves it, predicts with it, and
+    finds nothing more to correct; a second drift compounds on the first; your own
+    measured profile is never overwritten."""
+    import types
+
+    from treeopt import paths
+    from treeopt.inputs import resolve_inputs
+    from treeopt.latency import Latency
+    from treeopt.verbs.calibration import keep_correction
+
+    monkeypatch.setenv("TREEOPT_DEVICE_ID", "cpu-amd-epyc-avx512bf16-2c")
+    args = types.SimpleNamespace(profile=None)
+
+    def found():
+        return resolve_inputs(None, need=("profile",), dtype="bfloat16")
+
+    first = found()
+    assert first.profile_path.parent == paths.SHIPPED
+    assert keep_correction(args, first, 2.0, 20, "run") is None  # too few steps
+    assert keep_correction(args, first, 1.2, 64, "run") is None  # within the threshold
+    assert "x2.00" in keep_correction(args, first, 2.0, 64, "run")
+    second = found()
+    assert second.profile_path.parent == paths.user_profiles()
+    assert second.profile["corrected"]["ratio"] == 2.0
+    assert Latency(second.profile)([8], 256)[0] == pytest.approx(
+        2 * Latency(first.profile)([8], 256)[0])
+    assert keep_correction(args, second, 1.1, 64, "run") is None
+    keep_correction(args, second, 1.5, 64, "bench")
+    third = found()
+    assert third.profile["corrected"]["ratio"] == 3.0
+    assert third.profile["corrected"]["from"] == first.profile_src
+    # your own measured profile stays yours: the drift line says re-profile instead
+    own = dict(first.profile)
+    from treeopt.artefact import write_json
+    write_json(third.profile_path, own)
+    assert keep_correction(args, found(), 2.0, 64, "run") is None
+    assert keep_correction(types.SimpleNamespace(profile="given.json"), first, 2.0, 64,
+                           "run") is None  # a profile you gave is used as given
