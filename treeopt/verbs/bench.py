@@ -6,8 +6,8 @@ from ..artefact import check_out, write_json
 from ..device import device_slug, peak_memory
 from ..errors import BadInput
 from ..drift import assess, lines, speed_line
-from ..evaluation import (adapt_line, batch_bench, predicted_vs_measured, run_bench,
-                          speed_vs_profile)
+from ..evaluation import (adapt_line, batch_bench, decode_phase, predicted_vs_measured,
+                          run_bench, speed_vs_profile)
 from ..inputs import local_device, resolve_inputs
 from ..runtime import open_decoder
 from .calibration import add_calibrate_arg, keep_correction, maybe_calibrate
@@ -122,8 +122,28 @@ def _bench_one(args, dec, info, inp, encoded, human, prompt_file) -> tuple[dict,
                       dec.cache_settings, run="bench", prompt_file=prompt_file or "built-in",
                       offset=args.offset, stride=args.stride, tree_file=info["tree"])
     extra = {"predicted": pred, "acceptance": block, "drift": d, "speed_vs_profile": speed,
+             "last_half": _last_half(dec, info, inp, encoded, runs, pred),
              "cache_memory": dec.cache_source.memory() if dec.cache_source else None}
     return {**res, **{k: v for k, v in extra.items() if v}}, runs
+
+
+def _last_half(dec, info, inp, encoded, runs, pred) -> dict | None:
+    """The prediction that follows the run, over its last half of prompts: the tree
+    replayed over those prompts' own steps at their own speed against what they measured
+    (the drift's model error, read where the run has settled)."""
+    half = len(runs) // 2
+    if not inp.profile or half < 1:
+        return None
+    later = runs[half:]
+    measured = decode_phase(later)
+    speed = speed_vs_profile(later, inp.profile)
+    _, d = assess(dec.tree, dec.prompt_tokens.num, info["model"], encoded[half:],
+                  [r for _, r in later], measured, pred, inp.profile, speed,
+                  dec.cache_settings)
+    if d is None:
+        return None
+    return {"prompts": len(later), "speed_vs_profile": round(speed, 4) if speed else None,
+            "replayed": d["replayed"], "measured": measured, "error": d["model"]}
 
 
 def _families(args, dec, info, inp, encoded: dict, human, path) -> dict:
@@ -272,4 +292,10 @@ def _print(out: dict, path) -> None:
                 f"tok/s (error {100 * e['tokens_per_second_at_run_speed']:+.1f}%)")
     else:
         say("no profile or acceptance file for this device: no predicted figures")
+    half = out.get("last_half")
+    if half and "tokens_per_second_at_run_speed" in half["error"]:
+        say(f"last {half['prompts']} prompts: the tree replayed over their own steps at their "
+            f"own speed is off their measured tokens/s by "
+            f"{100 * half['error']['tokens_per_second_at_run_speed']:+.1f}% "
+            f"(tokens/step {100 * half['error']['tokens_per_step']:+.1f}%)")
     say(f"wrote {path}")
