@@ -258,6 +258,7 @@ def test_bad_export_input_is_one_line_and_writes_nothing(tmp_path, small_accepta
         (["--engine-version", "0.34.0"], "go with --export"),
         (["--export", "sglang", "--draft-source", "lookup"], "one source only"),
         (["--export", "vllm", "--batch", "3"], "no points at batch size 3"),
+        (["--export", "trtllm", "--static"], "drop --static"),
         (["--export", "vllm", "--model", "vicuna-7b", "--acceptance",
           small_acceptance], "is for SmolLM2"),
         (["--export", "vllm", "--model", "vicuna-7b"], "no lookup records"),

@@ -99,6 +99,9 @@ def main(args) -> dict:
     if given is not None:
         return _evaluate(given, inp, opts, args)
     prof = inp.profile
+    if release and args.static:
+        raise BadInput(f"--export {args.export} tunes a draft length per batch size over "
+                       "dynamic trees; drop --static")
     if release and not args.batch:  # an engine export is tuned per batch size
         args.batch = latency.batches(prof)
     if args.batch:
