@@ -86,6 +86,56 @@ def test_the_rule_on_synthetic_evidence(flip):
     assert c.summary()["explored"] <= 2 * adapt.MIN_SEEN + 2 * 400 / adapt.EXPLORE
 
 
+def test_a_smaller_tree_is_a_candidate_and_wins_where_it_is_fastest():
+    """Three candidates on synthetic evidence: the big tree (slow), the smaller one and
+    plain; the rule moves to the smaller tree, keeps both others measured, and the
+    exploration share stays within its bound however many candidates there are."""
+    c = adapt.Chooser()
+    names = ("tree", "smaller", "plain")
+    costs = {"tree": (1.6, 0.04), "smaller": (1.3, 0.011), "plain": (1.0, 0.01)}
+    runs = []
+    for _ in range(600):
+        name = c.pick(1, names)
+        runs.append(name)
+        e, t = costs[name]
+        c.observe(1, name, t, e)
+    assert c.switches[0]["to"] == "smaller" and c.current[1] == "smaller"
+    assert all(s["to"] != "plain" for s in c.switches)  # plain is 9 % slower: never chosen
+    est = c.summary()["by_batch"]["1"]
+    assert set(est) == {"using", *names} and est["using"] == "smaller"
+    assert est["tree"]["steps"] >= adapt.MIN_SEEN and est["plain"]["steps"] >= adapt.MIN_SEEN
+    tail = runs[300:]
+    assert tail.count("tree") > 0 and tail.count("plain") > 0  # both kept measured
+    assert (len(tail) - tail.count("smaller")) / len(tail) <= 2 / adapt.EXPLORE + 0.01
+
+
+def test_the_engine_offers_the_schedules_smaller_tree():
+    """A schedule {1: big tree, 4: small tree}: at B = 1 the engine offers the big tree,
+    the small one and plain; with the big tree's steps made costly, the run moves to the
+    small tree and its output stays HF generate's."""
+    lm = tiny_model("llama", torch.float32, "cpu")
+    rng = random.Random(4)
+    pt = random_prompt_tokens(lm, 3)
+    big, small = random_tree(rng, 3, 6, max_nodes=12), random_tree(rng, 3, 3, max_nodes=3)
+    assert small.max_input_length < big.max_input_length
+    prompt = [rng.randrange(32) for _ in range(7)]
+    ref = Decoder(lm, pt, big).hf_generate(prompt, 200).output_ids
+    bd = BatchDecoder(lm, pt, {1: big, 4: small}, adapt=True)
+    assert list(bd.engine.candidates[1]) == ["tree", "smaller", "plain"]
+    assert list(bd.engine.candidates[4]) == ["tree", "plain"]
+
+    class Costly(adapt.Chooser):  # a big-tree step costs 5 plain ones; the small one 1
+        def observe(self, b, name, seconds, tokens):
+            return super().observe(b, name, 0.01 * (5.0 if name == "tree" else 1.0), tokens)
+
+    bd.engine.chooser = Costly()
+    res = bd.generate([prompt], 200)
+    assert res.results[0].output_ids == ref
+    assert {"tree", "smaller", "plain"} <= set(res.configs)
+    assert bd.engine.chooser.current[1] in ("smaller", "plain")
+    assert any(s["from"] == "tree" for s in bd.engine.chooser.switches)
+
+
 def test_a_runs_correction_is_found_by_the_next_run(monkeypatch):
     """A run that measures this machine 2x slower than the shipped profile keeps a
     corrected copy under $TREEOPT_HOME; the next run resolves it, predicts with it, and

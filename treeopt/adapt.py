@@ -2,24 +2,27 @@
 machine now — the profile and the acceptance file chose the tree before the first token,
 as a prior; the run's own steps are the evidence.
 
-Per batch size B the engine may step with its tree (the schedule's entry for B) or plainly.
-For each (B, configuration) the chooser keeps the last WINDOW steps: seconds and tokens
-emitted per sequence. Its estimate of tokens per second per sequence is their ratio of
-sums, Σ tokens / Σ seconds, and its spread the relative half-range of the window's middle
-half of per-step rates (what a step's noise allows). One rule, for single and batched
-decoding alike:
+Per batch size B the engine offers a few candidates: its tree (the schedule's entry for
+B), a smaller tree where the schedule holds one (the tree it chose for a larger batch
+size: the best at a smaller input-length cap), and plain decoding. For each
+(B, candidate) the chooser keeps the last WINDOW steps: seconds and tokens emitted per
+sequence. Its estimate of tokens per second per sequence is their ratio of sums,
+Σ tokens / Σ seconds, and its spread the relative half-range of the window's middle half
+of per-step rates (what a step's noise allows). One rule, for single and batched decoding
+alike:
 
-- until both configurations have MIN_SEEN steps at B, the schedule's choice runs, except
-  that the other runs every EXPLORE_EARLY-th step;
-- then the faster estimate runs, the incumbent kept unless the other beats it by more than
+- until every candidate has MIN_SEEN steps at B, the schedule's choice runs, except that
+  every EXPLORE_EARLY-th step runs the least-seen other one;
+- then the fastest estimate runs, the incumbent kept unless another beats it by more than
   max(MARGIN, the two spreads' mean);
-- every EXPLORE-th step at B runs the configuration not in use, so its cost and yield stay
-  measured: at most 2/EXPLORE of the steps (plus 2·MIN_SEEN at the start) explore.
+- every EXPLORE-th step at B runs a candidate not in use (the others in turn), so their
+  costs and yields stay measured: at most 2/EXPLORE of the steps (plus 2·MIN_SEEN per
+  candidate at the start) explore, however many candidates there are.
 
-A step right after a plain one runs the tree from its root alone (no guesses were made):
-it is counted, but not as the tree's evidence — so exploring the tree from plain runs two
-tree steps, the second of which is. A switch happens between steps, so outputs
-stay token-identical to plain greedy decoding.
+A step right after a plain one runs a tree from its root alone (no guesses were made):
+it is counted, but not as that tree's evidence — so exploring a tree from plain runs two
+tree steps, the second of which is. A switch happens between steps, so outputs stay
+token-identical to plain greedy decoding.
 """
 from __future__ import annotations
 
@@ -28,9 +31,10 @@ from collections import deque
 
 WINDOW = 32  # steps per (B, configuration) in the running estimate
 MIN_SEEN = 4  # steps of each configuration before the evidence decides
-EXPLORE = 16  # then one step in EXPLORE runs the other configuration
+EXPLORE = 16  # then one step in EXPLORE runs a candidate not in use
 EXPLORE_EARLY = 4
-MARGIN = 0.05  # a switch needs the other configuration faster by at least this
+MARGIN = 0.05  # a switch needs another candidate faster by at least this
+PLAIN = "plain"
 
 
 @dataclasses.dataclass
@@ -60,17 +64,19 @@ class _Seen:
 
 
 class Chooser:
-    """The running evidence and the rule (module docstring). `pick(B)` → "tree" or
-    "plain"; `observe(B, name, seconds, tokens_per_sequence)` after the step."""
+    """The running evidence and the rule (module docstring). `pick(B, names)` → one of
+    `names` (the candidates at B, the schedule's choice first); `observe(B, name, seconds,
+    tokens_per_sequence)` after the step."""
 
     def __init__(self, explore: int = EXPLORE, margin: float = MARGIN):
         self.explore, self.margin = explore, margin
         self.seen: dict[tuple[int, str], _Seen] = {}
+        self.names: dict[int, tuple[str, ...]] = {}
         self.current: dict[int, str] = {}
         self.steps: dict[int, int] = {}
         self.last: dict[int, str] = {}
         self.explored = self.total = 0
-        self.burst: dict[int, int] = {}
+        self.burst: dict[int, str] = {}
         self.switches: list[dict] = []
 
     def _seen(self, b: int, name: str) -> _Seen:
@@ -81,53 +87,60 @@ class Chooser:
         return {"steps": s.n, "tokens_per_second": round(s.rate(), 3),
                 "spread": round(s.spread(), 4)}
 
-    def pick(self, b: int) -> str:
-        if self.burst.get(b):  # the tree's second step when exploring it from plain
-            self.burst[b] -= 1
+    def pick(self, b: int, names: tuple[str, ...] = ("tree", PLAIN)) -> str:
+        self.names[b] = names
+        if b in self.burst:  # a tree's second step when exploring it from plain
             self.explored += 1
-            return "tree"
-        cur = self.current.setdefault(b, "tree")
-        other = "plain" if cur == "tree" else "tree"
+            return self.burst.pop(b)
+        cur = self.current.get(b)
+        cur = self.current[b] = cur if cur in names else names[0]
         n = self.steps[b] = self.steps.get(b, 0) + 1
-        mine, theirs = self._seen(b, cur), self._seen(b, other)
-        if theirs.n < MIN_SEEN:
-            every = EXPLORE_EARLY
+        others = [x for x in names if x != cur]
+        if not others:
+            return cur
+        mine = self._seen(b, cur)
+        unseen = [x for x in others if self._seen(b, x).n < MIN_SEEN]
+        if unseen:
+            every, target = EXPLORE_EARLY, min(unseen, key=lambda x: self._seen(b, x).n)
         else:
+            best = max(others, key=lambda x: self._seen(b, x).rate())
+            theirs = self._seen(b, best)
             gain = theirs.rate() / mine.rate() - 1 if mine.rate() > 0 else 1.0
             need = max(self.margin, (mine.spread() + theirs.spread()) / 2)
             if mine.n >= MIN_SEEN and gain > need:
-                self.switches.append({"batch": b, "step": n, "from": cur, "to": other,
+                self.switches.append({"batch": b, "step": n, "from": cur, "to": best,
                                       cur: self.estimate(b, cur),
-                                      other: self.estimate(b, other),
-                                      "why": f"{other} {100 * gain:+.0f}% tokens/s "
+                                      best: self.estimate(b, best),
+                                      "why": f"{best} {100 * gain:+.0f}% tokens/s "
                                              f"(needs > {100 * need:.0f}%)"})
-                self.current[b] = cur = other
-                return cur
-            every = self.explore
+                self.current[b] = best
+                return best
+            every = self.explore  # the others in turn
+            target = others[(n // every) % len(others)]
         if n % every == 0:
             self.explored += 1
-            self.burst[b] = 1 if other == "tree" else 0
-            return other
+            if cur == PLAIN and target != PLAIN:
+                self.burst[b] = target
+            return target
         return cur
 
     def observe(self, b: int, name: str, seconds: float, tokens: float) -> str:
-        """Count one step; returns how it is labelled ("tree*": the tree's first step after
-        a plain one, not the tree's evidence)."""
-        label = "tree*" if name == "tree" and self.last.get(b) == "plain" else name
+        """Count one step; returns how it is labelled ("tree*": a tree's first step after
+        a plain one, not that tree's evidence)."""
+        star = name != PLAIN and self.last.get(b) == PLAIN
         self.last[b] = name
         self.total += 1
-        if label != "tree*":
+        if not star:
             self._seen(b, name).add(seconds, tokens)
-        return label
+        return name + "*" if star else name
 
     def summary(self) -> dict:
-        """What a run JSON says: the estimates per batch size, the exploring steps and the
-        switches with why."""
-        sizes = sorted({b for b, _ in self.seen})
+        """What a run JSON says: the estimates per batch size and candidate, the exploring
+        steps and the switches with why."""
         return {"rule": f"window {WINDOW}, explore 1/{self.explore}, margin "
                         f"{100 * self.margin:.0f}%",
                 "steps": self.total, "explored": self.explored,
-                "by_batch": {str(b): {"using": self.current.get(b, "tree"),
-                                      "tree": self.estimate(b, "tree"),
-                                      "plain": self.estimate(b, "plain")} for b in sizes},
+                "by_batch": {str(b): {"using": self.current.get(b, names[0]),
+                                      **{x: self.estimate(b, x) for x in names}}
+                             for b, names in sorted(self.names.items())},
                 "switches": self.switches}

@@ -120,23 +120,29 @@ def fresh_evidence(engine) -> None:
 
 
 def adapt_line(summary: dict | None, what: str = "") -> str | None:
-    """One line on what an adapting run's steps ran and why it switched."""
+    """One line on what an adapting run's steps ran (each candidate's estimate per batch
+    size) and why it switched; a batch bench's per-B block (:func:`_adapt_at`) too."""
     if not summary or not summary["steps"]:
         return None
     at = f" ({what})" if what else ""
     sw = summary["switches"]
-    using = {b: v["using"] for b, v in summary["by_batch"].items()}
-    return (f"adapt{at}: {summary['explored']} of {summary['steps']} steps explored the "
-            f"other configuration; now " + ", ".join(f"B={b}: {u}" for b, u in using.items())
+    using = "; ".join(
+        f"B={b}: {v['using']} (" + ", ".join(f"{x} {e['tokens_per_second']:.1f}"
+                                            for x, e in v.items() if x != "using") + ")"
+        for b, v in summary["by_batch"].items())
+    return (f"adapt{at}: {summary['explored']} of {summary['steps']} steps explored; using "
+            f"{using} tokens/s a sequence"
             + ("; switched " + "; ".join(f"at step {s['step']} (B={s['batch']}) to {s['to']}: "
                                          f"{s['why']}" for s in sw[-3:]) if sw else
                "; no switch"))
 
 
 def _adapt_at(chooser: Chooser, b: int) -> dict | None:
-    """One batch size's evidence and switches."""
-    at = chooser.summary()["by_batch"].get(str(b))
-    return at and {**at, "switches": [s for s in chooser.switches if s["batch"] == b]}
+    """The chooser's summary narrowed to one batch size's evidence and switches."""
+    full = chooser.summary()
+    at = full["by_batch"].get(str(b))
+    return at and {**full, "by_batch": {str(b): at},
+                   "switches": [s for s in chooser.switches if s["batch"] == b]}
 
 
 def alone_tree(tree: Tree) -> Tree:
@@ -369,8 +375,8 @@ def batch_bench(lm, prompt_tokens, tree: Tree | None, encoded: list[list[int]],
     chosen configuration's steps and their drifts (:func:`treeopt.drift.batch_assess`).
     With a cache source, the chosen configuration and the B = 1 runs each start every
     batch size from their own copy of it, which learns their outputs in request order.
-    `adapt`: the chosen configuration picks tree or plain step by step (treeopt.adapt),
-    its evidence per batch size in each row."""
+    `adapt`: the chosen configuration picks its tree, a smaller one or plain step by step
+    (treeopt.adapt), its evidence per batch size in each row."""
     def fresh() -> tuple[BatchDecoder, Decoder]:
         chosen = BatchDecoder(lm, prompt_tokens, schedule_of(tree), copy.deepcopy(cache),
                               adapt=adapt)

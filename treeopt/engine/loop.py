@@ -18,7 +18,6 @@ import time
 import weakref
 from typing import Callable
 
-import numpy as np
 import torch
 
 from ..acceptance import RECORD_TOPK
@@ -58,6 +57,19 @@ def round_up(n: int, grain: int) -> int:
     return -(-n // grain) * grain
 
 
+def candidates(books: dict[int, PlanBook], b: int, plain: PlanBook) -> dict[str, PlanBook]:
+    """What the chooser may run at schedule entry b (treeopt.adapt): its tree, the first
+    smaller tree the schedule holds for a larger batch size (the search's best at a
+    smaller input-length cap), and plain decoding — in that order."""
+    tree = books[b].tree
+    out = {"tree": books[b]}
+    smaller = [books[c] for c in sorted(books) if c > b and books[c].tree is not None
+               and books[c].tree.max_input_length < tree.max_input_length] if tree else []
+    if smaller:
+        out["smaller"] = smaller[0]
+    return {**out, "plain": plain}
+
+
 class Engine:
     """A loaded model, its prompt tokens and a schedule (batch size → tree or None),
     with one KV store, one pool and plan bank, and the step's graphs.
@@ -92,10 +104,11 @@ class Engine:
         self.layout = Layout(max(in_vocab, out_vocab), rows, width,
                              max([chain_room(t) for t in trees] + [room]))
         self.books = {b: PlanBook(t, self.layout) for b, t in sorted(schedule.items())}
-        self.plain_book = PlanBook(None, self.layout)  # the chooser's other configuration
+        self.plain_book = PlanBook(None, self.layout)  # the chooser's plain candidate
         self.one_token = self.plain_book.plan(("plain",))  # near the limit
-        # `adapt`: tree or plain chosen step by step from this run's evidence (treeopt.adapt)
+        # `adapt`: the candidate chosen step by step from this run's evidence (treeopt.adapt)
         self.chooser = Chooser() if adapt and trees else None
+        self.candidates = {b: candidates(self.books, b, self.plain_book) for b in self.books}
         self.lookup = next((t.lookup for t in trees if t.lookup is not None), None)
         self.table = embedding_table(loaded, prompt_tokens if trees else None,
                                      self.layout.vocab)
@@ -258,8 +271,9 @@ class Engine:
         name = "plain" if book.tree is None else "tree"
         adapting = self.chooser is not None and book.tree is not None and sample is None
         if adapting:
-            name = self.chooser.pick(len(live))
-            book = self.plain_book if name == "plain" else book
+            offered = self.candidates[size_for(self.books, len(live))]
+            name = self.chooser.pick(len(live), tuple(offered))
+            book = offered[name]
         chosen = self.plan_rows(live, book)
         self.steps_run += 1  # the step's batch size and id beside each offer (records)
         for s in live:

@@ -33,8 +33,8 @@ class Result:
     # the cache source's offer (n, chain) at each step, where the decoder had a cache
     cache_offers: list[tuple] = dataclasses.field(default_factory=list, repr=False)
     propose_seconds: float = 0.0  # time spent asking the chain sources (lookup, cache)
-    # per step: "tree", "plain", or "tree*" (the tree's first step after a plain one) — the
-    # configuration the step ran (treeopt.adapt chooses it where the engine adapts)
+    # per step: "tree", "smaller", "plain", or a tree's name with "*" (its first step after
+    # a plain one) — the candidate the step ran (treeopt.adapt chooses where it adapts)
     configs: list[str] = dataclasses.field(default_factory=list, repr=False)
 
     @property

@@ -228,14 +228,10 @@ def _batch(args, dec, info, inp, encoded, human, path) -> dict:
             "interleaved in chunks of 2B prompts. predicted: the search's figure for full "
             "batches at each step's cache length, vs the steps where all B were live")
         say(f"wrote {path}")
-    for r in rows:
-        a = r.get("adapt")
-        if a:  # on stderr, with --json too
-            warn(f"adapt (B={r['batch']}): using {a['using']}; estimates tree "
-                 f"{a['tree']['tokens_per_second']:.1f}, plain "
-                 f"{a['plain']['tokens_per_second']:.1f} tokens/s a sequence" + "".join(
-                     f"; switched at step {x['step']} to {x['to']}: {x['why']}"
-                     for x in a["switches"][-2:]))
+    for r in rows:  # on stderr, with --json too
+        line = adapt_line(r.get("adapt"), f"B={r['batch']}")
+        if line:
+            warn(line)
     for r in rows:  # drift lines on stderr, with --json too
         what, flag = f"B = {r['batch']}", model_flag(args.model)
         if r.get("drift"):
