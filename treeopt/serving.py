@@ -127,10 +127,15 @@ def best_k(table: dict[int, float], lat: Latency, ctx: int, batch: int,
     return best, gain
 
 
-def _rows(table, profile, batches, context, ks) -> list[dict]:
+def _at(profile: dict, batches: list[int], context: int) -> dict[int, tuple]:
+    """Per batch size, the profile's t(L) there and the context it is read at (made once
+    per search: every knob set and schedule rule reads them)."""
+    return {b: (Latency(profile, batch=b), batch_context(context, b)) for b in batches}
+
+
+def _rows(table, at: dict[int, tuple], ks) -> list[dict]:
     rows = []
-    for b in batches:
-        lat, ctx = Latency(profile, batch=b), batch_context(context, b)
+    for b, (lat, ctx) in at.items():
         k, t_plain = ks[b], float(lat([1], ctx)[0])
         t = float(lat([1 + k], ctx)[0])
         e = table.get(k, 1.0)
@@ -146,34 +151,29 @@ def tune(engine: str, version: str, source: str, tables: dict[str, dict[int, flo
     """The best setting for the batch sizes: `tables` maps a knob set's name to its E(K)
     (`knobs_of` to the knobs). Returns the setting (None: no drafting pays), the knobs, K
     per batch size and a row per batch size under the release's own semantics."""
-    best = None
+    best, at = None, _at(profile, batches, context)
     for name, table in tables.items():
         if engine == "sglang":
             ks_all = {}
             for k in table:  # one N for every batch size
-                rows = _rows(table, profile, batches, context, {b: k for b in batches})
+                rows = _rows(table, at, {b: k for b in batches})
                 ks_all[k] = float(np.mean([r["speedup_vs_plain"] for r in rows]))
             k = max(ks_all, key=lambda x: (ks_all[x], -x))
             ks = {b: k for b in batches}
         else:
-            ks = {}
-            for b in batches:
-                lat, ctx = Latency(profile, batch=b), batch_context(context, b)
-                ks[b] = best_k(table, lat, ctx, b)[0]
+            ks = {b: best_k(table, lat, ctx, b)[0] for b, (lat, ctx) in at.items()}
             if engine == "trtllm":  # the smallest key carries max_draft_len: none above it
                 first = ks[min(batches)]
-                for b in batches:
-                    lat, ctx = Latency(profile, batch=b), batch_context(context, b)
-                    ks[b] = best_k(table, lat, ctx, b, cap=first)[0] if first else 0
-        score = float(np.mean([r["speedup_vs_plain"] for r in
-                               _rows(table, profile, batches, context, ks)]))
+                ks = {b: best_k(table, lat, ctx, b, cap=first)[0] if first else 0
+                      for b, (lat, ctx) in at.items()}
+        score = float(np.mean([r["speedup_vs_plain"] for r in _rows(table, at, ks)]))
         if best is None or score > best[0] + 1e-9:
             best = (score, name, ks)
     _, name, ks = best
     setting, notes = assemble(engine, version, source, knobs_of[name], ks)
     used = {b: k_at(engine, version, setting, b) for b in batches}
     return {"setting": setting, "knobs": knobs_of[name], "draft_tokens": used,
-            "rows": _rows(tables[name], profile, batches, context, used), "notes": notes,
+            "rows": _rows(tables[name], at, used), "notes": notes,
             "replayed": {str(k): round(v, 4) for k, v in tables[name].items()}}
 
 
