@@ -65,13 +65,13 @@ PLANS = {
              "profile_flags": ["--repeats", "12", "--rounds", "1", "--budget-seconds", "1"],
              "context": 512, "compare": ["a100-80gb", "h100-sxm"], "new_tokens": 64,
              "forward_lengths": [1, 16, 64, 256],
-             "bf16_names": tuple(CONFIGS)},
+             "bf16_names": tuple(CONFIGS), "embedded": (4, 32)},
     "cpu": {"model": "vicuna-68m", "dtype": "float32", "batch": "1,2",
             "sizes": "1,2,4,8,16", "contexts": "64", "context": 64,
             "profile_flags": ["--repeats", "3", "--rounds", "1", "--budget-seconds", "0.2",
                               "--no-overhead"],
             "compare": ["a100-80gb"], "new_tokens": 16, "forward_lengths": [1, 4, 16],
-            "bf16_names": ("llama", "gemma2")},
+            "bf16_names": ("llama", "gemma2"), "embedded": (2, 16)},
 }
 FAMILIES = ("mt-bench", "gsm8k-train[1000:]", "input-grounded")
 
@@ -243,10 +243,11 @@ def attention_backends(plan: dict, device: str, L: int = 16) -> dict:
 
 
 @torch.inference_mode()
-def embedded_identity(device: str, new_tokens: int = 32) -> dict:
+def embedded_identity(device: str, n_prompts: int = 4, new_tokens: int = 32) -> dict:
     """The embedded model in float32 where it is installed (it is not on a bare GPU box:
     then said so): PPD graphed, the same eagerly, the engine's plain loop and HF
-    `generate` on four prompts — every output identical (graphs change no token)."""
+    `generate` on the first `n_prompts` built-in prompts — every output identical (graphs
+    change no token)."""
     from treeopt import prompts
     from treeopt.inputs import resolve_inputs
     from treeopt.runtime import open_decoder
@@ -256,7 +257,7 @@ def embedded_identity(device: str, new_tokens: int = 32) -> dict:
         dec, info = open_decoder(inp, None, "float32", device, hf_beside=True)
     except BadInput as e:
         return {"skipped": str(e)}
-    ids = [prompts.encode(dec.lm.tokenizer, t) for t in prompts.BUILTIN[:4]]
+    ids = [prompts.encode(dec.lm.tokenizer, t) for t in prompts.BUILTIN[:n_prompts]]
     eager = Decoder(dec.lm, dec.prompt_tokens, dec.tree, dec.cache_source)
     eager.engine_options = {"graphs": False}
     rows = []
@@ -398,7 +399,7 @@ def main(argv=None) -> int:
     summary["lossless_bf16"] = lossless_check(device, names=plan["bf16_names"], trees=2,
                                               dtype=torch.bfloat16)
     summary["bf16_unexplained"] = sum(r["mismatches"] for r in summary["lossless_bf16"])
-    summary["embedded_fp32"] = embedded_identity(device)
+    summary["embedded_fp32"] = embedded_identity(device, *plan["embedded"])
     summary["lossless"] = all(r["mismatches"] == 0 for rows in (
         summary["lossless_fp32"], summary["lossless_fp32_eager"]) for r in rows) and \
         summary["embedded_fp32"].get("identical", True)

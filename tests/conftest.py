@@ -71,6 +71,22 @@ def smollm():
     return models.load(None, dtype="float32", device="cpu")
 
 
+@pytest.fixture(scope="session")
+def smollm_greedy(smollm):
+    """HF generate's greedy output on the real model (`ids`, `n` new tokens), each asked
+    once per session: the independent reference several lossless tests share."""
+    from treeopt.runtime import Decoder
+
+    plain, memo = Decoder(smollm), {}
+
+    def reference(ids: list[int], n: int) -> list[int]:
+        key = (tuple(ids), n)
+        if key not in memo:
+            memo[key] = plain.hf_generate(ids, n).output_ids
+        return memo[key]
+    return reference
+
+
 def state_plan(tree, m: int):
     """State m's plan as the engine builds it (no chains), with the pool layout it indexes:
     arrays src/pos/parent/depth/allowed/keep/slots/grown over tree positions."""
@@ -148,14 +164,16 @@ def record_capture(fn, pool, stream):
     return graph, static
 
 
-def run_cli(*args) -> types.SimpleNamespace:
-    """`treeopt ARGS` in this process (for bad-input cases, where a subprocess adds
+def run_cli(*args, env: dict | None = None) -> types.SimpleNamespace:
+    """`treeopt ARGS` in this process, `env` set for the call (where a subprocess adds
     nothing but seconds): returncode, stdout, stderr, as subprocess.run gives them."""
     from treeopt.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
-            warnings.catch_warnings():
+            warnings.catch_warnings(), pytest.MonkeyPatch.context() as mp:
+        for k, v in (env or {}).items():
+            mp.setenv(k, str(v))
         warnings.simplefilter("ignore")
         try:
             code = main([str(a) for a in args])

@@ -8,6 +8,7 @@ from treeopt.artefact import write_json
 from treeopt.errors import BadInput
 from treeopt.paths import SHIPPED as PROFILES
 
+from conftest import run_cli
 from test_cli import assert_bad, treeopt
 
 PUBLISHED = PROFILES / "reference" / "ppd_published_accuracies.json"
@@ -71,7 +72,7 @@ def test_bad_acceptance_files(tmp_path, mutate, needle):
     write_json(tmp_path / "a.json", obj)
     with pytest.raises(BadInput, match=needle.replace("[", r"\[").replace("]", r"\]")):
         accept.load(tmp_path / "a.json")
-    assert_bad(treeopt("search", "--model", "vicuna-7b", "--acceptance",
+    assert_bad(run_cli("search", "--model", "vicuna-7b", "--acceptance",
                        str(tmp_path / "a.json")), needle)
 
 
@@ -79,14 +80,14 @@ def test_search_rejects_mixed_models(tmp_path):
     p = treeopt("profile", "--simulate", "h100-sxm", "--model", "vicuna-13b", "--out",
                 str(tmp_path / "p.json"))
     assert p.returncode == 0, p.stderr
-    assert_bad(treeopt("search", "--model", "vicuna-7b", "--profile", str(tmp_path / "p.json")),
+    assert_bad(run_cli("search", "--model", "vicuna-7b", "--profile", str(tmp_path / "p.json")),
                "is for vicuna-13b-v1.3, the model is vicuna-7b-v1.3")
     # two models no table knows are told apart by name too
     prof = json.loads((tmp_path / "p.json").read_text())
     write_json(tmp_path / "p2.json", dict(prof, model="my-model-a"))
     acc = json.loads((PROFILES / "reference" / "vicuna-7b-v1.3.acceptance.json").read_text())
     write_json(tmp_path / "a2.json", dict(acc, model="my-model-b"))
-    assert_bad(treeopt("search", "--profile", str(tmp_path / "p2.json"), "--acceptance",
+    assert_bad(run_cli("search", "--profile", str(tmp_path / "p2.json"), "--acceptance",
                        str(tmp_path / "a2.json")),
                "is for my-model-a, the model is my-model-b")
 

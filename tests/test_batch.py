@@ -1,18 +1,24 @@
 """Batched PPD: every sequence of a batch decodes exactly as it would alone (greedy), over
 ragged caches, per-sequence states, EOS and max_new_tokens, and schedules that switch
 trees (or to no tree) as sequences finish."""
+import json
 import random
 
 import pytest
 import torch
 
+from treeopt import latency, search
 from treeopt.batch import BatchDecoder, hf_generate_batch, schedule_of
+from treeopt.errors import BadInput
+from treeopt.inputs import resolve_inputs
 from treeopt.runtime import Decoder, attention_masks, new_cache
-from treeopt.tree import Tree
-
-from conftest import SHIPPED_CPU_PROFILE, tiny_loaded
+from treeopt.search import batch
 from treeopt.tiny import (WINDOW, random_lookup, random_prompt_tokens, random_tree,
                           tiny_model)
+from treeopt.tree import Tree
+
+from conftest import SHIPPED, SHIPPED_CPU_PROFILE, run_cli, tiny_loaded
+from test_cli import assert_bad, treeopt
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +184,7 @@ def test_hf_batched_generate_matches(tiny):
 
 
 @pytest.mark.slow
-def test_batched_ppd_lossless_smollm_fp32(smollm):
+def test_batched_ppd_lossless_smollm_fp32(smollm, smollm_greedy):
     """The real model, fp32: a batch of prompts of very different lengths, random trees,
     one sequence with max_new_tokens 1 and one that meets EOS early."""
     from treeopt import prompts as P
@@ -189,9 +195,8 @@ def test_batched_ppd_lossless_smollm_fp32(smollm):
     pt = PromptTokens.load(inp.prompt_tokens)
     texts = list(P.BUILTIN[:3]) + ["Say only the word yes.", " ".join(P.BUILTIN) * 2]
     ids = [P.encode(smollm.tokenizer, t) for t in texts]
-    limits = [48, 48, 1, 48, 40]
-    plain = Decoder(smollm, None, None)
-    refs = [plain.hf_generate(p, n).output_ids for p, n in zip(ids, limits)]
+    limits = [64, 64, 1, 48, 40]  # the first two shared with test_runtime's references
+    refs = [smollm_greedy(p, n) for p, n in zip(ids, limits)]
     assert any(len(r) < n for r, n in zip(refs, limits))  # one met EOS early
     rng = random.Random(5)
     for schedule in ({1: inp.tree, 3: random_tree(rng, 3, 4, 8), 5: None},
@@ -201,14 +206,6 @@ def test_batched_ppd_lossless_smollm_fp32(smollm):
 
 
 # ---- latency with a batch axis, the per-batch search and its artefacts ---------------
-import json  # noqa: E402
-
-from treeopt import latency, search  # noqa: E402
-from treeopt.search import batch  # noqa: E402
-from treeopt.errors import BadInput  # noqa: E402
-from treeopt.inputs import resolve_inputs  # noqa: E402
-
-from test_cli import assert_bad, treeopt  # noqa: E402
 
 
 def test_old_profiles_read_as_batch_one_and_missing_batches_are_refused():
@@ -277,10 +274,38 @@ def test_search_batch_cli(tmp_path):
     tree = Tree.load(out)
     assert set(tree.by_batch) == {1, 8, 32, 64}
     assert set(res["export"]["by_batch"]) == {"1", "8", "32", "64"}
+    # the PPD files' end probabilities, against the published accuracies read directly
+    acc = json.loads((SHIPPED / "reference" / "vicuna-13b-v1.3.acceptance.json").read_text())
+    exports = [res["export"]] + [e for e in res["export"]["by_batch"].values() if e]
+    assert len(exports) >= 2
+    for exp in exports:
+        for m, rows in exp["tree"].items():
+            assert_end_probabilities(rows, acc["accuracy"])
     # a profile without the asked batch points: a clear error, never a silent guess
-    assert_bad(treeopt("search", "--batch", "1,3", "--profile", SHIPPED_CPU_PROFILE,
+    assert_bad(run_cli("search", "--batch", "1,3", "--profile", SHIPPED_CPU_PROFILE,
                        "--out", str(tmp_path / "t.json")),
                "no points at batch size 3")
+
+
+def assert_end_probabilities(rows: list, accuracy: list) -> None:
+    """A PPD state's [path, p_end, n] rows: p_end(n) = P(n) − Σ P(children), with P the
+    product of the published accuracies along the path (the reference has no measured
+    path probabilities); the ends and the root's sum to 1; Σ depth·p_end = Σ P."""
+    prob = {}
+    for path, _, _ in rows:
+        p = 1.0
+        for d, r in enumerate(path):
+            p *= accuracy[d][r]
+        prob[tuple(path)] = p
+    ends = {tuple(path): p_end for path, p_end, _ in rows}
+    for path, p in prob.items():
+        kids = sum(q for c, q in prob.items() if len(c) == len(path) + 1 and c[:-1] == path)
+        assert ends[path] == pytest.approx(p - kids, abs=2e-8), path
+        assert ends[path] >= -1e-8
+    root_end = 1 - sum(p for c, p in prob.items() if len(c) == 1)
+    assert root_end + sum(ends.values()) == pytest.approx(1, abs=1e-6)
+    assert sum(len(c) * e for c, e in ends.items()) == pytest.approx(sum(prob.values()),
+                                                                      abs=1e-6)
 
 
 def test_report_batch_panel():

@@ -1,6 +1,4 @@
 """The bench's decode-phase figures and its predicted-vs-measured block (no model)."""
-import json
-
 import pytest
 
 from treeopt import acceptance as accept
@@ -14,6 +12,8 @@ from treeopt.errors import BadInput
 from treeopt.inputs import resolve_inputs
 from treeopt.runtime import Result, full_steps
 from treeopt.tree import Tree
+
+from conftest import run_cli
 
 shipped.PROFILES = shipped.SHIPPED
 
@@ -120,9 +120,9 @@ def test_stored_paths_are_repo_relative(tmp_path, monkeypatch):
 
 
 def test_bench_bad_profile_fails_before_benching(tmp_path):
-    from test_cli import assert_bad, treeopt
+    from test_cli import assert_bad
 
-    assert_bad(treeopt("bench", "--profile", str(tmp_path / "none.json"), "--limit", "1"),
+    assert_bad(run_cli("bench", "--profile", str(tmp_path / "none.json"), "--limit", "1"),
                "no such file")
 
 

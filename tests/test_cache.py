@@ -7,9 +7,6 @@ import random
 
 import numpy as np
 import pytest
-import torch
-from conftest import SHIPPED_CPU_PROFILE
-from test_cli import assert_bad, treeopt
 
 from treeopt import corpus, tiny
 from treeopt.paths import SHIPPED
@@ -17,6 +14,9 @@ from treeopt.runtime import Decoder
 from treeopt.search import hybrid
 from treeopt.sources import SuffixCache, cache_along, offers_along
 from treeopt.tree import Lookup, Node, Tree
+
+from conftest import SHIPPED_CPU_PROFILE, run_cli
+from test_cli import assert_bad, treeopt
 
 
 def brute_offer(docs: list[list[int]], context: list[int], lo: int, hi: int, chain: int,
@@ -217,9 +217,10 @@ def _corpus_file(tmp_path, **change):
 ])
 def test_bad_corpus_is_refused_in_one_line(tmp_path, change, needle):
     path, _ = _corpus_file(tmp_path, **change)
-    assert_bad(treeopt("run", "--corpus", str(path), "--max-new-tokens", "2"), needle)
+    assert_bad(run_cli("run", "--corpus", str(path), "--max-new-tokens", "2"), needle)
 
 
+@pytest.mark.slow
 def test_corpus_verb_builds_and_run_uses_it(tmp_path):
     """`treeopt corpus --text` → a checked corpus; `run --corpus` decodes with it and
     records the cache's offers; bad slices are one line."""
@@ -238,18 +239,18 @@ def test_corpus_verb_builds_and_run_uses_it(tmp_path):
     run = json.loads((tmp_path / "r.json").read_text())
     assert run["corpus"]["tokens"] == got["tokens"]
     assert "cache" in run["acceptance"]  # the cache's offers at every step
-    assert_bad(treeopt("corpus", "--prompts", "mt-bench[5:2]"), "empty slice")
-    assert_bad(treeopt("corpus"), "nothing to build from")
+    assert_bad(run_cli("corpus", "--prompts", "mt-bench[5:2]"), "empty slice")
+    assert_bad(run_cli("corpus"), "nothing to build from")
     # the tree pinned: one with cache chains (found as this device's after another test
     # searched one) would record the cache's offers even without a corpus
     p = treeopt("run", "--corpus", "none", "--prompt", "Hi", "--max-new-tokens", "12",
                 "--tree", str(SHIPPED / "default__SmolLM2-135M-Instruct.tree.json"),
                 "--json", "--out", str(tmp_path / "plain.json"))
     assert p.returncode == 0, p.stderr
-    assert_bad(treeopt("search", "--sources", "ppd,cache", "--profile", SHIPPED_CPU_PROFILE,
+    assert_bad(run_cli("search", "--sources", "ppd,cache", "--profile", SHIPPED_CPU_PROFILE,
                        "--acceptance", str(tmp_path / "plain.json"), "--out",
                        str(tmp_path / "t.json")), "has no cache records")
-    assert_bad(treeopt("search", "--sources", "lookup,cache"), "give ppd and any of")
+    assert_bad(run_cli("search", "--sources", "lookup,cache"), "give ppd and any of")
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -259,4 +260,4 @@ def test_corpus_verb_builds_and_run_uses_it(tmp_path):
     (["corpus", "--prompts", "mt-bench", "--exclude", "nope.jsonl"], "no such file"),
 ])
 def test_cache_flags_are_checked(args, needle):
-    assert_bad(treeopt(*args), needle)
+    assert_bad(run_cli(*args), needle)

@@ -17,6 +17,12 @@ def treeopt(*args, timeout=600, env=None):
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
+def repo_status() -> str:
+    """`git status --porcelain` of the repository (what a command must leave as it was)."""
+    return subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
+                          text=True).stdout
+
+
 def assert_bad(proc, needle):
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
@@ -43,25 +49,25 @@ def test_bad_input_fast(args, needle):
 def test_bad_tree_files(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    assert_bad(treeopt("run", "--tree", str(bad)), "malformed JSON")
+    assert_bad(run_cli("run", "--tree", str(bad)), "malformed JSON")
     bad.write_text(json.dumps({"schema": "treeopt.tree/1", "num_prompt_tokens": 3,
                                "states": {"3": [{"path": [0, 1], "prompt_tokens": 3}]}}))
-    assert_bad(treeopt("run", "--tree", str(bad)), "parent [0] missing")
+    assert_bad(run_cli("run", "--tree", str(bad)), "parent [0] missing")
 
 
 def test_not_a_causal_lm(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(
         {"model_type": "bert", "architectures": ["BertModel"], "hidden_size": 8,
          "num_hidden_layers": 1, "num_attention_heads": 1, "intermediate_size": 8}))
-    assert_bad(treeopt("run", "--model", str(tmp_path)), "not a causal LM")
+    assert_bad(run_cli("run", "--model", str(tmp_path)), "not a causal LM")
     (tmp_path / "config.json").unlink()
-    assert_bad(treeopt("run", "--model", str(tmp_path)), "no config.json")
+    assert_bad(run_cli("run", "--model", str(tmp_path)), "no config.json")
 
 
 def test_bad_prompt_file(tmp_path):
     p = tmp_path / "p.jsonl"
     p.write_text('{"text": "no known field"}\n')
-    assert_bad(treeopt("bench", "--prompts", str(p)), "no prompt field")
+    assert_bad(run_cli("bench", "--prompts", str(p)), "no prompt field")
 
 
 def test_prompt_offset_and_stride(tmp_path):
@@ -82,7 +88,7 @@ def test_prompt_offset_and_stride(tmp_path):
 
 @pytest.mark.slow
 def test_prompt_longer_than_context():
-    assert_bad(treeopt("run", "--raw", "--prompt", "word " * 9000), "the model's context is")
+    assert_bad(run_cli("run", "--raw", "--prompt", "word " * 9000), "the model's context is")
 
 
 @pytest.mark.slow
@@ -142,29 +148,6 @@ def test_artefacts_are_written_whole_and_readable(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_runs_and_writes_only_under_home(tmp_path):
-    """The README's first command, shortened: the whole loop runs, its report and run JSON
-    land under $TREEOPT_HOME/demo, and the repository is untouched."""
-    before = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
-                            text=True).stdout
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore",
-               TREEOPT_HOME=str(tmp_path))
-    # the shipped CPU profile, named: this machine's CPU may not be the one that measured it
-    # (then the demo would measure its own, minutes)
-    p = subprocess.run([sys.executable, os.path.join(REPO, "cli.py"), "demo", "--limit", "1",
-                        "--max-new-tokens", "12", "--profile", SHIPPED_CPU_PROFILE, "--json"],
-                       capture_output=True, text=True,
-                       timeout=900, env=env, cwd=REPO)
-    assert p.returncode == 0, p.stderr
-    out = json.loads(p.stdout)
-    assert out["report"] == str(tmp_path / "demo" / "demo.html")
-    assert (tmp_path / "demo" / "demo.run.json").is_file()
-    assert "with prompt lookup" in out["headlines"]["search"]
-    assert subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
-                          text=True).stdout == before
-
-
-@pytest.mark.slow
 def test_batch_run_and_bench(tmp_path):
     """`run --batch-file` and `bench --batch` on the embedded model (tiny settings)."""
     prompts = tmp_path / "p.jsonl"
@@ -184,5 +167,5 @@ def test_batch_run_and_bench(tmp_path):
     assert all(r["chosen_tokens_per_second"] > 0 and r["plain_tokens_per_second"] > 0
                for r in rows)
     assert all(r["acceptance"]["batch"] == r["batch"] for r in rows)
-    assert_bad(treeopt("run", "--batch-file", str(prompts), "--temperature", "0.5"),
+    assert_bad(run_cli("run", "--batch-file", str(prompts), "--temperature", "0.5"),
                "decodes greedily")

@@ -10,15 +10,14 @@ import torch
 from treeopt import calibrate, device, paths, pooled
 from treeopt.export import load_tree
 from treeopt.inputs import find_tree, foreign_notes, resolve_inputs, searched_for
-from treeopt.measure import measure_points
-from treeopt.prompt_tokens import PromptTokens
 from treeopt.runtime import Decoder
 from treeopt.search import Options, add_sources, plain_if_faster, search
 from treeopt.tiny import random_prompt_tokens
 from treeopt.tree import Tree
 
-from conftest import SHIPPED_CPU_PROFILE, SHIPPED_CPU_TREE, SHIPPED_CPU_TREE_FP32, tiny_loaded
-from test_cli import treeopt
+from conftest import (SHIPPED_CPU_PROFILE, SHIPPED_CPU_TREE, SHIPPED_CPU_TREE_FP32, run_cli,
+                      tiny_loaded)
+from test_cli import repo_status, treeopt
 
 SHIPPED_ID = "cpu-amd-epyc-avx512bf16-2c"
 
@@ -155,6 +154,7 @@ def test_plain_wins_where_no_tree_pays_and_calibration_agrees():
         assert len(pick["rows"]) >= 4  # plain, default, the shipped trees (+ their guesses)
 
 
+@pytest.mark.slow
 def test_calibration_keeps_a_profile_and_tree_the_next_command_finds(tmp_path):
     env = {"TREEOPT_CALIBRATE": "1", "TREEOPT_DEVICE_ID": "cpu-calibrated-2c",
            "TREEOPT_HOME": str(tmp_path)}
@@ -171,11 +171,11 @@ def test_calibration_keeps_a_profile_and_tree_the_next_command_finds(tmp_path):
                        "float32.tree.json").read_text())
     assert tree["meta"]["calibrated"]["candidates"][0]["candidate"] == \
         got["calibrated"]["chosen"]
-    p = treeopt(*args, env=env)  # found as this device's: no calibration, no note
+    p = run_cli(*args, env=env)  # found as this device's: no calibration, no note
     assert p.returncode == 0 and "calibrating:" not in p.stderr and "note: tree" not in p.stderr
     assert json.loads(p.stdout)["tree"].endswith("cpu-calibrated-2c__SmolLM2-135M-Instruct__"
                                                  "float32.tree.json")
-    p = treeopt(*args, "--no-calibrate", env={**env, "TREEOPT_DEVICE_ID": "cpu-other-2c"})
+    p = run_cli(*args, "--no-calibrate", env={**env, "TREEOPT_DEVICE_ID": "cpu-other-2c"})
     assert p.returncode == 0 and "calibrating:" not in p.stderr and "hand-made" in p.stderr
 
 
@@ -204,14 +204,23 @@ def test_a_short_profile_states_an_error_its_full_profile_keeps_within():
         assert abs(short["median_s"] / full["median_s"] - 1) <= err, (trial, short, full)
 
 
+@pytest.mark.slow
 def test_demo_measures_a_short_profile_where_none_is_found(tmp_path):
-    """`make demo` on a device without a profile: the calibration's short profile (not the
-    full grid), a search over every chain source the records measured, a bench."""
+    """The README's first command (`make demo`), shortened, on a device without a profile:
+    the calibration's short profile (not the full grid), a search over every chain source
+    the records measured, a bench; its report and run JSON land under $TREEOPT_HOME/demo
+    and the repository is untouched."""
+    before = repo_status()
     p = treeopt("demo", "--limit", "1", "--max-new-tokens", "8", "--dtype", "float32",
                 "--json", env={"TREEOPT_DEVICE_ID": "cpu-demo-2c",
                                "TREEOPT_HOME": str(tmp_path)})
     assert p.returncode == 0, p.stderr
-    heads = json.loads(p.stdout)["headlines"]
+    out = json.loads(p.stdout)
+    assert out["report"] == str(tmp_path / "demo" / "demo.html")
+    assert (tmp_path / "demo" / "demo.html").is_file()
+    assert json.loads((tmp_path / "demo" / "demo.run.json").read_text())["prompts"]
+    assert repo_status() == before
+    heads = out["headlines"]
     assert heads["profile"].startswith("measured a short one")
     assert "prompt lookup and the cache" in heads["search"] or "plain decoding" in \
         heads["search"]

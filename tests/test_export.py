@@ -15,7 +15,7 @@ from treeopt.paths import SHIPPED
 from treeopt.tree import Node, Tree
 
 from treeopt.tiny import random_tree
-from conftest import state_plan, winner_paths, winner_slots
+from conftest import run_cli, state_plan, winner_paths, winner_slots
 from test_cli import assert_bad, treeopt
 
 TOPK = 10
@@ -229,7 +229,7 @@ def test_search_exports_and_evaluates(tmp_path):
     assert ev["best_at_same_input_length"]["tokens_per_second"] >= \
         ev["given"]["tokens_per_second"] * (1 - 1e-9)
     (tmp_path / "bad.json").write_text('{"x": 1}')
-    assert_bad(treeopt("search", "--model", "vicuna-7b", "--evaluate", tmp_path / "bad.json"),
+    assert_bad(run_cli("search", "--model", "vicuna-7b", "--evaluate", tmp_path / "bad.json"),
                "not a treeopt tree, a Medusa choices list or a PPD dynamic-tree dict")
 
 

@@ -15,7 +15,7 @@ from treeopt.distill import Sample, lookup_offers
 from treeopt.sources import PromptLookup, SuffixCache
 from treeopt.tree import Lookup, Node, Tree
 
-from conftest import SHIPPED_CPU_PROFILE
+from conftest import SHIPPED_CPU_PROFILE, run_cli
 
 
 def test_lookup_offers_match_a_direct_walk():
@@ -150,7 +150,7 @@ def test_bad_lookup_blocks_are_refused(tmp_path, mutate, needle):
     (tmp_path / "a.json").write_text(json.dumps(acc))
     with pytest.raises(BadInput, match=re.escape(needle)):
         acceptance.validate(acc)
-    assert_bad(treeopt("report", "--acceptance", tmp_path / "a.json", "--out",
+    assert_bad(run_cli("report", "--acceptance", tmp_path / "a.json", "--out",
                        tmp_path / "r.html"), needle)
 
 
@@ -185,13 +185,13 @@ def test_joint_ppd_part_is_the_best_of_the_searched_candidates():
 def test_lookup_flags_are_checked():
     from test_cli import assert_bad, treeopt
 
-    assert_bad(treeopt("search", "--lookup-chain", "4"), "--lookup-chain needs --sources")
-    assert_bad(treeopt("search", "--sources", "ppd,lookup", "--lookup-chain", "32",
+    assert_bad(run_cli("search", "--lookup-chain", "4"), "--lookup-chain needs --sources")
+    assert_bad(run_cli("search", "--sources", "ppd,lookup", "--lookup-chain", "32",
                        "--profile", SHIPPED_CPU_PROFILE), "measured chains of 1..")
-    assert_bad(treeopt("search", "--sources", "ppd,lookup", "--lookup-chain", "99"),
+    assert_bad(run_cli("search", "--sources", "ppd,lookup", "--lookup-chain", "99"),
                "must be in 1..64")
-    assert_bad(treeopt("accept", "--lookup-chain", "0"), "--lookup-chain")
-    assert_bad(treeopt("accept", "--lookup-ngram", "9"), "--lookup-ngram")
+    assert_bad(run_cli("accept", "--lookup-chain", "0"), "--lookup-chain")
+    assert_bad(run_cli("accept", "--lookup-ngram", "9"), "--lookup-ngram")
 
 
 @pytest.mark.slow
@@ -230,6 +230,7 @@ def test_hybrid_lossless_on_the_real_model(smollm):
     assert long_steps > 0 and two_chains > 0
 
 
+@pytest.mark.slow
 def test_bench_per_family_and_the_families_panel(tmp_path):
     """`bench --prompts A --prompts B` benches each set as a family in one run (hybrid, PPD
     alone, HF generate, HF prompt lookup); `report` shows them with the acceptance per
@@ -291,7 +292,7 @@ def test_bench_per_family_and_the_families_panel(tmp_path):
 def test_bench_families_refuse_batch():
     from test_cli import assert_bad, treeopt
 
-    assert_bad(treeopt("bench", "--prompts", "mt-bench", "--prompts", "gsm8k-train",
+    assert_bad(run_cli("bench", "--prompts", "mt-bench", "--prompts", "gsm8k-train",
                        "--batch", "2"), "--batch benches one prompt set")
-    assert_bad(treeopt("bench", "--prompts", "mt-bench", "--prompts", "mt-bench"),
+    assert_bad(run_cli("bench", "--prompts", "mt-bench", "--prompts", "mt-bench"),
                "given twice")

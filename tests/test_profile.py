@@ -13,7 +13,7 @@ from treeopt.tree import Tree
 
 from treeopt.tiny import random_prompt_tokens
 
-from conftest import tiny_loaded
+from conftest import run_cli, tiny_loaded
 from test_cli import assert_bad, treeopt
 
 
@@ -107,7 +107,7 @@ def test_oom_records_largest_size_that_fit(monkeypatch):
 def test_gpu_flag_without_gpu():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    assert_bad(treeopt("profile", "--gpu"), "--gpu:")
+    assert_bad(run_cli("profile", "--gpu"), "--gpu:")
 
 
 def test_roofline_7b_a100_is_bandwidth_bound():
@@ -132,7 +132,7 @@ def test_simulate_cli(tmp_path):
     summary = json.loads(p.stdout)
     assert summary["simulated"] is True and summary["model"] == "vicuna-7b-v1.3"
     assert profile.load(out)["simulated"] is True
-    assert_bad(treeopt("profile", "--simulate", "b200"), "unknown GPU")
+    assert_bad(run_cli("profile", "--simulate", "b200"), "unknown GPU")
 
 
 @pytest.mark.slow
@@ -186,10 +186,10 @@ def test_simulate_with_calibration(tmp_path):
     measured = synthetic()
     bare = tmp_path / "bare.json"
     bare.write_text(json.dumps(measured))
-    assert_bad(treeopt("profile", "--simulate", "a100-80gb", "--model", "vicuna-7b-v1.3",
+    assert_bad(run_cli("profile", "--simulate", "a100-80gb", "--model", "vicuna-7b-v1.3",
                        "--calibration", str(bare), "--out", str(tmp_path / "x.json")),
                "no fitted roofline")
-    assert_bad(treeopt("profile", "--calibration", str(bare)), "--simulate")
+    assert_bad(run_cli("profile", "--calibration", str(bare)), "--simulate")
     measured["roofline"] = {"factors": {"memory_efficiency": 0.5, "compute_efficiency": 0.4,
                                         "kernel_overhead_s_per_layer": 1e-5}}
     cal = tmp_path / "cal.json"
@@ -229,7 +229,7 @@ def test_rounds_sweep_the_whole_grid_in_turn(monkeypatch):
 
 
 def test_bad_rounds():
-    assert_bad(treeopt("profile", "--cpu", "--rounds", "0"), "--rounds")
+    assert_bad(run_cli("profile", "--cpu", "--rounds", "0"), "--rounds")
 
 
 @pytest.mark.slow

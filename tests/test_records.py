@@ -6,7 +6,7 @@ import random
 
 import numpy as np
 import pytest
-from conftest import SHIPPED_CPU_PROFILE
+from conftest import SHIPPED_CPU_PROFILE, run_cli
 from test_cli import assert_bad, treeopt
 
 from treeopt import distill, pooled, records, tiny
@@ -226,20 +226,20 @@ def test_search_learns_from_a_run_and_refuses_bad_ones(tmp_path):
     assert p.returncode == 0, p.stderr
     assert " + " in json.loads(p.stdout)["acceptance"]
     foreign = dict(block, model="vicuna-7b-v1.3")
-    assert_bad(treeopt("search", "--acceptance", _run_file(tmp_path / "f.json", foreign),
+    assert_bad(run_cli("search", "--acceptance", _run_file(tmp_path / "f.json", foreign),
                        "--profile", SHIPPED_CPU_PROFILE), "vicuna-7b-v1.3")
     bad = json.loads(json.dumps(block))
     bad["lookup"]["records"]["ranks"] = "!!not base64!!"
-    assert_bad(treeopt("search", "--acceptance", _run_file(tmp_path / "c.json", bad)),
+    assert_bad(run_cli("search", "--acceptance", _run_file(tmp_path / "c.json", bad)),
                "malformed")
     bad = json.loads(json.dumps(block))
     bad["lookup"]["records"]["stepwise"] = "yes"
-    assert_bad(treeopt("search", "--acceptance", _run_file(tmp_path / "s.json", bad)),
+    assert_bad(run_cli("search", "--acceptance", _run_file(tmp_path / "s.json", bad)),
                "stepwise")
-    assert_bad(treeopt("search", "--acceptance", _run_file(tmp_path / "e.json")),
+    assert_bad(run_cli("search", "--acceptance", _run_file(tmp_path / "e.json")),
                "holds no records")
     many = ["--acceptance", str(run)] * 33
-    assert_bad(treeopt("search", *many), "acceptance sources 33 outside 1..32")
+    assert_bad(run_cli("search", *many), "acceptance sources 33 outside 1..32")
 
 
 def test_batched_replay_charges_a_shared_step_its_longest_input():

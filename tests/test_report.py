@@ -10,6 +10,7 @@ from treeopt import report
 from treeopt.artefact import write_json
 from treeopt.errors import BadInput
 
+from conftest import run_cli
 from test_cli import assert_bad, treeopt
 
 SECTIONS = ["header", "latency", "acceptance", "search", "tree", "run"]
@@ -38,9 +39,9 @@ def artefacts(tmp_path_factory):
 def test_bad_inputs(artefacts, tmp_path):
     with pytest.raises(BadInput, match="at least one"):
         report.build()
-    assert_bad(treeopt("report"), "at least one")
-    assert_bad(treeopt("report", "--profile", artefacts["tree"]), "field 'schema'")
-    assert_bad(treeopt("report", "--tree", artefacts["tree"], "--acceptance",
+    assert_bad(run_cli("report"), "at least one")
+    assert_bad(run_cli("report", "--profile", artefacts["tree"]), "field 'schema'")
+    assert_bad(run_cli("report", "--tree", artefacts["tree"], "--acceptance",
                        "profiles/reference/vicuna-13b-v1.3.acceptance.json"), "--allow-mixed")
     p = treeopt("report", "--tree", artefacts["tree"], "--acceptance",
                 "profiles/reference/vicuna-13b-v1.3.acceptance.json", "--allow-mixed",

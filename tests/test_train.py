@@ -11,7 +11,7 @@ from treeopt.training import distill_loss
 
 from treeopt.tiny import random_prompt_tokens
 
-from conftest import tiny_loaded
+from conftest import run_cli, tiny_loaded
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +119,10 @@ def test_hidden_size_mismatch(tiny):
 
 
 def test_hidden_size_mismatch_cli(tmp_path):
-    from test_cli import assert_bad, treeopt
+    from test_cli import assert_bad
 
     PromptTokens(torch.randn(3, 100)).save_peft(tmp_path)
-    assert_bad(treeopt("run", "--prompt-tokens", str(tmp_path), "--max-new-tokens", "2"),
+    assert_bad(run_cli("run", "--prompt-tokens", str(tmp_path), "--max-new-tokens", "2"),
                "hidden size 100, the model has 576")
 
 
