@@ -177,3 +177,15 @@ def test_a_flip_is_explained_only_by_the_noise_measured_where_it_happened():
     dec.call = call
     floor = bench.MARGIN_TOLERANCE["bfloat16"]
     assert bench.logit_margin(dec, ids, ref, other, floor)["explained"] == (margin <= floor)
+
+
+def test_a_batch_bench_states_one_speed_for_the_correction():
+    """The batch bench's correction rests on every batch size's measured speed, weighted by
+    its full-batch steps, compounding as ratios do; rows without a speed add nothing."""
+    rows = [{"predicted": {"speed_vs_profile": 2.0}, "chosen_full_batch": {"steps": 300}},
+            {"predicted": {"speed_vs_profile": 0.5}, "chosen_full_batch": {"steps": 100}},
+            {"predicted": None, "chosen_full_batch": {"steps": 50}},
+            {"predicted": {"speed_vs_profile": 3.0}, "chosen_full_batch": {"steps": 0}}]
+    speed, steps = bench.batch_speed(rows)
+    assert steps == 400 and speed == pytest.approx(2.0 ** 0.75 * 0.5 ** 0.25)
+    assert bench.batch_speed(rows[2:]) == (None, 0)

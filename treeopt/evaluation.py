@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import statistics
 import time
 
@@ -266,6 +267,19 @@ def run_bench(dec: Decoder, encoded: list[list[int]], max_new_tokens: int, dtype
         out["baseline_vs_hf"] = round((base_tok / base_sec) / (hf_tok / hf_sec), 4)
         out["baseline_decode"] = decode_phase(base_runs)
     return out, ppd_runs
+
+
+def batch_speed(rows: list[dict]) -> tuple[float | None, int]:
+    """The machine's step time over the profile's across a batch bench: each batch size's
+    measured ratio weighted by its full-batch steps (a geometric mean: ratios compound),
+    and those steps."""
+    pairs = [((r.get("predicted") or {}).get("speed_vs_profile"),
+              (r.get("chosen_full_batch") or {}).get("steps", 0)) for r in rows]
+    pairs = [(s, n) for s, n in pairs if s and n]
+    steps = sum(n for _, n in pairs)
+    if not steps:
+        return None, 0
+    return math.exp(sum(n * math.log(s) for s, n in pairs) / steps), steps
 
 
 def predicted_vs_measured(tree: Tree, res: dict, profile: dict | None, profile_src: str | None,

@@ -6,8 +6,8 @@ from ..artefact import check_out, write_json
 from ..device import device_slug, peak_memory
 from ..errors import BadInput
 from ..drift import assess, lines, speed_line
-from ..evaluation import (adapt_line, batch_bench, decode_phase, predicted_vs_measured,
-                          run_bench, speed_vs_profile)
+from ..evaluation import (adapt_line, batch_bench, batch_speed, decode_phase,
+                          predicted_vs_measured, run_bench, speed_vs_profile)
 from ..inputs import local_device, resolve_inputs
 from ..runtime import open_decoder
 from .calibration import add_calibrate_arg, keep_correction, maybe_calibrate
@@ -232,6 +232,7 @@ def _batch(args, dec, info, inp, encoded, human, path) -> dict:
         line = adapt_line(r.get("adapt"), f"B={r['batch']}")
         if line:
             warn(line)
+    kept = keep_correction(args, inp, *batch_speed(rows), "bench --batch")
     for r in rows:  # drift lines on stderr, with --json too
         what, flag = f"B = {r['batch']}", model_flag(args.model)
         if r.get("drift"):
@@ -241,8 +242,12 @@ def _batch(args, dec, info, inp, encoded, human, path) -> dict:
                               inp.profile_src, flag)
             found = [f"{line} ({what})"] if line else []
         for line in found:
-            warn(line)
+            if not (kept and line.startswith("speed drift")):
+                warn(line)
+    if kept:
+        warn(kept)
     return out
+
 
 
 def _print(out: dict, path) -> None:
