@@ -176,3 +176,39 @@ def test_a_runs_correction_is_found_by_the_next_run(monkeypatch):
     assert keep_correction(args, found(), 2.0, 64, "run") is None
     assert keep_correction(types.SimpleNamespace(profile="given.json"), first, 2.0, 64,
                            "run") is None  # a profile you gave is used as given
+
+
+@pytest.mark.slow
+def test_the_next_run_predicts_on_the_last_runs_text(tmp_path):
+    """A greedy run keeps its records as the user's recent text (outside `profiles/`:
+    the search never reads them); the next run also predicts on that text — the same
+    prompt, so the same text: its tokens/step exactly — and a recent file that does not
+    read is passed over, never an error."""
+    import json
+
+    from treeopt import paths
+    from treeopt.inputs import resolve_inputs
+
+    from conftest import run_cli
+
+    env = {"TREEOPT_HOME": tmp_path, "TREEOPT_DEVICE_ID": "cpu-amd-epyc-avx512bf16-2c",
+           "TREEOPT_CALIBRATE": "0"}
+    args = ("run", "--dtype", "float32", "--max-new-tokens", "24", "--json")
+    first = run_cli(*args, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "predicted_on_recent_text" not in json.loads(first.stdout)
+    kept = tmp_path / "recent" / "SmolLM2-135M-Instruct.acceptance.json"
+    assert json.loads(kept.read_text())["source"] == "run"
+    second = run_cli(*args, env=env)
+    out = json.loads(second.stdout)
+    recent = out["predicted_on_recent_text"]
+    assert recent["acceptance"] == paths.display_path(kept)
+    assert recent["error"]["tokens_per_step"] == pytest.approx(0, abs=1e-3)  # full steps
+    assert abs(out["predicted"]["error"]["tokens_per_step"]) > 0.05  # the sample's: drift
+    assert "on your last run's text" in second.stderr
+    with pytest.MonkeyPatch.context() as mp:  # the search's acceptance is not the run's
+        mp.setenv("TREEOPT_HOME", str(tmp_path))
+        assert resolve_inputs(None, need=("acceptance",)).acceptance_src.startswith("profiles/")
+    kept.write_text("{not json")
+    third = run_cli(*args, env=env)
+    assert third.returncode == 0 and "predicted_on_recent_text" not in json.loads(third.stdout)

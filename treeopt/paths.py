@@ -68,6 +68,13 @@ def user_reports() -> pathlib.Path:
     return home() / "reports"
 
 
+def recent_text(model_id: str) -> pathlib.Path:
+    """The records of this user's last greedy run or bench of the model (what the text
+    took), kept apart from `profiles/`: they inform the next run's prediction, never the
+    search's acceptance."""
+    return home() / "recent" / f"{name_part(model_id)}.acceptance.json"
+
+
 def slug(text: str) -> str:
     """A safe file-name component: lower-case letters, digits, '.', '-' (no '..')."""
     s = re.sub(r"[^a-z0-9.]+", "-", str(text).lower()).strip("-.")

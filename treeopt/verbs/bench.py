@@ -10,7 +10,8 @@ from ..evaluation import (adapt_line, batch_bench, batch_speed, decode_phase,
                           predicted_vs_measured, run_bench, speed_vs_profile)
 from ..inputs import local_device, resolve_inputs
 from ..runtime import open_decoder
-from .calibration import add_calibrate_arg, keep_correction, maybe_calibrate
+from .calibration import (add_calibrate_arg, keep_correction, keep_text, maybe_calibrate,
+                          on_recent_text, recent_line)
 from .common import (add_acceptance_arg, add_adapt_arg, add_batch_arg, add_cache_args,
                      add_model_args,
                      add_prompt_args, decode_notes, model_flag, nonneg_int, positive_int, say,
@@ -90,10 +91,14 @@ def main(args) -> dict:
         say(f"bench: {len(encoded[sets[0]])} prompts, {args.max_new_tokens} new tokens, "
             f"model {info['model']} ({info['dtype']}), tree {info['tree']}")
     res, _ = _bench_one(args, dec, info, inp, encoded[sets[0]], human, sets[0])
+    recent = on_recent_text(dec.tree, res, inp, res.get("speed_vs_profile"), info["model"])
     out = {"schema": "treeopt.run/1", "kind": "bench", **info,
            "prompt_file": sets[0] or "built-in", "offset": args.offset,
-           "stride": args.stride, **res, "peak_memory": peak_memory(dec.device)}
+           "stride": args.stride, **res,
+           **({"predicted_on_recent_text": recent} if recent else {}),
+           "peak_memory": peak_memory(dec.device)}
     write_json(out_path, out)
+    keep_text(info["model"], res.get("acceptance"))
     if human:
         _print(out, out_path)
     kept = keep_correction(args, inp, res.get("speed_vs_profile"),
@@ -101,7 +106,7 @@ def main(args) -> dict:
     drift_lines = lines(out.get("drift"), out_path, inp.acceptance_src, inp.profile_src,
                         model_flag(args.model))
     for line in [x for x in drift_lines if not (kept and x.startswith("speed drift"))] + [
-            kept, adapt_line(out.get("adapt"))]:
+            kept, recent_line(recent), adapt_line(out.get("adapt"))]:
         if line:  # on stderr, with --json too
             warn(line)
     return out
@@ -212,6 +217,7 @@ def _batch(args, dec, info, inp, encoded, human, path) -> dict:
            "max_new_tokens": args.max_new_tokens, "profile": inp.profile_src, "batch": rows,
            "peak_memory": peak_memory(dec.device)}
     write_json(path, out)
+    keep_text(info["model"], next((r["acceptance"] for r in rows if r.get("acceptance")), None))
     if human:
         say(f"{'B':>3} {'chosen':>8} {'plain':>8} {'HF':>8} {'one-by-one':>10} {'vs plain':>8} "
             f"{'vs HF':>6} {'tok/step':>8} {'predicted':>10}  (tokens/s)")

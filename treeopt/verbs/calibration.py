@@ -2,16 +2,20 @@
 where this device and dtype have no profile and no tree or profile is given, measure a
 short profile, keep it as this device's, pick the tree by replay and keep it too — so the
 next command finds both. `--no-calibrate` (or TREEOPT_CALIBRATE=0) keeps the tree found.
-And the correction a run keeps where the profile it found is off (:func:`keep_correction`)."""
+And what a run keeps for the next one: the corrected profile where the one it found is
+off (:func:`keep_correction`), and its text's records, on which the next run's prediction
+is also made (:func:`keep_text`, :func:`on_recent_text`)."""
 from __future__ import annotations
 
 import os
 import time
 
-from .. import calibrate, paths
+from .. import acceptance, calibrate, paths
 from ..artefact import check_out, write_json
 from ..device import device_slug
 from ..drift import SPEED_WARN
+from ..errors import BadInput
+from ..evaluation import predicted_vs_measured
 from .common import warn
 
 
@@ -94,3 +98,39 @@ def keep_correction(args, inp, speed: float | None, steps: int, run: str) -> str
     return (f"corrected: this machine ran {speed:.2f}x the step time of {inp.profile_src} "
             f"over {steps} steps; kept {paths.display_path(out)} (every point x{speed:.2f}), "
             "which the next run starts from — `treeopt profile` measures it in full")
+
+
+def keep_text(model: str, block: dict | None) -> None:
+    """A greedy run's records (its acceptance block) as this user's recent text for
+    `model` (:func:`treeopt.paths.recent_text`), replacing the last one."""
+    if block:
+        out = paths.recent_text(model)
+        write_json(paths.make_folder(out.parent) / out.name, block)
+
+
+def on_recent_text(tree, measured: dict, inp, speed: float | None, model: str
+                   ) -> dict | None:
+    """The prediction of this run made on the user's last run's text instead of the
+    acceptance sample (the same rule, :func:`treeopt.evaluation.predicted_vs_measured`):
+    the text drift a run cannot know from the sample. None where no recent text is kept,
+    it does not read, or its table does not cover the tree."""
+    path = paths.recent_text(model)
+    if not path.is_file():
+        return None
+    try:
+        recent = acceptance.load(path)
+        return predicted_vs_measured(tree, measured, inp.profile, inp.profile_src, recent,
+                                     paths.display_path(path), speed)
+    except BadInput:
+        return None
+
+
+def recent_line(pred: dict | None) -> str | None:
+    """One line on the prediction made on the last run's text."""
+    if not pred:
+        return None
+    err = pred["error"].get("tokens_per_second_at_run_speed", pred["error"]["tokens_per_second"])
+    return (f"on your last run's text ({pred['acceptance']}): predicted "
+            f"{pred['tokens_per_step']:.2f} tokens/step, {100 * err:+.0f}% off this run's "
+            f"tokens/s at run speed")
+

@@ -14,7 +14,8 @@ from ..evaluation import adapt_line, decode_phase, predicted_vs_measured, speed_
 from ..inputs import resolve_inputs
 from ..records import of_run
 from ..runtime import full_steps, open_decoder
-from .calibration import add_calibrate_arg, keep_correction, maybe_calibrate
+from .calibration import (add_calibrate_arg, keep_correction, keep_text, maybe_calibrate,
+                          on_recent_text, recent_line)
 from .common import (add_adapt_arg, add_cache_args, add_model_args, decode_notes,
                      finite_float, model_flag, positive_int, say, seed_int, warn)
 
@@ -110,8 +111,11 @@ def main(args) -> dict:
                           run="run",
                           prompt_file=args.prompt_file or "--prompt",
                           tree_file=info["tree"])
+        recent = on_recent_text(dec.tree, measured, inp, speed, info["model"])
         out.update({k: v for k, v in (("predicted", pred), ("acceptance", block),
-                                      ("drift", d)) if v})
+                                      ("drift", d), ("predicted_on_recent_text", recent))
+                    if v})
+        keep_text(info["model"], block)
     if human:
         say(f"PPD: {res.new_tokens} tokens in {res.seconds:.2f} s = "
             f"{res.tokens_per_second:.1f} tok/s, {res.tokens_per_step:.2f} tokens/step")
@@ -138,7 +142,8 @@ def main(args) -> dict:
     drift_lines = lines(out.get("drift"), out_path or "<this run's JSON: --out>",
                         inp.acceptance_src, inp.profile_src, model_flag(args.model))
     for line in [x for x in drift_lines if not (kept and x.startswith("speed drift"))] + [
-            kept, adapt_line(out.get("adapt"))]:
+            kept, recent_line(out.get("predicted_on_recent_text")),
+            adapt_line(out.get("adapt"))]:
         if line:
             warn(line)
     return out
