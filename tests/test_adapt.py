@@ -178,6 +178,51 @@ def test_a_runs_correction_is_found_by_the_next_run(monkeypatch):
                            "run") is None  # a profile you gave is used as given
 
 
+def test_a_correction_mends_a_wrong_t_of_L_shape():
+    """Where a run measured two input lengths or more (the tree's steps and the adapting
+    runtime's plain ones), the kept profile scales each point by its input length's
+    ratio, interpolated over log L and the nearest one beyond the ends; one length
+    measured, or too few steps at one, gives one ratio for the grid. A shape off beyond the
+    threshold is corrected even where the run's overall ratio is within it."""
+    from treeopt import calibrate
+
+    prof = {"points": [{"batch": 1, "context": 256, "size": s, "median_s": 0.01 * s}
+                       for s in (1, 2, 4, 8, 16, 32)], "overhead": {"per_step_s": 0.001}}
+    by = {1: (1.0, 40), 16: (2.0, 20), 4: (5.0, 3)}  # L = 4: too few steps for its own
+    new = calibrate.corrected(prof, "p.json", 1.2, 63, 0.25, "run", by)
+    got = {p["size"]: p["median_s"] / (0.01 * p["size"]) for p in new["points"]}
+    assert got[1] == pytest.approx(1.0) and got[16] == pytest.approx(2.0)
+    assert got[32] == pytest.approx(2.0)  # beyond the last measured length: its ratio
+    assert got[4] == pytest.approx(1.5)  # halfway in log L between 1 and 16
+    assert new["overhead"]["per_step_s"] == pytest.approx(0.0012)  # the overall ratio
+    assert new["corrected"]["by_input_length"] == {"1": 1.0, "16": 2.0}
+    one = calibrate.corrected(prof, "p.json", 2.0, 63, 0.25, "run", {16: (2.0, 63)})
+    assert all(p["median_s"] == pytest.approx(0.02 * p["size"]) for p in one["points"])
+    assert "by_input_length" not in one["corrected"]
+    flat = {1: (1.0, 40), 16: (1.1, 20)}
+    assert calibrate.corrected(prof, "p.json", 1.05, 60, 0.25, "run", flat) is None
+    assert calibrate.corrected(prof, "p.json", 1.05, 20, 0.25, "run", by) is None  # < 32
+
+
+def test_speed_by_length_sums_to_the_runs_speed():
+    """The per-length ratios rest on the same steps as the run's one ratio: their
+    measured and profiled seconds add up to it."""
+    from treeopt.evaluation import speed_by_length, speed_vs_profile, steps_vs_profile
+    from treeopt.runtime import Result
+
+    prof = {"schema": "treeopt.profile/1", "device": "cpu", "model": "m", "dtype": "float32",
+            "points": [{"batch": 1, "context": c, "size": s, "median_s": 0.01 * s + 1e-5 * c}
+                       for c in (0, 512) for s in (1, 4, 16)]}
+    r = Result(output_ids=list(range(12)), steps=6, seconds=0.39, prefill_seconds=0.0,
+               accepted=[1, 3, 1, 2, 1, 4], step_seconds=[0.02, 0.1, 0.02, 0.1, 0.03, 0.12],
+               lengths=[1, 16, 1, 16, 1, 16], finish_reason="context")  # all 6 steps full
+    by = steps_vs_profile([(10, r)], prof)
+    assert set(by) == {1, 16} and sum(n for _, _, n in by.values()) == 6
+    m, p = sum(v[0] for v in by.values()), sum(v[1] for v in by.values())
+    assert speed_vs_profile([(10, r)], prof) == pytest.approx(m / p)
+    assert speed_by_length([(10, r)], prof)[16][0] == pytest.approx(by[16][0] / by[16][1])
+
+
 @pytest.mark.slow
 def test_the_next_run_predicts_on_the_last_runs_text(tmp_path):
     """A greedy run keeps its records as the user's recent text (outside `profiles/`:

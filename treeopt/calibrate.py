@@ -15,6 +15,8 @@ import dataclasses
 import pathlib
 import time
 
+import numpy as np
+
 from . import paths
 from .acceptance import unpack_records
 from .artefact import stamp
@@ -31,6 +33,7 @@ CONTEXT = 256  # its one context: a chat's length after a short answer
 # 2-core VM were 25 % off a full profile of the same process at one point (CI, 2026-12-04)
 MIN_ERROR = 0.3
 MIN_STEPS = 32  # the fewest measured steps a run's correction of a profile may rest on
+MIN_STEPS_AT = 8  # the fewest steps at one input length for its own ratio
 
 
 def stated_error(points: list[dict]) -> float:
@@ -124,22 +127,41 @@ def chosen_tree(pick: dict, cands: list[tuple[str, Tree]], profile_src: str,
     return tree
 
 
+def shape(by_length: dict[int, tuple[float, int]] | None, speed: float):
+    """The correction's factor per input length: where the run measured at least two
+    lengths with MIN_STEPS_AT steps each, their ratios interpolated over log L (the
+    nearest measured one beyond the ends); else `speed` for every length."""
+    seen = sorted((L, r) for L, (r, n) in (by_length or {}).items() if n >= MIN_STEPS_AT)
+    if len(seen) < 2:
+        return lambda L: speed, None
+    logs, ratios = np.log([L for L, _ in seen]), [r for _, r in seen]
+    return (lambda L: float(np.interp(np.log(max(L, 1)), logs, ratios)),
+            {str(L): round(r, 4) for L, r in seen})
+
+
 def corrected(profile: dict, profile_src: str, speed: float, steps: int,
-              threshold: float, run: str) -> dict | None:
+              threshold: float, run: str,
+              by_length: dict[int, tuple[float, int]] | None = None) -> dict | None:
     """This machine's own profile where a run found the one in use off: every point's
-    time (and the runtime's overhead) times the run's measured ÷ profiled step time
-    `speed` (:func:`treeopt.evaluation.speed_vs_profile`, each step read at its own input
-    length and context), with the measurements it rests on and when — None where `speed`
-    is within `threshold` of 1, or rests on fewer than MIN_STEPS steps. One ratio for the
-    whole grid: where the run visited few input lengths, `treeopt profile` remains the
-    way to a full one."""
-    if steps < MIN_STEPS or abs(speed - 1) <= threshold:
+    time times the run's measured ÷ profiled step time (:func:`treeopt.evaluation.
+    speed_by_length`, each step read at its own input length and context) — one ratio
+    `speed` for the whole grid, or where the run measured two input lengths or more
+    (a tree's steps and the adapting runtime's plain ones), the ratio at each point's
+    input length (:func:`shape`: a profile whose t(L) shape is wrong is mended too) —
+    with the measurements it rests on and when. The runtime's overhead scales by `speed`.
+    None where the ratios are within `threshold` of 1, or rest on fewer than MIN_STEPS
+    steps. Lengths and batch sizes the run never visited take the nearest measured
+    length's ratio: `treeopt profile` remains the way to a full one."""
+    factor, measured = shape(by_length, speed)
+    off = [abs(speed - 1)] + [abs(float(r) - 1) for r in (measured or {}).values()]
+    if steps < MIN_STEPS or max(off) <= threshold:
         return None
     out = copy.deepcopy(profile)
     for pt in out["points"]:
+        f = factor(int(pt["size"]))
         for key in ("median_s", "p10_s", "p90_s"):
             if key in pt:
-                pt[key] = pt[key] * speed
+                pt[key] = pt[key] * f
     over = out.get("overhead") or {}
     if "per_step_s" in over:
         over["per_step_s"] *= speed
@@ -150,8 +172,11 @@ def corrected(profile: dict, profile_src: str, speed: float, steps: int,
     out["corrected"] = {"from": base.get("from", profile_src),
                         "ratio": round(speed * base.get("ratio", 1.0), 4),
                         "this_ratio": round(speed, 4), "steps": steps, "run": run,
+                        **({"by_input_length": measured} if measured else {}),
                         "note": "every point scaled by the run's measured / profiled step "
-                                "time; `treeopt profile` measures this machine in full",
+                                "time" + (" at its input length (interpolated over log L)"
+                                          if measured else "") +
+                                "; `treeopt profile` measures this machine in full",
                         **stamp()}
     return out
 

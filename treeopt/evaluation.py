@@ -98,19 +98,36 @@ def decode_phase(runs: list[tuple[int, Result]]) -> dict:
             "tokens_per_second": round(tokens / seconds, 3), "context": round(ctx_sum / steps)}
 
 
-def speed_vs_profile(runs: list[tuple[int, Result]], profile: dict) -> float | None:
-    """Measured ÷ profiled time of the decodes' full steps, each read at its own input
-    length and context (1.0 = the machine runs as fast as when it was profiled)."""
+def steps_vs_profile(runs: list[tuple[int, Result]], profile: dict
+                     ) -> dict[int, tuple[float, float, int]]:
+    """The decodes' full steps against the profile, per input length they ran at:
+    {L: (measured seconds, profiled seconds, steps)}, each step read at its own context."""
     lat = Latency(profile)
-    measured = predicted = 0.0
+    out: dict[int, list] = {}
     for prompt_len, r in runs:
         ctx = prompt_len
         n = full_steps(r)
         for a, sec, length in zip(r.accepted[:n], r.step_seconds, r.lengths):
-            measured += sec
-            predicted += float(lat([length], ctx)[0])
+            at = out.setdefault(int(length), [0.0, 0.0, 0])
+            at[0] += sec
+            at[1] += float(lat([length], ctx)[0])
+            at[2] += 1
             ctx += a
-    return measured / predicted if predicted > 0 else None
+    return {L: tuple(v) for L, v in sorted(out.items())}
+
+
+def speed_vs_profile(runs: list[tuple[int, Result]], profile: dict) -> float | None:
+    """Measured ÷ profiled time of the decodes' full steps, each read at its own input
+    length and context (1.0 = the machine runs as fast as when it was profiled)."""
+    by = steps_vs_profile(runs, profile).values()
+    predicted = sum(p for _, p, _ in by)
+    return sum(m for m, _, _ in by) / predicted if predicted > 0 else None
+
+
+def speed_by_length(runs: list[tuple[int, Result]], profile: dict) -> dict[int, tuple]:
+    """{L: (measured ÷ profiled, steps)} per input length the steps ran at."""
+    return {L: (m / p, n) for L, (m, p, n) in steps_vs_profile(runs, profile).items()
+            if p > 0}
 
 
 def fresh_evidence(engine) -> None:

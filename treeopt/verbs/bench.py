@@ -7,7 +7,7 @@ from ..device import device_slug, peak_memory
 from ..errors import BadInput
 from ..drift import assess, lines, speed_line
 from ..evaluation import (adapt_line, batch_bench, batch_speed, decode_phase,
-                          predicted_vs_measured, run_bench, speed_vs_profile)
+                          predicted_vs_measured, run_bench, speed_by_length, speed_vs_profile)
 from ..inputs import local_device, resolve_inputs
 from ..runtime import open_decoder
 from .calibration import (add_calibrate_arg, keep_correction, keep_text, maybe_calibrate,
@@ -90,7 +90,7 @@ def main(args) -> dict:
     if human:
         say(f"bench: {len(encoded[sets[0]])} prompts, {args.max_new_tokens} new tokens, "
             f"model {info['model']} ({info['dtype']}), tree {info['tree']}")
-    res, _ = _bench_one(args, dec, info, inp, encoded[sets[0]], human, sets[0])
+    res, runs = _bench_one(args, dec, info, inp, encoded[sets[0]], human, sets[0])
     recent = on_recent_text(dec.tree, res, inp, res.get("speed_vs_profile"), info["model"])
     out = {"schema": "treeopt.run/1", "kind": "bench", **info,
            "prompt_file": sets[0] or "built-in", "offset": args.offset,
@@ -102,7 +102,8 @@ def main(args) -> dict:
     if human:
         _print(out, out_path)
     kept = keep_correction(args, inp, res.get("speed_vs_profile"),
-                           res["decode"].get("steps", 0), "bench")
+                           res["decode"].get("steps", 0), "bench",
+                           inp.profile and speed_by_length(runs, inp.profile))
     drift_lines = lines(out.get("drift"), out_path, inp.acceptance_src, inp.profile_src,
                         model_flag(args.model))
     for line in [x for x in drift_lines if not (kept and x.startswith("speed drift"))] + [

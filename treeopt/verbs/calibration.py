@@ -76,7 +76,8 @@ def maybe_calibrate(args, inp, dec, info: dict, human: bool) -> dict | None:
     return done
 
 
-def keep_correction(args, inp, speed: float | None, steps: int, run: str) -> str | None:
+def keep_correction(args, inp, speed: float | None, steps: int, run: str,
+                    by_length: dict | None = None) -> str | None:
     """Where this run found the profile in use (found, not given; shipped or an earlier
     correction, never your own measured one) off beyond its stated error, this machine's
     corrected profile under $TREEOPT_HOME, which the next run finds first; the line that
@@ -88,15 +89,18 @@ def keep_correction(args, inp, speed: float | None, steps: int, run: str) -> str
     if mine and "corrected" not in prof:
         return None  # your own full profile: the drift line says re-profile
     threshold = max(SPEED_WARN, (prof.get("short") or {}).get("error", 0.0))
-    new = calibrate.corrected(prof, inp.profile_src, speed, steps, threshold, run)
+    new = calibrate.corrected(prof, inp.profile_src, speed, steps, threshold, run, by_length)
     if new is None:
         return None
     out = paths.user_profiles() / path.name
     if not mine:  # an earlier correction is replaced (it was read: no other check_out rule)
         check_out(out, what="corrected profile")
     write_json(paths.make_folder(out.parent) / out.name, new)
+    shape = new["corrected"].get("by_input_length")
+    how = ("each point by its input length's ratio: " + ", ".join(
+        f"L={L} x{r:.2f}" for L, r in shape.items())) if shape else f"every point x{speed:.2f}"
     return (f"corrected: this machine ran {speed:.2f}x the step time of {inp.profile_src} "
-            f"over {steps} steps; kept {paths.display_path(out)} (every point x{speed:.2f}), "
+            f"over {steps} steps; kept {paths.display_path(out)} ({how}), "
             "which the next run starts from — `treeopt profile` measures it in full")
 
 

@@ -10,7 +10,8 @@ from ..bounds import BOUNDS
 from ..device import peak_memory
 from ..errors import BadInput
 from ..drift import assess, lines
-from ..evaluation import adapt_line, decode_phase, predicted_vs_measured, speed_vs_profile
+from ..evaluation import (adapt_line, decode_phase, predicted_vs_measured, speed_by_length,
+                          speed_vs_profile)
 from ..inputs import resolve_inputs
 from ..records import of_run
 from ..runtime import full_steps, open_decoder
@@ -138,7 +139,8 @@ def main(args) -> dict:
     out["peak_memory"] = peak_memory(dec.device)
     if out_path is not None:
         write_json(out_path, out)
-    kept = keep_correction(args, inp, speed, full_steps(res), "run")
+    kept = keep_correction(args, inp, speed, full_steps(res), "run", inp.profile and
+                           speed_by_length([(len(ids), res)], inp.profile))
     drift_lines = lines(out.get("drift"), out_path or "<this run's JSON: --out>",
                         inp.acceptance_src, inp.profile_src, model_flag(args.model))
     for line in [x for x in drift_lines if not (kept and x.startswith("speed drift"))] + [
