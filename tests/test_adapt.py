@@ -12,6 +12,7 @@ from treeopt import adapt
 from treeopt.batch import BatchDecoder
 from treeopt.runtime import Decoder
 from treeopt.tiny import random_prompt_tokens, random_tree, tiny_model
+from treeopt.tree import Tree
 
 
 class Costed(adapt.Chooser):
@@ -134,6 +135,39 @@ def test_the_engine_offers_the_schedules_smaller_tree():
     assert {"tree", "smaller", "plain"} <= set(res.configs)
     assert bd.engine.chooser.current[1] in ("smaller", "plain")
     assert any(s["from"] == "tree" for s in bd.engine.chooser.switches)
+
+
+def test_a_hybrid_trees_chains_alone_are_a_candidate():
+    """A tree with prompt-lookup chains: the engine also offers its chains alone (no
+    guesses, :meth:`Tree.chains_alone`); with the guesses' steps made costly the run moves
+    to them or to plain, and every sequence of a batch stays HF generate's."""
+    from treeopt.tiny import random_lookup
+
+    lm = tiny_model("llama", torch.float32, "cpu")
+    rng = random.Random(6)
+    pt = random_prompt_tokens(lm, 3)
+    tree = random_tree(rng, 3, 6, max_nodes=10)
+    tree.lookup = random_lookup(rng, tree)
+    alone = tree.chains_alone()
+    assert alone.max_depth == 0 and alone.root_prompt_tokens == 1
+    assert {n for _, n in alone.lookup.policy} == {n for _, n in tree.lookup.policy}
+    base = [rng.randrange(32) for _ in range(6)]
+    prompts = [(base * 4)[:14], (base * 3)[:11]]  # repeating: lookup proposes
+    dec = Decoder(lm, pt, tree)
+    refs = [dec.hf_generate(p, 120).output_ids for p in prompts]
+    bd = BatchDecoder(lm, pt, {1: tree}, adapt=True)
+    assert list(bd.engine.candidates[1]) == ["tree", "chains", "plain"]
+
+    class Costly(adapt.Chooser):  # a step with guesses costs 5 plain ones
+        def observe(self, b, name, seconds, tokens):
+            return super().observe(b, name, 0.01 * (5.0 if name == "tree" else 1.0), tokens)
+
+    bd.engine.chooser = Costly()
+    res = bd.generate(prompts, 120, max_batch=2)
+    assert [r.output_ids for r in res.results] == refs
+    assert "chains" in set(res.configs)
+    assert bd.engine.chooser.current[2] in ("chains", "plain")
+    assert Tree.static([[0]], 3).chains_alone() is None
 
 
 def test_a_runs_correction_is_found_by_the_next_run(monkeypatch):

@@ -4,7 +4,8 @@ as a prior; the run's own steps are the evidence.
 
 Per batch size B the engine offers a few candidates: its tree (the schedule's entry for
 B), a smaller tree where the schedule holds one (the tree it chose for a larger batch
-size: the best at a smaller input-length cap), and plain decoding. For each
+size: the best at a smaller input-length cap), the tree's chains alone where it has chains
+(prompt lookup and the cache without guesses), and plain decoding. For each
 (B, candidate) the chooser keeps the last WINDOW steps: seconds and tokens emitted per
 sequence. Its estimate of tokens per second per sequence is their ratio of sums,
 Σ tokens / Σ seconds, and its spread the relative half-range of the window's middle half

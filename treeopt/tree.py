@@ -116,6 +116,24 @@ class Tree:
         """The tree without its chain sources (and without a per-batch table)."""
         return dataclasses.replace(self, lookup=None, cache=None, by_batch={})
 
+    def chains_alone(self) -> "Tree | None":
+        """The tree's chains without its guesses (None where it has no chains): a root of
+        one prompt token (a tree's root carries one at least) and no nodes; per source, at
+        every match length its policy offers, the longest chain any state takes, with no
+        prompt tokens — prompt lookup alone, as the serving engines draft."""
+        def alone(lk: "Lookup | None") -> "Lookup | None":
+            if lk is None:
+                return None
+            longest: dict[int, int] = {}
+            for (_, n), (c, _, _) in lk.policy.items():
+                longest[n] = max(longest.get(n, 0), c)
+            return Lookup(lk.max_ngram, lk.max_tokens, {
+                (m, n): (c, 0, 0) for m in (0, 1) for n, c in longest.items() if c})
+        if not self.has_chains:
+            return None
+        return Tree(self.num_prompt_tokens, 1, {1: []}, self.topk, {"kind": "chains alone"},
+                    lookup=alone(self.lookup), cache=alone(self.cache))
+
     def chains_length(self, m: int, ns: tuple[int, int]) -> int:
         """The longest input of state m with chain match lengths ns = (lookup's, cache's):
         every proposed token a new node; the guess nodes go when a chain says so."""

@@ -57,16 +57,21 @@ def round_up(n: int, grain: int) -> int:
     return -(-n // grain) * grain
 
 
-def candidates(books: dict[int, PlanBook], b: int, plain: PlanBook) -> dict[str, PlanBook]:
+def candidates(books: dict[int, PlanBook], b: int, plain: PlanBook, layout: Layout
+               ) -> dict[str, PlanBook]:
     """What the chooser may run at schedule entry b (treeopt.adapt): its tree, the first
     smaller tree the schedule holds for a larger batch size (the search's best at a
-    smaller input-length cap), and plain decoding — in that order."""
+    smaller input-length cap), the tree's chains alone (:meth:`Tree.chains_alone`: no
+    guesses) where it has chains, and plain decoding — in that order."""
     tree = books[b].tree
     out = {"tree": books[b]}
     smaller = [books[c] for c in sorted(books) if c > b and books[c].tree is not None
                and books[c].tree.max_input_length < tree.max_input_length] if tree else []
     if smaller:
         out["smaller"] = smaller[0]
+    alone = tree.chains_alone() if tree else None
+    if alone is not None:  # within the layout: no rank, chain or input beyond the tree's
+        out["chains"] = PlanBook(alone, layout)
     return {**out, "plain": plain}
 
 
@@ -108,7 +113,8 @@ class Engine:
         self.one_token = self.plain_book.plan(("plain",))  # near the limit
         # `adapt`: the candidate chosen step by step from this run's evidence (treeopt.adapt)
         self.chooser = Chooser() if adapt and trees else None
-        self.candidates = {b: candidates(self.books, b, self.plain_book) for b in self.books}
+        self.candidates = {b: candidates(self.books, b, self.plain_book, self.layout)
+                           for b in self.books}
         self.lookup = next((t.lookup for t in trees if t.lookup is not None), None)
         self.table = embedding_table(loaded, prompt_tokens if trees else None,
                                      self.layout.vocab)
