@@ -110,6 +110,46 @@ def test_a_smaller_tree_is_a_candidate_and_wins_where_it_is_fastest():
     assert (len(tail) - tail.count("smaller")) / len(tail) <= 2 / adapt.EXPLORE + 0.01
 
 
+def test_a_clear_loser_is_explored_a_quarter_as_often():
+    """A candidate slower than the incumbent by more than FAR is still measured, at
+    1/FAR_EVERY of the exploring slots; a near one takes the others."""
+    c = adapt.Chooser()
+    names = ("tree", "smaller", "plain")
+    costs = {"tree": (2.0, 0.02), "smaller": (1.5, 0.016), "plain": (1.0, 0.02)}  # 100, 94, 50
+    runs = []
+    for _ in range(1600):
+        name = c.pick(1, names)
+        runs.append(name)
+        c.observe(1, name, costs[name][1], costs[name][0])
+    tail = runs[400:]
+    slots = len(tail) / adapt.EXPLORE
+    assert not c.switches and c.current[1] == "tree"
+    assert 0 < tail.count("plain") <= slots / adapt.FAR_EVERY + 1
+    assert tail.count("smaller") >= slots * (1 - 1 / adapt.FAR_EVERY) - 1
+
+
+def test_candidates_are_judged_beside_the_incumbents_own_steps():
+    """Pairs, not windows: a candidate explored while the text is easy is compared with
+    the incumbent's steps on that same text. A tree step after one that left no guesses
+    (plain, chains alone) is set apart; the step after an explored one is no pair."""
+    c = adapt.Chooser()
+    names = ("tree", "chains", "plain")
+    assert c.observe(1, "plain", 0.01, 1.0) == "plain"
+    assert c.observe(1, "tree", 0.02, 1.0) == "tree*"  # from its root alone
+    assert c.observe(1, "chains", 0.01, 1.0) == "chains"
+    assert c.observe(1, "tree", 0.02, 1.0) == "tree*"
+    c = adapt.Chooser()
+    easy = True
+    for i in range(800):  # stretches of easy and hard text: the tree wins on both, but its
+        easy = (i // 50) % 2 == 0  # window on hard text is slower than chains on easy text
+        name = c.pick(1, names)
+        e = {"tree": 4.0 if easy else 1.0, "chains": 3.0 if easy else 1.0, "plain": 1.0}[name]
+        t = {"tree": 0.02, "chains": 0.02 if easy else 0.025, "plain": 0.02}[name]
+        c.observe(1, name, t, e)
+    assert c.current[1] == "tree" and not c.switches  # tokens/s 200 vs 150, 50 vs 40
+    assert c.summary()["by_batch"]["1"]["chains"]["vs_incumbent"] < 0
+
+
 def test_the_engine_offers_the_schedules_smaller_tree():
     """A schedule {1: big tree, 4: small tree}: at B = 1 the engine offers the big tree,
     the small one and plain; with the big tree's steps made costly, the run moves to the

@@ -14,15 +14,21 @@ alike:
 
 - until every candidate has MIN_SEEN steps at B, the schedule's choice runs, except that
   every EXPLORE_EARLY-th step runs the least-seen other one;
-- then the fastest estimate runs, the incumbent kept unless another beats it by more than
-  max(MARGIN, the two spreads' mean);
-- every EXPLORE-th step at B runs a candidate not in use (the others in turn), so their
-  costs and yields stay measured: at most 2/EXPLORE of the steps (plus 2·MIN_SEEN per
-  candidate at the start) explore, however many candidates there are.
+- a candidate is judged *paired*: its exploring steps against the incumbent's step right
+  before each (the same stretch of text and load — windows of different stretches would
+  compare texts, not candidates; the step after starts from the explored one's guesses); the incumbent is kept unless a
+  candidate's paired tokens/s beat it by more than max(MARGIN, twice the gain's noise:
+  each side's per-step spread over the root of the pairs); after a switch the old
+  incumbent keeps the same pairs, turned, and the others start again;
+- every EXPLORE-th step at B runs a candidate not in use (the others in turn; one slower
+  than the incumbent by more than FAR only every FAR_EVERY-th time), so their costs and
+  yields stay measured: at most 2/EXPLORE of the steps (plus 2·MIN_SEEN per candidate at
+  the start) explore, however many candidates there are, and a clear loser costs a
+  quarter of that.
 
-A step right after a plain one runs a tree from its root alone (no guesses were made):
-it is counted, but not as that tree's evidence — so exploring a tree from plain runs two
-tree steps, the second of which is. A switch happens between steps, so outputs stay
+A tree step right after a plain one or one of chains alone runs from its root alone (no
+guesses were made): it is counted, but not as that tree's evidence — so exploring a tree
+from those runs two tree steps, the second of which is. A switch happens between steps, so outputs stay
 token-identical to plain greedy decoding.
 """
 from __future__ import annotations
@@ -31,17 +37,26 @@ import dataclasses
 from collections import deque
 
 WINDOW = 32  # steps per (B, configuration) in the running estimate
-MIN_SEEN = 4  # steps of each configuration before the evidence decides
+MIN_SEEN = 2  # paired steps of each candidate before the evidence decides (and the noise)
 EXPLORE = 16  # then one step in EXPLORE runs a candidate not in use
 EXPLORE_EARLY = 4
 MARGIN = 0.05  # a switch needs another candidate faster by at least this
-PLAIN = "plain"
+FAR = 0.2  # a candidate this much slower than the incumbent is explored FAR_EVERY x less
+FAR_EVERY = 4
+PLAIN, CHAINS = "plain", "chains"
+# the candidates whose steps leave no guesses: a tree step right after one runs its root
+# alone (set apart, as a tree's first step after plain)
+NO_GUESSES = (PLAIN, CHAINS)
 
 
 @dataclasses.dataclass
 class _Seen:
-    seconds: deque = dataclasses.field(default_factory=lambda: deque(maxlen=WINDOW))
-    tokens: deque = dataclasses.field(default_factory=lambda: deque(maxlen=WINDOW))
+    maxlen: int = WINDOW
+    seconds: deque = None
+    tokens: deque = None
+
+    def __post_init__(self):
+        self.seconds, self.tokens = deque(maxlen=self.maxlen), deque(maxlen=self.maxlen)
 
     def add(self, seconds: float, tokens: float) -> None:
         self.seconds.append(seconds)
@@ -56,12 +71,36 @@ class _Seen:
         return sum(self.tokens) / s if s > 0 else 0.0
 
     def spread(self) -> float:
+        """The relative half-range of the middle half of per-step rates; 1.0 (unknown,
+        as wide as the rate itself) below 4 steps."""
         rates = sorted(t / s for t, s in zip(self.tokens, self.seconds) if s > 0)
         if len(rates) < 4:
-            return 0.0
+            return 1.0
         q1, q3 = rates[len(rates) // 4], rates[(3 * len(rates)) // 4]
         mid = rates[len(rates) // 2]
         return (q3 - q1) / (2 * mid) if mid > 0 else 0.0
+
+
+@dataclasses.dataclass
+class _Pair:
+    """A candidate's exploring steps beside the incumbent's step right before each: both
+    read the same stretch of text and load. (Not the step after: it starts from the
+    explored candidate's guesses — none after plain or chains alone, fewer after a smaller
+    tree — and would count the switch's cost against the incumbent.)"""
+    other: _Seen = dataclasses.field(default_factory=_Seen)
+    mine: _Seen = dataclasses.field(default_factory=_Seen)
+
+    def gain(self) -> float:
+        return self.other.rate() / self.mine.rate() - 1 if self.mine.rate() > 0 else 0.0
+
+    def need(self, margin: float, other: _Seen, mine: _Seen) -> float:
+        """What the gain must beat: MARGIN, or twice its noise — each side's per-step
+        spread (read on its whole window `other`, `mine`: a handful of pairs tells little
+        of its own spread) over the root of the pairs (a few steps of a heavy-tailed
+        candidate, such as chains on text that repeats, prove little)."""
+        n = self.other.n
+        noise = (other.spread() ** 2 + mine.spread() ** 2) / n if n else 1.0
+        return max(margin, 2 * noise ** 0.5)
 
 
 class Chooser:
@@ -72,10 +111,12 @@ class Chooser:
     def __init__(self, explore: int = EXPLORE, margin: float = MARGIN):
         self.explore, self.margin = explore, margin
         self.seen: dict[tuple[int, str], _Seen] = {}
+        self.pairs: dict[tuple[int, str], _Pair] = {}  # against the incumbent at B
         self.names: dict[int, tuple[str, ...]] = {}
         self.current: dict[int, str] = {}
         self.steps: dict[int, int] = {}
         self.last: dict[int, str] = {}
+        self.before: dict[int, tuple[float, float]] = {}  # the incumbent's last step
         self.explored = self.total = 0
         self.burst: dict[int, str] = {}
         self.switches: list[dict] = []
@@ -83,63 +124,97 @@ class Chooser:
     def _seen(self, b: int, name: str) -> _Seen:
         return self.seen.setdefault((b, name), _Seen())
 
+    def _pair(self, b: int, name: str) -> _Pair:
+        return self.pairs.setdefault((b, name), _Pair())
+
     def estimate(self, b: int, name: str) -> dict:
         s = self._seen(b, name)
-        return {"steps": s.n, "tokens_per_second": round(s.rate(), 3),
-                "spread": round(s.spread(), 4)}
+        out = {"steps": s.n, "tokens_per_second": round(s.rate(), 3),
+               "spread": round(s.spread(), 4)}
+        pair = self.pairs.get((b, name))
+        if pair is not None and name != self.current.get(b) and pair.other.n:
+            out["vs_incumbent"] = round(pair.gain(), 4)  # paired: the same text and load
+        return out
 
     def pick(self, b: int, names: tuple[str, ...] = ("tree", PLAIN)) -> str:
         self.names[b] = names
-        if b in self.burst:  # a tree's second step when exploring it from plain
+        if b in self.burst:  # a tree's second step when exploring it from no guesses
             self.explored += 1
             return self.burst.pop(b)
         cur = self.current.get(b)
-        cur = self.current[b] = cur if cur in names else names[0]
+        if cur not in names:
+            cur = self.current[b] = names[0]
         n = self.steps[b] = self.steps.get(b, 0) + 1
         others = [x for x in names if x != cur]
         if not others:
             return cur
-        mine = self._seen(b, cur)
-        unseen = [x for x in others if self._seen(b, x).n < MIN_SEEN]
+        unseen = [x for x in others if self._pair(b, x).other.n < MIN_SEEN]
         if unseen:
-            every, target = EXPLORE_EARLY, min(unseen, key=lambda x: self._seen(b, x).n)
+            every, target = EXPLORE_EARLY, min(unseen, key=lambda x: self._pair(b, x).other.n)
         else:
-            best = max(others, key=lambda x: self._seen(b, x).rate())
-            theirs = self._seen(b, best)
-            gain = theirs.rate() / mine.rate() - 1 if mine.rate() > 0 else 1.0
-            need = max(self.margin, (mine.spread() + theirs.spread()) / 2)
-            if mine.n >= MIN_SEEN and gain > need:
-                self.switches.append({"batch": b, "step": n, "from": cur, "to": best,
-                                      cur: self.estimate(b, cur),
-                                      best: self.estimate(b, best),
-                                      "why": f"{best} {100 * gain:+.0f}% tokens/s "
-                                             f"(needs > {100 * need:.0f}%)"})
-                self.current[b] = best
-                return best
-            every = self.explore  # the others in turn
-            target = others[(n // every) % len(others)]
+            best = max(others, key=lambda x: self._pair(b, x).gain())
+            pair = self._pair(b, best)
+            gain = pair.gain()
+            need = pair.need(self.margin, self._seen(b, best), self._seen(b, cur))
+            if self._seen(b, cur).n >= MIN_SEEN and gain > need:
+                return self._switch(b, n, cur, best, gain, need)
+            every = self.explore
+            if n % every == 0:
+                target = self._due(b, others, n // every)
+                if target is None:
+                    return cur
         if n % every == 0:
             self.explored += 1
-            if cur == PLAIN and target != PLAIN:
+            if cur in NO_GUESSES and target not in NO_GUESSES:
                 self.burst[b] = target
             return target
         return cur
 
+    def _switch(self, b: int, n: int, cur: str, best: str, gain: float, need: float) -> str:
+        self.switches.append({"batch": b, "step": n, "from": cur, "to": best,
+                              cur: self.estimate(b, cur), best: self.estimate(b, best),
+                              "why": f"{best} {100 * gain:+.0f}% tokens/s beside {cur}'s "
+                                     f"steps (needs > {100 * need:.0f}%)"})
+        self.current[b] = best
+        won = self.pairs.pop((b, best))
+        for x in self.names[b]:  # the others' pairs were against the old incumbent
+            self.pairs.pop((b, x), None)
+        self.pairs[(b, cur)] = _Pair(other=won.mine, mine=won.other)  # the same pairs, turned
+        self.before.pop(b, None)
+        return best
+
+    def _due(self, b: int, others: list[str], slot: int) -> str | None:
+        """The candidate an exploring slot runs: the others in turn, those slower than the
+        incumbent by more than FAR only every FAR_EVERY-th slot (a clear loser stays
+        measured at a quarter of the cost); None: this slot explores nothing."""
+        far = [x for x in others if self._pair(b, x).gain() < -FAR]
+        near = [x for x in others if x not in far]
+        if far and slot % FAR_EVERY == 0:
+            return far[(slot // FAR_EVERY) % len(far)]
+        return near[slot % len(near)] if near else None
+
     def observe(self, b: int, name: str, seconds: float, tokens: float) -> str:
         """Count one step; returns how it is labelled ("tree*": a tree's first step after
-        a plain one, not that tree's evidence)."""
-        star = name != PLAIN and self.last.get(b) == PLAIN
+        a step that left no guesses (plain, chains alone), not that tree's evidence)."""
+        star = name not in NO_GUESSES and self.last.get(b) in NO_GUESSES
         self.last[b] = name
         self.total += 1
-        if not star:
-            self._seen(b, name).add(seconds, tokens)
-        return name + "*" if star else name
+        if star:
+            return name + "*"
+        self._seen(b, name).add(seconds, tokens)
+        if name == self.current.get(b, name):  # the incumbent: the pair's other half
+            self.before[b] = (seconds, tokens)
+        elif b in self.before:  # an exploring step, paired with the incumbent's last one
+            pair = self._pair(b, name)
+            pair.other.add(seconds, tokens)
+            pair.mine.add(*self.before.pop(b))
+        return name
 
     def summary(self) -> dict:
         """What a run JSON says: the estimates per batch size and candidate, the exploring
         steps and the switches with why."""
         return {"rule": f"window {WINDOW}, explore 1/{self.explore}, margin "
-                        f"{100 * self.margin:.0f}%",
+                        f"{100 * self.margin:.0f}%, paired with the incumbent's neighbours",
                 "steps": self.total, "explored": self.explored,
                 "by_batch": {str(b): {"using": self.current.get(b, names[0]),
                                       **{x: self.estimate(b, x) for x in names}}

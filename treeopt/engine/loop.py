@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from ..acceptance import RECORD_TOPK
-from ..adapt import Chooser
+from ..adapt import CHAINS, PLAIN, Chooser
 from ..device import sync
 from ..errors import BadInput
 from ..forward import attention_masks, logits_of
@@ -71,8 +71,8 @@ def candidates(books: dict[int, PlanBook], b: int, plain: PlanBook, layout: Layo
         out["smaller"] = smaller[0]
     alone = tree.chains_alone() if tree else None
     if alone is not None:  # within the layout: no rank, chain or input beyond the tree's
-        out["chains"] = PlanBook(alone, layout)
-    return {**out, "plain": plain}
+        out[CHAINS] = PlanBook(alone, layout)
+    return {**out, PLAIN: plain}
 
 
 class Engine:
