@@ -22,19 +22,12 @@ import statistics
 
 from treeopt import prompts
 from treeopt.batch import BatchDecoder, schedule_of
-from treeopt.evaluation import fresh_evidence
+from treeopt.evaluation import fresh_evidence, full_batch_speed
 from treeopt.inputs import resolve_inputs
 from treeopt.runtime import open_decoder
 
 FAMILIES = (("mt-bench", 0, 2), ("input-grounded", 0, 1))  # the acceptance sample: mt-bench 1::2
 CONFIGS = ("adapting", "static", "plain")
-
-
-def full_batch_speed(res, batch: int) -> float:
-    """Tokens/s over the steps that ran with the batch full."""
-    tok = sum(t for t, n in zip(res.step_tokens, res.live) if n == batch)
-    sec = sum(s for s, n in zip(res.step_seconds, res.live) if n == batch)
-    return tok / sec if sec else 0.0
 
 
 def main() -> int:

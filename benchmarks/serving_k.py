@@ -23,17 +23,11 @@ import sys
 from treeopt import paths, prompts, serving
 from treeopt.acceptance import load as load_acceptance
 from treeopt.batch import BatchDecoder
+from treeopt.evaluation import full_batch_speed
 from treeopt.inputs import resolve_inputs
 from treeopt.runtime import open_decoder
 
 FAMILIES = (("mt-bench", 0, 2), ("input-grounded", 0, 1))  # the acceptance sample: mt-bench 1::2
-
-
-def full_batch_speed(res, batch: int) -> float:
-    """Tokens/s over the steps that ran with the batch full."""
-    tok = sum(t for t, n in zip(res.step_tokens, res.live) if n == batch)
-    sec = sum(s for s, n in zip(res.step_seconds, res.live) if n == batch)
-    return tok / sec if sec else 0.0
 
 
 def main() -> int:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import SHIPPED_CPU_PROFILE, run_cli
+from conftest import run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -16,10 +16,11 @@ alike:
   every EXPLORE_EARLY-th step runs the least-seen other one;
 - a candidate is judged *paired*: its exploring steps against the incumbent's step right
   before each (the same stretch of text and load — windows of different stretches would
-  compare texts, not candidates; the step after starts from the explored one's guesses); the incumbent is kept unless a
-  candidate's paired tokens/s beat it by more than max(MARGIN, twice the gain's noise:
-  each side's per-step spread over the root of the pairs); after a switch the old
-  incumbent keeps the same pairs, turned, and the others start again;
+  compare texts, not candidates; the step after starts from the explored one's guesses);
+  the incumbent is kept unless a candidate's paired tokens/s beat it by more than
+  max(MARGIN, twice the gain's noise: each side's per-step spread over the root of the
+  pairs); after a switch the old incumbent keeps the same pairs, turned, and the others
+  start again;
 - every EXPLORE-th step at B runs a candidate not in use (the others in turn; one slower
   than the incumbent by more than FAR only every FAR_EVERY-th time), so their costs and
   yields stay measured: at most 2/EXPLORE of the steps (plus 2·MIN_SEEN per candidate at
@@ -28,8 +29,8 @@ alike:
 
 A tree step right after a plain one or one of chains alone runs from its root alone (no
 guesses were made): it is counted, but not as that tree's evidence — so exploring a tree
-from those runs two tree steps, the second of which is. A switch happens between steps, so outputs stay
-token-identical to plain greedy decoding.
+from those runs two tree steps, the second of which is. A switch happens between steps,
+so outputs stay token-identical to plain greedy decoding.
 """
 from __future__ import annotations
 

@@ -286,6 +286,13 @@ def run_bench(dec: Decoder, encoded: list[list[int]], max_new_tokens: int, dtype
     return out, ppd_runs
 
 
+
+def full_batch_speed(res, batch: int) -> float:
+    """Tokens/s of a batched decode over the steps that ran with the batch full."""
+    tok = sum(t for t, n in zip(res.step_tokens, res.live) if n == batch)
+    sec = sum(s for s, n in zip(res.step_seconds, res.live) if n == batch)
+    return tok / sec if sec else 0.0
+
 def batch_speed(rows: list[dict]) -> tuple[float | None, int]:
     """The machine's step time over the profile's across a batch bench: each batch size's
     measured ratio weighted by its full-batch steps (a geometric mean: ratios compound),
