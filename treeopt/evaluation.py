@@ -286,13 +286,6 @@ def run_bench(dec: Decoder, encoded: list[list[int]], max_new_tokens: int, dtype
     return out, ppd_runs
 
 
-
-def full_batch_speed(res, batch: int) -> float:
-    """Tokens/s of a batched decode over the steps that ran with the batch full."""
-    tok = sum(t for t, n in zip(res.step_tokens, res.live) if n == batch)
-    sec = sum(s for s, n in zip(res.step_seconds, res.live) if n == batch)
-    return tok / sec if sec else 0.0
-
 def batch_speed(rows: list[dict]) -> tuple[float | None, int]:
     """The machine's step time over the profile's across a batch bench: each batch size's
     measured ratio weighted by its full-batch steps (a geometric mean: ratios compound),
@@ -383,6 +376,12 @@ def _full(runs: list[BatchResult], b: int) -> tuple[float, float, int]:
     return tok, sec, n
 
 
+def full_batch_speed(res: BatchResult, batch: int) -> float:
+    """Tokens/s of a batched decode over the steps that ran with the batch full."""
+    tok, sec, _ = _full([res], batch)
+    return tok / sec if sec else 0.0
+
+
 def _full_speed(runs: list[BatchResult], b: int, profile: dict) -> float | None:
     """Measured ÷ profiled time of the steps where all b sequences were live, each read at
     its own (padded) input length and cache length, as :func:`speed_vs_profile` does for
@@ -413,8 +412,8 @@ def batch_bench(lm, prompt_tokens, tree: Tree | None, encoded: list[list[int]],
     chosen configuration's steps and their drifts (:func:`treeopt.drift.batch_assess`).
     With a cache source, the chosen configuration and the B = 1 runs each start every
     batch size from their own copy of it, which learns their outputs in request order.
-    `adapt`: the chosen configuration picks its tree, a smaller one or plain step by step
-    (treeopt.adapt), its evidence per batch size in each row."""
+    `adapt`: the chosen configuration picks its tree, a smaller one, its chains alone or
+    plain step by step (treeopt.adapt), its evidence per batch size in each row."""
     def fresh() -> tuple[BatchDecoder, Decoder]:
         chosen = BatchDecoder(lm, prompt_tokens, schedule_of(tree), copy.deepcopy(cache),
                               adapt=adapt)

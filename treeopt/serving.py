@@ -272,9 +272,7 @@ def window(engine: str, source: str, knobs: dict) -> tuple[int, int]:
 
 
 def chain_tree(k: int, min_n: int, max_n: int, num_prompt_tokens: int) -> Tree:
-    """A tree of no guesses: each step verifies the root and prompt lookup's chain of up to
-    k tokens wherever the match is min_n..max_n tokens long. (A treeopt root carries at
-    least one prompt token: one input slot more than the engine verifies.)"""
-    return Tree(num_prompt_tokens, 1, {1: []}, lookup=Lookup(
-        max_n, k, {(m, n): (k, 0, 0) for m in (0, 1) for n in range(min_n, max_n + 1)}),
-        meta={"kind": "engine chain"})
+    """A tree of no guesses (:meth:`Tree.of_chains`): each step verifies the root and prompt
+    lookup's chain of up to k tokens wherever the match is min_n..max_n tokens long."""
+    return Tree.of_chains(num_prompt_tokens, Lookup.alone(
+        max_n, k, {n: k for n in range(min_n, max_n + 1)}), meta={"kind": "engine chain"})

@@ -116,23 +116,31 @@ class Tree:
         """The tree without its chain sources (and without a per-batch table)."""
         return dataclasses.replace(self, lookup=None, cache=None, by_batch={})
 
+    @classmethod
+    def of_chains(cls, num_prompt_tokens: int, lookup: "Lookup | None",
+                  cache: "Lookup | None" = None, topk: int = 10, meta: dict | None = None
+                  ) -> "Tree":
+        """A tree of no guesses: each step verifies the root and the chains (policies from
+        :meth:`Lookup.alone`). A treeopt root carries one prompt token at least: one input
+        slot more than an engine drafting chains alone verifies."""
+        return cls(num_prompt_tokens, 1, {1: []}, topk, meta or {}, lookup=lookup,
+                   cache=cache)
+
     def chains_alone(self) -> "Tree | None":
-        """The tree's chains without its guesses (None where it has no chains): a root of
-        one prompt token (a tree's root carries one at least) and no nodes; per source, at
-        every match length its policy offers, the longest chain any state takes, with no
-        prompt tokens — prompt lookup alone, as the serving engines draft."""
+        """The tree's chains without its guesses (None where it has no chains): per source,
+        at every match length its policy offers, the longest chain any state takes —
+        prompt lookup alone, as the serving engines draft (:meth:`of_chains`)."""
         def alone(lk: "Lookup | None") -> "Lookup | None":
             if lk is None:
                 return None
             longest: dict[int, int] = {}
             for (_, n), (c, _, _) in lk.policy.items():
                 longest[n] = max(longest.get(n, 0), c)
-            return Lookup(lk.max_ngram, lk.max_tokens, {
-                (m, n): (c, 0, 0) for m in (0, 1) for n, c in longest.items() if c})
+            return Lookup.alone(lk.max_ngram, lk.max_tokens, longest)
         if not self.has_chains:
             return None
-        return Tree(self.num_prompt_tokens, 1, {1: []}, self.topk, {"kind": "chains alone"},
-                    lookup=alone(self.lookup), cache=alone(self.cache))
+        return Tree.of_chains(self.num_prompt_tokens, alone(self.lookup), alone(self.cache),
+                              self.topk, {"kind": "chains alone"})
 
     def chains_length(self, m: int, ns: tuple[int, int]) -> int:
         """The longest input of state m with chain match lengths ns = (lookup's, cache's):
@@ -292,6 +300,15 @@ class Lookup:
         if bad:
             raise BadInput(f"tree lookup: policy values must be (c, q[, keep]), got {bad[0]!r}")
         self.policy = {k: v if len(v) == 3 else (*v, 1) for k, v in self.policy.items()}
+
+    @classmethod
+    def alone(cls, max_ngram: int, max_tokens: int, chain_by_match: dict[int, int]
+              ) -> "Lookup":
+        """The policy of a tree of no guesses (:meth:`Tree.of_chains`): at match length n
+        a chain of chain_by_match[n] tokens with no prompt tokens, from the root's state 1
+        and from state 0 (a chain's node won)."""
+        return cls(max_ngram, max_tokens, {(m, n): (c, 0, 0) for m in (0, 1)
+                                           for n, c in chain_by_match.items() if c})
 
     def to_json(self) -> dict:
         return {"max_ngram": self.max_ngram, "max_tokens": self.max_tokens,

@@ -33,8 +33,9 @@ class Result:
     # the cache source's offer (n, chain) at each step, where the decoder had a cache
     cache_offers: list[tuple] = dataclasses.field(default_factory=list, repr=False)
     propose_seconds: float = 0.0  # time spent asking the chain sources (lookup, cache)
-    # per step: "tree", "smaller", "chains", "plain", or a name with "*" (its first step after
-    # a plain one) — the candidate the step ran (treeopt.adapt chooses where it adapts)
+    # per step: "tree", "smaller", "chains", "plain", or a tree's name with "*" (its first
+    # step after plain or chains alone: no guesses) — the candidate the step ran
+    # (treeopt.adapt chooses where the engine adapts)
     configs: list[str] = dataclasses.field(default_factory=list, repr=False)
 
     @property
