@@ -3,6 +3,7 @@ bounded number of steps where plain truly wins, the tree kept where it wins, the
 exploration share within its bound, outputs identical to HF greedy throughout. Which
 configuration wins is fixed by the test (the step costs it feeds the chooser), never by
 this machine's clock."""
+import json
 import random
 
 import pytest
@@ -331,3 +332,87 @@ def test_the_next_run_predicts_on_the_last_runs_text(tmp_path):
     kept.write_text("{not json")
     third = run_cli(*args, env=env)
     assert third.returncode == 0 and "predicted_on_recent_text" not in json.loads(third.stdout)
+
+
+def _grid(t, sizes=(1, 2, 4, 8, 16, 32), batches=(1, 2)):
+    return [{"batch": b, "context": 256, "size": s, "median_s": b * t(s)}
+            for b in batches for s in sizes]
+
+
+def test_the_next_run_measures_the_lengths_its_correction_never_visited():
+    """A correction rests on the input lengths its run visited; the next run measures the
+    short profile's lengths outside them (and the visited end beside them), once. The
+    machine may run at another speed now (1.5x here): the visited lengths keep the run's
+    level, and the new ones get the shape measured against their anchor — a t(L) twice
+    as steep beyond L = 8 doubles the points beyond it, every batch size alike. A run that
+    recorded no lengths gets every size's shape against their median ratio."""
+    from treeopt import calibrate
+
+    prof = {"points": _grid(lambda s: 0.01 * s), "overhead": {"per_step_s": 0.001}}
+    new = calibrate.corrected(prof, "p.json", 2.0, 64, 0.25, "run", {1: (1.0, 40), 8: (2.0, 20),
+                                                                    4: (3.0, 2)})
+    assert new["corrected"]["input_lengths"] == [1, 8]  # L = 4: too few steps
+    assert calibrate.needs_points(new) == ([8], [16, 32])
+    base = {p["size"]: p["median_s"] for p in new["points"] if p["batch"] == 1}
+
+    def measured(s):  # now 1.5x the run's speed, and twice as steep beyond L = 8
+        return 1.5 * base[s] * (2.0 if s > 8 else 1.0)
+
+    pts = [{"size": s, "median_s": measured(s)} for s in (8, 16, 32)]
+    got = calibrate.recalibrated(new, pts, 3.0)
+    for p, q in zip(new["points"], got["points"]):
+        assert q["median_s"] == pytest.approx(p["median_s"] * (2.0 if p["size"] > 8 else 1.0))
+    assert got["corrected"]["recalibrated"]["by_input_length"] == \
+        {"1": 1.0, "8": 1.0, "16": 2.0, "32": 2.0}
+    assert calibrate.needs_points(got) is None  # once
+    assert calibrate.needs_points(prof) is None  # not a correction
+    wide = calibrate.corrected(prof, "p.json", 2.0, 64, 0.25, "run",
+                               {1: (2.0, 40), 32: (2.0, 20)})
+    assert calibrate.needs_points(wide) is None  # nothing outside 1..32
+    # no lengths recorded (a batched bench's one ratio): every size, against their median
+    flat = calibrate.corrected(prof, "p.json", 2.0, 64, 0.25, "bench --batch")
+    assert calibrate.needs_points(flat) == ([], calibrate.SIZES)
+    pts = [{"size": s, "median_s": 3 * 0.02 * s * (2.0 if s > 4 else 1.0)} for s in calibrate.SIZES]
+    got = calibrate.recalibrated(flat, pts, 3.0)
+    by = got["corrected"]["recalibrated"]["by_input_length"]
+    assert by["1"] == pytest.approx(2 / 3, abs=1e-3) and by["32"] == pytest.approx(4 / 3, abs=1e-3)
+
+
+def test_a_run_re_calibrates_a_correction_once_and_never_when_switched_off(monkeypatch):
+    """Through the verbs' calibration step on a tiny model: a correction in
+    $TREEOPT_HOME whose run visited L = 1..4 gets L = 8, 16, 32 (and 4 beside them)
+    measured and kept in place; the next run finds nothing to do; TREEOPT_CALIBRATE=0 and
+    a profile you gave are left alone."""
+    import types
+
+    from treeopt import calibrate, paths
+    from treeopt.artefact import write_json
+    from treeopt.verbs.calibration import maybe_calibrate
+
+    lm = tiny_model("llama", torch.float32, "cpu")
+    dec = Decoder(lm, random_prompt_tokens(lm, 3), Tree.static([[0], [0, 0]], 3))
+    prof = {"model": lm.model_id, "points": _grid(lambda s: 1e-4 * s, batches=(1,))}
+    prof = calibrate.corrected(prof, "shipped.json", 2.0, 64, 0.25, "run",
+                               {1: (2.0, 30), 4: (2.0, 30)})
+    path = paths.make_folder(paths.user_profiles()) / "cpu-test__tiny__float32.json"
+    write_json(path, prof)
+
+    def inp():
+        return types.SimpleNamespace(profile=prof, profile_path=path, profile_src="mine.json")
+
+    args = types.SimpleNamespace(profile=None, no_calibrate=False)
+    monkeypatch.setenv("TREEOPT_CALIBRATE", "0")
+    assert maybe_calibrate(args, inp(), dec, {}, False) is None
+    monkeypatch.setenv("TREEOPT_CALIBRATE", "1")
+    given = types.SimpleNamespace(profile="given.json", no_calibrate=False)
+    assert maybe_calibrate(given, inp(), dec, {}, False) is None
+    info, found = {}, inp()
+    done = maybe_calibrate(args, found, dec, info, False)
+    assert set(done["by_input_length"]) == {"1", "4", "8", "16", "32"}
+    assert info["recalibrated"]["profile"] == "mine.json"
+    kept = json.loads(path.read_text())
+    assert kept["corrected"]["recalibrated"] == done and found.profile == kept
+    assert [p["median_s"] for p in kept["points"] if p["size"] <= 4] == \
+        [p["median_s"] for p in prof["points"] if p["size"] <= 4]
+    again = types.SimpleNamespace(profile=kept, profile_path=path, profile_src="mine.json")
+    assert maybe_calibrate(args, again, dec, {}, False) is None

@@ -22,7 +22,8 @@ from .acceptance import unpack_records
 from .artefact import stamp
 from .errors import BadInput
 from .export import load_tree
-from .measure import measure_overhead, measure_profile
+from .latency import Latency
+from .measure import measure_overhead, measure_points, measure_profile
 from .search import latency_at, unreplayable
 from .search.hybrid import replay_predict
 from .tree import Tree
@@ -139,6 +140,11 @@ def shape(by_length: dict[int, tuple[float, int]] | None, speed: float):
             {str(L): round(r, 4) for L, r in seen})
 
 
+def visited(by_length: dict[int, tuple[float, int]] | None) -> list[int]:
+    """The input lengths a run measured with MIN_STEPS_AT steps or more."""
+    return sorted(L for L, (_, n) in (by_length or {}).items() if n >= MIN_STEPS_AT)
+
+
 def corrected(profile: dict, profile_src: str, speed: float, steps: int,
               threshold: float, run: str,
               by_length: dict[int, tuple[float, int]] | None = None) -> dict | None:
@@ -173,6 +179,7 @@ def corrected(profile: dict, profile_src: str, speed: float, steps: int,
                         "ratio": round(speed * base.get("ratio", 1.0), 4),
                         "this_ratio": round(speed, 4), "steps": steps, "run": run,
                         **({"by_input_length": measured} if measured else {}),
+                        "input_lengths": visited(by_length),
                         "note": "every point scaled by the run's measured / profiled step "
                                 "time" + (" at its input length (interpolated over log L)"
                                           if measured else "") +
@@ -180,3 +187,65 @@ def corrected(profile: dict, profile_src: str, speed: float, steps: int,
                         **stamp()}
     return out
 
+
+
+def needs_points(profile: dict | None) -> tuple[list[int], list[int]] | None:
+    """What a corrected profile's next run measures, once: (anchors, lengths) — the
+    short profile's SIZES outside the range of input lengths its run visited, and the
+    visited ends they are read against (none where the run recorded no lengths: then every
+    size). None: not a correction, already re-calibrated, or nothing outside."""
+    cor = (profile or {}).get("corrected")
+    if not cor or "recalibrated" in cor:
+        return None
+    seen = cor.get("input_lengths") or []
+    if not seen:
+        return [], list(SIZES)
+    lo, hi = min(seen), max(seen)
+    new = [L for L in SIZES if L < lo or L > hi]
+    if not new:
+        return None
+    anchors = sorted({lo for L in new if L < lo} | {hi for L in new if L > hi})
+    return anchors, new
+
+
+def measure_sizes(dec, sizes: list[int], quiet: bool = True) -> list[dict]:
+    """The short profile's points (two sweeps at CONTEXT, B = 1) at `sizes` alone."""
+    points, _ = measure_points(dec, sorted(set(sizes)), [CONTEXT], repeats=16, budget=2.0,
+                               quiet=quiet, rounds=2)
+    return points
+
+
+def recalibrated(profile: dict, points: list[dict], seconds: float) -> dict:
+    """The corrected profile mended where its run never measured: each measured size's
+    ratio r(L) = measured / profiled t(L, CONTEXT), read against the visited end beside it
+    (r(L) / r(anchor): the machine may run at another speed now; the run already set the
+    level, the calibration sets the shape beyond it) — or, where the run recorded no
+    lengths, against the median ratio. Points outside the visited range are scaled by
+    that relative ratio, interpolated over log L (:func:`shape`); inside it, by 1."""
+    lat = Latency(profile, with_overhead=False)
+    ratio = {int(p["size"]): p["median_s"] / float(lat([int(p["size"])], CONTEXT)[0])
+             for p in points}
+    cor = profile["corrected"]
+    seen = cor.get("input_lengths") or []
+    if seen:
+        lo, hi = min(seen), max(seen)
+        rel = {lo: 1.0, hi: 1.0}
+        rel.update({L: r / ratio[lo] for L, r in ratio.items() if L < lo})
+        rel.update({L: r / ratio[hi] for L, r in ratio.items() if L > hi})
+    else:
+        mid = float(np.median(list(ratio.values())))
+        rel = {L: r / mid for L, r in ratio.items()}
+    factor, _ = shape({L: (r, MIN_STEPS_AT) for L, r in rel.items()}, 1.0)
+    out = copy.deepcopy(profile)
+    for pt in out["points"]:
+        f = factor(int(pt["size"]))
+        for key in ("median_s", "p10_s", "p90_s"):
+            if key in pt:
+                pt[key] = pt[key] * f
+    out["corrected"]["recalibrated"] = {
+        "context": CONTEXT, "seconds": round(seconds, 1),
+        "by_input_length": {str(L): round(r, 4) for L, r in sorted(rel.items())},
+        "note": "input lengths the run never visited, measured at the start of the next "
+                "(a short profile's points, read against the visited lengths beside them)",
+        **stamp()}
+    return out

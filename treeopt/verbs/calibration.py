@@ -3,7 +3,8 @@ where this device and dtype have no profile and no tree or profile is given, mea
 short profile, keep it as this device's, pick the tree by replay and keep it too — so the
 next command finds both. `--no-calibrate` (or TREEOPT_CALIBRATE=0) keeps the tree found.
 And what a run keeps for the next one: the corrected profile where the one it found is
-off (:func:`keep_correction`), and its text's records, on which the next run's prediction
+off (:func:`keep_correction`) — which the next run mends, once, at the input lengths the
+run never visited (:func:`maybe_recalibrate`) — and its text's records, on which the next run's prediction
 is also made (:func:`keep_text`, :func:`on_recent_text`)."""
 from __future__ import annotations
 
@@ -26,20 +27,24 @@ def add_calibrate_arg(p) -> None:
                    "(also TREEOPT_CALIBRATE=0)")
 
 
+def switched_off(args) -> bool:
+    return getattr(args, "no_calibrate", False) or os.environ.get("TREEOPT_CALIBRATE") == "0"
+
+
 def wanted(args, inp, dec) -> bool:
     """Calibrate: no profile of this device and dtype, none given, no tree given, a real
     model and acceptance records to replay, and not switched off."""
-    off = getattr(args, "no_calibrate", False) or os.environ.get("TREEOPT_CALIBRATE") == "0"
-    return not off and inp.profile is None and not getattr(args, "profile", None) and \
+    return not switched_off(args) and inp.profile is None and not getattr(args, "profile", None) and \
         not getattr(args, "tree", None) and dec.lm.tokenizer is not None and \
         inp.acceptance is not None and "lookup" in inp.acceptance
 
 
 def maybe_calibrate(args, inp, dec, info: dict, human: bool) -> dict | None:
     """Calibrate where :func:`wanted` says so: the decoder switches to the chosen tree,
-    `inp` and `info` name the kept profile and tree. Returns what it did, or None."""
+    `inp` and `info` name the kept profile and tree; else mend a correction's unvisited
+    lengths (:func:`maybe_recalibrate`). Returns what it did, or None."""
     if not wanted(args, inp, dec):
-        return None
+        return maybe_recalibrate(args, inp, dec, info, human)
     t0 = time.perf_counter()
     dev, mid, dtype = device_slug(dec.device.type), info["model"], info["dtype"]
     prof_path = check_out(paths.user_profiles() / paths.profile_name(dev, mid, dtype),
@@ -73,6 +78,37 @@ def maybe_calibrate(args, inp, dec, info: dict, human: bool) -> dict | None:
          f"({best['tokens_per_second']:.1f} tokens/s predicted, plain decoding "
          f"{plain['tokens_per_second']:.1f}); kept {prof_path.name} and {tree_path.name} "
          "as this device's (`treeopt profile` then `treeopt search` find a better tree)")
+    return done
+
+
+def maybe_recalibrate(args, inp, dec, info: dict, human: bool) -> dict | None:
+    """Where the profile found is this machine's correction (:func:`keep_correction`) and
+    its run never visited some of the short profile's input lengths, measure those (and
+    the visited ends beside them) now, once, and keep the mended profile in its place
+    (:func:`treeopt.calibrate.recalibrated`). Not where calibration is switched off or a
+    profile was given. Returns what it did, or None."""
+    path = inp.profile_path
+    if switched_off(args) or getattr(args, "profile", None) or path is None or \
+            path.parent.resolve() != paths.user_profiles().resolve() or \
+            (inp.profile or {}).get("model") != dec.lm.model_id:
+        return None
+    need = calibrate.needs_points(inp.profile)
+    if need is None:
+        return None
+    anchors, sizes = need
+    warn(f"re-calibrating: {inp.profile_src} was corrected from a run's steps; measuring "
+         f"input lengths {', '.join(map(str, sizes))} it never visited (once, seconds)")
+    t0 = time.perf_counter()
+    points = calibrate.measure_sizes(dec, anchors + sizes, quiet=not human)
+    new = calibrate.recalibrated(inp.profile, points, time.perf_counter() - t0)
+    write_json(path, new)
+    inp.profile = new
+    done = new["corrected"]["recalibrated"]
+    info["recalibrated"] = {"profile": inp.profile_src, "seconds": done["seconds"],
+                            "by_input_length": done["by_input_length"]}
+    warn(f"re-calibrated in {done['seconds']:.0f} s: " + ", ".join(
+        f"L={L} x{r:.2f}" for L, r in done["by_input_length"].items()) +
+         f" beside the run's own (kept in {inp.profile_src})")
     return done
 
 
