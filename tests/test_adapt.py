@@ -25,9 +25,9 @@ class Costed(adapt.Chooser):
         super().__init__()
         self.tree = tree
 
-    def observe(self, b, name, seconds, tokens):
+    def observe(self, b, name, seconds, tokens, length=None):
         return super().observe(b, name, 0.01 * b * (self.tree if name == "tree" else 1.0),
-                               tokens)
+                               tokens, length)
 
 
 def decode(tree_cost: float, batch: int = 1, seed: int = 2):
@@ -167,8 +167,9 @@ def test_the_engine_offers_the_schedules_smaller_tree():
     assert list(bd.engine.candidates[4]) == ["tree", "plain"]
 
     class Costly(adapt.Chooser):  # a big-tree step costs 5 plain ones; the small one 1
-        def observe(self, b, name, seconds, tokens):
-            return super().observe(b, name, 0.01 * (5.0 if name == "tree" else 1.0), tokens)
+        def observe(self, b, name, seconds, tokens, length=None):
+            return super().observe(b, name, 0.01 * (5.0 if name == "tree" else 1.0), tokens,
+                                   length)
 
     bd.engine.chooser = Costly()
     res = bd.generate([prompt], 200)
@@ -200,8 +201,9 @@ def test_a_hybrid_trees_chains_alone_are_a_candidate():
     assert list(bd.engine.candidates[1]) == ["tree", "chains", "plain"]
 
     class Costly(adapt.Chooser):  # a step with guesses costs 5 plain ones
-        def observe(self, b, name, seconds, tokens):
-            return super().observe(b, name, 0.01 * (5.0 if name == "tree" else 1.0), tokens)
+        def observe(self, b, name, seconds, tokens, length=None):
+            return super().observe(b, name, 0.01 * (5.0 if name == "tree" else 1.0), tokens,
+                                   length)
 
     bd.engine.chooser = Costly()
     res = bd.generate(prompts, 120, max_batch=2)
@@ -416,3 +418,63 @@ def test_a_run_re_calibrates_a_correction_once_and_never_when_switched_off(monke
         [p["median_s"] for p in prof["points"] if p["size"] <= 4]
     again = types.SimpleNamespace(profile=kept, profile_path=path, profile_src="mine.json")
     assert maybe_calibrate(args, again, dec, {}, False) is None
+
+
+def test_the_online_model_replays_the_runs_own_steps_exactly():
+    """The model's records are the run's steps as they ran: the tree replayed over them in
+    the recorded states accepts exactly the tokens the steps emitted (the plain and
+    exploring steps included), and the running acceptance and each candidate's modelled
+    tokens/s reach the run JSON's adapt block."""
+    from treeopt.search.hybrid import replay_predict
+
+    lm = tiny_model("llama", torch.float32, "cpu")
+    rng = random.Random(5)
+    pt = random_prompt_tokens(lm, 3)
+    tree = random_tree(rng, 3, 6, max_nodes=8)
+    prompt = [rng.randrange(32) for _ in range(7)]
+    bd = BatchDecoder(lm, pt, {1: tree}, adapt=True)
+    res = bd.generate([prompt], 90).results[0]
+    eng = bd.engine
+    rec = eng.online.recent([], eng.steps_run)  # the finished sequence's recent steps
+    ran = {o[-1]: a for o, a in zip(res.offers, res.accepted)}
+    kept = rec["step"].tolist()
+    assert 32 <= len(kept) <= 64 and set(kept) <= set(ran)
+    got = replay_predict(tree, rec, lambda sizes: [1.0] * len(sizes), follow=True)
+    assert got["steps"] == len(kept)
+    assert got["tokens_per_step"] * got["steps"] == pytest.approx(sum(ran[s] for s in kept))
+    summary = eng.chooser.summary()
+    assert summary["acceptance"]["records"] > 0
+    assert len(summary["acceptance"]["guesses_top1_by_depth"]) == 3
+    est = summary["by_batch"]["1"]
+    assert est["tree"]["modelled_tokens_per_second"] > 0
+    assert est["plain"]["modelled_tokens_per_second"] > 0
+
+
+def test_the_model_switches_sooner_where_the_pairs_agree():
+    """Plain 27 % faster than a tree whose steps yield 1 or 4 tokens (1.75 on average):
+    the pairs alone do not see it through the yields' noise in 160 steps; the model (both
+    read on the same 64 records, costs measured without noise here) switches once MIN_SEEN
+    pairs are not against it. A model the pairs contradict is undone once and distrusted;
+    one within the margin switches nothing."""
+    def run(model: dict | None, plain_t: float = 0.009, steps: int = 160):
+        c = adapt.Chooser()
+        rng = random.Random(0)
+        for _ in range(steps):
+            if model is not None:
+                c.modelled[1], c.records[1] = model, 64
+            name = c.pick(1)
+            e, t = (1.0, plain_t) if name == "plain" else (rng.choice([1, 1, 1, 4]), 0.02)
+            c.observe(1, name, t, e, 1 if name == "plain" else 7)
+        return c
+
+    truth = {"tree": 1.75 / 0.02, "plain": 1 / 0.009}
+    assert not run(None).switches
+    modelled = run(truth)
+    sw = modelled.switches
+    assert len(sw) == 1 and sw[0]["to"] == "plain" and "the model" in sw[0]["why"]
+    assert sw[0]["step"] <= 2 * adapt.EXPLORE_EARLY * adapt.MIN_SEEN, sw
+    assert modelled.current[1] == "plain"
+    wrong = run(truth, plain_t=0.04)  # plain is far slower: the pairs undo the model once
+    assert [x["to"] for x in wrong.switches] == ["plain", "tree"] and wrong.current[1] == "tree"
+    assert (1, "plain") in wrong.distrust
+    assert not run({"tree": 87.5, "plain": 87.5 * 1.03}).switches  # within the margin

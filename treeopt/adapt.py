@@ -8,8 +8,8 @@ size: the best at a smaller input-length cap), the tree's chains alone where it 
 (prompt lookup and the cache without guesses), and plain decoding. For each
 (B, candidate) the chooser keeps the last WINDOW steps: seconds and tokens emitted per
 sequence. Its estimate of tokens per second per sequence is their ratio of sums,
-Σ tokens / Σ seconds, and its spread the relative half-range of the window's middle half
-of per-step rates (what a step's noise allows). One rule, for single and batched decoding
+Σ tokens / Σ seconds, and its spread the per-step rates' relative standard deviation
+(what a step's noise allows). One rule, for single and batched decoding
 alike:
 
 - until every candidate has MIN_SEEN steps at B, the schedule's choice runs, except that
@@ -31,11 +31,30 @@ A tree step right after a plain one or one of chains alone runs from its root al
 guesses were made): it is counted, but not as that tree's evidence — so exploring a tree
 from those runs two tree steps, the second of which is. A switch happens between steps,
 so outputs stay token-identical to plain greedy decoding.
+
+Beside the evidence, a model (:mod:`treeopt.online`, where the engine has one): every
+MODEL_EVERY steps at B, each candidate's tokens/s from the recent steps' records (the
+acceptance of this text, replayed for each candidate) at the step costs measured at B —
+t_B(L), the median seconds of the last WINDOW steps at each input length L, interpolated
+between the lengths run (:meth:`Chooser.latency`). Both candidates of a comparison are
+read on the same records (tens to hundreds of steps), so the model's gain has far less
+noise than a few explored steps' yields: the costs' and, as a bound, the incumbent's
+per-step spread over the root of the records. It acts twice: a candidate the model puts
+beyond FAR below the incumbent counts as a clear loser for exploring; and a switch also
+happens where the model's gain beats max(MARGIN, twice its noise), the candidate has
+MIN_SEEN pairs (its costs measured) and they are not against it beyond their own noise —
+sooner than the pairs alone. The pairs, the weaker evidence where both speak, switch against the model
+(it puts the candidate below the incumbent beyond its noise) only with twice the gain
+they need; where they undo a model's switch so, the model switches to that candidate at
+that B no more.
 """
 from __future__ import annotations
 
 import dataclasses
 from collections import deque
+from typing import Callable
+
+import numpy as np
 
 WINDOW = 32  # steps per (B, configuration) in the running estimate
 MIN_SEEN = 2  # paired steps of each candidate before the evidence decides (and the noise)
@@ -44,6 +63,7 @@ EXPLORE_EARLY = 4
 MARGIN = 0.05  # a switch needs another candidate faster by at least this
 FAR = 0.2  # a candidate this much slower than the incumbent is explored FAR_EVERY x less
 FAR_EVERY = 4
+MODEL_EVERY = 16  # steps at B between the model's estimates
 PLAIN, CHAINS = "plain", "chains"
 # the candidates whose steps leave no guesses: a tree step right after one runs its root
 # alone (set apart, as a tree's first step after plain)
@@ -72,14 +92,14 @@ class _Seen:
         return sum(self.tokens) / s if s > 0 else 0.0
 
     def spread(self) -> float:
-        """The relative half-range of the middle half of per-step rates; 1.0 (unknown,
-        as wide as the rate itself) below 4 steps."""
-        rates = sorted(t / s for t, s in zip(self.tokens, self.seconds) if s > 0)
+        """The per-step rates' relative standard deviation (std / mean): a step's noise,
+        heavy tails included (a tree's steps yield one token mostly, four at times);
+        1.0 (unknown, as wide as the rate itself) below 4 steps."""
+        rates = [t / s for t, s in zip(self.tokens, self.seconds) if s > 0]
         if len(rates) < 4:
             return 1.0
-        q1, q3 = rates[len(rates) // 4], rates[(3 * len(rates)) // 4]
-        mid = rates[len(rates) // 2]
-        return (q3 - q1) / (2 * mid) if mid > 0 else 0.0
+        mean = float(np.mean(rates))
+        return float(np.std(rates, ddof=1)) / mean if mean > 0 else 0.0
 
 
 @dataclasses.dataclass
@@ -121,6 +141,12 @@ class Chooser:
         self.explored = self.total = 0
         self.burst: dict[int, str] = {}
         self.switches: list[dict] = []
+        self.cost: dict[tuple[int, int], deque] = {}  # (B, input length) → step seconds
+        self.modelled: dict[int, dict[str, float | None]] = {}  # B → the model's rates
+        self.acceptance: dict | None = None  # the model's last running acceptance
+        self.records: dict[int, int] = {}  # B → how many records the model read
+        self.by_model: dict[int, str | None] = {}  # B → the candidate the model switched to
+        self.distrust: set[tuple[int, str]] = set()  # model switches the pairs undid
 
     def _seen(self, b: int, name: str) -> _Seen:
         return self.seen.setdefault((b, name), _Seen())
@@ -132,6 +158,9 @@ class Chooser:
         s = self._seen(b, name)
         out = {"steps": s.n, "tokens_per_second": round(s.rate(), 3),
                "spread": round(s.spread(), 4)}
+        modelled = self.modelled.get(b, {}).get(name)
+        if modelled is not None:
+            out["modelled_tokens_per_second"] = round(modelled, 3)
         pair = self.pairs.get((b, name))
         if pair is not None and name != self.current.get(b) and pair.other.n:
             out["vs_incumbent"] = round(pair.gain(), 4)  # paired: the same text and load
@@ -157,8 +186,12 @@ class Chooser:
             pair = self._pair(b, best)
             gain = pair.gain()
             need = pair.need(self.margin, self._seen(b, best), self._seen(b, cur))
-            if self._seen(b, cur).n >= MIN_SEEN and gain > need:
+            if self._seen(b, cur).n >= MIN_SEEN and gain > need and \
+                    (gain > 2 * need or not self._model_against(b, cur, best)):
                 return self._switch(b, n, cur, best, gain, need)
+            won = self._model_win(b, cur, others)
+            if won is not None:
+                return self._switch(b, n, cur, *won, by="the model")
             every = self.explore
             if n % every == 0:
                 target = self._due(b, others, n // every)
@@ -171,11 +204,56 @@ class Chooser:
             return target
         return cur
 
-    def _switch(self, b: int, n: int, cur: str, best: str, gain: float, need: float) -> str:
+    def model_gain(self, b: int, cur: str, name: str) -> float | None:
+        """The model's gain of `name` over `cur` at b (None: no model of both)."""
+        m = self.modelled.get(b) or {}
+        if not m.get(cur) or m.get(name) is None:
+            return None
+        return m[name] / m[cur] - 1
+
+    def _model_need(self, b: int) -> float:
+        """What the model's gain must beat: MARGIN, or twice its noise — the step costs'
+        (:meth:`cost_noise`) and the yields', the incumbent's per-step spread over the
+        root of the records (both candidates are read on the same ones: a bound)."""
+        cur = self.current.get(b)
+        yields = self._seen(b, cur).spread() ** 2 / max(1, self.records.get(b, 0))
+        return max(self.margin, 2 * (self.cost_noise(b) ** 2 + yields) ** 0.5)
+
+    def _model_against(self, b: int, cur: str, x: str) -> bool:
+        """The model puts `x` below `cur` beyond its noise (and the pairs never undid
+        its switch to `x`)."""
+        g = self.model_gain(b, cur, x)
+        return g is not None and (b, x) not in self.distrust and g < -self._model_need(b)
+
+    def _model_win(self, b: int, cur: str, others: list[str]) -> tuple | None:
+        """(candidate, gain, need) the model switches to, or None: its gain beyond
+        :meth:`_model_need`, the candidate run MIN_SEEN times beside
+        the incumbent (its costs measured) and its pairs not against it beyond their own
+        noise (a model the run's steps contradict is not followed)."""
+        def against(x: str) -> bool:
+            pair = self._pair(b, x)
+            return pair.gain() < -pair.need(self.margin, self._seen(b, x), self._seen(b, cur))
+
+        gains = [(g, x) for x in others if (g := self.model_gain(b, cur, x)) is not None
+                 and self._pair(b, x).other.n >= MIN_SEEN and not against(x)
+                 and (b, x) not in self.distrust]
+        if not gains:
+            return None
+        gain, best = max(gains)
+        need = self._model_need(b)
+        return (best, gain, need) if gain > need else None
+
+    def _switch(self, b: int, n: int, cur: str, best: str, gain: float, need: float,
+                by: str = "") -> str:
+        how = " by the model of the recent steps, its pairs not against" if by else \
+            f" beside {cur}'s steps"
+        if not by and self.by_model.get(b) == cur:  # the pairs undo the model's switch
+            self.distrust.add((b, cur))
+        self.by_model[b] = best if by else None
         self.switches.append({"batch": b, "step": n, "from": cur, "to": best,
                               cur: self.estimate(b, cur), best: self.estimate(b, best),
-                              "why": f"{best} {100 * gain:+.0f}% tokens/s beside {cur}'s "
-                                     f"steps (needs > {100 * need:.0f}%)"})
+                              "why": f"{best} {100 * gain:+.0f}% tokens/s{how} "
+                                     f"(needs > {100 * need:.0f}%)"})
         self.current[b] = best
         won = self.pairs.pop((b, best))
         for x in self.names[b]:  # the others' pairs were against the old incumbent
@@ -188,15 +266,20 @@ class Chooser:
         """The candidate an exploring slot runs: the others in turn, those slower than the
         incumbent by more than FAR only every FAR_EVERY-th slot (a clear loser stays
         measured at a quarter of the cost); None: this slot explores nothing."""
-        far = [x for x in others if self._pair(b, x).gain() < -FAR]
+        far = [x for x in others if self._pair(b, x).gain() < -FAR or
+               (self.model_gain(b, self.current[b], x) or 0.0) < -FAR]
         near = [x for x in others if x not in far]
         if far and slot % FAR_EVERY == 0:
             return far[(slot // FAR_EVERY) % len(far)]
         return near[slot % len(near)] if near else None
 
-    def observe(self, b: int, name: str, seconds: float, tokens: float) -> str:
-        """Count one step; returns how it is labelled ("tree*": a tree's first step after
-        a step that left no guesses (plain, chains alone), not that tree's evidence)."""
+    def observe(self, b: int, name: str, seconds: float, tokens: float,
+                length: int | None = None) -> str:
+        """Count one step (`length`: the input length it ran, for the step costs);
+        returns how it is labelled ("tree*": a tree's first step after a step that left
+        no guesses (plain, chains alone), not that tree's evidence)."""
+        if length is not None:  # every step's cost counts, a tree's first ones too
+            self.cost.setdefault((b, length), deque(maxlen=WINDOW)).append(seconds)
         star = name not in NO_GUESSES and self.last.get(b) in NO_GUESSES
         self.last[b] = name
         self.total += 1
@@ -211,13 +294,45 @@ class Chooser:
             pair.mine.add(*self.before.pop(b))
         return name
 
+    def model_due(self, b: int) -> bool:
+        return self.steps.get(b, 0) % MODEL_EVERY == 0
+
+    def _costs(self, b: int) -> list[tuple[int, float, float]]:
+        """(L, median seconds, relative standard error) per input length run at b with
+        MIN_SEEN steps or more."""
+        out = []
+        for (bb, L), sec in sorted(self.cost.items()):
+            if bb == b and len(sec) >= MIN_SEEN:
+                x = np.asarray(sec)
+                out.append((L, float(np.median(x)),
+                            float(x.std(ddof=1) / x.mean() / np.sqrt(len(x)))))
+        return out
+
+    def latency(self, b: int) -> Callable | None:
+        """t_B(L) measured in this run: the median step seconds at each input length run
+        (made monotone in L), interpolated between them, the nearest beyond; None below
+        two lengths."""
+        pts = self._costs(b)
+        if len(pts) < 2:
+            return None
+        xs = np.array([L for L, _, _ in pts], dtype=float)
+        ys = np.maximum.accumulate([t for _, t, _ in pts])
+        return lambda sizes: np.interp(np.asarray(sizes, dtype=float), xs, ys)
+
+    def cost_noise(self, b: int) -> float:
+        """The step costs' noise at b: √2 × the largest relative standard error of a
+        length's median (two lengths' costs enter a comparison)."""
+        return float(np.sqrt(2) * max((e for _, _, e in self._costs(b)), default=1.0))
+
     def summary(self) -> dict:
         """What a run JSON says: the estimates per batch size and candidate, the exploring
         steps and the switches with why."""
         return {"rule": f"window {WINDOW}, explore 1/{self.explore}, margin "
-                        f"{100 * self.margin:.0f}%, paired with the incumbent's neighbours",
+                        f"{100 * self.margin:.0f}%, paired with the incumbent's neighbours; "
+                        f"modelled every {MODEL_EVERY} steps from the recent records",
                 "steps": self.total, "explored": self.explored,
                 "by_batch": {str(b): {"using": self.current.get(b, names[0]),
                                       **{x: self.estimate(b, x) for x in names}}
                              for b, names in sorted(self.names.items())},
+                **({"acceptance": self.acceptance} if self.acceptance else {}),
                 "switches": self.switches}

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from . import online
 from .device import sync
 from .engine import BatchResult, Engine, Result  # noqa: F401 - BatchResult re-exported
 from .models import Loaded
@@ -45,6 +46,7 @@ class BatchDecoder:
                          for b, t in sorted(schedule.items())}
         self.engine = Engine(loaded, prompt_tokens if trees else None, schedule, cache,
                              **engine_options)
+        online.attach(self.engine)
         self.lookup = self.engine.lookup  # the schedule's prompt-lookup policy (records)
 
     def pick(self, live: int) -> Decoder:

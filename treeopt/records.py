@@ -27,7 +27,7 @@ import numpy as np
 
 from .acceptance import RECORD_TOPK
 from .pooled import as_acceptance
-from .runtime import Result, full_steps
+from .engine.results import Result, full_steps
 from .sources import LOOKUP_CHAIN, LOOKUP_NGRAM, offers_along, run_length
 
 
@@ -101,3 +101,23 @@ def as_block(model: str, k: int, parts: list[dict], lookup=None, live: int | Non
         steps += [int(x) for p in parts for x in p["step"]]
     return as_acceptance(model, k, parts, [True] * len(parts), *settings(lookup),
                          cache=cache, **about)
+
+
+def replayable(parts: list[dict], lookup=None, cache: dict | None = None) -> dict | None:
+    """Stepwise records as the hybrid replay reads them (what
+    :func:`treeopt.acceptance.unpack_records` makes of a file), in memory: no estimates,
+    no packing — for a running decode (:mod:`treeopt.online`). None without a record."""
+    parts = [p for p in parts if len(p["match"])]
+    if not parts:
+        return None
+    ngram, chain = settings(lookup)
+    rec = {key: np.concatenate([p[key] for p in parts])
+           for key in ("ranks", "match", "won", "state", "step")}
+    rec.update(lengths=[len(p["match"]) for p in parts], stepwise=[True] * len(parts),
+               max_ngram=ngram, max_tokens=chain)
+    if cache and all("cache_match" in p for p in parts):
+        for key, name in (("cache_match", "cache_match"), ("cache_won", "cache_won"),
+                          ("agree", "agree")):
+            rec[name] = np.concatenate([p[key] for p in parts])
+        rec["cache_max_ngram"], rec["cache_max_tokens"] = cache["max_ngram"], cache["max_tokens"]
+    return rec

@@ -22,7 +22,7 @@ import time
 import torch
 
 from . import corpus as corpora
-from . import prompts
+from . import online, prompts
 from .device import sync
 from .engine import Engine, kernels
 from .engine.loop import OnTokens
@@ -143,6 +143,7 @@ class Decoder:
             self._engines[kind] = Engine(self.lm, self.prompt_tokens if tree else None,
                                          {1: tree}, self.cache_source if tree else None,
                                          **self.engine_options)
+            online.attach(self._engines[kind])
         return self._engines[kind]
 
     def _one(self, engine: Engine, input_ids: list[int], max_new_tokens: int, **kw) -> Result:

@@ -113,6 +113,7 @@ class Engine:
         self.one_token = self.plain_book.plan(("plain",))  # near the limit
         # `adapt`: the candidate chosen step by step from this run's evidence (treeopt.adapt)
         self.chooser = Chooser() if adapt and trees else None
+        self.online = None  # the chooser's online model (treeopt.online.attach)
         self.candidates = {b: candidates(self.books, b, self.plain_book, self.layout)
                            for b in self.books}
         self.lookup = next((t.lookup for t in trees if t.lookup is not None), None)
@@ -329,12 +330,30 @@ class Engine:
         spent = time.perf_counter() - t0 - (self.graphs.capture_seconds - cap0)
         out.step_seconds.append(spent)
         if adapting:
-            name = self.chooser.observe(B, name, spent, emitted / B)
+            name = self.chooser.observe(B, name, spent, emitted / B, L)
+            if self.online is not None and self.chooser.model_due(B):
+                self.remodel(B, live, offered)
         out.configs.append(name)
         for s in live:
             s.result.step_seconds.append(spent)
             s.result.configs.append(name)
         return self.leave(live, still)
+
+    def remodel(self, B: int, live: list[Seq], offered: dict[str, PlanBook]) -> None:
+        """The online model's tokens/s of the candidates at B (:mod:`treeopt.online`: the
+        live sequences' recent records at the step costs measured at B, each input
+        length as the engine buckets it) and its running acceptance, for the chooser."""
+        lat = self.chooser.latency(B)
+        rec = self.online.recent([(s.ids, s.result) for s in live], self.steps_run) \
+            if lat is not None else None
+        if rec is None:
+            self.chooser.modelled.pop(B, None)
+            return
+        self.chooser.modelled[B] = self.online.rates(
+            rec, B, {n: book.tree for n, book in offered.items()},
+            lambda sizes: lat([self.bucket(max(1, int(x))) for x in sizes]))
+        self.chooser.records[B] = len(rec["match"])
+        self.chooser.acceptance = self.online.acceptance(rec)
 
     def emit(self, s: Seq, new: list[int], on_tokens: OnTokens | None
              ) -> tuple[list[int], bool]:
@@ -396,6 +415,8 @@ class Engine:
                                     else "length")
         res.graphs, res.kernels = self.graphs.status, self.kernels.name
         out.results[s.index] = res
+        if self.online is not None:
+            self.online.finished(s.ids, res)
         if self.cache_source is not None and self.learn:
             self.cache_source.add(res.output_ids)
 
