@@ -10,8 +10,12 @@ sample (MT-Bench's even rows; the acceptance file measured its odd ones). Per ba
 tokens/s over the full-batch steps (median of rounds), the ratios adapting/static,
 adapting/plain and static/plain, and the candidates the adapting steps ran.
 
+`--slower-per-row MS` makes this machine one where the tree does not pay: every step
+sleeps MS milliseconds per input row (B × L) inside its forward, as a machine with a
+steeper t(L) than the profile's would take — the case the runtime must notice and leave.
+
     python benchmarks/adapt_ab.py [--batch 1,2,4] [--rounds 3] [--limit 4]
-        [--max-new-tokens 64] [--dtype bfloat16]
+        [--max-new-tokens 64] [--dtype bfloat16] [--slower-per-row MS]
 """
 from __future__ import annotations
 
@@ -19,15 +23,29 @@ import argparse
 import collections
 import json
 import statistics
+import time
 
 from treeopt import prompts
 from treeopt.batch import BatchDecoder, schedule_of
+from treeopt.engine import loop
 from treeopt.evaluation import fresh_evidence, full_batch_speed
 from treeopt.inputs import resolve_inputs
 from treeopt.runtime import open_decoder
 
 FAMILIES = (("mt-bench", 0, 2), ("input-grounded", 0, 1))  # the acceptance sample: mt-bench 1::2
 CONFIGS = ("adapting", "static", "plain")
+
+
+def slower(per_row: float) -> None:
+    """Every engine step sleeps per_row seconds per input row inside its forward (the
+    engine calls its module's `step` at each step: the sleep is timed as the step)."""
+    forward = loop.step
+
+    def step(st, B, L, C, *rest):
+        out = forward(st, B, L, C, *rest)
+        time.sleep(per_row * B * L)
+        return out
+    loop.step = step
 
 
 def main() -> int:
@@ -37,7 +55,11 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=4, help="prompts per family")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--slower-per-row", type=float, default=0.0, metavar="MS",
+                    help="sleep MS ms per input row (B x L) in every step's forward")
     args = ap.parse_args()
+    if args.slower_per_row > 0:
+        slower(args.slower_per_row / 1000)
     batches = [int(b) for b in args.batch.split(",")]
     inp = resolve_inputs(None, dtype=args.dtype, want=("tree",))
     dec, info = open_decoder(inp, None, args.dtype)
@@ -72,7 +94,8 @@ def main() -> int:
                      "static_vs_plain": round(med["static"] / med["plain"], 3),
                      "adapting_steps": dict(used[b])})
     print(f"tree {info['tree']}, {len(texts)} prompts x {args.max_new_tokens} tokens, "
-          f"{args.rounds} rounds (tokens/s over full-batch steps, median of rounds)")
+          f"{args.rounds} rounds (tokens/s over full-batch steps, median of rounds)" +
+          (f", +{args.slower_per_row} ms per input row" if args.slower_per_row else ""))
     print(f"{'B':>3} {'adapting':>9} {'static':>8} {'plain':>7} {'ad/static':>9} "
           f"{'ad/plain':>8} {'st/plain':>8}  adapting steps")
     for r in rows:

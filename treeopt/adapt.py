@@ -13,7 +13,7 @@ sequence. Its estimate of tokens per second per sequence is their ratio of sums,
 alike:
 
 - until every candidate has MIN_SEEN steps at B, the schedule's choice runs, except that
-  every EXPLORE_EARLY-th step runs the least-seen other one;
+  every EXPLORE_EARLY-th step runs the least-seen other one (plain first among equals);
 - a candidate is judged *paired*: its exploring steps against the incumbent's step right
   before each (the same stretch of text and load — windows of different stretches would
   compare texts, not candidates; the step after starts from the explored one's guesses);
@@ -36,14 +36,18 @@ Beside the evidence, a model (:mod:`treeopt.online`, where the engine has one): 
 MODEL_EVERY steps at B, each candidate's tokens/s from the recent steps' records (the
 acceptance of this text, replayed for each candidate) at the step costs measured at B —
 t_B(L), the median seconds of the last WINDOW steps at each input length L, interpolated
-between the lengths run (:meth:`Chooser.latency`). Both candidates of a comparison are
+between the lengths run and extended beyond them (:meth:`Chooser.latency`). Both candidates of a comparison are
 read on the same records (tens to hundreds of steps), so the model's gain has far less
 noise than a few explored steps' yields: the costs' and, as a bound, the incumbent's
 per-step spread over the root of the records. It acts twice: a candidate the model puts
 beyond FAR below the incumbent counts as a clear loser for exploring; and a switch also
 happens where the model's gain beats max(MARGIN, twice its noise), the candidate has
-MIN_SEEN pairs (its costs measured) and they are not against it beyond their own noise —
-sooner than the pairs alone. The pairs, the weaker evidence where both speak, switch against the model
+MIN_SEEN pairs (its costs measured), they are not against it beyond their own noise and
+its own window of steps is not slower than the incumbent's beyond MARGIN (a model read
+on one stretch of text must not overrule what the steps measured on others) — sooner
+than the pairs alone. To plain or chains alone it needs FAR at least: their steps
+leave no guess rows, so the records that would take it back stop coming (the model falls
+silent, and only the pairs, slower, can return). The pairs, the weaker evidence where both speak, switch against the model
 (it puts the candidate below the incumbent beyond its noise) only with twice the gain
 they need; where they undo a model's switch so, the model switches to that candidate at
 that B no more.
@@ -63,7 +67,7 @@ EXPLORE_EARLY = 4
 MARGIN = 0.05  # a switch needs another candidate faster by at least this
 FAR = 0.2  # a candidate this much slower than the incumbent is explored FAR_EVERY x less
 FAR_EVERY = 4
-MODEL_EVERY = 16  # steps at B between the model's estimates
+MODEL_EVERY = 8  # steps at B between the model's estimates
 PLAIN, CHAINS = "plain", "chains"
 # the candidates whose steps leave no guesses: a tree step right after one runs its root
 # alone (set apart, as a tree's first step after plain)
@@ -180,7 +184,9 @@ class Chooser:
             return cur
         unseen = [x for x in others if self._pair(b, x).other.n < MIN_SEEN]
         if unseen:
-            every, target = EXPLORE_EARLY, min(unseen, key=lambda x: self._pair(b, x).other.n)
+            # plain first: its cost at L = 1 is what the model needs beside the tree's
+            every, target = EXPLORE_EARLY, min(
+                unseen, key=lambda x: (self._pair(b, x).other.n, x != PLAIN))
         else:
             best = max(others, key=lambda x: self._pair(b, x).gain())
             pair = self._pair(b, best)
@@ -227,12 +233,13 @@ class Chooser:
 
     def _model_win(self, b: int, cur: str, others: list[str]) -> tuple | None:
         """(candidate, gain, need) the model switches to, or None: its gain beyond
-        :meth:`_model_need`, the candidate run MIN_SEEN times beside
-        the incumbent (its costs measured) and its pairs not against it beyond their own
-        noise (a model the run's steps contradict is not followed)."""
-        def against(x: str) -> bool:
-            pair = self._pair(b, x)
-            return pair.gain() < -pair.need(self.margin, self._seen(b, x), self._seen(b, cur))
+        :meth:`_model_need`, the candidate run MIN_SEEN times beside the incumbent (its
+        costs measured), and neither its pairs (beyond their noise) nor its own window
+        (beyond MARGIN) against it: a model the run's steps contradict is not followed."""
+        def against(x: str) -> bool:  # its pairs beyond their noise, or its own steps
+            pair, mine, other = self._pair(b, x), self._seen(b, cur), self._seen(b, x)
+            return pair.gain() < -pair.need(self.margin, other, mine) or \
+                other.rate() < mine.rate() * (1 - self.margin)
 
         gains = [(g, x) for x in others if (g := self.model_gain(b, cur, x)) is not None
                  and self._pair(b, x).other.n >= MIN_SEEN and not against(x)
@@ -240,7 +247,7 @@ class Chooser:
         if not gains:
             return None
         gain, best = max(gains)
-        need = self._model_need(b)
+        need = max(FAR, self._model_need(b)) if best in NO_GUESSES else self._model_need(b)
         return (best, gain, need) if gain > need else None
 
     def _switch(self, b: int, n: int, cur: str, best: str, gain: float, need: float,
@@ -297,27 +304,33 @@ class Chooser:
     def model_due(self, b: int) -> bool:
         return self.steps.get(b, 0) % MODEL_EVERY == 0
 
-    def _costs(self, b: int) -> list[tuple[int, float, float]]:
+    def _costs(self, b: int, least: int = MIN_SEEN) -> list[tuple[int, float, float]]:
         """(L, median seconds, relative standard error) per input length run at b with
-        MIN_SEEN steps or more."""
+        `least` steps or more (the error 1.0 below two)."""
         out = []
         for (bb, L), sec in sorted(self.cost.items()):
-            if bb == b and len(sec) >= MIN_SEEN:
+            if bb == b and len(sec) >= least:
                 x = np.asarray(sec)
-                out.append((L, float(np.median(x)),
-                            float(x.std(ddof=1) / x.mean() / np.sqrt(len(x)))))
+                err = float(x.std(ddof=1) / x.mean() / np.sqrt(len(x))) if len(x) > 1 else 1.0
+                out.append((L, float(np.median(x)), err))
         return out
 
     def latency(self, b: int) -> Callable | None:
         """t_B(L) measured in this run: the median step seconds at each input length run
-        (made monotone in L), interpolated between them, the nearest beyond; None below
-        two lengths."""
-        pts = self._costs(b)
-        if len(pts) < 2:
+        (made monotone in L), interpolated between them and extended beyond the longest
+        with the last two's slope (a chain longer than any step yet costs more, not the
+        same); None before plain and another length have MIN_SEEN steps each."""
+        if len(self._costs(b)) < 2:
             return None
+        pts = self._costs(b, least=1)
         xs = np.array([L for L, _, _ in pts], dtype=float)
         ys = np.maximum.accumulate([t for _, t, _ in pts])
-        return lambda sizes: np.interp(np.asarray(sizes, dtype=float), xs, ys)
+        slope = max((ys[-1] - ys[-2]) / (xs[-1] - xs[-2]), 0.0)
+
+        def t(sizes) -> np.ndarray:
+            L = np.asarray(sizes, dtype=float)
+            return np.where(L > xs[-1], ys[-1] + slope * (L - xs[-1]), np.interp(L, xs, ys))
+        return t
 
     def cost_noise(self, b: int) -> float:
         """The step costs' noise at b: √2 × the largest relative standard error of a

@@ -4,11 +4,13 @@ this machine now, with no step of the candidate itself:
 
     rate(c) = Σ tokens c accepts over the recent records / Σ t_B(L) of its replayed steps
 
-The records are those of the last RECENT steps that ran with guess rows, of the live
-sequences and those that finished (:mod:`treeopt.records`: per step, the rank of each
-true token among the guess rows, what prompt lookup's and the cache's chains offered and
-what the text took — the quantities the search uses), less each live sequence's last
-steps whose look-ahead is not decoded yet; at least MIN_RECORDS of them. Each tree candidate is
+The records are those of the last RECENT steps of the live sequences and those that
+finished (:mod:`treeopt.records`: per step, the rank of each true token among the guess
+rows, what prompt lookup's and the cache's chains offered and what the text took — the
+quantities the search uses), less each live sequence's last steps whose look-ahead is not
+decoded yet; a tree with guesses is modelled on the steps that ran a tree from its own
+guesses (after plain or chains alone there are none), chains alone on all; at least
+MIN_RECORDS of them. Each tree candidate is
 replayed over them in the state the run recorded (:func:`treeopt.search.hybrid.
 replay_predict`; :func:`~treeopt.search.hybrid.replay_batch` at B > 1, a shared step
 paying its longest input), at t_B(L) the chooser measured at B
@@ -26,6 +28,7 @@ import numpy as np
 
 from . import records
 from .acceptance import RECORD_TOPK, marginal
+from .adapt import NO_GUESSES
 from .engine.results import Result
 from .search import unreplayable
 from .search.hybrid import replay_batch, replay_predict
@@ -44,43 +47,61 @@ class Model:
         self.k, self.lookup, self.cache = k, lookup, cache
         ngram, chain = records.settings(lookup)
         self.ngram, self.chain = ngram, chain
-        # positions past a step its record reads: the deepest guess, the longest chain
-        self.horizon = 1 + max(k, chain, (cache or {}).get("max_tokens", 0))
+        # positions past a step its record reads in full: the deepest guess (a chain
+        # longer than that is read short on the last few records, never long)
+        self.horizon = 1 + k
         self.done: deque = deque(maxlen=DONE)
 
     def _records(self, ids: list[int], res: Result) -> dict:
-        return records.of_result(ids, res, self.k, self.ngram, self.chain)
+        """A sequence's records, each marked `guessing` where its step ran a tree from
+        that tree's own guesses (not plain, not chains alone, not a tree's first step
+        after them: a tree replayed on those would be charged a root alone)."""
+        p = records.of_result(ids, res, self.k, self.ngram, self.chain)
+        p["guessing"] = np.array([c not in NO_GUESSES and not c.endswith("*")
+                                  for c in res.configs[:len(p["match"])]], dtype=bool)
+        return p
 
     def finished(self, ids: list[int], res: Result) -> None:
         """A sequence that finished: its records (made once: they change no more) stay
         in the window until they are old."""
         self.done.append(self._records(ids, res))
 
-    def recent(self, seqs: list[tuple[list[int], Result]], now: int) -> dict | None:
-        """The replayable records of the last RECENT steps before step id `now` that ran
-        with guess rows (a step after plain or chains alone, or one of them, has none: a
-        tree replayed there would be charged a root alone), of the live sequences `seqs`
-        — each one's last `horizon` positions left out (their text is not decoded yet) —
-        and of those that finished. None below MIN_RECORDS records."""
-        parts = []
+    def recent(self, seqs: list[tuple[list[int], Result]], now: int, b: int | None = None
+               ) -> dict[str, dict | None]:
+        """The replayable records of the last RECENT steps before step id `now` (with
+        `b`, of the steps with b sequences in the batch: a batch's drain is another batch
+        size), of the live sequences `seqs` — each one's last `horizon` positions left
+        out, their text not decoded yet — and of those that finished: "all" of them (what
+        chains alone and plain are modelled on: the chains' records hold at any step),
+        and those that ran a tree from its own guesses, "guessing" (:meth:`_records`:
+        what a tree is modelled on). Either None below MIN_RECORDS records."""
+        parts: dict[str, list] = {"all": [], "guessing": []}
         for p, known in [(self._records(ids, res), len(ids) + len(res.output_ids))
                          for ids, res in seqs] + [(p, None) for p in self.done]:
-            keep = (p["step"] > now - RECENT) & (p["state"] > 0)
+            keep = p["step"] > now - RECENT
+            if b is not None:
+                keep &= p["live"] == b
             if known is not None:
                 keep &= p["context"] + self.horizon <= known
-            parts.append({key: v[keep] for key, v in p.items()})
-        rec = records.replayable(parts, self.lookup, self.cache)
-        return rec if rec is not None and len(rec["match"]) >= MIN_RECORDS else None
+            for kind, mask in (("all", keep), ("guessing", keep & p["guessing"])):
+                parts[kind].append({key: v[mask] for key, v in p.items()})
+        out = {kind: records.replayable(ps, self.lookup, self.cache)
+               for kind, ps in parts.items()}
+        return {kind: rec if rec is not None and len(rec["match"]) >= MIN_RECORDS else None
+                for kind, rec in out.items()}
 
-    def rates(self, rec: dict, b: int, trees: dict[str, Tree | None], latency: Callable
-              ) -> dict[str, float | None]:
-        """Tokens/s a sequence of each candidate at batch size b over records `rec`
-        (:meth:`recent`; None for a tree whose chains they cannot replay)."""
+    def rates(self, recs: dict[str, dict | None], b: int, trees: dict[str, Tree | None],
+              latency: Callable) -> dict[str, float | None]:
+        """Tokens/s a sequence of each candidate at batch size b over the records
+        (:meth:`recent`): a tree with guesses on those that ran one, chains alone on all,
+        plain 1 / t_B(1). None where its records are too few or cannot replay its chains."""
         out: dict[str, float | None] = {}
         for name, tree in trees.items():
+            rec = recs["guessing" if tree is not None and any(tree.states.values())
+                       else "all"]
             if tree is None:
                 out[name] = 1.0 / float(latency(np.array([1]))[0])
-            elif unreplayable(tree, rec):
+            elif rec is None or unreplayable(tree, rec):
                 out[name] = None
             elif b > 1:
                 out[name] = replay_batch(tree, rec, latency,

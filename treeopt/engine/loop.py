@@ -344,16 +344,16 @@ class Engine:
         live sequences' recent records at the step costs measured at B, each input
         length as the engine buckets it) and its running acceptance, for the chooser."""
         lat = self.chooser.latency(B)
-        rec = self.online.recent([(s.ids, s.result) for s in live], self.steps_run) \
-            if lat is not None else None
-        if rec is None:
+        recs = self.online.recent([(s.ids, s.result) for s in live], self.steps_run, B) \
+            if lat is not None else {}
+        if recs.get("all") is None:
             self.chooser.modelled.pop(B, None)
             return
         self.chooser.modelled[B] = self.online.rates(
-            rec, B, {n: book.tree for n, book in offered.items()},
+            recs, B, {n: book.tree for n, book in offered.items()},
             lambda sizes: lat([self.bucket(max(1, int(x))) for x in sizes]))
-        self.chooser.records[B] = len(rec["match"])
-        self.chooser.acceptance = self.online.acceptance(rec)
+        self.chooser.records[B] = len((recs["guessing"] or recs["all"])["match"])
+        self.chooser.acceptance = self.online.acceptance(recs["all"])
 
     def emit(self, s: Seq, new: list[int], on_tokens: OnTokens | None
              ) -> tuple[list[int], bool]:
