@@ -140,6 +140,17 @@ def shape(by_length: dict[int, tuple[float, int]] | None, speed: float):
             {str(L): round(r, 4) for L, r in seen})
 
 
+def scaled(profile: dict, factor) -> dict:
+    """A copy of `profile` with each point's times multiplied by factor(its input length)."""
+    out = copy.deepcopy(profile)
+    for pt in out["points"]:
+        f = factor(int(pt["size"]))
+        for key in ("median_s", "p10_s", "p90_s"):
+            if key in pt:
+                pt[key] = pt[key] * f
+    return out
+
+
 def visited(by_length: dict[int, tuple[float, int]] | None) -> list[int]:
     """The input lengths a run measured with MIN_STEPS_AT steps or more."""
     return sorted(L for L, (_, n) in (by_length or {}).items() if n >= MIN_STEPS_AT)
@@ -162,12 +173,7 @@ def corrected(profile: dict, profile_src: str, speed: float, steps: int,
     off = [abs(speed - 1)] + [abs(float(r) - 1) for r in (measured or {}).values()]
     if steps < MIN_STEPS or max(off) <= threshold:
         return None
-    out = copy.deepcopy(profile)
-    for pt in out["points"]:
-        f = factor(int(pt["size"]))
-        for key in ("median_s", "p10_s", "p90_s"):
-            if key in pt:
-                pt[key] = pt[key] * f
+    out = scaled(profile, factor)
     over = out.get("overhead") or {}
     if "per_step_s" in over:
         over["per_step_s"] *= speed
@@ -236,12 +242,7 @@ def recalibrated(profile: dict, points: list[dict], seconds: float) -> dict:
         mid = float(np.median(list(ratio.values())))
         rel = {L: r / mid for L, r in ratio.items()}
     factor, _ = shape({L: (r, MIN_STEPS_AT) for L, r in rel.items()}, 1.0)
-    out = copy.deepcopy(profile)
-    for pt in out["points"]:
-        f = factor(int(pt["size"]))
-        for key in ("median_s", "p10_s", "p90_s"):
-            if key in pt:
-                pt[key] = pt[key] * f
+    out = scaled(profile, factor)
     out["corrected"]["recalibrated"] = {
         "context": CONTEXT, "seconds": round(seconds, 1),
         "by_input_length": {str(L): round(r, 4) for L, r in sorted(rel.items())},

@@ -8,15 +8,15 @@ The records are those of the last RECENT steps of the live sequences and those t
 finished (:mod:`treeopt.records`: per step, the rank of each true token among the guess
 rows, what prompt lookup's and the cache's chains offered and what the text took — the
 quantities the search uses), less each live sequence's last steps whose look-ahead is not
-decoded yet; a tree with guesses is modelled on the steps that ran a tree from its own
-guesses (after plain or chains alone there are none), chains alone on all; at least
-MIN_RECORDS of them. Each tree candidate is
-replayed over them in the state the run recorded (:func:`treeopt.search.hybrid.
-replay_predict`; :func:`~treeopt.search.hybrid.replay_batch` at B > 1, a shared step
-paying its longest input), at t_B(L) the chooser measured at B
+decoded yet; at least MIN_RECORDS of them. A tree with guesses is modelled on the steps
+that ran a tree from its own guesses (after plain or chains alone there are none), chains
+alone on all of them, each replayed in the state the run recorded
+(:func:`treeopt.search.hybrid.replay_predict`; :func:`~treeopt.search.hybrid.replay_batch`
+at B > 1, a shared step paying its longest input), at t_B(L) the chooser measured at B
 (:meth:`treeopt.adapt.Chooser.latency`); plain decoding makes 1 / t_B(1). Both
 candidates of a comparison are read on the same steps of the same text: the model's
-ratio has none of a few explored steps' noise in it, only the step costs'.
+ratio has none of a few explored steps' yield noise in it (the chooser bounds what is
+left, :meth:`treeopt.adapt.Chooser._model_need`).
 
 `acceptance()` is the same records' running per-source, per-depth acceptance."""
 from __future__ import annotations

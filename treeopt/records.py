@@ -116,8 +116,7 @@ def replayable(parts: list[dict], lookup=None, cache: dict | None = None) -> dic
     rec.update(lengths=[len(p["match"]) for p in parts], stepwise=[True] * len(parts),
                max_ngram=ngram, max_tokens=chain)
     if cache and all("cache_match" in p for p in parts):
-        for key, name in (("cache_match", "cache_match"), ("cache_won", "cache_won"),
-                          ("agree", "agree")):
-            rec[name] = np.concatenate([p[key] for p in parts])
+        for key in ("cache_match", "cache_won", "agree"):
+            rec[key] = np.concatenate([p[key] for p in parts])
         rec["cache_max_ngram"], rec["cache_max_tokens"] = cache["max_ngram"], cache["max_tokens"]
     return rec
