@@ -420,7 +420,7 @@ def test_a_run_re_calibrates_a_correction_once_and_never_when_switched_off(monke
     assert maybe_calibrate(args, again, dec, {}, False) is None
 
 
-def test_the_online_model_replays_the_runs_own_steps_exactly():
+def test_the_online_model_replays_the_runs_own_steps_exactly(monkeypatch):
     """The model's records are the run's steps as they ran: the tree replayed over them in
     the recorded states accepts exactly the tokens the steps emitted (the plain and
     exploring steps included), and the running acceptance and each candidate's modelled
@@ -434,6 +434,7 @@ def test_the_online_model_replays_the_runs_own_steps_exactly():
     prompt = [rng.randrange(32) for _ in range(7)]
     bd = BatchDecoder(lm, pt, {1: tree}, adapt=True)
     bd.engine.chooser = Costed(1.0)  # costs from the test, not the clock: the tree wins
+    monkeypatch.setattr(adapt, "MODEL_SHARE", 1e9)  # every MODEL_EVERY steps, however slow
     res = bd.generate([prompt], 90).results[0]
     eng = bd.engine
     rec = eng.online.recent([], eng.steps_run)["guessing"]  # the finished one's steps
@@ -485,3 +486,19 @@ def test_the_model_switches_sooner_where_the_pairs_agree():
     c.modelled[1], c.records[1] = truth, 64
     assert c._model_win(1, "tree", ["plain"]) is None
     assert not run({"tree": 87.5, "plain": 87.5 * 1.03}).switches  # within the margin
+
+
+def test_the_models_host_work_stays_within_its_share():
+    """Every MODEL_EVERY steps where the model is cheap beside a step; where a call takes
+    as long as a few short steps (a GPU's), it runs so seldom that it takes at most
+    MODEL_SHARE of them."""
+    c = adapt.Chooser()
+    for _ in range(20):
+        c.observe(1, "tree", 0.04, 1.5, 8)
+    c.model_seconds = 0.002
+    assert c.model_every(1) == adapt.MODEL_EVERY
+    c.model_seconds = 0.004
+    for _ in range(200):
+        c.observe(1, "tree", 0.008, 1.5, 8)
+    every = c.model_every(1)
+    assert every >= 50 and c.model_seconds / (every * c.step_seconds[1]) <= adapt.MODEL_SHARE

@@ -33,7 +33,7 @@ from those runs two tree steps, the second of which is. A switch happens between
 so outputs stay token-identical to plain greedy decoding.
 
 Beside the evidence, a model (:mod:`treeopt.online`, where the engine has one): every
-MODEL_EVERY steps at B, each candidate's tokens/s from the recent steps' records (the
+MODEL_EVERY steps at B (more where its host work would take over MODEL_SHARE of them), each candidate's tokens/s from the recent steps' records (the
 acceptance of this text, replayed for each candidate) at the step costs measured at B —
 t_B(L), the median seconds of the last WINDOW steps at each input length L, interpolated
 between the lengths run and extended beyond them (:meth:`Chooser.latency`). Both candidates of a comparison are
@@ -55,6 +55,7 @@ that B no more.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import deque
 from typing import Callable
 
@@ -67,7 +68,8 @@ EXPLORE_EARLY = 4
 MARGIN = 0.05  # a switch needs another candidate faster by at least this
 FAR = 0.2  # a candidate this much slower than the incumbent is explored FAR_EVERY x less
 FAR_EVERY = 4
-MODEL_EVERY = 8  # steps at B between the model's estimates
+MODEL_EVERY = 8  # steps at B between the model's estimates, at least
+MODEL_SHARE = 0.01  # the most of the decode's time the model's host work may take
 PLAIN, CHAINS = "plain", "chains"
 # the candidates whose steps leave no guesses: a tree step right after one runs its root
 # alone (set apart, as a tree's first step after plain)
@@ -149,6 +151,8 @@ class Chooser:
         self.modelled: dict[int, dict[str, float | None]] = {}  # B → the model's rates
         self.acceptance: dict | None = None  # the model's last running acceptance
         self.records: dict[int, int] = {}  # B → how many records the model read
+        self.model_seconds = 0.0  # the model's last call, host time
+        self.step_seconds: dict[int, float] = {}  # B → running mean of a step's seconds
         self.by_model: dict[int, str | None] = {}  # B → the candidate the model switched to
         self.distrust: set[tuple[int, str]] = set()  # model switches the pairs undid
 
@@ -287,6 +291,8 @@ class Chooser:
         no guesses (plain, chains alone), not that tree's evidence)."""
         if length is not None:  # every step's cost counts, a tree's first ones too
             self.cost.setdefault((b, length), deque(maxlen=WINDOW)).append(seconds)
+        last = self.step_seconds.get(b, seconds)
+        self.step_seconds[b] = last + (seconds - last) / 8  # a running mean of the steps
         star = name not in NO_GUESSES and self.last.get(b) in NO_GUESSES
         self.last[b] = name
         self.total += 1
@@ -301,8 +307,17 @@ class Chooser:
             pair.mine.add(*self.before.pop(b))
         return name
 
+    def model_every(self, b: int) -> int:
+        """Steps at b between the model's estimates: MODEL_EVERY, or more where its last
+        call took more than MODEL_SHARE of that many steps (a GPU's steps are short, the
+        model's host work is not)."""
+        step = self.step_seconds.get(b)
+        if not self.model_seconds or not step:
+            return MODEL_EVERY
+        return max(MODEL_EVERY, math.ceil(self.model_seconds / (MODEL_SHARE * step)))
+
     def model_due(self, b: int) -> bool:
-        return self.steps.get(b, 0) % MODEL_EVERY == 0
+        return self.steps.get(b, 0) % self.model_every(b) == 0
 
     def _costs(self, b: int, least: int = MIN_SEEN) -> list[tuple[int, float, float]]:
         """(L, median seconds, relative standard error) per input length run at b with

@@ -342,18 +342,20 @@ class Engine:
     def remodel(self, B: int, live: list[Seq], offered: dict[str, PlanBook]) -> None:
         """The online model's tokens/s of the candidates at B (:mod:`treeopt.online`: the
         live sequences' recent records at the step costs measured at B, each input
-        length as the engine buckets it) and its running acceptance, for the chooser."""
-        lat = self.chooser.latency(B)
+        length as the engine buckets it) and its running acceptance, for the chooser,
+        which also learns what the call took (:meth:`Chooser.model_every`)."""
+        t0, lat = time.perf_counter(), self.chooser.latency(B)
         recs = self.online.recent([(s.ids, s.result) for s in live], self.steps_run, B) \
             if lat is not None else {}
         if recs.get("all") is None:
             self.chooser.modelled.pop(B, None)
-            return
-        self.chooser.modelled[B] = self.online.rates(
-            recs, B, {n: book.tree for n, book in offered.items()},
-            lambda sizes: lat([self.bucket(max(1, int(x))) for x in sizes]))
-        self.chooser.records[B] = len((recs["guessing"] or recs["all"])["match"])
-        self.chooser.acceptance = self.online.acceptance(recs["all"])
+        else:
+            self.chooser.modelled[B] = self.online.rates(
+                recs, B, {n: book.tree for n, book in offered.items()},
+                lambda sizes: lat([self.bucket(max(1, int(x))) for x in sizes]))
+            self.chooser.records[B] = len((recs["guessing"] or recs["all"])["match"])
+            self.chooser.acceptance = self.online.acceptance(recs["all"])
+        self.chooser.model_seconds = time.perf_counter() - t0
 
     def emit(self, s: Seq, new: list[int], on_tokens: OnTokens | None
              ) -> tuple[list[int], bool]:
