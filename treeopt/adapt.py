@@ -33,33 +33,34 @@ from those runs two tree steps, the second of which is. A switch happens between
 so outputs stay token-identical to plain greedy decoding.
 
 Beside the evidence, a model (:mod:`treeopt.online`, where the engine has one): every
-MODEL_EVERY steps at B (more where its host work would take over MODEL_SHARE of them), each candidate's tokens/s from the recent steps' records (the
-acceptance of this text, replayed for each candidate) at the step costs measured at B —
-t_B(L), the median seconds of the last WINDOW steps at each input length L, interpolated
-between the lengths run and extended beyond them (:meth:`Chooser.latency`). Both candidates of a comparison are
-read on the same records (tens to hundreds of steps), so the model's gain has far less
-noise than a few explored steps' yields: the costs' and, as a bound, the incumbent's
-per-step spread over the root of the records. It acts twice: a candidate the model puts
-beyond FAR below the incumbent counts as a clear loser for exploring; and a switch also
-happens where the model's gain beats max(MARGIN, twice its noise), the candidate has
-MIN_SEEN pairs (its costs measured), they are not against it beyond their own noise and
-its own window of steps is not slower than the incumbent's beyond MARGIN (a model read
-on one stretch of text must not overrule what the steps measured on others) — sooner
-than the pairs alone. To plain or chains alone it needs FAR at least: their steps
-leave no guess rows, so the records that would take it back stop coming (the model falls
-silent, and only the pairs, slower, can return). The pairs, the weaker evidence where both speak, switch against the model
-(it puts the candidate below the incumbent beyond its noise) only with twice the gain
-they need; where they undo a model's switch so, the model switches to that candidate at
-that B no more.
+MODEL_EVERY steps at B (more where its host work would take over MODEL_SHARE of them),
+each candidate's tokens/s from the recent steps' records (the acceptance of this text,
+replayed for each candidate) at the step costs measured at B — t_B(L), the median seconds
+of the last WINDOW steps at each input length L, interpolated between the lengths run and
+extended beyond them (:meth:`Chooser.latency`). Both candidates of a comparison are read
+on the same records (tens to hundreds of steps), so the model's gain has far less noise
+than a few explored steps' yields: the costs' and, as a bound, the incumbent's per-step
+spread over the root of the records. It acts twice: a candidate the model puts beyond FAR
+below the incumbent counts as a clear loser for exploring; and a switch also happens where
+the model's gain beats max(MARGIN, twice its noise), the candidate has MIN_SEEN pairs (its
+costs measured), they are not against it beyond their own noise and its own window of
+steps is not slower than the incumbent's beyond MARGIN (a model read on one stretch of
+text must not overrule what the steps measured on others) — sooner than the pairs alone.
+To plain or chains alone it needs FAR at least: their steps leave no guess rows, so the
+records that would take it back stop coming (the model falls silent, and only the pairs,
+slower, can return). The pairs, the weaker evidence where both speak, switch against the
+model (it puts the candidate below the incumbent beyond its noise) only with twice the
+gain they need; where they undo a model's switch so, the model switches to that candidate
+at that B no more.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from collections import deque
-from typing import Callable
-
 import numpy as np
+
+from .latency import Latency
 
 WINDOW = 32  # steps per (B, configuration) in the running estimate
 MIN_SEEN = 2  # paired steps of each candidate before the evidence decides (and the noise)
@@ -78,12 +79,8 @@ NO_GUESSES = (PLAIN, CHAINS)
 
 @dataclasses.dataclass
 class _Seen:
-    maxlen: int = WINDOW
-    seconds: deque = None
-    tokens: deque = None
-
-    def __post_init__(self):
-        self.seconds, self.tokens = deque(maxlen=self.maxlen), deque(maxlen=self.maxlen)
+    seconds: deque = dataclasses.field(default_factory=lambda: deque(maxlen=WINDOW))
+    tokens: deque = dataclasses.field(default_factory=lambda: deque(maxlen=WINDOW))
 
     def add(self, seconds: float, tokens: float) -> None:
         self.seconds.append(seconds)
@@ -330,22 +327,17 @@ class Chooser:
                 out.append((L, float(np.median(x)), err))
         return out
 
-    def latency(self, b: int) -> Callable | None:
-        """t_B(L) measured in this run: the median step seconds at each input length run
-        (made monotone in L), interpolated between them and extended beyond the longest
-        with the last two's slope (a chain longer than any step yet costs more, not the
-        same); None before plain and another length have MIN_SEEN steps each."""
+    def latency(self, b: int) -> Latency | None:
+        """t_B(L) measured in this run: the median step seconds at each input length run,
+        read as a profile's points at one context (:class:`treeopt.latency.Latency`:
+        monotone in L, interpolated, extended beyond the longest with the last slope — a
+        chain longer than any step yet costs more, not the same); None before two lengths
+        have MIN_SEEN steps each."""
         if len(self._costs(b)) < 2:
             return None
-        pts = self._costs(b, least=1)
-        xs = np.array([L for L, _, _ in pts], dtype=float)
-        ys = np.maximum.accumulate([t for _, t, _ in pts])
-        slope = max((ys[-1] - ys[-2]) / (xs[-1] - xs[-2]), 0.0)
-
-        def t(sizes) -> np.ndarray:
-            L = np.asarray(sizes, dtype=float)
-            return np.where(L > xs[-1], ys[-1] + slope * (L - xs[-1]), np.interp(L, xs, ys))
-        return t
+        points = [{"batch": b, "context": 0, "size": L, "median_s": t}
+                  for L, t, _ in self._costs(b, least=1)]
+        return Latency({"points": points}, with_overhead=False, batch=b)
 
     def cost_noise(self, b: int) -> float:
         """The step costs' noise at b: √2 × the largest relative standard error of a

@@ -194,7 +194,6 @@ def corrected(profile: dict, profile_src: str, speed: float, steps: int,
     return out
 
 
-
 def needs_points(profile: dict | None) -> tuple[list[int], list[int]] | None:
     """What a corrected profile's next run measures, once: (anchors, lengths) — the
     short profile's SIZES outside the range of input lengths its run visited, and the

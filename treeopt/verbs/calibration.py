@@ -4,8 +4,8 @@ short profile, keep it as this device's, pick the tree by replay and keep it too
 next command finds both. `--no-calibrate` (or TREEOPT_CALIBRATE=0) keeps the tree found.
 And what a run keeps for the next one: the corrected profile where the one it found is
 off (:func:`keep_correction`) — which the next run mends, once, at the input lengths the
-run never visited (:func:`maybe_recalibrate`) — and its text's records, on which the next run's prediction
-is also made (:func:`keep_text`, :func:`on_recent_text`)."""
+run never visited (:func:`maybe_recalibrate`) — and its text's records, on which the next
+run's prediction is also made (:func:`keep_text`, :func:`on_recent_text`)."""
 from __future__ import annotations
 
 import os
@@ -34,9 +34,15 @@ def switched_off(args) -> bool:
 def wanted(args, inp, dec) -> bool:
     """Calibrate: no profile of this device and dtype, none given, no tree given, a real
     model and acceptance records to replay, and not switched off."""
-    return not switched_off(args) and inp.profile is None and not getattr(args, "profile", None) and \
-        not getattr(args, "tree", None) and dec.lm.tokenizer is not None and \
-        inp.acceptance is not None and "lookup" in inp.acceptance
+    return not switched_off(args) and inp.profile is None and \
+        not getattr(args, "profile", None) and not getattr(args, "tree", None) and \
+        dec.lm.tokenizer is not None and inp.acceptance is not None and \
+        "lookup" in inp.acceptance
+
+
+def in_user_profiles(path) -> bool:
+    """The profile file is one of this user's (under $TREEOPT_HOME), not a shipped one."""
+    return path.parent.resolve() == paths.user_profiles().resolve()
 
 
 def maybe_calibrate(args, inp, dec, info: dict, human: bool) -> dict | None:
@@ -89,8 +95,7 @@ def maybe_recalibrate(args, inp, dec, info: dict, human: bool) -> dict | None:
     profile was given. Returns what it did, or None."""
     path = inp.profile_path
     if switched_off(args) or getattr(args, "profile", None) or path is None or \
-            path.parent.resolve() != paths.user_profiles().resolve() or \
-            (inp.profile or {}).get("model") != dec.lm.model_id:
+            not in_user_profiles(path) or (inp.profile or {}).get("model") != dec.lm.model_id:
         return None
     need = calibrate.needs_points(inp.profile)
     if need is None:
@@ -121,7 +126,7 @@ def keep_correction(args, inp, speed: float | None, steps: int, run: str,
     prof, path = inp.profile, inp.profile_path
     if speed is None or prof is None or path is None or getattr(args, "profile", None):
         return None
-    mine = path.parent.resolve() == paths.user_profiles().resolve()
+    mine = in_user_profiles(path)
     if mine and "corrected" not in prof:
         return None  # your own full profile: the drift line says re-profile
     threshold = max(SPEED_WARN, (prof.get("short") or {}).get("error", 0.0))
